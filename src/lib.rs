@@ -1,0 +1,5 @@
+//! cutover: a mail front proxy for migrating users between server pools.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod proto;

@@ -1,0 +1,347 @@
+//! Protocol handling before login, sans-IO.
+//!
+//! Nothing in this module (or below it) touches a socket, a clock, DNS or tokio: every
+//! machine takes bytes in and gives [`Action`]s / [`BackendAction`]s out. The drivers in
+//! `session.rs` (client side) and `backend/` (server side) own the sockets, the single
+//! input buffer per connection, and the timers.
+//!
+//! Two kinds of machine exist per protocol:
+//!
+//! * a [`PreAuth`] machine speaks to the *client* as a server would, up to the moment the
+//!   client has authenticated (IMAP LOGIN/AUTHENTICATE, POP3 USER+PASS/AUTH, SMTP AUTH);
+//! * a [`BackendLogin`] machine speaks to one *backend* as a client would: greeting,
+//!   STARTTLS if the pool requires it, capability discovery, and the replay of the
+//!   client's credentials (or, with no credentials, a health probe).
+//!
+//! # The input contract (both kinds)
+//! `receive(input)` looks at the front of the driver's buffer and returns how many bytes
+//! it consumed. It never consumes past the end of the first complete command (or, on the
+//! backend side, past the response that ends the login), so bytes a peer pipelined stay in
+//! the driver's buffer: after login they are relayed, after STARTTLS they are discarded.
+//! A machine may keep a partial command inside (for example an IMAP command waiting for a
+//! literal), bounded by [`Limits`]. After every call the driver drains `poll_action()`
+//! until it returns `None`, and calls `receive` again while it keeps consuming.
+
+pub mod sasl;
+
+use std::fmt;
+
+/// A password or other secret. Its `Debug` output is redacted in every build profile and
+/// its bytes are overwritten when it is dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps secret bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+    /// The secret bytes; only the login replay should call this.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+/// Overwrites a buffer that held secret material. `black_box` keeps the compiler from
+/// proving the writes dead and removing them.
+pub fn wipe(buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        *b = 0;
+    }
+    std::hint::black_box(buf);
+}
+
+/// How the client authenticated; kept for logs and metrics only, the backend replay picks
+/// its own mechanism from what the backend offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// IMAP LOGIN, POP3 USER/PASS, SASL LOGIN.
+    Login,
+    /// SASL PLAIN (RFC 4616).
+    Plain,
+}
+
+impl Mechanism {
+    /// A stable lowercase name, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Login => "login",
+            Mechanism::Plain => "plain",
+        }
+    }
+}
+
+/// What a client presented to log in. The user is the authentication identity exactly as
+/// the client sent it (normalization is routing's job); it is valid UTF-8 and contains no
+/// NUL, CR or LF: the machines refuse anything else before it gets here.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Authentication identity as sent by the client.
+    pub user: String,
+    /// The password.
+    pub secret: Secret,
+    /// How the client sent them.
+    pub mechanism: Mechanism,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("secret", &self.secret)
+            .field("mechanism", &self.mechanism)
+            .finish()
+    }
+}
+
+/// Whether and how a client-facing listener does TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerTls {
+    /// Plaintext only; STARTTLS is not offered.
+    None,
+    /// Plaintext first, STARTTLS/STLS offered.
+    StartTls,
+    /// TLS from the first byte (993, 995, 465); the machine starts in the TLS state.
+    Implicit,
+}
+
+/// Whether and how the proxy does TLS towards a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendTls {
+    /// Plaintext.
+    #[default]
+    None,
+    /// STARTTLS/STLS, required: a backend that refuses or hides it is unavailable.
+    StartTls,
+    /// TLS from the first byte.
+    Implicit,
+}
+
+/// Every bound a pre-auth machine enforces. The driver enforces the byte bound on its
+/// buffer too (`max_line` plus a literal is the most it ever holds before login).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest command line, CRLF included, not counting literal data.
+    pub max_line: usize,
+    /// Largest literal or SASL payload accepted before login.
+    pub max_literal: usize,
+    /// Failed logins on one connection before it is closed.
+    pub max_auth_failures: u32,
+    /// Commands accepted before login, after which the connection is closed.
+    pub max_commands: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line: 8 * 1024,
+            max_literal: 8 * 1024,
+            max_auth_failures: 3,
+            max_commands: 100,
+        }
+    }
+}
+
+/// How a client-facing machine behaves; built by the session from the listener config.
+#[derive(Debug, Clone)]
+pub struct ServerPolicy {
+    /// The listener's TLS mode. With `Implicit` the machine starts in the TLS state.
+    pub tls: ListenerTls,
+    /// Allow authentication before TLS (off by default: IMAP then says LOGINDISABLED).
+    pub allow_plaintext_auth: bool,
+    /// Bounds.
+    pub limits: Limits,
+    /// Host name used in greetings (`* OK [CAPABILITY ...] cutover ready`, `220 host ESMTP`).
+    pub hostname: String,
+}
+
+/// What a client-facing machine asks its driver to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write these bytes to the client.
+    Send(Vec<u8>),
+    /// Flush, then run the TLS handshake as server. The driver must check that its input
+    /// buffer is empty first (anything there was pipelined in plaintext after STARTTLS: it
+    /// is discarded, never executed), then call [`PreAuth::tls_established`].
+    StartTls,
+    /// Route the user and log in to a backend with these credentials, then report the
+    /// outcome with [`PreAuth::login_done`]. No other action follows until then.
+    Login(Credentials),
+    /// Flush what was sent and close the connection.
+    Close,
+}
+
+/// What came of a login the machine asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginOutcome {
+    /// Logged in. For IMAP, the backend's capability list after login (without the
+    /// `CAPABILITY` word) for the client's tagged OK.
+    Ok {
+        /// Backend capabilities, when the protocol reports them at login.
+        capabilities: Option<String>,
+    },
+    /// The backend rejected the credentials. `response` is the backend's text after the
+    /// status (IMAP: keeps its response code such as `[AUTHENTICATIONFAILED]`), when known.
+    AuthFailed {
+        /// Backend's human-readable text, response code included.
+        response: Option<String>,
+    },
+    /// No server of the pool could be reached. The client gets a temporary failure
+    /// (IMAP `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`, SMTP `454 4.7.0`) and may retry.
+    Unavailable,
+    /// The credentials cannot be routed or replayed (bad user name, NUL in password, …):
+    /// a permanent failure for this attempt, said as an auth failure.
+    Refused {
+        /// Why, safe to show to the client (never contains the secret).
+        reason: &'static str,
+    },
+}
+
+/// Which timeout the driver should apply while waiting for client input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before a successful login.
+    PreAuth,
+    /// Inside a SASL exchange or a literal (the client owes us bytes).
+    Continuation,
+}
+
+/// A client-facing pre-authentication machine (one per protocol).
+pub trait PreAuth {
+    /// Consumes from the front of `input`, never past the end of the first complete
+    /// command. Returns the number of bytes consumed. Protocol errors are answered in
+    /// protocol (IMAP BAD, POP3 -ERR, SMTP 5xx) through `poll_action`, never by panicking.
+    fn receive(&mut self, input: &[u8]) -> usize;
+    /// The next thing to do; call until `None` after every event.
+    fn poll_action(&mut self) -> Option<Action>;
+    /// The TLS handshake asked for with [`Action::StartTls`] completed.
+    fn tls_established(&mut self);
+    /// The result of the [`Action::Login`] last asked for.
+    fn login_done(&mut self, outcome: LoginOutcome);
+    /// The client sent nothing for the phase's idle timeout: queue the goodbye and Close.
+    fn timed_out(&mut self);
+    /// The proxy is shutting down: queue the goodbye and Close.
+    fn shutting_down(&mut self);
+    /// Which idle timeout applies now.
+    fn phase(&self) -> Phase;
+    /// True once the success reply has been queued: after draining `poll_action` the
+    /// driver hands the connection to the relay.
+    fn is_authenticated(&self) -> bool;
+    /// The name the client gave for itself (SMTP EHLO/HELO argument), for the backend's
+    /// EHLO. `None` for protocols without one.
+    fn client_name(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// What a backend-facing machine asks its driver to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BackendAction {
+    /// Write these bytes to the backend.
+    Send(Vec<u8>),
+    /// Discard every byte still buffered from the backend (it arrived before the
+    /// handshake and must not be trusted), run the TLS handshake as client, then call
+    /// [`BackendLogin::tls_established`].
+    StartTls,
+    /// The machine is finished; no more input is consumed. On `LoggedIn`, any bytes still
+    /// buffered from the backend belong to the client and are relayed to it.
+    Done(BackendResult),
+}
+
+/// Why a backend counts as unavailable (drives failover and the metrics' `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No greeting, a negative greeting (`* BYE`, `-ERR`, `4xx`/`5xx`), or PREAUTH when
+    /// the proxy has to log in itself.
+    Greeting,
+    /// TLS was required but the backend refused, hid or botched STARTTLS.
+    Tls,
+    /// The backend said something the machine could not make sense of, or a temporary
+    /// failure (`NO [UNAVAILABLE]`, `-ERR [SYS/TEMP]`, `4xx` to AUTH).
+    Protocol,
+    /// The backend offers no way to log in that the machine can use safely.
+    NoMechanism,
+}
+
+impl Unavailable {
+    /// Stable label value for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unavailable::Greeting => "greeting",
+            Unavailable::Tls => "tls",
+            Unavailable::Protocol => "protocol",
+            Unavailable::NoMechanism => "no_mechanism",
+        }
+    }
+}
+
+/// How a backend login (or probe) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendResult {
+    /// Logged in. IMAP: the capability list after login (without the `CAPABILITY` word).
+    LoggedIn {
+        /// Post-login capabilities, when the protocol has them.
+        capabilities: Option<String>,
+    },
+    /// The backend rejected the credentials; `response` is its text after the status word
+    /// (IMAP keeps the `[AUTHENTICATIONFAILED]` code). Never a reason to fail over.
+    AuthFailed {
+        /// Backend's text, response code included.
+        response: String,
+    },
+    /// A health probe (no credentials) found the server ready. `capabilities` are what it
+    /// advertised (IMAP CAPABILITY, POP3 CAPA, SMTP EHLO keywords), one per line.
+    Ready {
+        /// Advertised capabilities.
+        capabilities: Vec<String>,
+    },
+    /// The server is unavailable: try the next one.
+    Unavailable(Unavailable),
+}
+
+/// Information about the client the backend may be told (IMAP ID, XCLIENT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// Client address.
+    pub ip: std::net::IpAddr,
+    /// Client port.
+    pub port: u16,
+}
+
+/// How a backend-facing machine behaves.
+#[derive(Debug, Clone)]
+pub struct BackendPolicy {
+    /// TLS towards this backend.
+    pub tls: BackendTls,
+    /// When set, tell the backend who the client is (IMAP: `ID ("x-originating-ip" ...)`,
+    /// SMTP: `XCLIENT` when the backend advertises it).
+    pub forward_client: Option<ClientInfo>,
+    /// The name to give in EHLO (SMTP): the client's own EHLO name when known, else the
+    /// proxy's host name.
+    pub helo: String,
+}
+
+/// A backend-facing login (or probe) machine (one per protocol). Same input contract as
+/// [`PreAuth`]; for a TLS backend the driver performs the handshake before the first
+/// `receive`, and the machine is told so at construction through its policy.
+pub trait BackendLogin {
+    /// Consumes from the front of `input`; never past the end of the response that
+    /// finished the login.
+    fn receive(&mut self, input: &[u8]) -> usize;
+    /// The next thing to do; call until `None` after every event.
+    fn poll_action(&mut self) -> Option<BackendAction>;
+    /// The handshake asked for with [`BackendAction::StartTls`] completed.
+    fn tls_established(&mut self);
+}
