@@ -1,0 +1,391 @@
+//! The serde mirror of `routes.yaml`, and the one place that knows YAML.
+//!
+//! YAML is read with `serde_yaml_ng`, a maintained fork of the deprecated `serde_yaml`
+//! (same data model and error type, still receiving fixes). `serde_path_to_error` gives
+//! the key path of a type error; [`locate`] turns a key path into a line for the
+//! validation errors found after parsing.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Host name used in greetings.
+    pub hostname: Option<String>,
+    /// Certificates served to clients.
+    pub tls: Option<RawTls>,
+    /// Client-facing listeners.
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    /// Backend pools by name.
+    #[serde(default)]
+    pub pools: BTreeMap<String, RawPool>,
+    /// Routing rules, first match wins.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    /// Prometheus endpoint.
+    pub metrics: Option<RawMetrics>,
+    /// User name handling.
+    pub users: Option<RawUsers>,
+    /// Protocol limits and timeouts.
+    pub limits: Option<RawLimits>,
+    /// Shutdown behaviour.
+    pub shutdown: Option<RawShutdown>,
+}
+
+/// `tls:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// First is the default; the others are chosen by SNI.
+    #[serde(default)]
+    pub certificates: Vec<RawCertificate>,
+}
+
+/// One certificate chain and key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    /// PEM chain, leaf first.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+}
+
+/// One listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Unique name (metrics label).
+    pub name: String,
+    /// imap | pop3 | smtp
+    pub protocol: String,
+    /// host:port
+    pub listen: String,
+    /// none | starttls | implicit
+    pub tls: Option<String>,
+    /// Allow authentication before TLS.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+}
+
+/// One pool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    /// first | user-hash
+    pub balance: Option<String>,
+    /// e.g. "1s"
+    pub connect_timeout: Option<String>,
+    /// Deadline for a whole backend login (connect, TLS, greeting, replay).
+    pub login_timeout: Option<String>,
+    /// Health checking.
+    pub health: Option<RawHealth>,
+    /// Tell backends the client's address (IMAP ID, SMTP XCLIENT).
+    #[serde(default)]
+    pub forward_client_address: bool,
+    /// IMAP servers.
+    pub imap: Option<RawPoolProtocol>,
+    /// POP3 servers.
+    pub pop3: Option<RawPoolProtocol>,
+    /// SMTP servers.
+    pub smtp: Option<RawPoolProtocol>,
+}
+
+/// `health:` of a pool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// Active check interval; "0s" disables active checks.
+    pub interval: Option<String>,
+    /// Consecutive successes to mark a server up.
+    pub rise: Option<u32>,
+    /// Consecutive failures to mark a server down.
+    pub fall: Option<u32>,
+    /// How long a passive failure keeps a server out of rotation.
+    pub down_for: Option<String>,
+}
+
+/// The servers of one protocol in a pool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPoolProtocol {
+    /// host:port, in failover order.
+    pub servers: Vec<String>,
+    /// none | starttls | implicit
+    pub tls: Option<String>,
+    /// CA bundle to verify the servers against (else the system roots).
+    pub ca: Option<String>,
+    /// Name to verify in the servers' certificates (else the host of each server).
+    pub server_name: Option<String>,
+    /// SMTP only: forward | pop-before-smtp
+    pub auth: Option<String>,
+}
+
+/// One routing rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Exact user names.
+    pub users: Option<Vec<String>>,
+    /// Domains (the part after `@`).
+    pub domains: Option<Vec<String>>,
+    /// Stable share of users, 0..=100.
+    pub percent: Option<u32>,
+    /// Target pool.
+    pub pool: String,
+}
+
+/// `metrics:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// host:port of the /metrics endpoint.
+    pub listen: String,
+}
+
+/// `users:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsers {
+    /// Domains stripped from user names before routing and backend login.
+    #[serde(default)]
+    pub local_domains: Vec<String>,
+    /// Lowercase user names before routing and login.
+    #[serde(default)]
+    pub case_insensitive: bool,
+}
+
+/// `limits:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Longest pre-auth command line.
+    pub max_line: Option<usize>,
+    /// Largest pre-auth literal or SASL payload.
+    pub max_literal: Option<usize>,
+    /// Failed logins per connection.
+    pub max_auth_failures: Option<u32>,
+    /// Commands before login.
+    pub max_commands: Option<u32>,
+    /// Idle time allowed before login.
+    pub preauth_timeout: Option<String>,
+}
+
+/// `shutdown:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    /// How long relayed sessions may continue after SIGTERM.
+    pub drain_timeout: Option<String>,
+}
+
+/// Parses YAML text. On error returns (key path, line, column, message).
+pub fn parse(text: &str) -> Result<RawConfig, (String, usize, usize, String)> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let (line, col) = inner
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .or_else(|| locate(text, &path))
+            .unwrap_or((0, 0));
+        (path, line, col, inner.to_string())
+    })
+}
+
+/// Finds the line and column (1-based) of a key path such as `routes[2].pool` in YAML
+/// text, for block style and for flow mappings written on one line. Best effort: returns
+/// the deepest part of the path it could find.
+pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found: Option<(usize, usize)> = None;
+    // Search window: [start, end) lines, and the minimum indent of children.
+    let mut start = 0usize;
+    let mut end = lines.len();
+    let mut parent_indent: isize = -1;
+    for seg in split_path(path) {
+        match seg {
+            Seg::Key(key) => {
+                let mut hit = None;
+                for (i, line) in lines.iter().enumerate().take(end).skip(start) {
+                    let content = strip_comment(line);
+                    let indent = content.len() - content.trim_start().len();
+                    if (indent as isize) <= parent_indent && i > start && !content.trim().is_empty()
+                    {
+                        break;
+                    }
+                    if let Some(col) = find_key(content, key) {
+                        hit = Some((i, col));
+                        break;
+                    }
+                }
+                let (i, col) = hit?;
+                found = Some((i + 1, col + 1));
+                let content = strip_comment(lines[i]);
+                let indent = content.len() - content.trim_start().len();
+                // Children are on this line (flow) or on deeper-indented lines below.
+                parent_indent = indent as isize;
+                start = i;
+                end = block_end(&lines, i, indent);
+            }
+            Seg::Index(n) => {
+                // The n-th "- " item below `start` at the first item indent seen.
+                let mut count = 0usize;
+                let mut item_indent: Option<usize> = None;
+                let mut hit = None;
+                for (i, line) in lines.iter().enumerate().take(end).skip(start) {
+                    let content = strip_comment(line);
+                    let trimmed = content.trim_start();
+                    let indent = content.len() - trimmed.len();
+                    if trimmed.starts_with("- ") || trimmed == "-" {
+                        if (indent as isize) < parent_indent {
+                            break;
+                        }
+                        let want = *item_indent.get_or_insert(indent);
+                        if indent == want {
+                            if count == n {
+                                hit = Some((i, indent));
+                                break;
+                            }
+                            count += 1;
+                        }
+                    }
+                }
+                let (i, indent) = hit?;
+                found = Some((i + 1, indent + 1));
+                parent_indent = indent as isize;
+                start = i;
+                end = block_end(&lines, i, indent);
+            }
+        }
+    }
+    found
+}
+
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn split_path(path: &str) -> Vec<Seg<'_>> {
+    let mut out = Vec::new();
+    for part in path.split('.') {
+        let (name, mut rest) = match part.find('[') {
+            Some(p) => (&part[..p], &part[p..]),
+            None => (part, ""),
+        };
+        if !name.is_empty() && name != "?" {
+            out.push(Seg::Key(name));
+        }
+        while let Some(close) = rest.find(']') {
+            if let Ok(n) = rest[1..close].parse() {
+                out.push(Seg::Index(n));
+            }
+            rest = &rest[close + 1..];
+        }
+    }
+    out
+}
+
+fn strip_comment(line: &str) -> &str {
+    // A '#' starts a comment when at the start or after whitespace and not inside quotes.
+    let bytes = line.as_bytes();
+    let mut quote: Option<u8> = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if b == b'"' || b == b'\'' => quote = Some(b),
+            None if b == b'#' && (i == 0 || bytes[i - 1].is_ascii_whitespace()) => {
+                return &line[..i];
+            }
+            None => {}
+        }
+    }
+    line
+}
+
+/// Column of `key:` in a line, as a block key (`key:` after indentation or `- `) or a flow
+/// key (after `{` or `,`).
+fn find_key(content: &str, key: &str) -> Option<usize> {
+    let pat = format!("{key}:");
+    let mut from = 0;
+    while let Some(pos) = content[from..].find(&pat) {
+        let at = from + pos;
+        let before = content[..at].trim_end();
+        let ok = before.is_empty()
+            || before.ends_with('{')
+            || before.ends_with(',')
+            || before.ends_with('-')
+            || before.chars().all(|c| c == '-' || c.is_whitespace());
+        let quoted_before = content[..at].ends_with('"') || content[..at].ends_with('\'');
+        if ok && !quoted_before {
+            return Some(at);
+        }
+        from = at + pat.len();
+    }
+    None
+}
+
+fn block_end(lines: &[&str], at: usize, indent: usize) -> usize {
+    for (i, line) in lines.iter().enumerate().skip(at + 1) {
+        let content = strip_comment(line);
+        if content.trim().is_empty() {
+            continue;
+        }
+        let ind = content.len() - content.trim_start().len();
+        let is_item = content.trim_start().starts_with('-');
+        if ind < indent || (ind == indent && !is_item) || (ind == indent && is_item && at != i) {
+            // A sibling sequence item at the same indent also ends the block of an item.
+            if ind == indent && is_item && !strip_comment(lines[at]).trim_start().starts_with('-')
+            {
+                continue;
+            }
+            return i;
+        }
+    }
+    lines.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+listeners:
+  - { name: imap, protocol: imap, listen: \"127.0.0.1:11143\" }
+  - name: imaps
+    protocol: imap
+    listen: \"127.0.0.1:11993\"
+pools:
+  new:
+    imap: { servers: [\"127.0.0.10:143\"], tls: starttls }
+routes:
+  - { users: [joeuser], pool: new }
+  - { pool: legacy }   # default
+";
+
+    #[test]
+    fn locates_block_and_flow_keys() {
+        assert_eq!(locate(SAMPLE, "routes[1].pool"), Some((11, 7)));
+        assert_eq!(locate(SAMPLE, "routes[0].users"), Some((10, 7)));
+        assert_eq!(locate(SAMPLE, "listeners[1].listen"), Some((5, 5)));
+        assert_eq!(locate(SAMPLE, "listeners[0].listen"), Some((2, 35)));
+        assert_eq!(locate(SAMPLE, "pools.new.imap.tls"), Some((8, 42)));
+        assert_eq!(locate(SAMPLE, "pools.new"), Some((7, 3)));
+    }
+
+    #[test]
+    fn type_errors_carry_path_and_line() {
+        let text = "listeners:\n  - { name: a, protocol: imap, listen: x, bogus: 1 }\n";
+        let (path, line, _, msg) = parse(text).unwrap_err();
+        assert_eq!(path, "listeners[0].bogus");
+        assert_eq!(line, 2);
+        assert!(msg.contains("bogus"), "{msg}");
+    }
+}

@@ -1,0 +1,240 @@
+//! Routing: a pure function from (configuration, user, protocol) to a [`Decision`].
+//!
+//! No I/O, no clock, no health state: the same inputs always give the same decision, and
+//! `cutover route` prints exactly what the proxy would do. Availability and failover are
+//! the backend module's business.
+
+use serde::Serialize;
+
+use crate::config::{Balance, Config, Protocol, Users};
+
+/// Where one user goes and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// The user name as the client gave it.
+    pub login: String,
+    /// The normalized user name: what routing matched and what the backend receives.
+    pub user: String,
+    /// Protocol the decision is for.
+    pub protocol: &'static str,
+    /// Index of the matching rule.
+    pub rule_index: usize,
+    /// The rule, as text.
+    pub rule: String,
+    /// Pool name.
+    pub pool: String,
+    /// Servers in the order they will be tried (`host:port`).
+    pub servers: Vec<String>,
+    /// The stable bucket (0..100) used by `percent` rules.
+    pub bucket: u8,
+}
+
+/// Why no decision could be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No rule matched (the configuration has no default route).
+    #[error("no route matches user {0:?}")]
+    NoRoute(String),
+    /// The chosen pool has no servers for the protocol.
+    #[error("pool {pool:?} has no {protocol} servers")]
+    NoServers {
+        /// Pool.
+        pool: String,
+        /// Protocol.
+        protocol: Protocol,
+    },
+}
+
+/// Normalizes a user name: trims surrounding white space, lowercases it when
+/// `case_insensitive` is set, and strips `@domain` when the domain is local.
+pub fn normalize(users: &Users, raw: &str) -> String {
+    let mut user = raw.trim().to_string();
+    if users.case_insensitive {
+        user = user.to_lowercase();
+    }
+    if let Some((local, domain)) = user.rsplit_once('@') {
+        if !local.is_empty() && users.local_domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+            user = local.to_string();
+        }
+    }
+    user
+}
+
+/// FNV-1a 64 over `salt:user`. Pinned by golden tests: changing it would move users
+/// between pools on upgrade, so it is not std's `DefaultHasher` (whose algorithm is
+/// unspecified).
+pub fn stable_hash(salt: &[u8], user: &str) -> u64 {
+    salt.iter()
+        .chain(b":")
+        .chain(user.as_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The bucket (0..100) a user falls in for `percent` rules.
+pub fn bucket(user: &str) -> u8 {
+    (stable_hash(b"percent", user) % 100) as u8
+}
+
+/// Decides where `login` goes for `protocol`.
+pub fn route(cfg: &Config, login: &str, protocol: Protocol) -> Result<Decision, RouteError> {
+    let user = normalize(&cfg.users, login);
+    let bucket = bucket(&user);
+    let domain = user.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+    let (rule_index, rule) = cfg
+        .routes
+        .iter()
+        .enumerate()
+        .find(|(_, r)| {
+            let m = &r.matcher;
+            m.users.as_ref().is_none_or(|u| u.contains(&user))
+                && m.domains
+                    .as_ref()
+                    .is_none_or(|ds| domain.as_ref().is_some_and(|d| ds.contains(d)))
+                && m.percent.is_none_or(|p| bucket < p)
+        })
+        .ok_or_else(|| RouteError::NoRoute(user.clone()))?;
+    let pool = cfg
+        .pools
+        .get(&rule.pool)
+        .ok_or_else(|| RouteError::NoServers { pool: rule.pool.clone(), protocol })?;
+    let pp = pool
+        .protocols
+        .get(&protocol)
+        .ok_or_else(|| RouteError::NoServers { pool: rule.pool.clone(), protocol })?;
+    let mut servers: Vec<String> = pp.servers.iter().map(|s| s.to_string()).collect();
+    if pool.balance == Balance::UserHash && !servers.is_empty() {
+        let start = stable_hash(b"balance", &user) % servers.len() as u64;
+        servers.rotate_left(start as usize);
+    }
+    Ok(Decision {
+        login: login.to_string(),
+        user,
+        protocol: protocol.as_str(),
+        rule_index,
+        rule: rule.text.clone(),
+        pool: rule.pool.clone(),
+        servers,
+        bucket,
+    })
+}
+
+impl Decision {
+    /// A human-readable explanation, as `cutover route` prints it.
+    pub fn explain(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("user:     {}", self.user));
+        if self.login != self.user {
+            out.push_str(&format!(" (client sent {:?})", self.login));
+        }
+        out.push('\n');
+        out.push_str(&format!("protocol: {}\n", self.protocol));
+        out.push_str(&format!("pool:     {}\n", self.pool));
+        out.push_str(&format!("servers:  {}\n", self.servers.join(", ")));
+        out.push_str(&format!("rule:     {}\n", self.rule));
+        out.push_str(&format!("bucket:   {} (for percent rules)\n", self.bucket));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(extra: &str) -> Config {
+        let text = format!(
+            "
+pools:
+  new:
+    imap: {{ servers: [\"127.0.0.10:143\"] }}
+  legacy:
+    balance: user-hash
+    imap: {{ servers: [\"127.0.0.11:143\", \"127.0.0.12:143\"] }}
+{extra}
+routes:
+  - {{ users: [joeuser, alice], pool: new }}
+  - {{ domains: [newdomain.test], pool: new }}
+  - {{ percent: 30, pool: new }}
+  - {{ pool: legacy }}
+"
+        );
+        Config::from_text(&text, Path::new("t.yaml"), Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn golden_hashes_never_change() {
+        // If these change, users move between pools on upgrade: never change them.
+        assert_eq!(stable_hash(b"percent", "joeuser"), 0x215c_d38e_b1b7_49b5);
+        assert_eq!(bucket("joeuser"), (0x215c_d38e_b1b7_49b5u64 % 100) as u8);
+        assert_eq!(bucket("bob"), bucket("bob"));
+        let spread: std::collections::HashSet<u8> =
+            (0..1000).map(|i| bucket(&format!("user{i}"))).collect();
+        assert!(spread.len() > 90, "buckets should spread, got {}", spread.len());
+    }
+
+    #[test]
+    fn first_match_wins() {
+        let c = cfg("");
+        let d = route(&c, "joeuser", Protocol::Imap).unwrap();
+        assert_eq!((d.pool.as_str(), d.rule_index), ("new", 0));
+        assert_eq!(d.servers, vec!["127.0.0.10:143"]);
+        let d = route(&c, "x@newdomain.test", Protocol::Imap).unwrap();
+        assert_eq!((d.pool.as_str(), d.rule_index), ("new", 1));
+        // Case-sensitive unless configured.
+        let d = route(&c, "JoeUser", Protocol::Imap).unwrap();
+        assert_ne!(d.rule_index, 0);
+    }
+
+    #[test]
+    fn percent_follows_bucket() {
+        let c = cfg("");
+        let mut in_new = 0;
+        for i in 0..2000 {
+            let u = format!("someone{i}");
+            let d = route(&c, &u, Protocol::Imap).unwrap();
+            if d.rule_index == 2 {
+                assert!(bucket(&u) < 30);
+                in_new += 1;
+            } else {
+                assert_eq!(d.rule_index, 3);
+                assert!(bucket(&u) >= 30);
+            }
+        }
+        assert!((400..800).contains(&in_new), "about 30% expected, got {in_new}");
+    }
+
+    #[test]
+    fn user_hash_rotates_but_keeps_all_servers() {
+        let c = cfg("");
+        let mut firsts = std::collections::HashSet::new();
+        for i in 0..50 {
+            let u = format!("legacyuser{i}");
+            let d = route(&c, &u, Protocol::Imap).unwrap();
+            if d.pool == "legacy" {
+                assert_eq!(d.servers.len(), 2);
+                firsts.insert(d.servers[0].clone());
+                assert_eq!(d, route(&c, &u, Protocol::Imap).unwrap(), "stable");
+            }
+        }
+        assert_eq!(firsts.len(), 2);
+    }
+
+    #[test]
+    fn normalization() {
+        let c = cfg("users:\n  local_domains: [example.net]\n  case_insensitive: true\n");
+        let d = route(&c, " JoeUser@Example.NET ", Protocol::Imap).unwrap();
+        assert_eq!(d.user, "joeuser");
+        assert_eq!(d.pool, "new");
+        let d = route(&c, "joeuser@other.org", Protocol::Imap).unwrap();
+        assert_eq!(d.user, "joeuser@other.org");
+    }
+
+    #[test]
+    fn missing_protocol_is_an_error() {
+        let c = cfg("");
+        assert!(matches!(
+            route(&c, "joeuser", Protocol::Pop3),
+            Err(RouteError::NoServers { .. })
+        ));
+    }
+}
