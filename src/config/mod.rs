@@ -405,7 +405,7 @@ impl Config {
                 .listen
                 .parse()
                 .map_err(|_| cx.err(k("listen"), format!("{:?} is not ip:port", l.listen)))?;
-            if !addrs.insert(listen) {
+            if listen.port() != 0 && !addrs.insert(listen) {
                 return Err(cx.err(k("listen"), format!("{listen} is used by two listeners")));
             }
             let tls = match l.tls.as_deref().unwrap_or("none") {

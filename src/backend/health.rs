@@ -1,0 +1,147 @@
+//! Health of backend servers: passive (login attempts that found a server unavailable)
+//! and active (a greeting probe at an interval, with HAProxy-style rise/fall counts).
+//!
+//! State lives in a [`Registry`] keyed by (pool, protocol, server) that outlives config
+//! reloads, so a reload does not forget that a server is down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{Health, Protocol};
+use crate::metrics as m;
+
+/// What the proxy knows about one backend server.
+#[derive(Debug)]
+pub struct ServerState {
+    pool: String,
+    protocol: Protocol,
+    server: String,
+    epoch: Instant,
+    up: AtomicBool,
+    fails: AtomicU32,
+    oks: AtomicU32,
+    down_until_ms: AtomicU64,
+    capabilities: Mutex<Vec<String>>,
+}
+
+impl ServerState {
+    fn new(pool: &str, protocol: Protocol, server: &str, epoch: Instant) -> Self {
+        let s = ServerState {
+            pool: pool.to_string(),
+            protocol,
+            server: server.to_string(),
+            epoch,
+            up: AtomicBool::new(true),
+            fails: AtomicU32::new(0),
+            oks: AtomicU32::new(0),
+            down_until_ms: AtomicU64::new(0),
+            capabilities: Mutex::new(Vec::new()),
+        };
+        s.publish(true);
+        s
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn publish(&self, up: bool) {
+        metrics::gauge!(m::BACKEND_UP, "pool" => self.pool.clone(), "protocol" => self.protocol.as_str(), "server" => self.server.clone())
+            .set(if up { 1.0 } else { 0.0 });
+    }
+
+    fn set_up(&self, up: bool) {
+        if self.up.swap(up, Ordering::AcqRel) != up {
+            if up {
+                tracing::info!(pool = %self.pool, protocol = %self.protocol, server = %self.server, "backend up");
+            } else {
+                tracing::warn!(pool = %self.pool, protocol = %self.protocol, server = %self.server, "backend down");
+            }
+        }
+        self.publish(up);
+    }
+
+    /// True if the server is marked up.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether logins should try this server first. With active checks only a probe
+    /// brings a down server back; without them it is retried after `down_for`.
+    pub fn is_available(&self, health: &Health) -> bool {
+        self.is_up()
+            || (health.interval.is_zero()
+                && self.now_ms() >= self.down_until_ms.load(Ordering::Acquire))
+    }
+
+    /// A login attempt or probe found the server unavailable.
+    pub fn record_failure(&self, health: &Health) {
+        self.oks.store(0, Ordering::Release);
+        let fails = self.fails.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        if fails >= health.fall {
+            let until = self.now_ms().saturating_add(health.down_for.as_millis() as u64);
+            self.down_until_ms.store(until, Ordering::Release);
+            self.set_up(false);
+        }
+    }
+
+    /// A login succeeded on the server: it is evidently up.
+    pub fn record_login_success(&self) {
+        self.fails.store(0, Ordering::Release);
+        if !self.is_up() {
+            self.set_up(true);
+        }
+    }
+
+    /// An active probe succeeded.
+    pub fn record_probe_success(&self, health: &Health, capabilities: Vec<String>) {
+        self.fails.store(0, Ordering::Release);
+        if let Ok(mut caps) = self.capabilities.lock() {
+            *caps = capabilities;
+        }
+        let oks = self.oks.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        if !self.is_up() && oks >= health.rise {
+            self.set_up(true);
+        }
+    }
+
+    /// What the server advertised at its last successful probe.
+    pub fn capabilities(&self) -> Vec<String> {
+        self.capabilities.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+/// Every server's state, shared by sessions and health checkers, kept across reloads.
+#[derive(Debug)]
+pub struct Registry {
+    epoch: Instant,
+    map: Mutex<HashMap<(String, Protocol, String), Arc<ServerState>>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry { epoch: Instant::now(), map: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl Registry {
+    /// The state of one server, created (up) on first use.
+    pub fn get(&self, pool: &str, protocol: Protocol, server: &str) -> Arc<ServerState> {
+        let mut map = match self.map.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry((pool.to_string(), protocol, server.to_string()))
+            .or_insert_with(|| Arc::new(ServerState::new(pool, protocol, server, self.epoch)))
+            .clone()
+    }
+}
+
+/// How long to wait between probes of one server, with a little per-server jitter so
+/// the probes of many servers do not align.
+pub fn probe_delay(interval: Duration, server: &str) -> Duration {
+    let jitter = crate::route::stable_hash(b"probe", server) % 100;
+    interval + interval * jitter as u32 / 1000
+}

@@ -1,0 +1,498 @@
+//! Connections to backend servers: connect with timeouts, TLS, the protocol's login
+//! machine, failover inside a pool, and health.
+//!
+//! Failover happens only when a server is *unavailable* (connect refused or timed out,
+//! TLS failure, a bad greeting, a temporary failure, a stall): a rejected password is
+//! final and never tried on the next server (one typo must not become N attempts and
+//! lock an account).
+
+pub mod health;
+pub mod resolve;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{Pool, PoolProtocol, Protocol, ServerAddr};
+use crate::metrics as m;
+use crate::proto::{
+    self, BackendAction, BackendLogin, BackendPolicy, BackendResult, BackendTls, ClientInfo,
+    Credentials, Unavailable,
+};
+use crate::snapshot::Snapshot;
+use crate::stream::{BackendStream, Stream};
+use health::Registry;
+use resolve::Resolver;
+
+/// Most bytes buffered from a backend before its login finishes.
+const MAX_BACKEND_PENDING: usize = 256 * 1024;
+
+/// Why one attempt on one server failed (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// DNS gave no address.
+    Resolve,
+    /// Connection refused or reset.
+    Refused,
+    /// Connect or login deadline passed.
+    Timeout,
+    /// TLS handshake or certificate verification failed, or STARTTLS was refused.
+    Tls,
+    /// Bad or missing greeting.
+    Greeting,
+    /// The server closed the connection or spoke nonsense.
+    Protocol,
+    /// No usable login mechanism.
+    NoMechanism,
+}
+
+impl Failure {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Resolve => "resolve",
+            Failure::Refused => "refused",
+            Failure::Timeout => "timeout",
+            Failure::Tls => "tls",
+            Failure::Greeting => "greeting",
+            Failure::Protocol => "protocol",
+            Failure::NoMechanism => "no_mechanism",
+        }
+    }
+}
+
+impl From<Unavailable> for Failure {
+    fn from(u: Unavailable) -> Self {
+        match u {
+            Unavailable::Greeting => Failure::Greeting,
+            Unavailable::Tls => Failure::Tls,
+            Unavailable::Protocol => Failure::Protocol,
+            Unavailable::NoMechanism => Failure::NoMechanism,
+        }
+    }
+}
+
+/// What a backend machine is asked to do.
+pub enum Job {
+    /// Health probe: greeting and capabilities, then goodbye.
+    Probe,
+    /// Log in with these credentials.
+    Login(Credentials),
+    /// SMTP to a pop-before-smtp host: greeting and EHLO, no AUTH.
+    SmtpNoAuth,
+}
+
+/// A logged-in backend connection, ready for the relay.
+pub struct Connected {
+    /// The connection.
+    pub stream: BackendStream,
+    /// Bytes the backend sent after its login reply: they belong to the client.
+    pub leftover: Vec<u8>,
+    /// The server's address, as configured.
+    pub server: String,
+    /// IMAP: post-login capabilities.
+    pub capabilities: Option<String>,
+}
+
+/// The result of logging a user in somewhere in a pool.
+pub enum LoginResult {
+    /// Logged in.
+    LoggedIn(Connected),
+    /// The credentials were rejected by `server`.
+    AuthFailed {
+        /// The backend's text.
+        response: String,
+        /// Which server said so.
+        server: String,
+    },
+    /// No server of the pool was available.
+    Unavailable,
+}
+
+/// Shared backend machinery: health registry and resolver.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// Health of every server.
+    pub registry: Arc<Registry>,
+    /// DNS.
+    pub resolver: Resolver,
+}
+
+impl Backends {
+    /// Fresh state.
+    pub fn new() -> Self {
+        Backends { registry: Arc::new(Registry::default()), resolver: Resolver::from_system() }
+    }
+}
+
+impl Default for Backends {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Builds the login machine for a protocol.
+pub fn new_machine(
+    protocol: Protocol,
+    policy: BackendPolicy,
+    job: Job,
+) -> Box<dyn BackendLogin + Send> {
+    match protocol {
+        Protocol::Imap => {
+            let creds = match job {
+                Job::Login(c) => Some(c),
+                Job::Probe | Job::SmtpNoAuth => None,
+            };
+            Box::new(proto::imap::BackendMachine::new(policy, creds))
+        }
+        Protocol::Pop3 => {
+            let creds = match job {
+                Job::Login(c) => Some(c),
+                Job::Probe | Job::SmtpNoAuth => None,
+            };
+            Box::new(proto::pop3::BackendMachine::new(policy, creds))
+        }
+        Protocol::Smtp => {
+            let mode = match job {
+                Job::Probe => proto::smtp::BackendMode::Probe,
+                Job::Login(c) => proto::smtp::BackendMode::Auth(c),
+                Job::SmtpNoAuth => proto::smtp::BackendMode::NoAuth,
+            };
+            Box::new(proto::smtp::BackendMachine::new(policy, mode))
+        }
+    }
+}
+
+/// Connects to every address of `addr` in turn until one accepts.
+pub async fn connect(
+    resolver: &Resolver,
+    addr: &ServerAddr,
+    timeout: Duration,
+) -> Result<TcpStream, Failure> {
+    let ips = resolver.resolve(&addr.host).await.map_err(|e| {
+        tracing::debug!(server = %addr, error = %e, "resolve failed");
+        Failure::Resolve
+    })?;
+    let mut last = Failure::Refused;
+    for ip in ips {
+        match tokio::time::timeout(timeout, TcpStream::connect((ip, addr.port))).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(server = %addr, %ip, error = %e, "connect failed");
+                last = Failure::Refused;
+            }
+            Err(_) => {
+                tracing::debug!(server = %addr, %ip, "connect timed out");
+                last = Failure::Timeout;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn tls_connect(
+    tcp: TcpStream,
+    snap: &Snapshot,
+    pool: &str,
+    protocol: Protocol,
+    pp: &PoolProtocol,
+    addr: &ServerAddr,
+) -> Result<BackendStream, Failure> {
+    let cfg = snap.backend_tls.get(&(pool.to_string(), protocol)).ok_or(Failure::Tls)?;
+    let name = crate::tls::backend_name(pp.server_name.as_deref(), addr).map_err(|e| {
+        tracing::warn!(server = %addr, error = %e, "no valid TLS name for backend");
+        Failure::Tls
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(cfg.clone());
+    match connector.connect(name, tcp).await {
+        Ok(t) => Ok(Stream::Tls(Box::new(t))),
+        Err(e) => {
+            tracing::warn!(pool, %protocol, server = %addr, error = %e, "backend TLS handshake failed");
+            Err(Failure::Tls)
+        }
+    }
+}
+
+/// Runs a login machine over a connection until it is done.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    machine: &mut (dyn BackendLogin + Send),
+    mut stream: BackendStream,
+    snap: &Snapshot,
+    pool: &str,
+    protocol: Protocol,
+    pp: &PoolProtocol,
+    addr: &ServerAddr,
+) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(action) = machine.poll_action() {
+            match action {
+                BackendAction::Send(bytes) => {
+                    stream.write_all(&bytes).await.map_err(|_| Failure::Protocol)?;
+                    stream.flush().await.map_err(|_| Failure::Protocol)?;
+                }
+                BackendAction::StartTls => {
+                    // Whatever the backend sent after its go-ahead arrived in plaintext
+                    // and is not trusted: discard it.
+                    buf.clear();
+                    stream = match stream {
+                        Stream::Plain(tcp) => tls_connect(tcp, snap, pool, protocol, pp, addr).await?,
+                        Stream::Tls(_) => return Err(Failure::Protocol),
+                    };
+                    machine.tls_established();
+                }
+                BackendAction::Done(result) => return Ok((result, stream, buf)),
+            }
+        }
+        let used = machine.receive(&buf);
+        if used > 0 {
+            buf.drain(..used.min(buf.len()));
+            continue;
+        }
+        if buf.len() >= MAX_BACKEND_PENDING {
+            return Err(Failure::Protocol);
+        }
+        let n = stream.read(&mut chunk).await.map_err(|_| Failure::Protocol)?;
+        if n == 0 {
+            return Err(Failure::Protocol);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One attempt on one server: connect, TLS, machine; bounded by the pool's login timeout.
+#[allow(clippy::too_many_arguments)]
+pub async fn attempt(
+    backends: &Backends,
+    snap: &Snapshot,
+    pool: &Pool,
+    protocol: Protocol,
+    pp: &PoolProtocol,
+    addr: &ServerAddr,
+    job: Job,
+    client: Option<ClientInfo>,
+    helo: &str,
+) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
+    let policy = BackendPolicy {
+        tls: pp.tls,
+        forward_client: if pool.forward_client_address { client } else { None },
+        helo: helo.to_string(),
+    };
+    let mut machine = new_machine(protocol, policy, job);
+    let work = async {
+        let tcp = connect(&backends.resolver, addr, pool.connect_timeout).await?;
+        let stream = if pp.tls == BackendTls::Implicit {
+            tls_connect(tcp, snap, &pool.name, protocol, pp, addr).await?
+        } else {
+            Stream::Plain(tcp)
+        };
+        drive(machine.as_mut(), stream, snap, &pool.name, protocol, pp, addr).await
+    };
+    match tokio::time::timeout(pool.login_timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::Timeout),
+    }
+}
+
+fn count_failure(pool: &str, protocol: Protocol, server: &str, f: Failure) {
+    metrics::counter!(m::BACKEND_FAILURES, "pool" => pool.to_string(), "protocol" => protocol.as_str(), "server" => server.to_string(), "reason" => f.as_str())
+        .increment(1);
+}
+
+/// The servers of `pp` in the decision's order, available ones first.
+pub fn try_order<'a>(
+    backends: &Backends,
+    pool: &Pool,
+    protocol: Protocol,
+    pp: &'a PoolProtocol,
+    order: &[String],
+) -> Vec<(usize, &'a ServerAddr)> {
+    let mut ordered: Vec<(usize, &ServerAddr)> = order
+        .iter()
+        .filter_map(|s| pp.servers.iter().enumerate().find(|(_, a)| a.to_string() == *s))
+        .collect();
+    // Stable partition: available servers keep their order and go first; down servers
+    // remain as a last resort, so a pool whose probes are all failing is still tried.
+    ordered.sort_by_key(|(_, a)| {
+        !backends.registry.get(&pool.name, protocol, &a.to_string()).is_available(&pool.health)
+    });
+    ordered
+}
+
+/// Logs `creds` in to the first available server of the pool, failing over on
+/// unavailability only.
+#[allow(clippy::too_many_arguments)]
+pub async fn login(
+    backends: &Backends,
+    snap: &Snapshot,
+    pool_name: &str,
+    protocol: Protocol,
+    order: &[String],
+    creds: &Credentials,
+    client: Option<ClientInfo>,
+    helo: &str,
+) -> LoginResult {
+    let Some(pool) = snap.config.pools.get(pool_name) else { return LoginResult::Unavailable };
+    let Some(pp) = pool.protocols.get(&protocol) else { return LoginResult::Unavailable };
+    let candidates = try_order(backends, pool, protocol, pp, order);
+    let total = candidates.len();
+    for (n, (index, addr)) in candidates.into_iter().enumerate() {
+        let server = addr.to_string();
+        let state = backends.registry.get(pool_name, protocol, &server);
+        let result = if protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp
+        {
+            pop_before_smtp(backends, snap, pool, pp, index, addr, creds, client.clone(), helo).await
+        } else {
+            attempt(backends, snap, pool, protocol, pp, addr, Job::Login(creds.clone()), client.clone(), helo)
+                .await
+        };
+        match result {
+            Ok((BackendResult::LoggedIn { capabilities }, stream, leftover)) => {
+                state.record_login_success();
+                return LoginResult::LoggedIn(Connected { stream, leftover, server, capabilities });
+            }
+            Ok((BackendResult::AuthFailed { response }, _, _)) => {
+                state.record_login_success(); // it answered: it is up
+                return LoginResult::AuthFailed { response, server };
+            }
+            Ok((BackendResult::Ready { .. }, _, _)) => {
+                tracing::error!(%server, "backend machine answered a login with a probe result");
+                count_failure(pool_name, protocol, &server, Failure::Protocol);
+                state.record_failure(&pool.health);
+            }
+            Ok((BackendResult::Unavailable(u), _, _)) => {
+                let f = Failure::from(u);
+                tracing::warn!(pool = pool_name, %protocol, %server, reason = f.as_str(), "backend unavailable");
+                count_failure(pool_name, protocol, &server, f);
+                state.record_failure(&pool.health);
+            }
+            Err(f) => {
+                tracing::warn!(pool = pool_name, %protocol, %server, reason = f.as_str(), "backend unavailable");
+                count_failure(pool_name, protocol, &server, f);
+                state.record_failure(&pool.health);
+            }
+        }
+        if n + 1 < total {
+            metrics::counter!(m::FAILOVERS, "pool" => pool_name.to_string(), "protocol" => protocol.as_str())
+                .increment(1);
+        }
+    }
+    LoginResult::Unavailable
+}
+
+/// The legacy hosts' SMTP trusts a recent POP3 login from the proxy's address: verify the
+/// credentials with a POP3 login on the paired host, then open SMTP there without AUTH.
+#[allow(clippy::too_many_arguments)]
+async fn pop_before_smtp(
+    backends: &Backends,
+    snap: &Snapshot,
+    pool: &Pool,
+    smtp_pp: &PoolProtocol,
+    index: usize,
+    smtp_addr: &ServerAddr,
+    creds: &Credentials,
+    client: Option<ClientInfo>,
+    helo: &str,
+) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
+    let pop_pp = pool.protocols.get(&Protocol::Pop3).ok_or(Failure::NoMechanism)?;
+    let pop_addr = pop_pp.servers.get(index).ok_or(Failure::NoMechanism)?;
+    let (res, mut pop_stream, _) = attempt(
+        backends,
+        snap,
+        pool,
+        Protocol::Pop3,
+        pop_pp,
+        pop_addr,
+        Job::Login(creds.clone()),
+        client.clone(),
+        helo,
+    )
+    .await?;
+    match res {
+        BackendResult::LoggedIn { .. } => {
+            let _ = pop_stream.write_all(proto::pop3::QUIT).await;
+            let _ = pop_stream.shutdown().await;
+        }
+        other => return Ok((other, pop_stream, Vec::new())),
+    }
+    attempt(backends, snap, pool, Protocol::Smtp, smtp_pp, smtp_addr, Job::SmtpNoAuth, client, helo)
+        .await
+}
+
+/// Probes one server once (connect, TLS, greeting, capabilities, goodbye).
+pub async fn probe(
+    backends: &Backends,
+    snap: &Snapshot,
+    pool: &Pool,
+    protocol: Protocol,
+    addr: &ServerAddr,
+) -> Result<Vec<String>, Failure> {
+    let pp = pool.protocols.get(&protocol).ok_or(Failure::NoMechanism)?;
+    let (res, mut stream, _) = attempt(
+        backends,
+        snap,
+        pool,
+        protocol,
+        pp,
+        addr,
+        Job::Probe,
+        None,
+        &snap.config.hostname,
+    )
+    .await?;
+    // Send the machine's goodbye (already written), then close politely.
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    match res {
+        BackendResult::Ready { capabilities } => Ok(capabilities),
+        BackendResult::Unavailable(u) => Err(u.into()),
+        BackendResult::LoggedIn { .. } | BackendResult::AuthFailed { .. } => Err(Failure::Protocol),
+    }
+}
+
+/// Runs the active health checks of every server in the snapshot until `stop`.
+pub async fn run_health_checks(
+    backends: Backends,
+    snap: Arc<Snapshot>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for pool in snap.config.pools.values() {
+        if pool.health.interval.is_zero() {
+            continue;
+        }
+        for (protocol, pp) in &pool.protocols {
+            for addr in &pp.servers {
+                let (backends, snap, stop) = (backends.clone(), snap.clone(), stop.clone());
+                let (pool_name, protocol, addr) = (pool.name.clone(), *protocol, addr.clone());
+                tasks.spawn(async move {
+                    let Some(pool) = snap.config.pools.get(&pool_name) else { return };
+                    let server = addr.to_string();
+                    let state = backends.registry.get(&pool_name, protocol, &server);
+                    loop {
+                        match probe(&backends, &snap, pool, protocol, &addr).await {
+                            Ok(caps) => state.record_probe_success(&pool.health, caps),
+                            Err(f) => {
+                                tracing::debug!(pool = %pool_name, %protocol, %server, reason = f.as_str(), "probe failed");
+                                count_failure(&pool_name, protocol, &server, f);
+                                state.record_failure(&pool.health);
+                            }
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(health::probe_delay(pool.health.interval, &server)) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                });
+            }
+        }
+    }
+    stop.cancelled().await;
+    tasks.shutdown().await;
+}

@@ -1,0 +1,187 @@
+//! TLS, both ways: the server side for clients (certificates chosen by SNI) and the client
+//! side for backends (verified against a pool's `ca` or the system roots, failing closed).
+//!
+//! The crypto provider is rustls' `ring`; every config is built explicitly with it, so no
+//! process-wide default has to be installed.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::ClientConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+
+use crate::config::{CertFiles, Host, ServerAddr};
+
+/// A TLS setting that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate file is missing or holds no certificate.
+    #[error("{0}: cannot read certificates: {1}")]
+    Certificate(PathBuf, String),
+    /// A key file is missing, holds no key, or the key does not fit the certificate.
+    #[error("{0}: cannot use private key: {1}")]
+    Key(PathBuf, String),
+    /// A CA bundle is missing or empty.
+    #[error("{0}: cannot read CA certificates: {1}")]
+    Ca(PathBuf, String),
+    /// The system has no usable root certificates.
+    #[error("no system root certificates found")]
+    NoSystemRoots,
+    /// rustls refused the settings.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Certificate(path.into(), e.to_string()))?
+        .collect();
+    let certs = certs.map_err(|e| TlsError::Certificate(path.into(), e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Certificate(path.into(), "no certificate in file".into()));
+    }
+    Ok(certs)
+}
+
+fn load_key(
+    files: &CertFiles,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<CertifiedKey, TlsError> {
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
+    let ck = CertifiedKey::new(certs, signing);
+    ck.keys_match().map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
+    Ok(ck)
+}
+
+/// Serves one of several certificates: the first whose names cover the client's SNI,
+/// else the first one (the default).
+pub struct SniResolver {
+    keys: Vec<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SniResolver({} certificates)", self.keys.len())
+    }
+}
+
+impl SniResolver {
+    /// Loads every certificate/key pair; fails on the first that does not load.
+    pub fn load(files: &[CertFiles]) -> Result<SniResolver, TlsError> {
+        let mut keys = Vec::new();
+        for f in files {
+            let certs = load_certs(&f.cert)?;
+            keys.push(Arc::new(load_key(f, certs)?));
+        }
+        Ok(SniResolver { keys })
+    }
+
+    fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let first = self.keys.first()?;
+        if self.keys.len() == 1 {
+            return Some(first.clone());
+        }
+        let Some(name) = sni.and_then(|s| ServerName::try_from(s.to_string()).ok()) else {
+            return Some(first.clone());
+        };
+        for ck in &self.keys {
+            let Some(leaf) = ck.cert.first() else { continue };
+            if let Ok(ee) = webpki::EndEntityCert::try_from(leaf) {
+                if ee.verify_is_valid_for_subject_name(&name).is_ok() {
+                    return Some(ck.clone());
+                }
+            }
+        }
+        Some(first.clone())
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name())
+    }
+}
+
+/// Builds the server-side configuration for client connections.
+pub fn server_config(files: &[CertFiles]) -> Result<Arc<ServerConfig>, TlsError> {
+    let resolver = SniResolver::load(files)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    cfg.ignore_client_order = true;
+    Ok(Arc::new(cfg))
+}
+
+/// Builds the client-side configuration for one pool protocol: trusts only `ca` when
+/// given, else the system roots.
+pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| TlsError::Ca(path.into(), e.to_string()))?;
+            for c in certs {
+                let c = c.map_err(|e| TlsError::Ca(path.into(), e.to_string()))?;
+                roots.add(c).map_err(|e| TlsError::Ca(path.into(), e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(TlsError::Ca(path.into(), "no certificate in file".into()));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(TlsError::NoSystemRoots);
+            }
+        }
+    }
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// The name a backend's certificate must be valid for: the configured `server_name`, else
+/// the server's host (name or IP address).
+pub fn backend_name(
+    server_name: Option<&str>,
+    addr: &ServerAddr,
+) -> Result<ServerName<'static>, String> {
+    if let Some(n) = server_name {
+        return ServerName::try_from(n.to_string()).map_err(|e| format!("{n:?}: {e}"));
+    }
+    match &addr.host {
+        Host::Ip(ip) => Ok(ServerName::IpAddress((*ip).into())),
+        Host::Name(n) => ServerName::try_from(n.clone()).map_err(|e| format!("{n:?}: {e}")),
+    }
+}
+
+/// The negotiated protocol version as a short label (`TLSv1.3`), for logs and metrics.
+pub fn version_label(v: Option<rustls::ProtocolVersion>) -> &'static str {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        Some(_) => "other",
+        None => "none",
+    }
+}
