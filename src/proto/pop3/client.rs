@@ -225,8 +225,7 @@ impl BackendMachine {
         let password = creds.secret.expose();
         if !user_safe(&creds.user) || password.iter().any(|b| matches!(b, 0 | b'\r' | b'\n')) {
             return self.finish(BackendResult::AuthFailed {
-                response: "[AUTH] The user name or password cannot be sent to this server"
-                    .into(),
+                response: "[AUTH] The user name or password cannot be sent to this server".into(),
             });
         }
         self.send(format!("USER {}\r\n", creds.user));
@@ -257,7 +256,9 @@ impl BackendMachine {
                 self.state = State::CapaLines;
             }
             (State::CapaStatus, Status::Err(_)) => self.caps_done(),
-            (State::CapaStatus, _) => self.finish(BackendResult::Unavailable(Unavailable::Protocol)),
+            (State::CapaStatus, _) => {
+                self.finish(BackendResult::Unavailable(Unavailable::Protocol))
+            }
             (State::CapaLines, _) => self.capa_line(line),
 
             (State::Stls, Status::Ok) => {
@@ -281,9 +282,7 @@ impl BackendMachine {
                 let result = rejected(text);
                 self.finish(result);
             }
-            (State::AuthInitial | State::AuthWait, Status::Continue) => {
-                self.send_plain_response()
-            }
+            (State::AuthInitial | State::AuthWait, Status::Continue) => self.send_plain_response(),
             (
                 State::User
                 | State::Pass
@@ -467,12 +466,20 @@ mod tests {
 
     #[test]
     fn greeting_variants() {
-        let r = run(BackendTls::None, creds("joe", b"pw"), &[b"+OK Dovecot ready.\r\n"]);
+        let r = run(
+            BackendTls::None,
+            creds("joe", b"pw"),
+            &[b"+OK Dovecot ready.\r\n"],
+        );
         assert_eq!(r.sent, "CAPA\r\n");
         assert_eq!(r.done, None);
         let r = run(BackendTls::None, creds("joe", b"pw"), &[b"+OK\r\n"]);
         assert_eq!(r.sent, "CAPA\r\n");
-        let r = run(BackendTls::Implicit, None, &[b"+OK <1896.697170952@dbc.mtview.ca.us>\n"]);
+        let r = run(
+            BackendTls::Implicit,
+            None,
+            &[b"+OK <1896.697170952@dbc.mtview.ca.us>\n"],
+        );
         assert_eq!(r.sent, "CAPA\r\n");
         for bad in [
             &b"-ERR [SYS/TEMP] too busy\r\n"[..],
@@ -498,15 +505,31 @@ mod tests {
         assert_eq!(
             r.done,
             Some(BackendResult::Ready {
-                capabilities: ["CAPA", "TOP", "USER", "SASL PLAIN LOGIN", "RESP-CODES", "PIPELINING"]
-                    .map(String::from)
-                    .to_vec()
+                capabilities: [
+                    "CAPA",
+                    "TOP",
+                    "USER",
+                    "SASL PLAIN LOGIN",
+                    "RESP-CODES",
+                    "PIPELINING"
+                ]
+                .map(String::from)
+                .to_vec()
             })
         );
         // An old server without CAPA is ready too.
-        let r = run(BackendTls::None, None, &[b"+OK hi\r\n-ERR unknown command\r\n"]);
+        let r = run(
+            BackendTls::None,
+            None,
+            &[b"+OK hi\r\n-ERR unknown command\r\n"],
+        );
         assert_eq!(r.sent, "CAPA\r\nQUIT\r\n");
-        assert_eq!(r.done, Some(BackendResult::Ready { capabilities: vec![] }));
+        assert_eq!(
+            r.done,
+            Some(BackendResult::Ready {
+                capabilities: vec![]
+            })
+        );
     }
 
     #[test]
@@ -599,16 +622,35 @@ mod tests {
     #[test]
     fn rejections_and_temporary_failures() {
         let cases: [(&[u8], Option<BackendResult>); 7] = [
-            (b"-ERR [AUTH] Authentication failed.\r\n", auth_failed("[AUTH] Authentication failed.")),
+            (
+                b"-ERR [AUTH] Authentication failed.\r\n",
+                auth_failed("[AUTH] Authentication failed."),
+            ),
             (b"-ERR Bad login\r\n", auth_failed("Bad login")),
             (b"-ERR\r\n", auth_failed("")),
-            (b"-ERR [IN-USE] Mailbox locked\r\n", auth_failed("[IN-USE] Mailbox locked")),
-            (b"-ERR [LOGIN-DELAY] Wait\r\n", auth_failed("[LOGIN-DELAY] Wait")),
-            (b"-ERR [SYS/TEMP] Try later\r\n", unavailable(Unavailable::Protocol)),
-            (b"-ERR [sys/temp/db] down\r\n", unavailable(Unavailable::Protocol)),
+            (
+                b"-ERR [IN-USE] Mailbox locked\r\n",
+                auth_failed("[IN-USE] Mailbox locked"),
+            ),
+            (
+                b"-ERR [LOGIN-DELAY] Wait\r\n",
+                auth_failed("[LOGIN-DELAY] Wait"),
+            ),
+            (
+                b"-ERR [SYS/TEMP] Try later\r\n",
+                unavailable(Unavailable::Protocol),
+            ),
+            (
+                b"-ERR [sys/temp/db] down\r\n",
+                unavailable(Unavailable::Protocol),
+            ),
         ];
         for (reply, want) in cases {
-            let r = run(BackendTls::None, creds("joe", b"pw"), &[b"+OK\r\n", CAPA_PLAIN, reply]);
+            let r = run(
+                BackendTls::None,
+                creds("joe", b"pw"),
+                &[b"+OK\r\n", CAPA_PLAIN, reply],
+            );
             assert_eq!(r.done, want, "{reply:?}");
             let r = run(
                 BackendTls::None,
@@ -684,7 +726,10 @@ mod tests {
                 b"+OK\r\n+OK\r\n",
             ],
         );
-        assert_eq!(r.sent, "CAPA\r\nSTLS\r\n<starttls>CAPA\r\nUSER joe\r\nPASS pw\r\n");
+        assert_eq!(
+            r.sent,
+            "CAPA\r\nSTLS\r\n<starttls>CAPA\r\nUSER joe\r\nPASS pw\r\n"
+        );
         assert_eq!(r.done, logged_in());
     }
 
@@ -714,14 +759,20 @@ mod tests {
         assert_eq!(m.poll_action(), Some(BackendAction::StartTls));
         assert_eq!(m.receive(&reply[14..]), 0);
         m.tls_established();
-        assert_eq!(m.poll_action(), Some(BackendAction::Send(b"CAPA\r\n".to_vec())));
+        assert_eq!(
+            m.poll_action(),
+            Some(BackendAction::Send(b"CAPA\r\n".to_vec()))
+        );
         // Through the harness: the injected line is discarded, not taken as the CAPA reply.
         let r = run(
             BackendTls::StartTls,
             None,
             &[b"+OK\r\n", CAPA_STLS, reply, CAPA_STLS],
         );
-        assert_eq!(r.sent, "CAPA\r\nSTLS\r\n<starttls><discard 14>CAPA\r\nQUIT\r\n");
+        assert_eq!(
+            r.sent,
+            "CAPA\r\nSTLS\r\n<starttls><discard 14>CAPA\r\nQUIT\r\n"
+        );
         assert!(matches!(r.done, Some(BackendResult::Ready { .. })));
     }
 
@@ -734,12 +785,20 @@ mod tests {
         );
         assert_eq!(r.sent, "CAPA\r\nSTLS\r\n");
         assert_eq!(r.done, unavailable(Unavailable::Tls));
-        let r = run(BackendTls::StartTls, creds("joe", b"pw"), &[b"+OK\r\n", CAPA_PLAIN]);
+        let r = run(
+            BackendTls::StartTls,
+            creds("joe", b"pw"),
+            &[b"+OK\r\n", CAPA_PLAIN],
+        );
         assert_eq!(r.sent, "CAPA\r\n");
         assert_eq!(r.done, unavailable(Unavailable::Tls));
         let r = run(BackendTls::StartTls, None, &[b"+OK\r\n-ERR no CAPA\r\n"]);
         assert_eq!(r.done, unavailable(Unavailable::Tls));
-        let r = run(BackendTls::StartTls, None, &[b"+OK\r\n", CAPA_STLS, b"garbage\r\n"]);
+        let r = run(
+            BackendTls::StartTls,
+            None,
+            &[b"+OK\r\n", CAPA_STLS, b"garbage\r\n"],
+        );
         assert_eq!(r.done, unavailable(Unavailable::Tls));
         // Plaintext and implicit backends never send STLS, even when offered.
         let r = run(BackendTls::None, None, &[b"+OK\r\n", CAPA_STLS]);
@@ -750,9 +809,18 @@ mod tests {
 
     #[test]
     fn injection_attempts_send_one_login_command() {
-        for password in [&b"pw\r\nDELE 1"[..], b"pw\nDELE 1", b"pw\rDELE 1", b"\r\nQUIT\r\n"] {
+        for password in [
+            &b"pw\r\nDELE 1"[..],
+            b"pw\nDELE 1",
+            b"pw\rDELE 1",
+            b"\r\nQUIT\r\n",
+        ] {
             // PLAIN carries anything but NUL, base64-encoded on one line.
-            let r = run(BackendTls::None, creds("joe", password), &[b"+OK\r\n", CAPA_PLAIN]);
+            let r = run(
+                BackendTls::None,
+                creds("joe", password),
+                &[b"+OK\r\n", CAPA_PLAIN],
+            );
             let lines: Vec<&str> = r.sent.split_terminator("\r\n").collect();
             assert_eq!(lines.len(), 2, "{:?}", r.sent);
             assert_eq!(lines[0], "CAPA");
@@ -761,17 +829,29 @@ mod tests {
             assert_eq!(&decoded[..5], b"\0joe\0");
             assert_eq!(&decoded[5..], password);
             // USER/PASS cannot: nothing is sent.
-            let r = run(BackendTls::None, creds("joe", password), &[b"+OK\r\n", CAPA_USER]);
+            let r = run(
+                BackendTls::None,
+                creds("joe", password),
+                &[b"+OK\r\n", CAPA_USER],
+            );
             assert_eq!(r.sent, "CAPA\r\n");
             assert!(matches!(r.done, Some(BackendResult::AuthFailed { .. })));
         }
         // NUL: neither mechanism can carry it.
-        let r = run(BackendTls::None, creds("joe", b"a\0b"), &[b"+OK\r\n", CAPA_PLAIN]);
+        let r = run(
+            BackendTls::None,
+            creds("joe", b"a\0b"),
+            &[b"+OK\r\n", CAPA_PLAIN],
+        );
         assert_eq!(r.sent, "CAPA\r\n");
         assert!(matches!(r.done, Some(BackendResult::AuthFailed { .. })));
         // User names with spaces (or controls) cannot go in USER, but can in PLAIN.
         for user in ["jo e", "joe\tx", "joe\u{7f}"] {
-            let r = run(BackendTls::None, creds(user, b"pw"), &[b"+OK\r\n", CAPA_USER]);
+            let r = run(
+                BackendTls::None,
+                creds(user, b"pw"),
+                &[b"+OK\r\n", CAPA_USER],
+            );
             assert_eq!(r.sent, "CAPA\r\n", "{user:?}");
             assert!(matches!(r.done, Some(BackendResult::AuthFailed { .. })));
         }
@@ -780,10 +860,20 @@ mod tests {
             creds("jo e", b"pw"),
             &[b"+OK\r\n", CAPA_PLAIN, b"+OK\r\n"],
         );
-        assert_eq!(r.sent, format!("CAPA\r\nAUTH PLAIN {}\r\n", sasl::encode_base64(b"\0jo e\0pw")));
+        assert_eq!(
+            r.sent,
+            format!(
+                "CAPA\r\nAUTH PLAIN {}\r\n",
+                sasl::encode_base64(b"\0jo e\0pw")
+            )
+        );
         assert_eq!(r.done, logged_in());
         // Non-ASCII user names are fine with USER.
-        let r = run(BackendTls::None, creds("jöe", b"pw"), &[b"+OK\r\n", CAPA_USER, b"+OK\r\n"]);
+        let r = run(
+            BackendTls::None,
+            creds("jöe", b"pw"),
+            &[b"+OK\r\n", CAPA_USER, b"+OK\r\n"],
+        );
         assert_eq!(r.sent, "CAPA\r\nUSER jöe\r\nPASS pw\r\n");
     }
 
@@ -814,7 +904,10 @@ mod tests {
             creds("joe", b"pw"),
             &[b"+OK\r\n", CAPA_PLAIN, b"+\r\n", b"+OK\r\n"],
         );
-        assert_eq!(r.sent, "CAPA\r\nAUTH PLAIN AGpvZQBwdw==\r\nAGpvZQBwdw==\r\n");
+        assert_eq!(
+            r.sent,
+            "CAPA\r\nAUTH PLAIN AGpvZQBwdw==\r\nAGpvZQBwdw==\r\n"
+        );
         assert_eq!(r.done, logged_in());
     }
 
@@ -826,8 +919,16 @@ mod tests {
         assert_eq!(whole.done, logged_in());
         assert_eq!(whole.buf, b"+OK 1 2\r\n");
         for cut in 1..server.len() {
-            let r = run(BackendTls::None, creds("joe", b"pw"), &[&server[..cut], &server[cut..]]);
-            assert_eq!((&r.sent, &r.done, &r.buf), (&whole.sent, &whole.done, &whole.buf), "cut {cut}");
+            let r = run(
+                BackendTls::None,
+                creds("joe", b"pw"),
+                &[&server[..cut], &server[cut..]],
+            );
+            assert_eq!(
+                (&r.sent, &r.done, &r.buf),
+                (&whole.sent, &whole.done, &whole.buf),
+                "cut {cut}"
+            );
         }
     }
 
@@ -842,20 +943,42 @@ mod tests {
         m.receive(b".\r\n");
         // The AUTH PLAIN line is queued: the machine's Debug must not show it.
         let dbg = format!("{m:?}");
-        assert!(!dbg.contains("hunter2") && !dbg.contains("aHVudGVyMg"), "{dbg}");
-        assert!(!dbg.contains(&sasl::encode_base64(b"\0joe\0hunter2")), "{dbg}");
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains("aHVudGVyMg"),
+            "{dbg}"
+        );
+        assert!(
+            !dbg.contains(&sasl::encode_base64(b"\0joe\0hunter2")),
+            "{dbg}"
+        );
     }
 
     #[test]
     fn random_backend_input_never_panics() {
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         let pieces: &[&[u8]] = &[
-            b"+OK\r\n", b"-ERR [SYS/TEMP] x\r\n", b"-ERR\r\n", b"+ \r\n", b".\r\n", b"..\r\n",
-            b"STLS\r\n", b"SASL PLAIN\r\n", b"USER\r\n", b"\r\n", b"\n", b"\r", b"+", b"x",
+            b"+OK\r\n",
+            b"-ERR [SYS/TEMP] x\r\n",
+            b"-ERR\r\n",
+            b"+ \r\n",
+            b".\r\n",
+            b"..\r\n",
+            b"STLS\r\n",
+            b"SASL PLAIN\r\n",
+            b"USER\r\n",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"+",
+            b"x",
         ];
         for round in 0..2000 {
             let tls = [BackendTls::None, BackendTls::StartTls, BackendTls::Implicit][round % 3];
-            let c = if round % 2 == 0 { creds("joe", b"pw") } else { None };
+            let c = if round % 2 == 0 {
+                creds("joe", b"pw")
+            } else {
+                None
+            };
             let mut r = Run::new(tls, c);
             for _ in 0..(x % 12) {
                 x ^= x << 13;

@@ -43,6 +43,8 @@ enum Line<'a> {
 /// Finds the first line of `input`; `limit` counts the terminator. The decision depends
 /// only on the first `limit` bytes, so it is the same however the input was split.
 fn next_line(input: &[u8], limit: usize) -> Line<'_> {
+    // A zero limit (a misconfiguration) must not turn an empty buffer into an error.
+    let limit = limit.max(1);
     let window = &input[..input.len().min(limit)];
     match window.iter().position(|&b| b == b'\n') {
         Some(i) => {
@@ -138,7 +140,11 @@ fn drive_server(
         }
     }
     if run.closed {
-        assert_eq!(run.machine.receive(&run.buf), 0, "input consumed after Close");
+        assert_eq!(
+            run.machine.receive(&run.buf),
+            0,
+            "input consumed after Close"
+        );
         assert!(run.machine.poll_action().is_none(), "action after Close");
     }
     let _ = run.machine.phase();
@@ -163,7 +169,10 @@ impl ServerRun<'_> {
         let mut count = 0;
         while let Some(action) = self.machine.poll_action() {
             count += 1;
-            assert!(count <= MAX_ACTIONS_PER_EVENT, "too many actions for one event");
+            assert!(
+                count <= MAX_ACTIONS_PER_EVENT,
+                "too many actions for one event"
+            );
             assert!(!self.closed, "action after Close");
             match action {
                 Action::Send(bytes) => {
@@ -270,6 +279,8 @@ mod tests {
         assert_eq!(next_line(b"abcd\r", 5), Line::TooLong);
         assert_eq!(next_line(b"abcd", 5), Line::Incomplete);
         assert_eq!(next_line(b"", 5), Line::Incomplete);
+        assert_eq!(next_line(b"", 0), Line::Incomplete);
+        assert_eq!(next_line(b"x", 0), Line::TooLong);
     }
 
     #[test]

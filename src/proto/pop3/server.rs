@@ -5,8 +5,7 @@ use std::collections::VecDeque;
 use super::{code_is, next_line, resp_code, sanitize, Line};
 use crate::proto::sasl::{self, SaslError};
 use crate::proto::{
-    Action, Credentials, ListenerTls, LoginOutcome, Mechanism, Phase, PreAuth, Secret,
-    ServerPolicy,
+    Action, Credentials, ListenerTls, LoginOutcome, Mechanism, Phase, PreAuth, Secret, ServerPolicy,
 };
 
 /// Room for `AUTH <mechanism> ` in front of an initial response (SASL mechanism names are
@@ -198,7 +197,9 @@ impl ServerMachine {
         if self.stls_offered() {
             out.push_str("STLS\r\n");
         }
-        out.push_str("RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION cutover\r\n.\r\n");
+        out.push_str(
+            "RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION cutover\r\n.\r\n",
+        );
         self.send(out);
     }
 
@@ -232,7 +233,8 @@ impl ServerMachine {
     }
 
     /// RFC 1939: PASS's argument is the rest of the line after one space; it may contain
-    /// spaces and is taken verbatim.
+    /// spaces and is taken verbatim. Other bytes are not judged here (a CR inside the line or
+    /// a NUL is passed on): the backend machine refuses what its mechanism cannot carry.
     fn pass_cmd(&mut self, arg: Option<&[u8]>) {
         if !self.auth_allowed() {
             return self.refuse_auth();
@@ -256,7 +258,10 @@ impl ServerMachine {
             return self.refuse_auth();
         }
         self.user = None;
-        let mut parts = arg.unwrap_or_default().split(|&b| b == b' ').filter(|p| !p.is_empty());
+        let mut parts = arg
+            .unwrap_or_default()
+            .split(|&b| b == b' ')
+            .filter(|p| !p.is_empty());
         let (mechanism, initial, extra) = (parts.next(), parts.next(), parts.next());
         let Some(mechanism) = mechanism else {
             return self.send("+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
@@ -545,7 +550,7 @@ mod tests {
         let (t, rest) = run(implicit(), &[b"CAPA\r\n"], &[]);
         assert_eq!(t, format!("{GREETING}{CAPA_TLS}"));
         assert!(rest.is_empty());
-        let mut m = ServerMachine::new(implicit());
+        let m = ServerMachine::new(implicit());
         assert_eq!(m.phase(), Phase::PreAuth);
         assert!(!m.is_authenticated());
     }
@@ -557,7 +562,9 @@ mod tests {
         let mut m = ServerMachine::new(p);
         assert_eq!(
             drain(&mut m),
-            vec![Action::Send(b"+OK evil  -ERR x cutover POP3 ready.\r\n".to_vec())]
+            vec![Action::Send(
+                b"+OK evil  -ERR x cutover POP3 ready.\r\n".to_vec()
+            )]
         );
     }
 
@@ -634,9 +641,7 @@ mod tests {
         let (t, _) = run(p, &[b"USER joe\r\nSTLS\r\n", b"PASS pw\r\n"], &[]);
         assert_eq!(
             t,
-            format!(
-                "{GREETING}+OK\r\n+OK Begin TLS negotiation\r\n<starttls>-ERR USER first\r\n"
-            )
+            format!("{GREETING}+OK\r\n+OK Begin TLS negotiation\r\n<starttls>-ERR USER first\r\n")
         );
     }
 
@@ -674,7 +679,10 @@ mod tests {
         assert_eq!(m.receive(&input[13..]), 0);
         assert!(!m.is_authenticated());
         m.login_done(ok());
-        assert_eq!(drain(&mut m), vec![Action::Send(b"+OK Logged in.\r\n".to_vec())]);
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Send(b"+OK Logged in.\r\n".to_vec())]
+        );
         assert!(m.is_authenticated());
         assert_eq!(m.receive(&input[13..]), 0);
     }
@@ -686,17 +694,27 @@ mod tests {
             &[b"USER joe\r\nPASS pw\r\nSTAT\r\nLIST\r\n"],
             &[ok()],
         );
-        assert_eq!(t, format!("{GREETING}+OK\r\n<login joe pw login>+OK Logged in.\r\n"));
+        assert_eq!(
+            t,
+            format!("{GREETING}+OK\r\n<login joe pw login>+OK Logged in.\r\n")
+        );
         assert_eq!(rest, b"STAT\r\nLIST\r\n");
         let auth = format!("AUTH PLAIN {PLAIN_JOE}\r\nSTAT\r\n");
         let (t, rest) = run(implicit(), &[auth.as_bytes()], &[ok()]);
-        assert_eq!(t, format!("{GREETING}<login joe s3cret plain>+OK Logged in.\r\n"));
+        assert_eq!(
+            t,
+            format!("{GREETING}<login joe s3cret plain>+OK Logged in.\r\n")
+        );
         assert_eq!(rest, b"STAT\r\n");
     }
 
     #[test]
     fn pass_errors() {
-        let (t, _) = run(implicit(), &[b"PASS pw\r\nUSER joe\r\nPASS\r\nUSER\r\nUSER  \r\n"], &[]);
+        let (t, _) = run(
+            implicit(),
+            &[b"PASS pw\r\nUSER joe\r\nPASS\r\nUSER\r\nUSER  \r\n"],
+            &[],
+        );
         assert_eq!(
             t,
             format!(
@@ -705,7 +723,11 @@ mod tests {
             )
         );
         // USER with non-UTF-8 bytes is refused; surrounding spaces are trimmed.
-        let (t, _) = run(implicit(), &[b"USER j\xffe\r\nUSER  joe \r\nPASS x\r\n"], &[ok()]);
+        let (t, _) = run(
+            implicit(),
+            &[b"USER j\xffe\r\nUSER  joe \r\nPASS x\r\n"],
+            &[ok()],
+        );
         assert_eq!(
             t,
             format!(
@@ -714,21 +736,30 @@ mod tests {
         );
         // An empty password after one space is a password.
         let (t, _) = run(implicit(), &[b"USER joe\r\nPASS \r\n"], &[ok()]);
-        assert_eq!(t, format!("{GREETING}+OK\r\n<login joe  login>+OK Logged in.\r\n"));
+        assert_eq!(
+            t,
+            format!("{GREETING}+OK\r\n<login joe  login>+OK Logged in.\r\n")
+        );
     }
 
     #[test]
     fn auth_plain_initial_response() {
         let input = format!("AUTH PLAIN {PLAIN_JOE}\r\n");
         let (t, _) = run(implicit(), &[input.as_bytes()], &[ok()]);
-        assert_eq!(t, format!("{GREETING}<login joe s3cret plain>+OK Logged in.\r\n"));
+        assert_eq!(
+            t,
+            format!("{GREETING}<login joe s3cret plain>+OK Logged in.\r\n")
+        );
     }
 
     #[test]
     fn auth_plain_continuation() {
         let input = format!("auth plain\r\n{PLAIN_JOE}\r\n");
         let (t, _) = run(implicit(), &[input.as_bytes()], &[ok()]);
-        assert_eq!(t, format!("{GREETING}+ \r\n<login joe s3cret plain>+OK Logged in.\r\n"));
+        assert_eq!(
+            t,
+            format!("{GREETING}+ \r\n<login joe s3cret plain>+OK Logged in.\r\n")
+        );
         let mut m = ServerMachine::new(implicit());
         drain(&mut m);
         m.receive(b"AUTH PLAIN\r\n");
@@ -747,7 +778,11 @@ mod tests {
                 "{GREETING}-ERR Malformed PLAIN response\r\n+ \r\n-ERR Malformed PLAIN response\r\n"
             )
         );
-        let (t, _) = run(implicit(), &[b"AUTH PLAIN\r\n*\r\nAUTH PLAIN *\r\nCAPA\r\n"], &[]);
+        let (t, _) = run(
+            implicit(),
+            &[b"AUTH PLAIN\r\n*\r\nAUTH PLAIN *\r\nCAPA\r\n"],
+            &[],
+        );
         assert_eq!(
             t,
             format!(
@@ -763,20 +798,35 @@ mod tests {
         assert_eq!(t, format!("{GREETING}-ERR Invalid base64 data\r\n"));
         // base64("admin\0joe\0pw"): an authorization identity for someone else.
         let foreign = sasl::encode_base64(b"admin\0joe\0pw");
-        let (t, _) = run(implicit(), &[format!("AUTH PLAIN {foreign}\r\n").as_bytes()], &[]);
+        let (t, _) = run(
+            implicit(),
+            &[format!("AUTH PLAIN {foreign}\r\n").as_bytes()],
+            &[],
+        );
         assert_eq!(
             t,
             format!("{GREETING}-ERR [AUTH] Authorization identity must match the user name\r\n")
         );
         // The same identity twice is fine.
         let same = sasl::encode_base64(b"joe\0joe\0pw");
-        let (t, _) = run(implicit(), &[format!("AUTH PLAIN {same}\r\n").as_bytes()], &[ok()]);
-        assert_eq!(t, format!("{GREETING}<login joe pw plain>+OK Logged in.\r\n"));
+        let (t, _) = run(
+            implicit(),
+            &[format!("AUTH PLAIN {same}\r\n").as_bytes()],
+            &[ok()],
+        );
+        assert_eq!(
+            t,
+            format!("{GREETING}<login joe pw plain>+OK Logged in.\r\n")
+        );
     }
 
     #[test]
     fn auth_login() {
-        let (t, _) = run(implicit(), &[b"AUTH LOGIN\r\nam9l\r\nczNjcmV0\r\n"], &[ok()]);
+        let (t, _) = run(
+            implicit(),
+            &[b"AUTH LOGIN\r\nam9l\r\nczNjcmV0\r\n"],
+            &[ok()],
+        );
         assert_eq!(
             t,
             format!(
@@ -795,7 +845,11 @@ mod tests {
             format!("{GREETING}+ VXNlcm5hbWU6\r\n-ERR Authentication cancelled\r\n")
         );
         // An empty password (`=`) is passed on; a bad user name is a failure.
-        let (t, _) = run(implicit(), &[b"AUTH LOGIN am9l\r\n=\r\nAUTH LOGIN AA==\r\n"], &[]);
+        let (t, _) = run(
+            implicit(),
+            &[b"AUTH LOGIN am9l\r\n=\r\nAUTH LOGIN AA==\r\n"],
+            &[],
+        );
         assert_eq!(
             t,
             format!(
@@ -830,7 +884,8 @@ mod tests {
 
     #[test]
     fn refusal_before_tls() {
-        let input = format!("USER joe\r\nPASS pw\r\nAUTH\r\nAUTH PLAIN {PLAIN_JOE}\r\nAUTH LOGIN\r\n");
+        let input =
+            format!("USER joe\r\nPASS pw\r\nAUTH\r\nAUTH PLAIN {PLAIN_JOE}\r\nAUTH LOGIN\r\n");
         let (t, _) = run(starttls(), &[input.as_bytes()], &[ok()]);
         let refuse = "-ERR Command not permitted before STLS\r\n";
         assert_eq!(t, format!("{GREETING}{}", refuse.repeat(5)));
@@ -840,7 +895,11 @@ mod tests {
             format!("{GREETING}-ERR Plaintext authentication is disabled\r\n")
         );
         // After STLS the same commands work.
-        let (t, _) = run(starttls(), &[b"STLS\r\n", b"USER joe\r\nPASS pw\r\n"], &[ok()]);
+        let (t, _) = run(
+            starttls(),
+            &[b"STLS\r\n", b"USER joe\r\nPASS pw\r\n"],
+            &[ok()],
+        );
         assert_eq!(
             t,
             format!(
@@ -966,14 +1025,26 @@ mod tests {
     #[test]
     fn rejection_texts() {
         assert_eq!(rejection(None), "-ERR [AUTH] Authentication failed.\r\n");
-        assert_eq!(rejection(Some("  ")), "-ERR [AUTH] Authentication failed.\r\n");
-        assert_eq!(rejection(Some("Bad password")), "-ERR [AUTH] Bad password\r\n");
-        assert_eq!(rejection(Some("[AUTH] Bad password")), "-ERR [AUTH] Bad password\r\n");
+        assert_eq!(
+            rejection(Some("  ")),
+            "-ERR [AUTH] Authentication failed.\r\n"
+        );
+        assert_eq!(
+            rejection(Some("Bad password")),
+            "-ERR [AUTH] Bad password\r\n"
+        );
+        assert_eq!(
+            rejection(Some("[AUTH] Bad password")),
+            "-ERR [AUTH] Bad password\r\n"
+        );
         assert_eq!(
             rejection(Some("[LOGIN-DELAY] Wait")),
             "-ERR [LOGIN-DELAY] Wait\r\n"
         );
-        assert_eq!(rejection(Some("[bad code x")), "-ERR [AUTH] [bad code x\r\n");
+        assert_eq!(
+            rejection(Some("[bad code x")),
+            "-ERR [AUTH] [bad code x\r\n"
+        );
         assert_eq!(
             rejection(Some("x\r\n+OK injected")),
             "-ERR [AUTH] x  +OK injected\r\n"
@@ -1080,7 +1151,10 @@ mod tests {
         m.receive(b"am9l\r\n");
         m.receive(b"aHVudGVyMg==\r\n");
         let dbg = format!("{m:?}");
-        assert!(!dbg.contains("hunter2") && !dbg.contains("aHVudGVyMg"), "{dbg}");
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains("aHVudGVyMg"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -1090,7 +1164,11 @@ mod tests {
             "CAPA\r\nAUTH PLAIN\r\n{PLAIN_JOE}\r\nAUTH LOGIN\r\nam9l\r\n*\r\nUSER joe\r\n\
              PASS s p\r\nAUTH PLAIN {PLAIN_JOE}\r\nSTAT\r\n"
         );
-        let outcomes = [LoginOutcome::AuthFailed { response: None }, LoginOutcome::Unavailable, ok()];
+        let outcomes = [
+            LoginOutcome::AuthFailed { response: None },
+            LoginOutcome::Unavailable,
+            ok(),
+        ];
         assert_split_invariant(&p, plain.as_bytes(), &outcomes);
         let (t, rest) = run(p, &[plain.as_bytes()], &outcomes);
         assert_eq!(
