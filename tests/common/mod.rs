@@ -1,0 +1,198 @@
+//! Shared pieces of the integration tests: a proxy on 127.0.0.1:0 in front of in-process
+//! fake backends, and a small line-oriented client with optional TLS.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover::backend::Backends;
+use cutover::config::{Config, Protocol};
+use cutover::demo::{FakeBackend, FakeConfig};
+use cutover::server::Running;
+use cutover::snapshot::Snapshot;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub fn certs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("certs")
+}
+
+pub fn server_tls() -> Arc<rustls::ServerConfig> {
+    let c = certs();
+    cutover::tls::server_config(&[cutover::config::CertFiles {
+        cert: c.join("proxy.pem"),
+        key: c.join("proxy-key.pem"),
+    }])
+    .expect("demo certificate loads")
+}
+
+pub fn client_tls() -> Arc<rustls::ClientConfig> {
+    cutover::tls::client_config(Some(&certs().join("ca.pem"))).expect("demo CA loads")
+}
+
+/// A fake backend on an ephemeral loopback port.
+pub async fn fake(name: &str, protocol: Protocol, f: impl FnOnce(&mut FakeConfig)) -> FakeBackend {
+    let mut cfg = FakeConfig::new(name, protocol);
+    f(&mut cfg);
+    FakeBackend::start("127.0.0.1:0".parse().unwrap(), cfg).await.expect("fake backend binds")
+}
+
+/// A loopback address where nothing listens (connections are refused).
+pub async fn dead_addr() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+/// A server that accepts connections and never says anything.
+pub async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let h = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (a, h)
+}
+
+pub struct Proxy {
+    pub running: Option<Running>,
+    pub snap: Arc<Snapshot>,
+    pub backends: Backends,
+}
+
+impl Proxy {
+    /// Starts a proxy from YAML; `certs/` paths resolve to the repository's demo certs.
+    pub async fn start(yaml: &str) -> Proxy {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = Config::from_text(yaml, &base.join("test.yaml"), base).expect("test config is valid");
+        let snap = Arc::new(Snapshot::build(config).expect("snapshot builds"));
+        let backends = Backends::new();
+        let running = cutover::server::start(snap.clone(), backends.clone()).await.expect("proxy starts");
+        Proxy { running: Some(running), snap, backends }
+    }
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.running.as_ref().unwrap().addr(name).expect("listener exists")
+    }
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.running.as_ref().unwrap().metrics.expect("metrics enabled")
+    }
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A line-oriented test client.
+pub struct Client {
+    io: Option<Box<dyn Io>>,
+    buf: Vec<u8>,
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        Client { io: Some(Box::new(s)), buf: Vec::new() }
+    }
+    pub async fn connect_tls(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let mut c = Client { io: Some(Box::new(s)), buf: Vec::new() };
+        c.start_tls().await;
+        c
+    }
+    /// Runs a TLS handshake on the connection (after STARTTLS). Any buffered plaintext is
+    /// an error: the server must not send anything after its go-ahead.
+    pub async fn start_tls(&mut self) {
+        assert!(self.buf.is_empty(), "unexpected bytes before TLS: {:?}", String::from_utf8_lossy(&self.buf));
+        let io = self.io.take().unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(client_tls()).connect(name, io).await.expect("TLS handshake");
+        self.io = Some(Box::new(tls));
+    }
+    pub async fn send(&mut self, bytes: &[u8]) {
+        let io = self.io.as_mut().unwrap();
+        io.write_all(bytes).await.expect("write");
+        io.flush().await.expect("flush");
+    }
+    /// Reads one line (without CRLF); None on EOF.
+    pub async fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(p) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..p + 2).collect();
+                return Some(String::from_utf8_lossy(&line[..p]).into_owned());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(TIMEOUT, self.io.as_mut().unwrap().read(&mut chunk))
+                .await
+                .expect("server answered in time")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+    /// Lines up to and including the one starting with `prefix`.
+    pub async fn until(&mut self, prefix: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let l = self.line().await.unwrap_or_else(|| panic!("EOF while waiting for {prefix:?}; got {out:?}"));
+            let done = l.starts_with(prefix);
+            out.push(l);
+            if done {
+                return out;
+            }
+        }
+    }
+    /// Sends a command and returns every line up to its tagged reply.
+    pub async fn cmd(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.send(format!("{tag} {command}\r\n").as_bytes()).await;
+        self.until(&format!("{tag} ")).await
+    }
+    /// True if the server closes the connection (EOF) within the timeout.
+    pub async fn closed(&mut self) -> bool {
+        loop {
+            match self.line().await {
+                None => return true,
+                Some(_) => continue,
+            }
+        }
+    }
+}
+
+/// Fetches /metrics.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of one sample line of /metrics, e.g. `cutover_logins_total{...}`; labels in
+/// any order are matched by containment.
+pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+            value.parse().ok()
+        } else {
+            None
+        }
+    })
+}
