@@ -23,6 +23,7 @@
 //! until it returns `None`, and calls `receive` again while it keeps consuming.
 
 pub mod sasl;
+pub mod smtp;
 
 use std::fmt;
 
