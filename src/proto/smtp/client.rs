@@ -1,58 +1,5 @@
 //! The backend-facing SMTP machine: greeting, EHLO, STARTTLS, XCLIENT, then the AUTH
 //! replay (or nothing, or QUIT for a probe).
-//!
-//! ```text
-//!  Greeting --220--> Ehlo --250--> [STARTTLS required and not done?]
-//!     |                |              yes: STARTTLS --220--> AwaitTls --tls_established--> Ehlo
-//!  4xx/5xx/garbage     | 5xx          (no STARTTLS keyword / not 220: Unavailable(Tls))
-//!  Unavailable(        v
-//!   Greeting)     Helo (NoAuth, Probe only; Auth: NoMechanism; TLS pending: Tls)
-//!                      |
-//!      [forward_client and XCLIENT ... ADDR offered, not Probe, not done yet?]
-//!        yes: XCLIENT --220--> Ehlo (again)   (other replies: go on without it)
-//!                      |
-//!      Probe:  QUIT, Done(Ready{EHLO keywords})
-//!      NoAuth: Done(LoggedIn)
-//!      Auth:   AuthPlain --235--> Done(LoggedIn)
-//!              LoginUser --334--> LoginPassword --334--> LoginFinal --235--> Done(LoggedIn)
-//! ```
-//!
-//! Each `receive` consumes at most one reply, so the `235` that ends a login is consumed
-//! exactly and whatever the backend sent after it stays in the driver's buffer for the
-//! client. At STARTTLS the `220` is consumed exactly and the driver discards the rest.
-//!
-//! # How replies are read
-//! * **Greeting**: `220` (multi-line allowed) or `Unavailable(Greeting)`, also for garbage
-//!   or an overlong reply.
-//! * **EHLO**: `250` lines after the first are the keywords: keyword upper-cased,
-//!   parameters kept (single-spaced), lines with control characters dropped. A `5xx`
-//!   means an old server: `HELO` is tried in NoAuth and Probe modes (no keywords then);
-//!   in Auth mode there can be no AUTH without EHLO, so `Unavailable(NoMechanism)`; with
-//!   STARTTLS still required, `Unavailable(Tls)`. A `4xx` is `Unavailable(Protocol)`.
-//! * **AUTH**: PLAIN with an initial response is preferred (one round trip); LOGIN is used
-//!   when PLAIN is not offered or cannot carry the password (it contains NUL). Both
-//!   `AUTH mech` and the old `AUTH=mech` keyword forms are understood. Replies:
-//!
-//!   | reply                         | result                                   |
-//!   |-------------------------------|------------------------------------------|
-//!   | `235`                         | `LoggedIn` (consumed exactly)            |
-//!   | `535`, other `5xx`            | `AuthFailed` with the text after the code |
-//!   | `504`, `534`, `538`           | `Unavailable(NoMechanism)`: configuration, not the password |
-//!   | `500`..`503`                  | `Unavailable(Protocol)`: the backend did not follow |
-//!   | `4xx` (`454`, `421`, ...)     | `Unavailable(Protocol)`: temporary, fail over |
-//!   | anything else                 | `Unavailable(Protocol)`                  |
-//!
-//! * **421** at any point after the greeting is `Unavailable(Protocol)`.
-//! * Lines are bounded to 4 KiB and replies to 64 KiB (`Unavailable(Protocol)`, or
-//!   `Greeting` for the greeting).
-//!
-//! After an orderly refusal (`AuthFailed`, `NoMechanism`, STARTTLS refused or hidden) the
-//! machine sends `QUIT` before `Done`, so the backend logs a clean end; after garbage or a
-//! temporary failure it just stops.
-//!
-//! Credentials only ever leave as base64 (`AUTH PLAIN <b64>`, LOGIN answers), so CR or LF
-//! in a user name or password cannot inject a command; buffers that held them are wiped
-//! and the credentials are dropped (wiped) once sent.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -107,10 +54,63 @@ enum Step {
     Done,
 }
 
-/// The backend-facing SMTP machine (see the module docs for its states and how it reads
-/// replies). Implements [`BackendLogin`]. Its `Debug` output shows the queued actions
-/// only by number: a queued `AUTH PLAIN` line carries the password (base64 is not
-/// redaction).
+/// The backend-facing SMTP machine: greeting, EHLO, STARTTLS, XCLIENT, then the AUTH
+/// replay (or nothing, or QUIT for a probe). Implements [`BackendLogin`]. Its `Debug`
+/// output shows the queued actions only by number: a queued `AUTH PLAIN` line carries
+/// the password (base64 is not redaction).
+///
+/// ```text
+///  Greeting --220--> Ehlo --250--> [STARTTLS required and not done?]
+///     |                |              yes: STARTTLS --220--> AwaitTls --tls_established--> Ehlo
+///  4xx/5xx/garbage     | 5xx          (no STARTTLS keyword / not 220: Unavailable(Tls))
+///  Unavailable(        v
+///   Greeting)     Helo (NoAuth, Probe only; Auth: NoMechanism; TLS pending: Tls)
+///                      |
+///      [forward_client and XCLIENT ... ADDR offered, not Probe, not done yet?]
+///        yes: XCLIENT --220--> Ehlo (again)   (other replies: go on without it)
+///                      |
+///      Probe:  QUIT, Done(Ready{EHLO keywords})
+///      NoAuth: Done(LoggedIn)
+///      Auth:   AuthPlain --235--> Done(LoggedIn)
+///              LoginUser --334--> LoginPassword --334--> LoginFinal --235--> Done(LoggedIn)
+/// ```
+///
+/// Each `receive` consumes at most one reply, so the `235` that ends a login is consumed
+/// exactly and whatever the backend sent after it stays in the driver's buffer for the
+/// client. At STARTTLS the `220` is consumed exactly and the driver discards the rest.
+///
+/// # How replies are read
+/// * **Greeting**: `220` (multi-line allowed) or `Unavailable(Greeting)`, also for garbage
+///   or an overlong reply.
+/// * **EHLO**: `250` lines after the first are the keywords: keyword upper-cased,
+///   parameters kept (single-spaced), lines with control characters dropped. A `5xx`
+///   means an old server: `HELO` is tried in NoAuth and Probe modes (no keywords then);
+///   in Auth mode there can be no AUTH without EHLO, so `Unavailable(NoMechanism)`; with
+///   STARTTLS still required, `Unavailable(Tls)`. A `4xx` is `Unavailable(Protocol)`.
+/// * **AUTH**: PLAIN with an initial response is preferred (one round trip); LOGIN is used
+///   when PLAIN is not offered or cannot carry the password (it contains NUL). Both
+///   `AUTH mech` and the old `AUTH=mech` keyword forms are understood. Replies:
+///
+///   | reply                         | result                                   |
+///   |-------------------------------|------------------------------------------|
+///   | `235`                         | `LoggedIn` (consumed exactly)            |
+///   | `535`, other `5xx`            | `AuthFailed` with the text after the code |
+///   | `504`, `534`, `538`           | `Unavailable(NoMechanism)`: configuration, not the password |
+///   | `500`..`503`                  | `Unavailable(Protocol)`: the backend did not follow |
+///   | `4xx` (`454`, `421`, ...)     | `Unavailable(Protocol)`: temporary, fail over |
+///   | anything else                 | `Unavailable(Protocol)`                  |
+///
+/// * **421** at any point after the greeting is `Unavailable(Protocol)`.
+/// * Lines are bounded to 4 KiB and replies to 64 KiB (`Unavailable(Protocol)`, or
+///   `Greeting` for the greeting).
+///
+/// After an orderly refusal (`AuthFailed`, `NoMechanism`, STARTTLS refused or hidden) the
+/// machine sends `QUIT` before `Done`, so the backend logs a clean end; after garbage or a
+/// temporary failure it just stops.
+///
+/// Credentials only ever leave as base64 (`AUTH PLAIN <b64>`, LOGIN answers), so CR or LF
+/// in a user name or password cannot inject a command; buffers that held them are wiped
+/// and the credentials are dropped (wiped) once sent.
 pub struct BackendMachine {
     forward_client: Option<ClientInfo>,
     helo: String,

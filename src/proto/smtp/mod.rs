@@ -21,8 +21,9 @@
 //! are never echoed: they describe the backend's session, not the client's.
 //!
 //! # Files
-//! * `server.rs`: [`ServerMachine`] (client side), with its state diagram;
-//! * `client.rs`: [`BackendMachine`] and [`BackendMode`] (backend side), with its diagram;
+//! * `server.rs`: [`ServerMachine`] (client side); its state diagram and the choices made
+//!   where the RFCs leave one are in the type's documentation;
+//! * `client.rs`: [`BackendMachine`] and [`BackendMode`] (backend side), likewise;
 //! * `reply.rs`: the bounded multi-line reply parser used by the backend side;
 //! * `fuzz.rs`: [`fuzz_server`] and [`fuzz_backend`], invariant-checking fuzz bodies that
 //!   a stable test runs on thousands of deterministic inputs.

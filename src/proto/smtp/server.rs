@@ -1,60 +1,4 @@
 //! The client-facing SMTP submission machine, up to a successful `AUTH`.
-//!
-//! ```text
-//!            greeting 220
-//!                 |
-//!                 v
-//!   +--------> Command <------------------------------------+
-//!   |   EHLO/HELO/NOOP/RSET/HELP/VRFY/unknown: reply, stay   |
-//!   |             |                                          |
-//!   |   STARTTLS  |  AUTH PLAIN|LOGIN          overlong line  |
-//!   |     220     |     334                 500, SkipLine ---+ (through the next LF)
-//!   |      v      v                         BDAT n before AUTH:
-//!   |  AwaitTls  PlainResponse / LoginUser   DiscardChunk -----+ (n bytes, then 530)
-//!   |      |      -> LoginPassword           QUIT, 421: Closed
-//!   |  tls_established  | complete          (421 after max_commands
-//!   |  (EHLO forgotten) v                    or max_auth_failures)
-//!   +------+       AwaitLogin --login_done(Ok)--> Authenticated (235; driver relays)
-//!   ^                   |
-//!   +---- 535/454 ------+
-//! ```
-//!
-//! # Decisions (where the RFCs leave a choice)
-//! * **Line ends.** A command line ends at the first LF. It is executed only if it ends
-//!   with CRLF and holds no other CR: a bare CR or LF gets `500 5.5.2` and the line is
-//!   dropped. Accepting bare LF the way some servers do would let a client frame lines
-//!   differently from the backend that later receives its pipelined bytes; answering
-//!   at the LF (instead of waiting for a CRLF that may never come) keeps the client told.
-//! * **Line length.** Command lines are bounded by [`Limits::max_line`] (CRLF included);
-//!   lines starting with `AUTH ` and SASL responses by the base64 size of
-//!   [`Limits::max_literal`] plus room for `AUTH PLAIN `, or `max_line` if larger. An
-//!   overlong line is answered at once with `500 5.5.6 Line too long` (RFC 4954's
-//!   `500 5.5.6 Authentication Exchange line is too long` inside a SASL exchange, which
-//!   it also ends); its bytes are then consumed and dropped through the next LF, and the
-//!   session goes on. Nothing is buffered inside the machine, so this is bounded; each
-//!   overlong line counts against [`Limits::max_commands`].
-//! * **AUTH before TLS** (when the listener wants TLS first) gets
-//!   `538 5.7.11 Encryption required for requested authentication mechanism`, the
-//!   RFC 4954 reply to an AUTH whose mechanism may only be used over an encrypted
-//!   connection; `530 5.7.0 Must issue a STARTTLS command first` (RFC 3207) is meant for
-//!   servers that refuse *every* command before TLS, which this one does not. The checks
-//!   run in this order: `503 5.5.1 EHLO first`, syntax (`501 5.5.4`), mechanism
-//!   (`504 5.5.4 Unrecognized authentication type`), encryption (`538 5.7.11`).
-//! * **SASL data.** `=` is an empty response (RFC 4954); `*` cancels
-//!   (`501 5.0.0 Authentication cancelled`, not a failure). Bad base64 (`501 5.5.2`), a
-//!   malformed PLAIN message or LOGIN user name (`501 5.5.2`), a foreign authorization
-//!   identity (`535 5.7.8`) and every rejected login count as authentication failures;
-//!   the one that reaches [`Limits::max_auth_failures`] is followed by `421 4.7.0` and
-//!   Close. A temporary failure (`454 4.7.0`) does not count.
-//! * **MAIL, RCPT, DATA, BDAT** before authentication get `530 5.7.0 Authentication
-//!   required` (RFC 4954). BDAT is followed by its chunk whatever the reply (RFC 3030), so
-//!   `BDAT n` has its `n` bytes consumed and dropped first, then the 530 goes out.
-//! * **VRFY and EXPN** get `502 5.5.1`: before authentication the proxy does not know
-//!   which backend would answer, and submission servers commonly disable both.
-//! * **Commands** (each line outside a SASL exchange, overlong ones included) are counted;
-//!   the one past [`Limits::max_commands`] gets `421 4.7.0` and Close.
-//! * Replies never echo client input, and the EHLO/HELO name kept for
-//!   [`PreAuth::client_name`] is printable ASCII without spaces, at most 255 bytes.
 
 use std::collections::VecDeque;
 
@@ -109,8 +53,69 @@ enum State {
     Closed,
 }
 
-/// The client-facing SMTP submission machine (see the module docs for its states and
-/// decisions). Implements [`PreAuth`].
+/// The client-facing SMTP submission machine, up to a successful `AUTH`. Implements
+/// [`PreAuth`].
+///
+/// ```text
+///            greeting 220
+///                 |
+///                 v
+///   +--------> Command <------------------------------------+
+///   |   EHLO/HELO/NOOP/RSET/HELP/VRFY/unknown: reply, stay   |
+///   |             |                                          |
+///   |   STARTTLS  |  AUTH PLAIN|LOGIN          overlong line  |
+///   |     220     |     334                 500, SkipLine ---+ (through the next LF)
+///   |      v      v                         BDAT n before AUTH:
+///   |  AwaitTls  PlainResponse / LoginUser   DiscardChunk -----+ (n bytes, then 530)
+///   |      |      -> LoginPassword           QUIT, 421: Closed
+///   |  tls_established  | complete          (421 after max_commands
+///   |  (EHLO forgotten) v                    or max_auth_failures)
+///   +------+       AwaitLogin --login_done(Ok)--> Authenticated (235; driver relays)
+///   ^                   |
+///   +---- 535/454 ------+
+/// ```
+///
+/// # Decisions (where the RFCs leave a choice)
+/// * **Line ends.** A command line ends at the first LF. It is executed only if it ends
+///   with CRLF and holds no other CR: a bare CR or LF gets `500 5.5.2` and the line is
+///   dropped. Accepting bare LF the way some servers do would let a client frame lines
+///   differently from the backend that later receives its pipelined bytes; answering
+///   at the LF (instead of waiting for a CRLF that may never come) keeps the client told.
+/// * **Line length.** Command lines are bounded by [`Limits::max_line`] (CRLF included);
+///   lines starting with `AUTH ` and SASL responses by the base64 size of
+///   [`Limits::max_literal`] plus room for `AUTH PLAIN `, or `max_line` if larger. An
+///   overlong line is answered at once with `500 5.5.6 Line too long` (RFC 4954's
+///   `500 5.5.6 Authentication Exchange line is too long` inside a SASL exchange, which
+///   it also ends); its bytes are then consumed and dropped through the next LF, and the
+///   session goes on. Nothing is buffered inside the machine, so this is bounded; each
+///   overlong line counts against [`Limits::max_commands`].
+/// * **AUTH before TLS** (when the listener wants TLS first) gets
+///   `538 5.7.11 Encryption required for requested authentication mechanism`, the
+///   RFC 4954 reply to an AUTH whose mechanism may only be used over an encrypted
+///   connection; `530 5.7.0 Must issue a STARTTLS command first` (RFC 3207) is meant for
+///   servers that refuse *every* command before TLS, which this one does not. The checks
+///   run in this order: `503 5.5.1 EHLO first`, syntax (`501 5.5.4`), mechanism
+///   (`504 5.5.4 Unrecognized authentication type`), encryption (`538 5.7.11`).
+/// * **SASL data.** `=` is an empty response (RFC 4954); `*` cancels
+///   (`501 5.0.0 Authentication cancelled`, not a failure). Bad base64 (`501 5.5.2`), a
+///   malformed PLAIN message or LOGIN user name (`501 5.5.2`), a foreign authorization
+///   identity (`535 5.7.8`) and every rejected login count as authentication failures;
+///   the one that reaches [`Limits::max_auth_failures`] is followed by `421 4.7.0` and
+///   Close. A temporary failure (`454 4.7.0`) does not count.
+/// * **MAIL, RCPT, DATA, BDAT** before authentication get `530 5.7.0 Authentication
+///   required` (RFC 4954). BDAT is followed by its chunk whatever the reply (RFC 3030), so
+///   `BDAT n` has its `n` bytes consumed and dropped first, then the 530 goes out.
+/// * **VRFY and EXPN** get `502 5.5.1`: before authentication the proxy does not know
+///   which backend would answer, and submission servers commonly disable both.
+/// * **Commands** (each line outside a SASL exchange, overlong ones included) are counted;
+///   the one past [`Limits::max_commands`] gets `421 4.7.0` and Close.
+/// * **EHLO/HELO names.** A missing argument or one with control characters gets
+///   `501 5.5.4`. Any other argument is accepted (clients send odd names, and the proxy
+///   has no use for refusing them), but [`PreAuth::client_name`] only reports one word of
+///   printable ASCII of at most 255 bytes (`None` otherwise: the backend's EHLO then
+///   carries the proxy's own name). The latest accepted EHLO/HELO counts; STARTTLS
+///   forgets it (RFC 3207 section 4.2).
+/// * Replies never echo client input.
 #[derive(Debug)]
 pub struct ServerMachine {
     hostname: String,
@@ -315,14 +320,14 @@ impl ServerMachine {
     }
 
     fn hello(&mut self, args: &[u8], kind: Hello) {
-        let Some(name) = valid_client_name(args) else {
+        if args.is_empty() || args.iter().any(u8::is_ascii_control) {
             self.reply(match kind {
                 Hello::Ehlo => "501 5.5.4 Syntax: EHLO hostname",
                 _ => "501 5.5.4 Syntax: HELO hostname",
             });
             return;
-        };
-        self.client_name = Some(name);
+        }
+        self.client_name = usable_client_name(args);
         self.hello = kind;
         if kind == Hello::Helo {
             let reply = format!("250 {}", self.hostname);
@@ -488,11 +493,14 @@ impl ServerMachine {
         }
     }
 
+    /// Queues a 421 and Close, unless already closed or handed off. While the TLS
+    /// handshake runs nothing can be said in protocol, so only Close is queued.
     fn goodbye(&mut self, line: &str) {
-        if matches!(self.state, State::Closed | State::Authenticated) {
-            return;
+        match self.state {
+            State::Closed | State::Authenticated => return,
+            State::AwaitTls => {}
+            _ => self.reply(line),
         }
-        self.reply(line);
         self.close();
     }
 }
@@ -617,7 +625,7 @@ fn decode_response(response: &[u8]) -> Result<Vec<u8>, SaslError> {
 
 /// An EHLO/HELO argument fit to be repeated in the backend's EHLO: one word of printable
 /// ASCII, at most 255 bytes.
-fn valid_client_name(args: &[u8]) -> Option<String> {
+fn usable_client_name(args: &[u8]) -> Option<String> {
     if args.is_empty() || args.len() > MAX_CLIENT_NAME || !args.iter().all(u8::is_ascii_graphic) {
         return None;
     }
@@ -869,24 +877,40 @@ mod tests {
 
     #[test]
     fn ehlo_and_helo_arguments() {
-        let out = session(
-            tls(),
-            b"EHLO\r\nEHLO \r\nHELO\r\nEHLO a b\r\nEHLO caf\xc3\xa9\r\nEHLO [192.0.2.1]\r\n",
-        );
-        let want = greeting()
-            + "501 5.5.4 Syntax: EHLO hostname\r\n"
-            + "501 5.5.4 Syntax: EHLO hostname\r\n"
-            + "501 5.5.4 Syntax: HELO hostname\r\n"
-            + "501 5.5.4 Syntax: EHLO hostname\r\n"
-            + "501 5.5.4 Syntax: EHLO hostname\r\n"
-            + &ehlo_tls();
-        assert_eq!(out, want);
         let mut h = Harness::new(tls());
-        h.feed(format!("EHLO {}\r\n", "a".repeat(256)).as_bytes());
-        assert!(h.take().ends_with("501 5.5.4 Syntax: EHLO hostname\r\n"));
+        h.feed(b"EHLO\r\nEHLO \r\nHELO\r\nEHLO a\tb\r\nHELO \x01\r\nEHLO x\x7f\r\n");
+        assert_eq!(
+            h.take(),
+            greeting()
+                + "501 5.5.4 Syntax: EHLO hostname\r\n"
+                + "501 5.5.4 Syntax: EHLO hostname\r\n"
+                + "501 5.5.4 Syntax: HELO hostname\r\n"
+                + "501 5.5.4 Syntax: EHLO hostname\r\n"
+                + "501 5.5.4 Syntax: HELO hostname\r\n"
+                + "501 5.5.4 Syntax: EHLO hostname\r\n"
+        );
         assert_eq!(h.sm.client_name(), None);
+        h.feed(b"EHLO [192.0.2.1]\r\n");
+        assert_eq!(h.take(), ehlo_tls());
+        assert_eq!(h.sm.client_name(), Some("[192.0.2.1]"));
+        // Odd names are accepted, but not passed on to the backend.
+        for odd in [
+            &b"EHLO my laptop\r\n"[..],
+            b"EHLO caf\xc3\xa9\r\n",
+            format!("EHLO {}\r\n", "a".repeat(256)).as_bytes(),
+        ] {
+            h.feed(b"EHLO good\r\n");
+            assert_eq!(h.sm.client_name(), Some("good"));
+            h.feed(odd);
+            assert_eq!(h.take(), ehlo_tls() + &ehlo_tls());
+            assert_eq!(h.sm.client_name(), None, "{odd:?}");
+        }
         h.feed(format!("EHLO   {}  \r\n", "a".repeat(255)).as_bytes());
         assert_eq!(h.sm.client_name(), Some(&*"a".repeat(255)));
+        h.feed(b"HELO [IPv6:2001:db8::1]\r\n");
+        assert_eq!(h.sm.client_name(), Some("[IPv6:2001:db8::1]"));
+        h.feed(b"AUTH PLAIN AGpvZQBzM2NyZXQ=\r\n");
+        assert!(h.take().ends_with("503 5.5.1 EHLO first\r\n"));
     }
 
     #[test]
@@ -1382,6 +1406,16 @@ mod tests {
         h.sm.shutting_down();
         h.pump();
         assert_eq!(h.take(), "421 4.3.2 Service shutting down\r\n[CLOSE]");
+
+        // During the TLS handshake only Close is possible.
+        let mut sm = ServerMachine::new(policy(ListenerTls::StartTls, false), vec![]);
+        sm.receive(b"STARTTLS\r\n");
+        while sm.poll_action().is_some() {}
+        sm.timed_out();
+        assert_eq!(sm.poll_action(), Some(Action::Close));
+        assert_eq!(sm.poll_action(), None);
+        sm.tls_established();
+        assert_eq!(sm.receive(b"NOOP\r\n"), 0, "closed");
     }
 
     #[test]
