@@ -311,6 +311,9 @@ mod tests {
         b"EHLOHELOSTARTTLSAUTHPLAINLOGINMAILFROMRCPTTODATABDATLASTNOOPRSETQUITHELPVRFY\
           ehlotsa   :<>@.=*+/\r\n\r\n\r\n0123456789AGpvZQBzM2NyZXQ";
 
+    /// Bytes a backend sends: reply digits, separators, keywords, CR, LF.
+    const BACKEND_ALPHABET: &[u8] = b"0123452345 -\r\n\r\nAUTHPLAINLOGINSTARTTLSXCLIENTADDR=";
+
     const CLIENT_PREFIXES: &[&str] = &["", "EHLO c\r\n", "STARTTLS\r\nEHLO c\r\n"];
 
     const BACKEND_PREFIXES: &[&str] = &[
@@ -459,12 +462,49 @@ mod tests {
 
     #[test]
     fn fuzz_backend_on_generated_inputs() {
-        let alphabet = b"0123452345 -\r\n\r\nAUTHPLAINLOGINSTARTTLSXCLIENTADDR=";
         let mut rng = Rng(0xbac0_0e1d_0000_0002);
         for i in 0..2000 {
-            let data = input(&mut rng, i % 3, alphabet, BACKEND_PREFIXES, BACKEND_TOKENS);
+            let data = input(
+                &mut rng,
+                i % 3,
+                BACKEND_ALPHABET,
+                BACKEND_PREFIXES,
+                BACKEND_TOKENS,
+            );
             let chunks = cuts(&mut rng, &data);
             fuzz_backend(&chunks);
+        }
+    }
+
+    /// A longer run of both targets: `cargo test --lib smtp::fuzz -- --ignored`, with
+    /// `CUTOVER_FUZZ_SEED` / `CUTOVER_FUZZ_ITERATIONS` to explore further.
+    #[test]
+    #[ignore]
+    fn fuzz_long() {
+        let env = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let mut rng = Rng(env("CUTOVER_FUZZ_SEED", 0x0123_4567_89ab_cdef) | 1);
+        for i in 0..env("CUTOVER_FUZZ_ITERATIONS", 100_000) as usize {
+            let data = input(
+                &mut rng,
+                i % 3,
+                CLIENT_ALPHABET,
+                CLIENT_PREFIXES,
+                CLIENT_TOKENS,
+            );
+            fuzz_server(&cuts(&mut rng, &data));
+            let data = input(
+                &mut rng,
+                i % 3,
+                BACKEND_ALPHABET,
+                BACKEND_PREFIXES,
+                BACKEND_TOKENS,
+            );
+            fuzz_backend(&cuts(&mut rng, &data));
         }
     }
 
