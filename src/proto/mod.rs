@@ -24,6 +24,7 @@
 
 pub mod pop3;
 pub mod sasl;
+pub mod smtp;
 
 use std::fmt;
 
