@@ -65,28 +65,17 @@ fn new_id() -> u64 {
 /// Extensions the SMTP listener may advertise: those every probed SMTP server of every
 /// pool supports (the client's pool is not known before AUTH).
 fn smtp_extensions(ctx: &SessionCtx) -> Vec<String> {
-    let mut common: Option<Vec<String>> = None;
+    let mut lists = Vec::new();
     for pool in ctx.snap.config.pools.values() {
         let Some(pp) = pool.protocols.get(&Protocol::Smtp) else { continue };
         for addr in &pp.servers {
             let caps = ctx.backends.registry.get(&pool.name, Protocol::Smtp, &addr.to_string()).capabilities();
-            if caps.is_empty() {
-                continue;
+            if !caps.is_empty() {
+                lists.push(caps);
             }
-            let caps = proto::smtp::filter_extensions(&caps);
-            common = Some(match common {
-                None => caps,
-                Some(prev) => prev
-                    .into_iter()
-                    .filter(|e| {
-                        let kw = e.split(' ').next().unwrap_or("");
-                        caps.iter().any(|c| c.split(' ').next().unwrap_or("") == kw)
-                    })
-                    .collect(),
-            });
         }
     }
-    common.unwrap_or_default()
+    proto::smtp::intersect_extensions(&lists)
 }
 
 fn new_machine(ctx: &SessionCtx) -> Box<dyn PreAuth + Send> {

@@ -234,8 +234,11 @@ async fn drive(
     loop {
         while let Some(action) = machine.poll_action() {
             match action {
-                BackendAction::Send(bytes) => {
-                    stream.write_all(&bytes).await.map_err(|_| Failure::Protocol)?;
+                BackendAction::Send(mut bytes) => {
+                    let written = stream.write_all(&bytes).await;
+                    // May hold the replayed credentials.
+                    proto::wipe(&mut bytes);
+                    written.map_err(|_| Failure::Protocol)?;
                     stream.flush().await.map_err(|_| Failure::Protocol)?;
                 }
                 BackendAction::StartTls => {

@@ -22,6 +22,7 @@
 //! literal), bounded by [`Limits`]. After every call the driver drains `poll_action()`
 //! until it returns `None`, and calls `receive` again while it keeps consuming.
 
+pub mod imap;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;
@@ -169,8 +170,9 @@ pub struct ServerPolicy {
     pub hostname: String,
 }
 
-/// What a client-facing machine asks its driver to do.
-#[derive(Debug, PartialEq, Eq)]
+/// What a client-facing machine asks its driver to do. `Debug` shows only the length of
+/// `Send` payloads: pre-auth bytes may carry secrets.
+#[derive(PartialEq, Eq)]
 pub enum Action {
     /// Write these bytes to the client.
     Send(Vec<u8>),
@@ -183,6 +185,27 @@ pub enum Action {
     Login(Credentials),
     /// Flush what was sent and close the connection.
     Close,
+}
+
+impl fmt::Debug for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Send(b) => write!(f, "Send({} bytes)", b.len()),
+            Action::StartTls => f.write_str("StartTls"),
+            Action::Login(c) => f.debug_tuple("Login").field(c).finish(),
+            Action::Close => f.write_str("Close"),
+        }
+    }
+}
+
+impl fmt::Debug for BackendAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAction::Send(b) => write!(f, "Send({} bytes)", b.len()),
+            BackendAction::StartTls => f.write_str("StartTls"),
+            BackendAction::Done(r) => f.debug_tuple("Done").field(r).finish(),
+        }
+    }
 }
 
 /// What came of a login the machine asked for.
@@ -248,8 +271,9 @@ pub trait PreAuth {
     }
 }
 
-/// What a backend-facing machine asks its driver to do.
-#[derive(Debug, PartialEq, Eq)]
+/// What a backend-facing machine asks its driver to do. `Debug` shows only the length of
+/// `Send` payloads: they carry the replayed credentials.
+#[derive(PartialEq, Eq)]
 pub enum BackendAction {
     /// Write these bytes to the backend.
     Send(Vec<u8>),
