@@ -34,8 +34,7 @@ use super::syntax::{
 };
 use crate::proto::sasl::{self, SaslError};
 use crate::proto::{
-    Action, Credentials, ListenerTls, LoginOutcome, Mechanism, Phase, PreAuth, Secret,
-    ServerPolicy,
+    Action, Credentials, ListenerTls, LoginOutcome, Mechanism, Phase, PreAuth, Secret, ServerPolicy,
 };
 
 /// The continuation request sent for a synchronizing literal.
@@ -398,7 +397,11 @@ impl ServerMachine {
                 p.doom = Some(Doom::Bad(e));
             }
         }
-        let budget = self.policy.limits.max_literal.saturating_sub(p.literal_used);
+        let budget = self
+            .policy
+            .limits
+            .max_literal
+            .saturating_sub(p.literal_used);
         let len = match usize::try_from(spec.len) {
             Ok(len) if len <= budget => Some(len),
             _ => None,
@@ -498,7 +501,9 @@ impl ServerMachine {
             return self.reply_doom(None, Doom::Untagged("Invalid command"));
         };
         match check_args(cmd, &p.args) {
-            Err(ArgError::Incomplete) => return self.reply_doom(Some(&tag), Doom::Bad("Missing arguments")),
+            Err(ArgError::Incomplete) => {
+                return self.reply_doom(Some(&tag), Doom::Bad("Missing arguments"))
+            }
             Err(ArgError::Bad(e)) => return self.reply_doom(Some(&tag), Doom::Bad(e)),
             Ok(()) => {}
         }
@@ -659,8 +664,10 @@ impl PreAuth for ServerMachine {
                         return pos;
                     }
                     if self.commands >= self.policy.limits.max_commands {
+                        // Closing: the rest is dropped. Consuming it also tells a driver
+                        // that only drains after progress to drain now.
                         self.bye("Too many commands");
-                        return pos;
+                        return input.len();
                     }
                     match find_line(rest, max_line) {
                         LineEnd::Incomplete => return pos,
@@ -807,5 +814,1117 @@ impl PreAuth for ServerMachine {
 
     fn is_authenticated(&self) -> bool {
         matches!(self.state, State::Authenticated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Limits;
+
+    const HOST: &str = "imap.example";
+    const CAPS_PLAIN: &str = "IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED";
+    const CAPS_TLS: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
+    const PLUS: &str = "+ Ready for literal data\r\n";
+    const FAILED: &str = "NO [AUTHENTICATIONFAILED] Authentication failed.\r\n";
+
+    fn policy(tls: ListenerTls, allow_plaintext_auth: bool) -> ServerPolicy {
+        ServerPolicy {
+            tls,
+            allow_plaintext_auth,
+            limits: Limits::default(),
+            hostname: HOST.into(),
+        }
+    }
+
+    /// TLS from the start: authentication allowed.
+    fn tls() -> ServerPolicy {
+        policy(ListenerTls::Implicit, false)
+    }
+
+    fn greeting(caps: &str) -> String {
+        format!("* OK [CAPABILITY {caps}] {HOST} ready.\r\n")
+    }
+
+    fn ok_caps() -> LoginOutcome {
+        LoginOutcome::Ok {
+            capabilities: Some("IMAP4rev1 IDLE".into()),
+        }
+    }
+
+    fn failed() -> LoginOutcome {
+        LoginOutcome::AuthFailed { response: None }
+    }
+
+    /// What a driver saw, in order.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Transcript {
+        /// Everything sent to the client.
+        out: String,
+        /// Logins asked for: user, password, mechanism.
+        logins: Vec<(String, Vec<u8>, Mechanism)>,
+        /// Handshakes asked for.
+        starttls: usize,
+        closed: bool,
+        authenticated: bool,
+        /// What the driver's buffer still held at the end.
+        left: Vec<u8>,
+    }
+
+    /// A model of the session driver: one buffer, `receive` while it consumes, every
+    /// action drained; logins answered from a list of outcomes (then `AuthFailed`).
+    struct Driver {
+        m: ServerMachine,
+        buf: Vec<u8>,
+        t: Transcript,
+        outcomes: VecDeque<LoginOutcome>,
+    }
+
+    impl Driver {
+        fn new(policy: ServerPolicy, outcomes: Vec<LoginOutcome>) -> Driver {
+            let mut d = Driver {
+                m: ServerMachine::new(policy),
+                buf: Vec::new(),
+                t: Transcript::default(),
+                outcomes: outcomes.into(),
+            };
+            d.run();
+            d
+        }
+
+        fn feed(&mut self, chunk: &[u8]) -> &mut Self {
+            self.buf.extend_from_slice(chunk);
+            self.run();
+            self
+        }
+
+        fn run(&mut self) {
+            loop {
+                self.drain();
+                if self.t.closed || self.t.authenticated {
+                    break;
+                }
+                let used = self.m.receive(&self.buf);
+                assert!(used <= self.buf.len());
+                if used == 0 {
+                    // Actions only ever come with progress, so a driver that reads
+                    // before draining again loses nothing.
+                    assert_eq!(self.m.poll_action(), None, "action without progress");
+                    break;
+                }
+                self.buf.drain(..used);
+            }
+            self.t.left = self.buf.clone();
+        }
+
+        fn drain(&mut self) {
+            while let Some(action) = self.m.poll_action() {
+                assert!(!self.t.closed, "action after Close: {action:?}");
+                match action {
+                    Action::Send(bytes) => self.t.out.push_str(&String::from_utf8_lossy(&bytes)),
+                    Action::StartTls => {
+                        self.t.starttls += 1;
+                        assert_eq!(self.m.receive(&self.buf), 0);
+                        if !self.buf.is_empty() {
+                            // The real driver refuses plaintext pipelined after STARTTLS.
+                            self.t.out.push_str("<plaintext after STARTTLS: closed>");
+                            self.t.closed = true;
+                            return;
+                        }
+                        self.m.tls_established();
+                    }
+                    Action::Login(c) => {
+                        assert_eq!(self.m.receive(&self.buf), 0, "consumed during login");
+                        self.t.logins.push((
+                            c.user.clone(),
+                            c.secret.expose().to_vec(),
+                            c.mechanism,
+                        ));
+                        let outcome = self.outcomes.pop_front().unwrap_or_else(failed);
+                        self.m.login_done(outcome);
+                    }
+                    Action::Close => self.t.closed = true,
+                }
+            }
+            self.t.authenticated = self.m.is_authenticated();
+        }
+
+        fn out(&self) -> &str {
+            &self.t.out
+        }
+    }
+
+    fn transcript(
+        policy: &ServerPolicy,
+        chunks: &[&[u8]],
+        outcomes: &[LoginOutcome],
+    ) -> Transcript {
+        let mut d = Driver::new(policy.clone(), outcomes.to_vec());
+        for c in chunks {
+            d.feed(c);
+        }
+        d.t
+    }
+
+    /// The same transcript whether the input comes at once, cut in two anywhere, or one
+    /// byte at a time.
+    fn assert_split_invariant(
+        policy: &ServerPolicy,
+        input: &[u8],
+        outcomes: &[LoginOutcome],
+    ) -> Transcript {
+        let whole = transcript(policy, &[input], outcomes);
+        for cut in 0..=input.len() {
+            let t = transcript(policy, &[&input[..cut], &input[cut..]], outcomes);
+            assert_eq!(t, whole, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(transcript(policy, &bytes, outcomes), whole, "byte by byte");
+        whole
+    }
+
+    fn login(user: &str, pass: &[u8], mechanism: Mechanism) -> (String, Vec<u8>, Mechanism) {
+        (user.into(), pass.to_vec(), mechanism)
+    }
+
+    #[test]
+    fn greeting_and_capabilities_before_and_after_starttls() {
+        let mut d = Driver::new(policy(ListenerTls::StartTls, false), vec![]);
+        d.feed(b"a CAPABILITY\r\nb STARTTLS\r\n");
+        assert_eq!(d.t.starttls, 1);
+        d.feed(b"c CAPABILITY\r\n");
+        assert_eq!(
+            d.out(),
+            format!(
+                "{}* CAPABILITY {CAPS_PLAIN}\r\na OK CAPABILITY completed\r\n\
+                 b OK Begin TLS negotiation now\r\n\
+                 * CAPABILITY {CAPS_TLS}\r\nc OK CAPABILITY completed\r\n",
+                greeting(CAPS_PLAIN)
+            )
+        );
+    }
+
+    #[test]
+    fn greetings_per_policy() {
+        let cases = [
+            (policy(ListenerTls::Implicit, false), CAPS_TLS),
+            (
+                policy(ListenerTls::None, false),
+                "IMAP4rev1 SASL-IR LITERAL+ ID LOGINDISABLED",
+            ),
+            (policy(ListenerTls::None, true), CAPS_TLS),
+            (
+                policy(ListenerTls::StartTls, true),
+                "IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS AUTH=PLAIN AUTH=LOGIN",
+            ),
+        ];
+        for (p, caps) in cases {
+            let mut m = ServerMachine::new(p);
+            assert_eq!(
+                m.poll_action(),
+                Some(Action::Send(greeting(caps).into_bytes()))
+            );
+            assert_eq!(m.poll_action(), None);
+            assert_eq!(m.phase(), Phase::PreAuth);
+            assert!(!m.is_authenticated());
+        }
+        let mut p = tls();
+        p.hostname = "evil\r\n* BYE x".into();
+        let mut m = ServerMachine::new(p);
+        assert_eq!(
+            m.poll_action(),
+            Some(Action::Send(
+                format!("* OK [CAPABILITY {CAPS_TLS}] evil * BYE x ready.\r\n").into_bytes()
+            ))
+        );
+    }
+
+    #[test]
+    fn starttls_consumes_only_its_own_line() {
+        let mut m = ServerMachine::new(policy(ListenerTls::StartTls, false));
+        m.poll_action();
+        let input = b"a STARTTLS\r\nb LOGIN joe pw\r\n";
+        assert_eq!(m.receive(input), 12);
+        assert_eq!(
+            m.poll_action(),
+            Some(Action::Send(b"a OK Begin TLS negotiation now\r\n".to_vec()))
+        );
+        assert_eq!(m.poll_action(), Some(Action::StartTls));
+        assert_eq!(m.poll_action(), None);
+        assert_eq!(m.receive(&input[12..]), 0);
+        assert_eq!(m.receive(b"c NOOP\r\n"), 0);
+        m.tls_established();
+        assert_eq!(m.receive(b"c NOOP\r\n"), 8);
+        assert_eq!(
+            m.poll_action(),
+            Some(Action::Send(b"c OK NOOP completed\r\n".to_vec()))
+        );
+
+        // The driver model refuses what was pipelined behind it.
+        let t = transcript(&policy(ListenerTls::StartTls, false), &[input], &[]);
+        assert!(t
+            .out
+            .ends_with("a OK Begin TLS negotiation now\r\n<plaintext after STARTTLS: closed>"));
+        assert!(t.logins.is_empty());
+    }
+
+    #[test]
+    fn starttls_refused_when_not_offered() {
+        let t = transcript(&tls(), &[b"a STARTTLS\r\n"], &[]);
+        assert_eq!(
+            t.out,
+            format!("{}a BAD TLS is already active\r\n", greeting(CAPS_TLS))
+        );
+        let p = policy(ListenerTls::None, true);
+        let t = transcript(&p, &[b"a STARTTLS\r\n"], &[]);
+        assert_eq!(
+            t.out,
+            format!("{}a BAD STARTTLS is not available\r\n", greeting(CAPS_TLS))
+        );
+        let p = policy(ListenerTls::StartTls, false);
+        let t = transcript(
+            &p,
+            &[b"a STARTTLS\r\n", b"b STARTTLS\r\n", b"c STARTTLS now\r\n"],
+            &[],
+        );
+        assert_eq!(t.starttls, 1);
+        assert!(t.out.ends_with(
+            "a OK Begin TLS negotiation now\r\nb BAD TLS is already active\r\nc BAD Unexpected arguments\r\n"
+        ));
+    }
+
+    #[test]
+    fn login_with_atoms() {
+        let t = transcript(&tls(), &[b"a1 LOGIN joe s3cret\r\n"], &[ok_caps()]);
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert_eq!(t.logins, [login("joe", b"s3cret", Mechanism::Login)]);
+        assert!(t.authenticated);
+        let t = transcript(&tls(), &[b"A1 login JOE@x.org p]a+ss\r\n"], &[ok_caps()]);
+        assert_eq!(t.logins, [login("JOE@x.org", b"p]a+ss", Mechanism::Login)]);
+    }
+
+    #[test]
+    fn login_with_quoted_strings() {
+        let t = transcript(
+            &tls(),
+            &[br#"a1 LOGIN "jo\"e" "p\\ss word""#, b"\r\n"],
+            &[LoginOutcome::Ok { capabilities: None }],
+        );
+        assert_eq!(t.logins, [login("jo\"e", br"p\ss word", Mechanism::Login)]);
+        assert!(t.out.ends_with("a1 OK Logged in\r\n"));
+        let t = transcript(
+            &tls(),
+            &["a1 LOGIN \"jöe\" \"pässword\"\r\n".as_bytes()],
+            &[ok_caps()],
+        );
+        assert_eq!(
+            t.logins,
+            [login("jöe", "pässword".as_bytes(), Mechanism::Login)]
+        );
+    }
+
+    #[test]
+    fn login_with_synchronizing_literals() {
+        let mut m = ServerMachine::new(tls());
+        m.poll_action();
+        assert_eq!(m.receive(b"a1 LOGIN {3}\r\n"), 14);
+        assert_eq!(
+            m.poll_action(),
+            Some(Action::Send(PLUS.as_bytes().to_vec()))
+        );
+        assert_eq!(m.phase(), Phase::Continuation);
+        assert_eq!(m.receive(b"jo"), 2);
+        assert_eq!(m.receive(b"e {6}"), 1);
+        assert_eq!(m.poll_action(), None);
+        assert_eq!(m.receive(b" {6}\r\n"), 6);
+        assert_eq!(
+            m.poll_action(),
+            Some(Action::Send(PLUS.as_bytes().to_vec()))
+        );
+        assert_eq!(m.receive(b"s3cret\r\nrest"), 8);
+        let Some(Action::Login(c)) = m.poll_action() else {
+            panic!("expected a login")
+        };
+        assert_eq!(
+            (c.user.as_str(), c.secret.expose()),
+            ("joe", &b"s3cret"[..])
+        );
+        assert_eq!(m.phase(), Phase::PreAuth);
+
+        let t = transcript(
+            &tls(),
+            &[b"a1 LOGIN {3}\r\n", b"joe {6}\r\n", b"s3cret\r\n"],
+            &[ok_caps()],
+        );
+        assert_eq!(
+            t.out,
+            format!(
+                "{}{PLUS}{PLUS}a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert_eq!(t.logins, [login("joe", b"s3cret", Mechanism::Login)]);
+    }
+
+    #[test]
+    fn literal_data_is_never_read_as_commands() {
+        let t = transcript(
+            &tls(),
+            &[b"a LOGIN {3}\r\nj o {12}\r\nb LOGOUT\r\n\"{\r\nz NOOP\r\n"],
+            &[ok_caps()],
+        );
+        assert_eq!(
+            t.logins,
+            [login("j o", b"b LOGOUT\r\n\"{", Mechanism::Login)]
+        );
+        assert!(t.authenticated);
+        assert_eq!(t.left, b"z NOOP\r\n");
+        // Skipped data of a command already refused is not read either.
+        let t = transcript(&tls(), &[b"a FOO {10+}\r\nb LOGOUT\r\n\r\nc NOOP\r\n"], &[]);
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a BAD Unknown command\r\nc OK NOOP completed\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert!(!t.closed);
+    }
+
+    #[test]
+    fn synchronizing_literal_over_the_limit_gets_no_continuation() {
+        let t = transcript(&tls(), &[b"a LOGIN {8193}\r\n", b"b NOOP\r\n"], &[]);
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a BAD [TOOBIG] Literal too large\r\nb OK NOOP completed\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        let t = transcript(&tls(), &[b"a LOGIN {99999999999999999999999}\r\n"], &[]);
+        assert!(t.out.ends_with("a BAD [TOOBIG] Literal too large\r\n"));
+        assert!(!t.out.contains(PLUS));
+        // The literals of one command share the budget.
+        let mut input = b"a LOGIN {5000}\r\n".to_vec();
+        input.extend_from_slice(&[b'u'; 5000]);
+        input.extend_from_slice(b" {4000}\r\n");
+        let t = transcript(&tls(), &[&input], &[]);
+        assert_eq!(
+            t.out,
+            format!(
+                "{}{PLUS}a BAD [TOOBIG] Literal too large\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        // Exactly at the limit is fine.
+        let mut input = b"a LOGIN joe {8192}\r\n".to_vec();
+        input.extend_from_slice(&[b'p'; 8192]);
+        input.extend_from_slice(b"\r\n");
+        let t = transcript(&tls(), &[&input], &[]);
+        assert_eq!(t.logins.len(), 1);
+        assert_eq!(t.logins[0].1.len(), 8192);
+    }
+
+    #[test]
+    fn non_synchronizing_literals() {
+        let t = transcript(
+            &tls(),
+            &[b"a1 LOGIN {3+}\r\njoe {6+}\r\ns3cret\r\n"],
+            &[ok_caps()],
+        );
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert_eq!(t.logins, [login("joe", b"s3cret", Mechanism::Login)]);
+        // A mix of both kinds, and an empty literal.
+        let t = transcript(&tls(), &[b"a1 LOGIN {0}\r\n {6+}\r\ns3cret\r\n"], &[]);
+        assert_eq!(t.out, format!("{}{PLUS}a1 {FAILED}", greeting(CAPS_TLS)));
+        assert!(t.logins.is_empty());
+    }
+
+    #[test]
+    fn non_synchronizing_literal_over_the_limit_closes() {
+        let mut m = ServerMachine::new(tls());
+        m.poll_action();
+        let input = b"a1 LOGIN {9000+}\r\nxxxxxxxx";
+        assert_eq!(m.receive(input), 18);
+        assert_eq!(
+            m.poll_action(),
+            Some(Action::Send(
+                b"* BYE [TOOBIG] Literal too large\r\n".to_vec()
+            ))
+        );
+        assert_eq!(m.poll_action(), Some(Action::Close));
+        assert_eq!(m.receive(&input[18..]), 0);
+    }
+
+    #[test]
+    fn authenticate_plain() {
+        let creds = login("joe", b"s3cret", Mechanism::Plain);
+        // SASL-IR.
+        let t = transcript(
+            &tls(),
+            &[b"a AUTHENTICATE PLAIN AGpvZQBzM2NyZXQ=\r\n"],
+            &[ok_caps()],
+        );
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert_eq!(t.logins, std::slice::from_ref(&creds));
+        // Continuation.
+        let t = transcript(
+            &tls(),
+            &[b"a authenticate plain\r\n", b"AGpvZQBzM2NyZXQ=\r\n"],
+            &[ok_caps()],
+        );
+        assert_eq!(
+            t.out,
+            format!(
+                "{}+ \r\na OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert_eq!(t.logins, std::slice::from_ref(&creds));
+        // Authorization identity equal to the user.
+        let ir = sasl::encode_base64(b"joe\0joe\0s3cret");
+        let t = transcript(
+            &tls(),
+            &[format!("a AUTHENTICATE PLAIN {ir}\r\n").as_bytes()],
+            &[],
+        );
+        assert_eq!(t.logins, [creds]);
+    }
+
+    #[test]
+    fn authenticate_plain_failures() {
+        let cases: &[(&[u8], &str)] = &[
+            (
+                b"a AUTHENTICATE PLAIN\r\n*\r\n",
+                "+ \r\na BAD Authentication cancelled\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN =\r\n",
+                "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN\r\n\r\n",
+                "+ \r\na NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN !!!!\r\n",
+                "a BAD Invalid base64 data\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN\r\n%%%%\r\n",
+                "+ \r\na BAD Invalid base64 data\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN AGpvZQ\r\n",
+                "a BAD Invalid base64 data\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN YWRtaW4Aam9lAHB3\r\n",
+                "a NO [AUTHORIZATIONFAILED] Authorization identity must be the user's own\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN AGpvZQ==\r\n",
+                "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN AGpvCmUAcHc=\r\n",
+                "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+            ),
+            (
+                b"a AUTHENTICATE CRAM-MD5\r\n",
+                "a NO Unsupported authentication mechanism\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN \"AGpvZQBzM2NyZXQ=\"\r\n",
+                "a BAD Invalid arguments\r\n",
+            ),
+            (
+                b"a AUTHENTICATE PLAIN a b\r\n",
+                "a BAD Too many arguments\r\n",
+            ),
+            (b"a AUTHENTICATE\r\n", "a BAD Missing arguments\r\n"),
+        ];
+        for (input, reply) in cases {
+            let t = assert_split_invariant(&tls(), input, &[]);
+            assert_eq!(
+                t.out,
+                format!("{}{reply}", greeting(CAPS_TLS)),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+            assert!(t.logins.is_empty());
+            assert!(!t.closed);
+        }
+        // Base64 of "admin\0joe\0pw", as used above.
+        assert_eq!(sasl::encode_base64(b"admin\0joe\0pw"), "YWRtaW4Aam9lAHB3");
+    }
+
+    #[test]
+    fn authenticate_login() {
+        let mut d = Driver::new(tls(), vec![ok_caps()]);
+        d.feed(b"a AUTHENTICATE LOGIN\r\n");
+        assert_eq!(d.m.phase(), Phase::Continuation);
+        d.feed(b"am9l\r\n").feed(b"czNjcmV0\r\n");
+        assert_eq!(
+            d.out(),
+            format!(
+                "{}+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\na OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert_eq!(d.t.logins, [login("joe", b"s3cret", Mechanism::Login)]);
+        // User name as initial response.
+        let t = transcript(
+            &tls(),
+            &[b"a AUTHENTICATE LOGIN am9l\r\nczNjcmV0\r\n"],
+            &[ok_caps()],
+        );
+        assert!(t
+            .out
+            .ends_with("+ UGFzc3dvcmQ6\r\na OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"));
+        assert_eq!(t.logins, [login("joe", b"s3cret", Mechanism::Login)]);
+        // Cancelled at the password, empty password refused here? No: an empty password is
+        // a valid (if unlikely) password; the backend decides.
+        let t = transcript(&tls(), &[b"a AUTHENTICATE LOGIN am9l\r\n*\r\n"], &[]);
+        assert!(t
+            .out
+            .ends_with("+ UGFzc3dvcmQ6\r\na BAD Authentication cancelled\r\n"));
+        let t = transcript(&tls(), &[b"a AUTHENTICATE LOGIN am9l\r\n\r\n"], &[]);
+        assert_eq!(t.logins, [login("joe", b"", Mechanism::Login)]);
+        // Empty user name.
+        let t = transcript(&tls(), &[b"a AUTHENTICATE LOGIN =\r\n"], &[]);
+        assert!(t.out.ends_with(&format!("a {FAILED}")));
+        assert!(t.logins.is_empty());
+    }
+
+    #[test]
+    fn authentication_requires_tls() {
+        let p = policy(ListenerTls::StartTls, false);
+        let input = b"a LOGIN joe pw\r\n\
+            b AUTHENTICATE PLAIN AGpvZQBzM2NyZXQ=\r\n\
+            c LOGIN {3}\r\n\
+            d LOGIN {3+}\r\njoe pw\r\n\
+            e authenticate login\r\n\
+            f ID NIL\r\n";
+        let t = assert_split_invariant(&p, input, &[]);
+        let no = "NO [PRIVACYREQUIRED] Plaintext authentication is disabled.\r\n";
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a {no}b {no}c {no}d {no}e {no}* ID (\"name\" \"cutover\")\r\nf OK ID completed\r\n",
+                greeting(CAPS_PLAIN)
+            )
+        );
+        assert!(t.logins.is_empty());
+        assert!(!t.closed, "not counted as failed logins");
+        // The same after STARTTLS logs in.
+        let t = transcript(
+            &p,
+            &[b"a STARTTLS\r\n", b"b LOGIN joe pw\r\n"],
+            &[ok_caps()],
+        );
+        assert_eq!(t.logins, [login("joe", b"pw", Mechanism::Login)]);
+        assert!(t.authenticated);
+    }
+
+    #[test]
+    fn id_command() {
+        const ID: &str = "* ID (\"name\" \"cutover\")\r\n";
+        let cases: &[(&[u8], String)] = &[
+            (
+                b"a ID (\"name\" \"Thunderbird\" \"version\" NIL)\r\n",
+                format!("{ID}a OK ID completed\r\n"),
+            ),
+            (b"a ID NIL\r\n", format!("{ID}a OK ID completed\r\n")),
+            (b"a id nil\r\n", format!("{ID}a OK ID completed\r\n")),
+            (b"a ID ()\r\n", format!("{ID}a OK ID completed\r\n")),
+            (
+                b"a ID (\"name\" {3}\r\nfoo)\r\n",
+                format!("{PLUS}{ID}a OK ID completed\r\n"),
+            ),
+            (
+                b"a ID (\"name\")\r\n",
+                "a BAD Invalid ID parameters\r\n".into(),
+            ),
+            (
+                b"a ID (name \"x\")\r\n",
+                "a BAD Invalid ID parameters\r\n".into(),
+            ),
+            (
+                b"a ID (\"a\" \"b\") x\r\n",
+                "a BAD Invalid ID parameters\r\n".into(),
+            ),
+            (
+                b"a ID ((\"a\" \"b\"))\r\n",
+                "a BAD Invalid ID parameters\r\n".into(),
+            ),
+            (
+                b"a ID NIL NIL\r\n",
+                "a BAD Invalid ID parameters\r\n".into(),
+            ),
+            (b"a ID\r\n", "a BAD Missing arguments\r\n".into()),
+            (b"a ID (\"a\"\r\n", "a BAD Missing arguments\r\n".into()),
+            (b"a ID {3}\r\n", "a BAD Invalid ID parameters\r\n".into()),
+        ];
+        for (input, reply) in cases {
+            let t = assert_split_invariant(&policy(ListenerTls::StartTls, false), input, &[]);
+            assert_eq!(
+                t.out,
+                format!("{}{reply}", greeting(CAPS_PLAIN)),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn bad_commands() {
+        let long_tag = "x".repeat(65);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"a FOO\r\n".to_vec(), "a BAD Unknown command\r\n"),
+            (
+                b"a SELECT INBOX\r\n".to_vec(),
+                "a BAD Command not permitted before login\r\n",
+            ),
+            (
+                b"a uid fetch 1 body[]\r\n".to_vec(),
+                "a BAD Command not permitted before login\r\n",
+            ),
+            (b"+ NOOP\r\n".to_vec(), "* BAD Missing or invalid tag\r\n"),
+            (b"* NOOP\r\n".to_vec(), "* BAD Missing or invalid tag\r\n"),
+            (b"a+b NOOP\r\n".to_vec(), "* BAD Missing or invalid tag\r\n"),
+            (
+                format!("{long_tag} NOOP\r\n").into_bytes(),
+                "* BAD Missing or invalid tag\r\n",
+            ),
+            (b"\r\n".to_vec(), "* BAD Missing or invalid tag\r\n"),
+            (b" a NOOP\r\n".to_vec(), "* BAD Missing or invalid tag\r\n"),
+            (b"a\r\n".to_vec(), "a BAD Missing command\r\n"),
+            (b"a \r\n".to_vec(), "a BAD Missing command\r\n"),
+            (b"a  NOOP\r\n".to_vec(), "a BAD Unexpected space\r\n"),
+            (b"a \"NOOP\"\r\n".to_vec(), "a BAD Missing command\r\n"),
+            (
+                b"a NOOP extra\r\n".to_vec(),
+                "a BAD Unexpected arguments\r\n",
+            ),
+            (b"a NOOP \r\n".to_vec(), "a BAD Trailing space\r\n"),
+            (b"a LOGIN joe\r\n".to_vec(), "a BAD Missing arguments\r\n"),
+            (
+                b"a LOGIN a b c\r\n".to_vec(),
+                "a BAD Too many arguments\r\n",
+            ),
+            (b"a LOGIN (a) b\r\n".to_vec(), "a BAD Invalid arguments\r\n"),
+            (
+                b"a LOGIN \"joe\r\n".to_vec(),
+                "a BAD Unterminated quoted string\r\n",
+            ),
+            (
+                b"a LOGIN \"j\\oe\" x\r\n".to_vec(),
+                "a BAD Invalid escape in quoted string\r\n",
+            ),
+            (
+                b"a LOGIN joe\"x\" y\r\n".to_vec(),
+                "a BAD Missing space between arguments\r\n",
+            ),
+            (
+                b"a LOGIN jo\x01e x\r\n".to_vec(),
+                "a BAD Missing space between arguments\r\n",
+            ),
+            (
+                b"a LOGIN \x01 x\r\n".to_vec(),
+                "a BAD Invalid character\r\n",
+            ),
+            (b"a FOO {3}\r\n".to_vec(), "a BAD Unknown command\r\n"),
+            (
+                b"a LOGIN a b {3}\r\n".to_vec(),
+                "a BAD Too many arguments\r\n",
+            ),
+            (
+                b"a LOGIN{3}\r\n".to_vec(),
+                "a BAD A literal must follow a space or a parenthesis\r\n",
+            ),
+            (b"a NOOP {3}\r\n".to_vec(), "a BAD Unexpected arguments\r\n"),
+            (b"a{3}\r\n".to_vec(), "* BAD Missing or invalid tag\r\n"),
+            (
+                b"a LOGIN {3+}\r\njoe{3+}\r\npw!\r\n".to_vec(),
+                "a BAD A literal must follow a space or a parenthesis\r\n",
+            ),
+            (
+                b"a LOGIN {3+}\r\njoe\r\n".to_vec(),
+                "a BAD Missing arguments\r\n",
+            ),
+            (
+                b"a LOGIN {3+}\r\njoepw\r\n".to_vec(),
+                "a BAD Missing space between arguments\r\n",
+            ),
+        ];
+        for (input, reply) in cases {
+            let t = assert_split_invariant(&tls(), &input, &[]);
+            assert_eq!(
+                t.out,
+                format!("{}{reply}", greeting(CAPS_TLS)),
+                "{}",
+                String::from_utf8_lossy(&input)
+            );
+            assert!(t.logins.is_empty());
+            assert!(!t.closed);
+            assert!(t.left.is_empty());
+        }
+    }
+
+    #[test]
+    fn invalid_credentials_never_reach_login() {
+        let cases: &[&[u8]] = &[
+            b"a LOGIN \"\" pw\r\n",
+            b"a LOGIN {5+}\r\njo\r\ne pw\r\n",
+            b"a LOGIN {3+}\r\n\xffoe pw\r\n",
+            b"a LOGIN \xffoe pw\r\n",
+            b"a LOGIN {4+}\r\njo\0e pw\r\n",
+            b"a LOGIN joe {3+}\r\np\0w\r\n",
+            b"a AUTHENTICATE LOGIN am8Kbw==\r\n",
+            b"a AUTHENTICATE LOGIN am9l\r\ncAB3\r\n",
+        ];
+        for input in cases {
+            let t = assert_split_invariant(&tls(), input, &[]);
+            assert!(t.logins.is_empty(), "{}", String::from_utf8_lossy(input));
+            assert!(t.out.ends_with(&format!("a {FAILED}")), "{}", t.out);
+        }
+    }
+
+    #[test]
+    fn too_many_authentication_failures() {
+        let p = policy(ListenerTls::None, true);
+        let t = assert_split_invariant(
+            &p,
+            b"a LOGIN joe x\r\nb LOGIN joe y\r\nc AUTHENTICATE PLAIN AGpvZQB6\r\nd NOOP\r\n",
+            &[
+                failed(),
+                LoginOutcome::AuthFailed {
+                    response: Some("[AUTHENTICATIONFAILED] Invalid\r\n* OK credentials".into()),
+                },
+                failed(),
+            ],
+        );
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a {FAILED}b NO [AUTHENTICATIONFAILED] Invalid * OK credentials\r\nc {FAILED}\
+                 * BYE Too many authentication failures\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert_eq!(t.logins.len(), 3);
+        assert!(t.closed);
+        // Local rejections count too.
+        let t = transcript(
+            &p,
+            &[b"a LOGIN \"\" x\r\nb LOGIN \"\" x\r\nc LOGIN \"\" x\r\n"],
+            &[],
+        );
+        assert!(t.closed);
+        assert!(t
+            .out
+            .ends_with("* BYE Too many authentication failures\r\n"));
+    }
+
+    #[test]
+    fn other_login_outcomes() {
+        let t = transcript(
+            &tls(),
+            &[
+                b"a LOGIN joe pw\r\n",
+                b"b LOGIN joe pw\r\n",
+                b"c LOGIN joe pw\r\n",
+                b"d LOGIN joe pw\r\n",
+            ],
+            &[
+                LoginOutcome::Unavailable,
+                LoginOutcome::Refused {
+                    reason: "no route\r\nfor you",
+                },
+                LoginOutcome::Unavailable,
+                LoginOutcome::Ok {
+                    capabilities: Some("IMAP4rev1 [X]".into()),
+                },
+            ],
+        );
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a NO [UNAVAILABLE] Server temporarily unavailable, try again later.\r\n\
+                 b NO [AUTHENTICATIONFAILED] no route for you\r\n\
+                 c NO [UNAVAILABLE] Server temporarily unavailable, try again later.\r\n\
+                 d OK Logged in\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert!(t.authenticated);
+        let t = transcript(
+            &tls(),
+            &[b"a LOGIN joe pw\r\n"],
+            &[LoginOutcome::Ok {
+                capabilities: Some("IMAP4rev1\r\n* BYE".into()),
+            }],
+        );
+        assert!(t
+            .out
+            .ends_with("a OK [CAPABILITY IMAP4rev1 * BYE] Logged in\r\n"));
+    }
+
+    #[test]
+    fn overlong_lines() {
+        let mut p = tls();
+        p.limits.max_line = 20;
+        let mut m = ServerMachine::new(p.clone());
+        m.poll_action();
+        assert_eq!(m.receive(&[b'a'; 19]), 0);
+        assert_eq!(m.poll_action(), None);
+        assert_eq!(m.receive(&[b'a'; 25]), 25);
+        assert_eq!(
+            m.poll_action(),
+            Some(Action::Send(
+                b"* BAD [TOOBIG] Line too long\r\n* BYE Line too long\r\n".to_vec()
+            ))
+        );
+        assert_eq!(m.poll_action(), Some(Action::Close));
+        assert_eq!(m.receive(b"a NOOP\r\n"), 0);
+        // Twenty bytes with the CRLF is the most.
+        let t = transcript(&p, &[b"a LOGIN joe s3cret\r\n"], &[]);
+        assert_eq!(t.logins.len(), 1);
+        let t = transcript(&p, &[b"a LOGIN joe s3cret1\r\n"], &[]);
+        assert!(t.closed && t.logins.is_empty());
+        // The lines of one command share the budget.
+        let t = transcript(&p, &[b"a LOGIN {3+}\r\njoe s3cret\r\n"], &[]);
+        assert!(t.out.ends_with("* BYE Line too long\r\n"));
+        let t = transcript(&p, &[b"a LOGIN {3+}\r\njoe pw\r\n"], &[]);
+        assert_eq!(t.logins.len(), 1);
+        // SASL lines too.
+        p.limits.max_line = 24;
+        let t = transcript(
+            &p,
+            &[b"a AUTHENTICATE PLAIN\r\n", b"AGpvZQBzM2NyZXQ=AAAAAAAA\r\n"],
+            &[],
+        );
+        assert!(t
+            .out
+            .ends_with("+ \r\n* BAD [TOOBIG] Line too long\r\n* BYE Line too long\r\n"));
+        // And the default limit.
+        let t = transcript(&tls(), &[&vec![b'a'; 9000]], &[]);
+        assert!(t.closed);
+        assert!(t.left.is_empty());
+    }
+
+    #[test]
+    fn pipelined_commands_after_login_stay_unconsumed() {
+        let mut m = ServerMachine::new(tls());
+        m.poll_action();
+        let input = b"a1 LOGIN joe s3cret\r\na2 SELECT INBOX\r\n";
+        let used = m.receive(input);
+        assert_eq!(&input[used..], b"a2 SELECT INBOX\r\n");
+        assert!(matches!(m.poll_action(), Some(Action::Login(_))));
+        assert_eq!(m.receive(&input[used..]), 0);
+        m.login_done(ok_caps());
+        assert!(m.is_authenticated());
+        assert_eq!(m.receive(&input[used..]), 0);
+
+        for input in [
+            &b"a1 LOGIN joe s3cret\r\na2 SELECT INBOX\r\n"[..],
+            b"a0 NOOP\r\na1 AUTHENTICATE PLAIN AGpvZQBzM2NyZXQ=\r\na2 SELECT INBOX\r\n",
+            b"a1 AUTHENTICATE PLAIN\r\nAGpvZQBzM2NyZXQ=\r\na2 SELECT INBOX\r\n",
+            b"a1 LOGIN {3+}\r\njoe s3cret\r\na2 SELECT INBOX\r\n",
+        ] {
+            let t = assert_split_invariant(&tls(), input, &[ok_caps()]);
+            assert!(t.authenticated);
+            assert_eq!(t.left, b"a2 SELECT INBOX\r\n");
+        }
+    }
+
+    #[test]
+    fn transcripts_do_not_depend_on_read_boundaries() {
+        let t = assert_split_invariant(
+            &tls(),
+            b"a0 CAPABILITY\r\na1 LOGIN {3}\r\njoe {6}\r\ns3cret\r\na2 SELECT INBOX\r\n",
+            &[ok_caps()],
+        );
+        assert_eq!(
+            t.out,
+            format!(
+                "{}* CAPABILITY {CAPS_TLS}\r\na0 OK CAPABILITY completed\r\n{PLUS}{PLUS}\
+                 a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert_eq!(t.left, b"a2 SELECT INBOX\r\n");
+
+        let t = assert_split_invariant(
+            &tls(),
+            b"a ID (\"name\" {2+}\r\nxy)\r\nb AUTHENTICATE LOGIN\r\nam9l\r\nczNjcmV0\r\n\
+              x FOO {4+}\r\nabcd\r\nc AUTHENTICATE PLAIN\r\n*\r\nd LOGIN \"a\\\\b\" {3+}\r\npw!\r\ne NOOP\r\n",
+            &[failed(), ok_caps()],
+        );
+        assert_eq!(
+            t.logins,
+            [
+                login("joe", b"s3cret", Mechanism::Login),
+                login("a\\b", b"pw!", Mechanism::Login)
+            ]
+        );
+        assert_eq!(t.left, b"e NOOP\r\n");
+
+        let t = assert_split_invariant(
+            &policy(ListenerTls::StartTls, false),
+            b"a NOOP\nb STARTTLS\r\n",
+            &[],
+        );
+        assert_eq!(t.starttls, 1);
+        assert!(!t.closed);
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let mut m = ServerMachine::new(tls());
+        m.receive(b"a LOGIN joe {10}\r\n");
+        m.receive(b"hunter2");
+        let dbg = format!("{m:?}");
+        assert!(!dbg.contains("hunter"), "{dbg}");
+        m.receive(b"xyz\r\n");
+        let dbg = format!("{m:?}");
+        assert!(!dbg.contains("hunter"), "{dbg}");
+        let action = loop {
+            match m.poll_action() {
+                Some(Action::Login(c)) => break Action::Login(c),
+                Some(_) => {}
+                None => panic!("no login"),
+            }
+        };
+        assert!(!format!("{action:?}").contains("hunter"));
+
+        for input in [
+            &b"a LOGIN joe \"hunter2\"\r\n"[..],
+            b"a AUTHENTICATE PLAIN AGpvZQBodW50ZXIy\r\n",
+        ] {
+            let mut m = ServerMachine::new(tls());
+            m.receive(input);
+            let dbg = format!("{m:?}");
+            assert!(dbg.contains("Login"), "{dbg}");
+            assert!(!dbg.contains("hunter2"), "{dbg}");
+            assert!(!dbg.contains("AGpvZQBodW50ZXIy"), "{dbg}");
+        }
+        let mut m = ServerMachine::new(tls());
+        m.receive(b"a LOGIN {3+}\r\njoe {9+}\r\nhunter");
+        assert!(!format!("{m:?}").contains("hunter"));
+    }
+
+    #[test]
+    fn command_limit() {
+        let mut p = tls();
+        p.limits.max_commands = 3;
+        let t = transcript(&p, &[b"a NOOP\r\nb FOO\r\n\r\nd NOOP\r\n"], &[]);
+        assert_eq!(
+            t.out,
+            format!(
+                "{}a OK NOOP completed\r\nb BAD Unknown command\r\n* BAD Missing or invalid tag\r\n\
+                 * BYE Too many commands\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert!(t.closed);
+    }
+
+    #[test]
+    fn timeouts_shutdown_and_logout() {
+        let mut d = Driver::new(tls(), vec![]);
+        d.m.timed_out();
+        d.drain();
+        assert!(d.t.closed);
+        assert!(d.out().ends_with("* BYE Disconnected for inactivity.\r\n"));
+        assert_eq!(d.m.receive(b"a NOOP\r\n"), 0);
+        d.m.timed_out();
+        d.m.shutting_down();
+        assert_eq!(d.m.poll_action(), None);
+
+        let mut d = Driver::new(tls(), vec![]);
+        d.feed(b"a LOGIN {5}\r\n");
+        d.m.shutting_down();
+        d.drain();
+        assert!(d.t.closed);
+        assert!(d.out().ends_with(&format!(
+            "{PLUS}* BYE [UNAVAILABLE] Server shutting down\r\n"
+        )));
+
+        // Shutting down during a login: the late outcome is ignored.
+        let mut m = ServerMachine::new(tls());
+        m.poll_action();
+        m.receive(b"a LOGIN joe pw\r\n");
+        assert!(matches!(m.poll_action(), Some(Action::Login(_))));
+        m.shutting_down();
+        m.login_done(ok_caps());
+        assert!(!m.is_authenticated());
+        assert_eq!(
+            m.poll_action(),
+            Some(Action::Send(
+                b"* BYE [UNAVAILABLE] Server shutting down\r\n".to_vec()
+            ))
+        );
+        assert_eq!(m.poll_action(), Some(Action::Close));
+        assert_eq!(m.poll_action(), None);
+
+        let t = transcript(&tls(), &[b"a LOGOUT\r\nb NOOP\r\n"], &[]);
+        assert_eq!(
+            t.out,
+            format!(
+                "{}* BYE Logging out\r\na OK LOGOUT completed\r\n",
+                greeting(CAPS_TLS)
+            )
+        );
+        assert!(t.closed);
+        assert_eq!(t.left, b"b NOOP\r\n");
+    }
+
+    #[test]
+    fn phases() {
+        let mut m = ServerMachine::new(tls());
+        assert_eq!(m.phase(), Phase::PreAuth);
+        m.receive(b"a ID (\"x\" {1}\r\n");
+        assert_eq!(m.phase(), Phase::Continuation);
+        m.receive(b"y");
+        assert_eq!(m.phase(), Phase::Continuation);
+        m.receive(b")\r\n");
+        assert_eq!(m.phase(), Phase::PreAuth);
+        m.receive(b"b AUTHENTICATE PLAIN\r\n");
+        assert_eq!(m.phase(), Phase::Continuation);
+        m.receive(b"*\r\n");
+        assert_eq!(m.phase(), Phase::PreAuth);
+        m.receive(b"c NOOP");
+        assert_eq!(m.phase(), Phase::PreAuth);
+    }
+
+    #[test]
+    fn ignores_calls_out_of_order() {
+        let mut m = ServerMachine::new(tls());
+        m.poll_action();
+        m.login_done(ok_caps());
+        m.tls_established();
+        assert_eq!(m.poll_action(), None);
+        assert!(!m.is_authenticated());
+        assert_eq!(m.receive(b""), 0);
     }
 }

@@ -93,7 +93,10 @@ pub(crate) fn split_literal(content: &[u8]) -> (&[u8], Option<LiteralSpec>) {
             acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
         })
         .unwrap_or(u64::MAX);
-    (&content[..digits_start - 1], Some(LiteralSpec { len, sync }))
+    (
+        &content[..digits_start - 1],
+        Some(LiteralSpec { len, sync }),
+    )
 }
 
 /// One lexical item of a client command after the tag.
@@ -372,8 +375,14 @@ mod tests {
     #[test]
     fn literal_markers() {
         let spec = |len, sync| Some(LiteralSpec { len, sync });
-        assert_eq!(split_literal(b"a LOGIN {5}"), (&b"a LOGIN "[..], spec(5, true)));
-        assert_eq!(split_literal(b"a LOGIN {5+}"), (&b"a LOGIN "[..], spec(5, false)));
+        assert_eq!(
+            split_literal(b"a LOGIN {5}"),
+            (&b"a LOGIN "[..], spec(5, true))
+        );
+        assert_eq!(
+            split_literal(b"a LOGIN {5+}"),
+            (&b"a LOGIN "[..], spec(5, false))
+        );
         assert_eq!(split_literal(b"{0}"), (&b""[..], spec(0, true)));
         assert_eq!(
             split_literal(b"x {99999999999999999999999}"),
@@ -383,14 +392,25 @@ mod tests {
             split_literal(b"x {4294967295}"),
             (&b"x "[..], spec(4_294_967_295, true))
         );
-        for no in [&b"a {}"[..], b"a {+}", b"a 5}", b"a {5", b"a {5++}", b"a {-5}", b"}"] {
+        for no in [
+            &b"a {}"[..],
+            b"a {+}",
+            b"a 5}",
+            b"a {5",
+            b"a {5++}",
+            b"a {-5}",
+            b"}",
+        ] {
             assert_eq!(split_literal(no), (no, None), "{no:?}");
         }
     }
 
     #[test]
     fn tokens() {
-        assert_eq!(toks(b"LOGIN joe s3cret").unwrap(), ["A:LOGIN", "A:joe", "A:s3cret"]);
+        assert_eq!(
+            toks(b"LOGIN joe s3cret").unwrap(),
+            ["A:LOGIN", "A:joe", "A:s3cret"]
+        );
         assert_eq!(
             toks(br#"LOGIN "jo\"e" "a\\b c""#).unwrap(),
             ["A:LOGIN", "Q:jo\"e", r"Q:a\b c"]
