@@ -93,7 +93,6 @@ enum State {
 
 /// The backend-facing IMAP login machine (a probe without credentials). Its `Debug`
 /// output never shows the password.
-#[derive(Debug)]
 pub struct BackendMachine {
     policy: BackendPolicy,
     creds: Option<Credentials>,
@@ -112,6 +111,21 @@ pub struct BackendMachine {
     /// The next line continues an untagged response (after a skipped literal).
     continued: bool,
     actions: VecDeque<BackendAction>,
+}
+
+/// Queued actions are only counted: a queued `Send` may hold the login command.
+impl fmt::Debug for BackendMachine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendMachine")
+            .field("policy", &self.policy)
+            .field("creds", &self.creds)
+            .field("state", &self.state)
+            .field("tag", &self.tag)
+            .field("caps", &self.caps)
+            .field("tls_active", &self.tls_active)
+            .field("queued_actions", &self.actions.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl BackendMachine {
@@ -1157,6 +1171,11 @@ mod tests {
         m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n");
         let dbg = format!("{m:?}");
         assert!(dbg.contains("Pieces(1 left)"), "{dbg}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        let mut m = BackendMachine::new(plain(), Some(creds("joe", b"hunter2")));
+        m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n");
+        let dbg = format!("{m:?}");
+        assert!(dbg.contains("queued_actions: 1"), "{dbg}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         let mut m = BackendMachine::new(plain(), Some(creds("joe", b"hunter2")));
         m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n");

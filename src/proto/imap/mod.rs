@@ -28,13 +28,13 @@ const FUZZ_MAX_OUTPUT: usize = 4096;
 
 /// Drives a [`ServerMachine`] with `chunks` arriving one after the other, as the session
 /// driver would: one input buffer, `receive` while it consumes, every action drained.
-/// `Login` is answered with `AuthFailed`, `StartTls` with `tls_established` (input
+/// `Login` is answered with `AuthFailed` (or `Unavailable`), `StartTls` with `tls_established` (input
 /// pipelined before the handshake is discarded, as the driver refuses it). The first
-/// byte is not input: it picks the listener's TLS mode and whether plaintext auth is
-/// allowed. Limits are small so that every bound is reached.
+/// byte is not input: it picks the listener's TLS mode, whether plaintext auth is
+/// allowed, and the login outcome. Limits are small so that every bound is reached.
 ///
 /// Panics if an invariant breaks: more consumed than given, output of one step over
-/// [`FUZZ_MAX_OUTPUT`] bytes, input consumed while a login or handshake is pending, a
+/// `FUZZ_MAX_OUTPUT` (4096) bytes, input consumed while a login or handshake is pending, a
 /// login with an invalid user or a password with NUL.
 pub fn fuzz_server(chunks: &[&[u8]]) {
     let sel = chunks.first().and_then(|c| c.first()).copied().unwrap_or(0);
@@ -77,7 +77,10 @@ pub fn fuzz_server(chunks: &[&[u8]]) {
                         assert_eq!(m.receive(&buf), 0, "consumed during login");
                         assert!(crate::proto::sasl::valid_user(creds.user.as_bytes()).is_some());
                         assert!(!creds.secret.expose().contains(&0));
-                        m.login_done(LoginOutcome::AuthFailed { response: None });
+                        m.login_done(match sel & 8 {
+                            0 => LoginOutcome::AuthFailed { response: None },
+                            _ => LoginOutcome::Unavailable,
+                        });
                     }
                     Action::Close => return,
                 }
@@ -110,7 +113,7 @@ pub fn fuzz_server(chunks: &[&[u8]]) {
 /// the handshake done.
 ///
 /// Panics if an invariant breaks: more consumed than given, a command over
-/// [`FUZZ_MAX_OUTPUT`] bytes, input consumed after `Done` or during a handshake.
+/// `FUZZ_MAX_OUTPUT` (4096) bytes, input consumed after `Done` or during a handshake.
 pub fn fuzz_backend(chunks: &[&[u8]]) {
     let sel = chunks.first().and_then(|c| c.first()).copied().unwrap_or(0);
     let policy = BackendPolicy {

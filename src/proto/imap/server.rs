@@ -16,6 +16,10 @@
 //!   `StartTls` nothing is consumed until `login_done` or `tls_established`.
 //! * Since the buffer only ever holds one partial line, the driver needs room for
 //!   `max_line` bytes.
+//! * When the machine closes on its own (line too long, too many commands) it consumes
+//!   the whole input: nothing after it will be read anyway.
+//! * Actions are only ever queued by a call that consumes bytes (or by the other
+//!   events), so a driver that reads before draining again after a 0 misses nothing.
 //!
 //! # What counts
 //! Every command line begun (valid or not) counts towards `max_commands`; the command
@@ -1711,6 +1715,17 @@ mod tests {
         assert_eq!(t.logins.len(), 1);
         let t = transcript(&p, &[b"a LOGIN joe s3cret1\r\n"], &[]);
         assert!(t.closed && t.logins.is_empty());
+        // A command line using the whole budget leaves none for the line after a
+        // literal: the close comes with the next byte, not before.
+        let mut m = ServerMachine::new(p.clone());
+        m.poll_action();
+        assert_eq!(m.receive(b"a LOGIN joooe {3+}\r\n"), 20);
+        assert_eq!(m.receive(b"pw!"), 3);
+        assert_eq!(m.receive(b""), 0);
+        assert_eq!(m.poll_action(), None);
+        assert_eq!(m.receive(b"\r\n"), 2);
+        assert!(m.poll_action().is_some());
+        assert_eq!(m.poll_action(), Some(Action::Close));
         // The lines of one command share the budget.
         let t = transcript(&p, &[b"a LOGIN {3+}\r\njoe s3cret\r\n"], &[]);
         assert!(t.out.ends_with("* BYE Line too long\r\n"));

@@ -43,8 +43,12 @@ pub(crate) enum LineEnd {
 }
 
 /// Finds the end of the first line of `input`, which may be at most `budget` bytes long
-/// (terminator included). Only the first `budget` bytes are ever looked at.
+/// (terminator included). Only the first `budget` bytes are ever looked at. Empty input
+/// is always incomplete, whatever the budget.
 pub(crate) fn find_line(input: &[u8], budget: usize) -> LineEnd {
+    if input.is_empty() {
+        return LineEnd::Incomplete;
+    }
     let window = &input[..input.len().min(budget)];
     match window.iter().position(|&b| b == b'\n') {
         Some(i) => LineEnd::Complete(i + 1),
@@ -366,7 +370,8 @@ mod tests {
         assert_eq!(find_line(b"abcd\r\n", 6), LineEnd::Complete(6));
         assert_eq!(find_line(b"abcde\r\n", 6), LineEnd::TooLong);
         assert_eq!(find_line(b"abcdef", 6), LineEnd::TooLong);
-        assert_eq!(find_line(b"", 0), LineEnd::TooLong);
+        assert_eq!(find_line(b"", 0), LineEnd::Incomplete);
+        assert_eq!(find_line(b"x", 0), LineEnd::TooLong);
         assert_eq!(line_content(b"ab\r\n"), b"ab");
         assert_eq!(line_content(b"ab\n"), b"ab");
         assert_eq!(line_content(b"ab\r\r\n"), b"ab\r");
