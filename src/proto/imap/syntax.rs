@@ -12,6 +12,10 @@ use std::fmt;
 /// Longest tag accepted from a client.
 pub(crate) const MAX_TAG_LEN: usize = 64;
 
+/// Most tokens in one command (the longest pre-login command, ID, has at most 30 pairs
+/// of strings in parentheses: 62 tokens).
+pub(crate) const MAX_TOKENS: usize = 80;
+
 /// `ASTRING-CHAR`: any CHAR except atom-specials, but `]` is allowed (RFC 9051 §9).
 pub(crate) fn is_astring_char(b: u8) -> bool {
     matches!(b, 0x21..=0x7e) && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\')
@@ -159,6 +163,7 @@ impl fmt::Debug for Token {
 /// a string or `)`, where only a space, `)` or the end may follow. `literal_follows` says
 /// the piece is followed by a literal marker, which must come after a space or `(`.
 /// Spacing is strict (single spaces, none inside parentheses' edges), as in RFC 9051.
+/// At most [`MAX_TOKENS`] tokens are kept in `out`.
 pub(crate) fn tokenize(
     text: &[u8],
     expect_sep: &mut bool,
@@ -168,6 +173,9 @@ pub(crate) fn tokenize(
     let mut i = 0;
     let mut after_space = false;
     while let Some(&b) = text.get(i) {
+        if out.len() >= MAX_TOKENS {
+            return Err("Too many arguments");
+        }
         if *expect_sep {
             match b {
                 b' ' => {
@@ -220,31 +228,37 @@ pub(crate) fn tokenize(
 /// Reads a quoted string whose opening quote is just before `rest`. Returns the unescaped
 /// value and the bytes used, closing quote included. Only `\"` and `\\` are escapes; NUL,
 /// CR and LF are refused; 8-bit bytes are allowed (RFC 9051 `QUOTED-CHAR` takes UTF-8).
+///
+/// The string is checked and measured first, then copied into a buffer of exactly its
+/// size: memory stays proportional to the input (many short strings on a long line
+/// cost no more than the line), and the value, maybe a password, is never reallocated
+/// (which would leave an unwiped copy behind).
 fn quoted(rest: &[u8]) -> Result<(Vec<u8>, usize), &'static str> {
-    // The value may be a password: sized once, so it is never reallocated (which would
-    // leave an unwiped copy behind), and wiped on error.
-    let mut out = Vec::with_capacity(rest.len());
     let mut i = 0;
-    let err = loop {
+    let mut len = 0;
+    let end = loop {
         match rest.get(i) {
-            None => break "Unterminated quoted string",
-            Some(b'"') => return Ok((out, i + 1)),
+            None => return Err("Unterminated quoted string"),
+            Some(b'"') => break i,
             Some(b'\\') => match rest.get(i + 1) {
-                Some(&c @ (b'"' | b'\\')) => {
-                    out.push(c);
-                    i += 2;
-                }
-                _ => break "Invalid escape in quoted string",
+                Some(b'"' | b'\\') => i += 2,
+                _ => return Err("Invalid escape in quoted string"),
             },
-            Some(0 | b'\r' | b'\n') => break "Invalid character in quoted string",
-            Some(&c) => {
-                out.push(c);
-                i += 1;
-            }
+            Some(0 | b'\r' | b'\n') => return Err("Invalid character in quoted string"),
+            Some(_) => i += 1,
         }
+        len += 1;
     };
-    crate::proto::wipe(&mut out);
-    Err(err)
+    let mut out = Vec::with_capacity(len);
+    let mut j = 0;
+    while j < end {
+        if rest[j] == b'\\' {
+            j += 1;
+        }
+        out.push(rest[j]);
+        j += 1;
+    }
+    Ok((out, end + 1))
 }
 
 /// Whether `value` can be sent as a quoted string to any IMAP4rev1 server: printable
@@ -443,6 +457,32 @@ mod tests {
         assert!(tokenize(b"", &mut sep, true, &mut out).is_err());
         let mut sep = true;
         assert!(tokenize(b" (", &mut sep, true, &mut out).is_ok());
+    }
+
+    #[test]
+    fn token_memory_is_bounded() {
+        // Quoted strings are allocated at their own size, not the rest of the line's.
+        let mut line = b"ID (".to_vec();
+        for _ in 0..30 {
+            line.extend_from_slice(b"\"\" NIL ");
+        }
+        line.pop();
+        line.push(b')');
+        let mut out = Vec::new();
+        let mut sep = false;
+        tokenize(&line, &mut sep, false, &mut out).unwrap();
+        assert!(out
+            .iter_mut()
+            .all(|t| t.bytes_mut().is_none_or(|v| v.capacity() <= 3)));
+        // And their number is capped.
+        let many = b"x ".repeat(MAX_TOKENS + 1);
+        let mut out = Vec::new();
+        let mut sep = false;
+        assert_eq!(
+            tokenize(&many[..many.len() - 1], &mut sep, false, &mut out),
+            Err("Too many arguments")
+        );
+        assert_eq!(out.len(), MAX_TOKENS);
     }
 
     #[test]
