@@ -10,7 +10,9 @@
 //!   `SASL-IR`, else after the server's `+`;
 //! * otherwise `LOGIN`, unless `LOGINDISABLED`, each argument as a quoted string when it
 //!   is printable ASCII, else as a literal: `{n+}` with `LITERAL+` (or `LITERAL-` up to
-//!   4096 bytes), else `{n}` and the data only after the server's `+`.
+//!   4096 bytes), else `{n}` and the data only after the server's `+`;
+//! * otherwise `AUTHENTICATE LOGIN` when `AUTH=LOGIN` is offered (Dovecot with PLAIN
+//!   disabled says `LOGINDISABLED AUTH=LOGIN`), user name and password each after a `+`.
 //!
 //! Either way a user name or password is always exactly one argument of one command,
 //! whatever bytes it holds; a value with NUL cannot be carried and is refused unsent.
@@ -214,6 +216,8 @@ impl BackendMachine {
             let plus = has_cap(&caps, "LITERAL+");
             let minus = has_cap(&caps, "LITERAL-");
             login_pieces(&tag, &creds, plus, minus)
+        } else if has_cap(&caps, "AUTH=LOGIN") {
+            sasl_login_pieces(&tag, &creds)
         } else {
             return self.unavailable(Unavailable::NoMechanism);
         };
@@ -380,6 +384,28 @@ fn plain_pieces(tag: &str, creds: &Credentials, sasl_ir: bool) -> Option<Pieces>
     }
     crate::proto::wipe(&mut b64);
     Some(Pieces(pieces))
+}
+
+/// `AUTHENTICATE LOGIN`: the command, then the user name and the password, each after
+/// the server's `+`. `None` if the credentials hold NUL.
+fn sasl_login_pieces(tag: &str, creds: &Credentials) -> Option<Pieces> {
+    let pass = creds.secret.expose();
+    if creds.user.as_bytes().contains(&0) || pass.contains(&0) {
+        return None;
+    }
+    let mut pieces = Pieces(VecDeque::new());
+    pieces
+        .0
+        .push_back(format!("{tag} AUTHENTICATE LOGIN\r\n").into_bytes());
+    for value in [creds.user.as_bytes(), pass] {
+        let mut b64 = sasl::encode_base64(value).into_bytes();
+        let mut line = Vec::with_capacity(b64.len() + 2);
+        line.extend_from_slice(&b64);
+        line.extend_from_slice(b"\r\n");
+        crate::proto::wipe(&mut b64);
+        pieces.0.push_back(line);
+    }
+    Some(pieces)
 }
 
 /// `LOGIN user password`, split where the server's `+` must be awaited. `None` if a value
@@ -885,6 +911,7 @@ mod tests {
             "IMAP4rev1 LITERAL-",
             "IMAP4rev1 AUTH=PLAIN",
             "IMAP4rev1 AUTH=PLAIN SASL-IR",
+            "IMAP4rev1 LOGINDISABLED AUTH=LOGIN",
         ];
         for caps in cap_sets {
             for user in users {
@@ -1109,6 +1136,26 @@ mod tests {
     }
 
     #[test]
+    fn sasl_login_when_login_is_disabled() {
+        let (sent, actions, left) = assert_split_invariant(
+            &plain(),
+            &joe(),
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ LOGINDISABLED AUTH=LOGIN] hi\r\n\
+              + VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\nC1 OK [CAPABILITY IMAP4rev1] ok\r\nrest",
+        );
+        assert_eq!(sent, "C1 AUTHENTICATE LOGIN\r\nam9l\r\nczNjcmV0\r\n");
+        assert_eq!(actions, logged_in("IMAP4rev1"));
+        assert_eq!(left, b"rest");
+        // AUTH=PLAIN and the LOGIN command come first.
+        let (sent, _, _) = conversation(
+            &plain(),
+            joe(),
+            &[b"* OK [CAPABILITY IMAP4rev1 AUTH=LOGIN] hi\r\n"],
+        );
+        assert_eq!(sent, "C1 LOGIN \"joe\" \"s3cret\"\r\n");
+    }
+
+    #[test]
     fn no_usable_mechanism_or_unsendable_credentials() {
         let (sent, actions, _) = conversation(
             &plain(),
@@ -1121,6 +1168,7 @@ mod tests {
             "IMAP4rev1",
             "IMAP4rev1 AUTH=PLAIN SASL-IR",
             "IMAP4rev1 LITERAL+",
+            "IMAP4rev1 LOGINDISABLED AUTH=LOGIN",
         ] {
             let greeting = format!("* OK [CAPABILITY {caps}] hi\r\n");
             let (sent, actions, _) = conversation(

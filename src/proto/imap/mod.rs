@@ -289,6 +289,7 @@ mod tests {
             b"* OK [CAPABILITY IMAP4rev1 STARTTLS LITERAL- ID] hi\r\n",
             b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] hi\r\n",
             b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n",
+            b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED AUTH=LOGIN] hi\r\n",
             b"* OK hi\r\n",
             b"* PREAUTH hi\r\n",
         ];
