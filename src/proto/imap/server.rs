@@ -10,7 +10,9 @@
 //!   machine (a [`Pending`]) while the literal data is consumed as it arrives and stored
 //!   (or skipped, for a command already known to fail). Everything held belongs to the
 //!   current command, and it is bounded: the lines of one command total at most
-//!   `max_line` bytes, its literals at most `max_literal` bytes together.
+//!   `max_line` bytes, its literals at most `max_literal` bytes together, and at most
+//!   80 arguments are kept. Each SASL response line may be `max_line` bytes long, and
+//!   decode to at most `max_literal` bytes.
 //! * One `receive` call handles at most one command: it returns as soon as a command is
 //!   finished, so pipelined commands stay in the driver's buffer. After `Login` or
 //!   `StartTls` nothing is consumed until `login_done` or `tls_established`.
