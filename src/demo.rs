@@ -23,8 +23,12 @@ const DEMO_CERT: &str = include_str!("../certs/proxy.pem");
 const DEMO_KEY: &str = include_str!("../certs/proxy-key.pem");
 
 /// The demo's users; every demo backend knows all of them.
-pub const DEMO_USERS: &[(&str, &str)] =
-    &[("joeuser", "password"), ("alice", "password"), ("bob", "password"), ("carol", "password")];
+pub const DEMO_USERS: &[(&str, &str)] = &[
+    ("joeuser", "password"),
+    ("alice", "password"),
+    ("bob", "password"),
+    ("carol", "password"),
+];
 
 /// How a fake backend behaves.
 #[derive(Clone)]
@@ -49,7 +53,10 @@ impl FakeConfig {
         FakeConfig {
             name: name.to_string(),
             protocol,
-            users: DEMO_USERS.iter().map(|(u, p)| (u.to_string(), p.to_string())).collect(),
+            users: DEMO_USERS
+                .iter()
+                .map(|(u, p)| (u.to_string(), p.to_string()))
+                .collect(),
             tls: None,
             imap_plain: true,
             smtp_no_auth: false,
@@ -89,7 +96,11 @@ impl FakeBackend {
         let stop = CancellationToken::new();
         let received = Arc::new(Mutex::new(Vec::new()));
         let logins = Arc::new(Mutex::new(Vec::new()));
-        let shared = Arc::new(Shared { cfg, received: received.clone(), logins: logins.clone() });
+        let shared = Arc::new(Shared {
+            cfg,
+            received: received.clone(),
+            logins: logins.clone(),
+        });
         let token = stop.clone();
         tokio::spawn(async move {
             loop {
@@ -107,7 +118,12 @@ impl FakeBackend {
                 });
             }
         });
-        Ok(FakeBackend { addr, received, logins, stop })
+        Ok(FakeBackend {
+            addr,
+            received,
+            logins,
+            stop,
+        })
     }
 
     /// Stops accepting and closes every connection.
@@ -130,7 +146,11 @@ struct Shared {
 
 impl Shared {
     fn check(&self, user: &str, pass: &[u8]) -> bool {
-        let ok = self.cfg.users.get(user).is_some_and(|p| p.as_bytes() == pass);
+        let ok = self
+            .cfg
+            .users
+            .get(user)
+            .is_some_and(|p| p.as_bytes() == pass);
         if ok {
             if let Ok(mut l) = self.logins.lock() {
                 l.push(user.to_string());
@@ -159,7 +179,9 @@ async fn serve(shared: Arc<Shared>, sock: TcpStream) {
             Protocol::Pop3 => pop3(&shared, &mut io, secure).await,
             Protocol::Smtp => smtp(&shared, &mut io, secure).await,
         };
-        let (true, Some(tls)) = (upgrade, shared.cfg.tls.clone()) else { return };
+        let (true, Some(tls)) = (upgrade, shared.cfg.tls.clone()) else {
+            return;
+        };
         // Anything buffered before the handshake is dropped with the BufReader.
         let inner = io.into_inner();
         match tokio_rustls::TlsAcceptor::from(tls).accept(inner).await {
@@ -174,7 +196,11 @@ async fn serve(shared: Arc<Shared>, sock: TcpStream) {
 
 async fn read_line(io: &mut BufReader<Box<dyn Io>>) -> Option<String> {
     let mut line = Vec::new();
-    let n = (&mut *io).take(64 * 1024).read_until(b'\n', &mut line).await.ok()?;
+    let n = (&mut *io)
+        .take(64 * 1024)
+        .read_until(b'\n', &mut line)
+        .await
+        .ok()?;
     if n == 0 {
         return None;
     }
@@ -232,7 +258,9 @@ async fn imap_tokens(io: &mut BufReader<Box<dyn Io>>, first: String) -> Option<V
                 }
             }
         }
-        let Some((n, sync)) = literal else { return Some(tokens) };
+        let Some((n, sync)) = literal else {
+            return Some(tokens);
+        };
         if n > 64 * 1024 {
             return None;
         }
@@ -264,16 +292,26 @@ async fn imap(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
         c
     };
     if !secure {
-        let g = format!("* OK [CAPABILITY {}] {} IMAP ready\r\n", caps(false), cfg.name);
+        let g = format!(
+            "* OK [CAPABILITY {}] {} IMAP ready\r\n",
+            caps(false),
+            cfg.name
+        );
         if send(io, &g).await.is_none() {
             return false;
         }
     }
     let mut user: Option<String> = None;
     while let Some(line) = read_line(io).await {
-        let Some(tokens) = imap_tokens(io, line).await else { return false };
-        let tag = String::from_utf8_lossy(tokens.first().map(|t| t.as_slice()).unwrap_or(b"*")).into_owned();
-        let cmd = tokens.get(1).map(|c| String::from_utf8_lossy(c).to_ascii_uppercase()).unwrap_or_default();
+        let Some(tokens) = imap_tokens(io, line).await else {
+            return false;
+        };
+        let tag = String::from_utf8_lossy(tokens.first().map(|t| t.as_slice()).unwrap_or(b"*"))
+            .into_owned();
+        let cmd = tokens
+            .get(1)
+            .map(|c| String::from_utf8_lossy(c).to_ascii_uppercase())
+            .unwrap_or_default();
         let arg = |n: usize| tokens.get(n).cloned().unwrap_or_default();
         let reply = match cmd.as_str() {
             "CAPABILITY" => format!("* CAPABILITY {}\r\n{tag} OK done\r\n", caps(user.is_some())),
@@ -350,7 +388,11 @@ async fn imap(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
 async fn pop3(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) -> bool {
     let cfg = &shared.cfg;
     let can_tls = cfg.tls.is_some() && !secure;
-    if !secure && send(io, &format!("+OK {} POP3 ready\r\n", cfg.name)).await.is_none() {
+    if !secure
+        && send(io, &format!("+OK {} POP3 ready\r\n", cfg.name))
+            .await
+            .is_none()
+    {
         return false;
     }
     let mut user: Option<String> = None;
@@ -363,7 +405,8 @@ async fn pop3(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
         let msg = shared.message().replace("\r\n.", "\r\n..");
         let reply = match cmd.as_str() {
             "CAPA" => {
-                let mut c = String::from("+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\nUIDL\r\nTOP\r\n");
+                let mut c =
+                    String::from("+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\nUIDL\r\nTOP\r\n");
                 if can_tls {
                     c.push_str("STLS\r\n");
                 }
@@ -397,7 +440,10 @@ async fn pop3(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
                         read_line(io).await.unwrap_or_default()
                     }
                 };
-                match sasl::decode_base64(ir.as_bytes()).ok().and_then(|d| sasl::parse_plain(d).ok()) {
+                match sasl::decode_base64(ir.as_bytes())
+                    .ok()
+                    .and_then(|d| sasl::parse_plain(d).ok())
+                {
                     Some(c) if shared.check(&c.user, c.secret.expose()) => {
                         authed = true;
                         "+OK Logged in.\r\n".to_string()
@@ -408,7 +454,9 @@ async fn pop3(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
             "STAT" if authed => format!("+OK 1 {}\r\n", msg.len()),
             "LIST" if authed => format!("+OK 1 messages\r\n1 {}\r\n.\r\n", msg.len()),
             "UIDL" if authed => "+OK\r\n1 msg-1\r\n.\r\n".to_string(),
-            "RETR" if authed && arg.trim() == "1" => format!("+OK {} octets\r\n{}.\r\n", msg.len(), msg),
+            "RETR" if authed && arg.trim() == "1" => {
+                format!("+OK {} octets\r\n{}.\r\n", msg.len(), msg)
+            }
             "NOOP" if authed => "+OK\r\n".to_string(),
             "QUIT" => {
                 let _ = send(io, "+OK Bye\r\n").await;
@@ -426,7 +474,11 @@ async fn pop3(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
 async fn smtp(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) -> bool {
     let cfg = &shared.cfg;
     let can_tls = cfg.tls.is_some() && !secure;
-    if !secure && send(io, &format!("220 {} ESMTP fake\r\n", cfg.name)).await.is_none() {
+    if !secure
+        && send(io, &format!("220 {} ESMTP fake\r\n", cfg.name))
+            .await
+            .is_none()
+    {
         return false;
     }
     let mut user: Option<String> = None;
@@ -468,13 +520,19 @@ async fn smtp(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
                             read_line(io).await.unwrap_or_default()
                         }
                     };
-                    sasl::decode_base64(ir.as_bytes()).ok().and_then(|d| sasl::parse_plain(d).ok()).map(|c| (c.user.clone(), c.secret.expose().to_vec()))
+                    sasl::decode_base64(ir.as_bytes())
+                        .ok()
+                        .and_then(|d| sasl::parse_plain(d).ok())
+                        .map(|c| (c.user.clone(), c.secret.expose().to_vec()))
                 } else if mech == "LOGIN" {
                     let _ = send(io, "334 VXNlcm5hbWU6\r\n").await;
                     let u = read_line(io).await.unwrap_or_default();
                     let _ = send(io, "334 UGFzc3dvcmQ6\r\n").await;
                     let p = read_line(io).await.unwrap_or_default();
-                    match (sasl::decode_base64(u.as_bytes()), sasl::decode_base64(p.as_bytes())) {
+                    match (
+                        sasl::decode_base64(u.as_bytes()),
+                        sasl::decode_base64(p.as_bytes()),
+                    ) {
                         (Ok(u), Ok(p)) => Some((String::from_utf8_lossy(&u).into_owned(), p)),
                         _ => None,
                     }
@@ -499,12 +557,17 @@ async fn smtp(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
                 "250 2.1.5 Ok\r\n".to_string()
             }
             "DATA" if !to.is_empty() => {
-                if send(io, "354 End data with <CR><LF>.<CR><LF>\r\n").await.is_none() {
+                if send(io, "354 End data with <CR><LF>.<CR><LF>\r\n")
+                    .await
+                    .is_none()
+                {
                     return false;
                 }
                 let mut data = Vec::new();
                 loop {
-                    let Some(l) = read_line(io).await else { return false };
+                    let Some(l) = read_line(io).await else {
+                        return false;
+                    };
                     if l == "." {
                         break;
                     }
@@ -512,7 +575,12 @@ async fn smtp(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
                     data.extend_from_slice(b"\r\n");
                 }
                 if let Ok(mut r) = shared.received.lock() {
-                    r.push(Received { user: user.clone(), from: from.take().unwrap_or_default(), to: std::mem::take(&mut to), data });
+                    r.push(Received {
+                        user: user.clone(),
+                        from: from.take().unwrap_or_default(),
+                        to: std::mem::take(&mut to),
+                        data,
+                    });
                 }
                 "250 2.0.0 Ok: queued\r\n".to_string()
             }
@@ -555,7 +623,10 @@ pub async fn start_backends(snap: &Snapshot) -> Result<Vec<FakeBackend>, String>
                 let name = if pool_name == "new" {
                     "new".to_string()
                 } else {
-                    ["green", "mauve"].get(i).map(|s| s.to_string()).unwrap_or(format!("legacy-{i}"))
+                    ["green", "mauve"]
+                        .get(i)
+                        .map(|s| s.to_string())
+                        .unwrap_or(format!("legacy-{i}"))
                 };
                 let crate::config::Host::Ip(ip) = addr.host else {
                     return Err(format!("demo backends need IP addresses, not {addr}"));
@@ -579,14 +650,20 @@ pub async fn start_backends(snap: &Snapshot) -> Result<Vec<FakeBackend>, String>
 pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), String> {
     let dir: PathBuf = std::env::temp_dir().join(format!("cutover-demo-{}", std::process::id()));
     write_demo_files(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let config = Config::from_text(DEMO_CONFIG, &dir.join("routes.yaml"), &dir).map_err(|e| e.to_string())?;
+    let config = Config::from_text(DEMO_CONFIG, &dir.join("routes.yaml"), &dir)
+        .map_err(|e| e.to_string())?;
     let snap = Arc::new(Snapshot::build(config).map_err(|e| e.to_string())?);
     let backends = start_backends(&snap).await?;
     let running = crate::server::start(snap.clone(), crate::backend::Backends::new())
         .await
         .map_err(|e| e.to_string())?;
     let ca = dir.join("certs/ca.pem");
-    let addr = |n: &str| running.addr(n).map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+    let addr = |n: &str| {
+        running
+            .addr(n)
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into())
+    };
     println!(
         "\ncutover demo is running (Ctrl-C stops it). Demo users: joeuser, alice, bob, carol; password: password.\n\
          joeuser and alice are routed to the \"new\" pool, bob and carol to \"legacy\" (green, failing over to mauve).\n\n\

@@ -10,7 +10,11 @@ use cutover::config::{Config, Protocol};
 use cutover::snapshot::Snapshot;
 
 #[derive(Parser)]
-#[command(name = "cutover", version, about = "Mail front proxy for migrating users between server pools")]
+#[command(
+    name = "cutover",
+    version,
+    about = "Mail front proxy for migrating users between server pools"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -60,10 +64,16 @@ enum Command {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -76,7 +86,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -95,7 +108,10 @@ async fn shutdown_signal() {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -105,8 +121,18 @@ fn main() -> ExitCode {
             Ok(snap) => {
                 let c = &snap.config;
                 println!("{}: OK", config.display());
-                println!("  listeners: {}", c.listeners.iter().map(|l| format!("{} ({} {} {:?})", l.name, l.protocol, l.listen, l.tls)).collect::<Vec<_>>().join(", "));
-                println!("  pools:     {}", c.pools.keys().cloned().collect::<Vec<_>>().join(", "));
+                println!(
+                    "  listeners: {}",
+                    c.listeners
+                        .iter()
+                        .map(|l| format!("{} ({} {} {:?})", l.name, l.protocol, l.listen, l.tls))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!(
+                    "  pools:     {}",
+                    c.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
                 println!("  routes:    {}", c.routes.len());
                 ExitCode::SUCCESS
             }
@@ -115,7 +141,12 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Route { config, protocol, json, user } => {
+        Command::Route {
+            config,
+            protocol,
+            json,
+            user,
+        } => {
             let protocol: Protocol = match protocol.parse() {
                 Ok(p) => p,
                 Err(e) => {

@@ -83,7 +83,9 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: Cancel
             let first = head.lines().next().unwrap_or("");
             let mut parts = first.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let response = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+            let response = if method == "GET"
+                && (path == "/metrics" || path.starts_with("/metrics?"))
+            {
                 let body = handle.render();
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",

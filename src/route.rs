@@ -53,7 +53,12 @@ pub fn normalize(users: &Users, raw: &str) -> String {
         user = user.to_lowercase();
     }
     if let Some((local, domain)) = user.rsplit_once('@') {
-        if !local.is_empty() && users.local_domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+        if !local.is_empty()
+            && users
+                .local_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+        {
             user = local.to_string();
         }
     }
@@ -67,7 +72,9 @@ pub fn stable_hash(salt: &[u8], user: &str) -> u64 {
     salt.iter()
         .chain(b":")
         .chain(user.as_bytes())
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
 /// The bucket (0..100) a user falls in for `percent` rules.
@@ -96,11 +103,17 @@ pub fn route(cfg: &Config, login: &str, protocol: Protocol) -> Result<Decision, 
     let pool = cfg
         .pools
         .get(&rule.pool)
-        .ok_or_else(|| RouteError::NoServers { pool: rule.pool.clone(), protocol })?;
+        .ok_or_else(|| RouteError::NoServers {
+            pool: rule.pool.clone(),
+            protocol,
+        })?;
     let pp = pool
         .protocols
         .get(&protocol)
-        .ok_or_else(|| RouteError::NoServers { pool: rule.pool.clone(), protocol })?;
+        .ok_or_else(|| RouteError::NoServers {
+            pool: rule.pool.clone(),
+            protocol,
+        })?;
     let mut servers: Vec<String> = pp.servers.iter().map(|s| s.to_string()).collect();
     if pool.balance == Balance::UserHash && !servers.is_empty() {
         let start = stable_hash(b"balance", &user) % servers.len() as u64;
@@ -169,7 +182,11 @@ routes:
         assert_eq!(bucket("bob"), bucket("bob"));
         let spread: std::collections::HashSet<u8> =
             (0..1000).map(|i| bucket(&format!("user{i}"))).collect();
-        assert!(spread.len() > 90, "buckets should spread, got {}", spread.len());
+        assert!(
+            spread.len() > 90,
+            "buckets should spread, got {}",
+            spread.len()
+        );
     }
 
     #[test]
@@ -200,7 +217,10 @@ routes:
                 assert!(bucket(&u) >= 30);
             }
         }
-        assert!((400..800).contains(&in_new), "about 30% expected, got {in_new}");
+        assert!(
+            (400..800).contains(&in_new),
+            "about 30% expected, got {in_new}"
+        );
     }
 
     #[test]

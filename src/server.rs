@@ -50,7 +50,10 @@ pub struct Running {
 impl Running {
     /// The address of the listener named `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     /// Stops accepting, lets relayed sessions finish for up to the drain timeout, then
@@ -59,8 +62,14 @@ impl Running {
         tracing::info!("draining: no new connections");
         self.drain.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.drain_timeout, self.tracker.wait()).await.is_err() {
-            tracing::warn!(left = self.tracker.len(), "drain timeout expired; closing remaining sessions");
+        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "drain timeout expired; closing remaining sessions"
+            );
             self.hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         }
@@ -70,8 +79,17 @@ impl Running {
 }
 
 fn bind(l: &Listener) -> Result<TcpListener, StartError> {
-    let err = |source| StartError::Bind { name: l.name.clone(), addr: l.listen, source };
-    let sock = if l.listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+    let err = |source| StartError::Bind {
+        name: l.name.clone(),
+        addr: l.listen,
+        source,
+    };
+    let sock = if l.listen.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
     sock.set_nodelay(true).map_err(err)?;
     sock.bind(l.listen).map_err(err)?;
@@ -88,7 +106,11 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
     let mut sockets = Vec::new();
     for l in &snap.config.listeners {
         let sock = bind(l)?;
-        let addr = sock.local_addr().map_err(|source| StartError::Bind { name: l.name.clone(), addr: l.listen, source })?;
+        let addr = sock.local_addr().map_err(|source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.listen,
+            source,
+        })?;
         bound.push((l.name.clone(), addr));
         sockets.push((l.clone(), sock));
     }
@@ -97,14 +119,22 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
             let handle = crate::metrics::install();
             let sock = crate::metrics::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind { name: "metrics".into(), addr, source })?;
+                .map_err(|source| StartError::Bind {
+                    name: "metrics".into(),
+                    addr,
+                    source,
+                })?;
             let local = sock.local_addr().ok();
             tokio::spawn(crate::metrics::serve(sock, handle, background.clone()));
             local
         }
         None => None,
     };
-    tokio::spawn(crate::backend::run_health_checks(backends.clone(), snap.clone(), background.clone()));
+    tokio::spawn(crate::backend::run_health_checks(
+        backends.clone(),
+        snap.clone(),
+        background.clone(),
+    ));
     for (listener, sock) in sockets {
         tracing::info!(listener = %listener.name, protocol = %listener.protocol, addr = %listener.listen, tls = ?listener.tls, "listening");
         let ctx = SessionCtx {

@@ -19,8 +19,7 @@ use crate::backend::{self, Backends, Connected, LoginResult};
 use crate::config::{Listener, Protocol};
 use crate::metrics as m;
 use crate::proto::{
-    self, Action, ClientInfo, Credentials, ListenerTls, LoginOutcome, Phase, PreAuth,
-    ServerPolicy,
+    self, Action, ClientInfo, Credentials, ListenerTls, LoginOutcome, Phase, PreAuth, ServerPolicy,
 };
 use crate::relay::{self, RelayEnd};
 use crate::route;
@@ -67,9 +66,15 @@ fn new_id() -> u64 {
 fn smtp_extensions(ctx: &SessionCtx) -> Vec<String> {
     let mut lists = Vec::new();
     for pool in ctx.snap.config.pools.values() {
-        let Some(pp) = pool.protocols.get(&Protocol::Smtp) else { continue };
+        let Some(pp) = pool.protocols.get(&Protocol::Smtp) else {
+            continue;
+        };
         for addr in &pp.servers {
-            let caps = ctx.backends.registry.get(&pool.name, Protocol::Smtp, &addr.to_string()).capabilities();
+            let caps = ctx
+                .backends
+                .registry
+                .get(&pool.name, Protocol::Smtp, &addr.to_string())
+                .capabilities();
             if !caps.is_empty() {
                 lists.push(caps);
             }
@@ -89,7 +94,10 @@ fn new_machine(ctx: &SessionCtx) -> Box<dyn PreAuth + Send> {
     match ctx.listener.protocol {
         Protocol::Imap => Box::new(proto::imap::ServerMachine::new(policy)),
         Protocol::Pop3 => Box::new(proto::pop3::ServerMachine::new(policy)),
-        Protocol::Smtp => Box::new(proto::smtp::ServerMachine::new(policy, smtp_extensions(ctx))),
+        Protocol::Smtp => Box::new(proto::smtp::ServerMachine::new(
+            policy,
+            smtp_extensions(ctx),
+        )),
     }
 }
 
@@ -119,11 +127,17 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
     );
     async move {
         let started = Instant::now();
-        let labels = [("listener", ctx.listener.name.clone()), ("protocol", ctx.listener.protocol.as_str().to_string())];
+        let labels = [
+            ("listener", ctx.listener.name.clone()),
+            ("protocol", ctx.listener.protocol.as_str().to_string()),
+        ];
         metrics::counter!(m::CONNECTIONS, &labels).increment(1);
         let _active = GaugeGuard::new(metrics::gauge!(m::CONNECTIONS_ACTIVE, &labels));
         let _ = tcp.set_nodelay(true);
-        let mut summary = Summary { outcome: "closed", ..Default::default() };
+        let mut summary = Summary {
+            outcome: "closed",
+            ..Default::default()
+        };
         serve(&ctx, tcp, peer, &mut summary).await;
         tracing::info!(
             outcome = summary.outcome,
@@ -155,7 +169,8 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         Stream::Plain(tcp)
     };
     let mut sm = new_machine(ctx);
-    let Some((mut client, mut backend, pending, pool)) = preauth(ctx, sm.as_mut(), client, peer, summary).await
+    let Some((mut client, mut backend, pending, pool)) =
+        preauth(ctx, sm.as_mut(), client, peer, summary).await
     else {
         return;
     };
@@ -163,8 +178,9 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     // client's pipelined bytes go to the backend, then the relay takes over.
     summary.outcome = "relayed";
     let proto_label = ctx.listener.protocol.as_str();
-    let _sessions =
-        GaugeGuard::new(metrics::gauge!(m::SESSIONS_ACTIVE, "pool" => pool.clone(), "protocol" => proto_label));
+    let _sessions = GaugeGuard::new(
+        metrics::gauge!(m::SESSIONS_ACTIVE, "pool" => pool.clone(), "protocol" => proto_label),
+    );
     if !backend.leftover.is_empty() && client.write_all(&backend.leftover).await.is_err() {
         summary.outcome = "client_error";
         return;
@@ -201,8 +217,14 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         .increment(summary.down);
 }
 
-async fn tls_accept(ctx: &SessionCtx, client: ClientStream, timeout: Duration) -> Option<ClientStream> {
-    let Stream::Plain(tcp) = client else { return None };
+async fn tls_accept(
+    ctx: &SessionCtx,
+    client: ClientStream,
+    timeout: Duration,
+) -> Option<ClientStream> {
+    let Stream::Plain(tcp) = client else {
+        return None;
+    };
     let cfg = ctx.snap.server_tls.clone()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -248,10 +270,19 @@ async fn preauth(
                     }
                     if !inbuf.is_empty() {
                         // Plaintext pipelined behind STARTTLS: never executed inside TLS.
-                        tracing::debug!(bytes = inbuf.len(), "discarding plaintext sent after STARTTLS");
+                        tracing::debug!(
+                            bytes = inbuf.len(),
+                            "discarding plaintext sent after STARTTLS"
+                        );
                         inbuf.clear();
                     }
-                    match tls_accept(ctx, client, cfg.timeouts.preauth.min(Duration::from_secs(30))).await {
+                    match tls_accept(
+                        ctx,
+                        client,
+                        cfg.timeouts.preauth.min(Duration::from_secs(30)),
+                    )
+                    .await
+                    {
                         Some(s) => client = s,
                         None => {
                             summary.outcome = "tls_failed";
@@ -262,7 +293,8 @@ async fn preauth(
                 }
                 Action::Login(creds) => {
                     let helo = sm.client_name().map(str::to_owned);
-                    let (outcome, conn) = login(ctx, creds, peer, helo, client.is_tls(), summary).await;
+                    let (outcome, conn) =
+                        login(ctx, creds, peer, helo, client.is_tls(), summary).await;
                     if let Some(c) = conn {
                         backend = Some(c);
                     }
@@ -341,9 +373,16 @@ async fn login(
     span.record("pool", decision.pool.as_str());
     summary.user = Some(decision.user.clone());
     summary.pool = Some(decision.pool.clone());
-    let backend_creds = Credentials { user: decision.user.clone(), secret: creds.secret.clone(), mechanism: creds.mechanism };
+    let backend_creds = Credentials {
+        user: decision.user.clone(),
+        secret: creds.secret.clone(),
+        mechanism: creds.mechanism,
+    };
     drop(creds);
-    let client = Some(ClientInfo { ip: peer.ip(), port: peer.port() });
+    let client = Some(ClientInfo {
+        ip: peer.ip(),
+        port: peer.port(),
+    });
     let helo = helo.unwrap_or_else(|| cfg.hostname.clone());
     let result = backend::login(
         &ctx.backends,
@@ -364,11 +403,21 @@ async fn login(
             summary.server = Some(c.server.clone());
             tracing::info!(server = %c.server, tls = client_tls, "login ok");
             let caps = c.capabilities.clone();
-            ("ok", LoginOutcome::Ok { capabilities: caps }, Some((c, pool.clone())))
+            (
+                "ok",
+                LoginOutcome::Ok { capabilities: caps },
+                Some((c, pool.clone())),
+            )
         }
         LoginResult::AuthFailed { response, server } => {
             tracing::info!(%server, "login rejected by backend");
-            ("auth_failed", LoginOutcome::AuthFailed { response: Some(response) }, None)
+            (
+                "auth_failed",
+                LoginOutcome::AuthFailed {
+                    response: Some(response),
+                },
+                None,
+            )
         }
         LoginResult::Unavailable => {
             tracing::warn!("no server of the pool is available");

@@ -34,10 +34,17 @@ impl Snapshot {
         for (name, pool) in &config.pools {
             for (proto, pp) in &pool.protocols {
                 if pp.tls != BackendTls::None {
-                    backend_tls.insert((name.clone(), *proto), tls::client_config(pp.ca.as_deref())?);
+                    backend_tls.insert(
+                        (name.clone(), *proto),
+                        tls::client_config(pp.ca.as_deref())?,
+                    );
                 }
             }
         }
-        Ok(Snapshot { config, server_tls, backend_tls })
+        Ok(Snapshot {
+            config,
+            server_tls,
+            backend_tls,
+        })
     }
 }

@@ -48,7 +48,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         .collect();
     let certs = certs.map_err(|e| TlsError::Certificate(path.into(), e.to_string()))?;
     if certs.is_empty() {
-        return Err(TlsError::Certificate(path.into(), "no certificate in file".into()));
+        return Err(TlsError::Certificate(
+            path.into(),
+            "no certificate in file".into(),
+        ));
     }
     Ok(certs)
 }
@@ -64,7 +67,8 @@ fn load_key(
         .load_private_key(key)
         .map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
     let ck = CertifiedKey::new(certs, signing);
-    ck.keys_match().map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
+    ck.keys_match()
+        .map_err(|e| TlsError::Key(files.key.clone(), e.to_string()))?;
     Ok(ck)
 }
 
@@ -100,7 +104,9 @@ impl SniResolver {
             return Some(first.clone());
         };
         for ck in &self.keys {
-            let Some(leaf) = ck.cert.first() else { continue };
+            let Some(leaf) = ck.cert.first() else {
+                continue;
+            };
             if let Ok(ee) = webpki::EndEntityCert::try_from(leaf) {
                 if ee.verify_is_valid_for_subject_name(&name).is_ok() {
                     return Some(ck.clone());
@@ -138,7 +144,9 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
                 .map_err(|e| TlsError::Ca(path.into(), e.to_string()))?;
             for c in certs {
                 let c = c.map_err(|e| TlsError::Ca(path.into(), e.to_string()))?;
-                roots.add(c).map_err(|e| TlsError::Ca(path.into(), e.to_string()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| TlsError::Ca(path.into(), e.to_string()))?;
             }
             if roots.is_empty() {
                 return Err(TlsError::Ca(path.into(), "no certificate in file".into()));

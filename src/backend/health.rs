@@ -81,7 +81,9 @@ impl ServerState {
         self.oks.store(0, Ordering::Release);
         let fails = self.fails.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         if fails >= health.fall {
-            let until = self.now_ms().saturating_add(health.down_for.as_millis() as u64);
+            let until = self
+                .now_ms()
+                .saturating_add(health.down_for.as_millis() as u64);
             self.down_until_ms.store(until, Ordering::Release);
             self.set_up(false);
         }
@@ -109,7 +111,10 @@ impl ServerState {
 
     /// What the server advertised at its last successful probe.
     pub fn capabilities(&self) -> Vec<String> {
-        self.capabilities.lock().map(|c| c.clone()).unwrap_or_default()
+        self.capabilities
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -122,7 +127,10 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { epoch: Instant::now(), map: Mutex::new(HashMap::new()) }
+        Registry {
+            epoch: Instant::now(),
+            map: Mutex::new(HashMap::new()),
+        }
     }
 }
 

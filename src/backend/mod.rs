@@ -123,7 +123,10 @@ pub struct Backends {
 impl Backends {
     /// Fresh state.
     pub fn new() -> Self {
-        Backends { registry: Arc::new(Registry::default()), resolver: Resolver::from_system() }
+        Backends {
+            registry: Arc::new(Registry::default()),
+            resolver: Resolver::from_system(),
+        }
     }
 }
 
@@ -203,7 +206,10 @@ async fn tls_connect(
     pp: &PoolProtocol,
     addr: &ServerAddr,
 ) -> Result<BackendStream, Failure> {
-    let cfg = snap.backend_tls.get(&(pool.to_string(), protocol)).ok_or(Failure::Tls)?;
+    let cfg = snap
+        .backend_tls
+        .get(&(pool.to_string(), protocol))
+        .ok_or(Failure::Tls)?;
     let name = crate::tls::backend_name(pp.server_name.as_deref(), addr).map_err(|e| {
         tracing::warn!(server = %addr, error = %e, "no valid TLS name for backend");
         Failure::Tls
@@ -246,7 +252,9 @@ async fn drive(
                     // and is not trusted: discard it.
                     buf.clear();
                     stream = match stream {
-                        Stream::Plain(tcp) => tls_connect(tcp, snap, pool, protocol, pp, addr).await?,
+                        Stream::Plain(tcp) => {
+                            tls_connect(tcp, snap, pool, protocol, pp, addr).await?
+                        }
                         Stream::Tls(_) => return Err(Failure::Protocol),
                     };
                     machine.tls_established();
@@ -262,7 +270,10 @@ async fn drive(
         if buf.len() >= MAX_BACKEND_PENDING {
             return Err(Failure::Protocol);
         }
-        let n = stream.read(&mut chunk).await.map_err(|_| Failure::Protocol)?;
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| Failure::Protocol)?;
         if n == 0 {
             return Err(Failure::Protocol);
         }
@@ -285,7 +296,11 @@ pub async fn attempt(
 ) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
     let policy = BackendPolicy {
         tls: pp.tls,
-        forward_client: if pool.forward_client_address { client } else { None },
+        forward_client: if pool.forward_client_address {
+            client
+        } else {
+            None
+        },
         helo: helo.to_string(),
     };
     let mut machine = new_machine(protocol, policy, job);
@@ -296,7 +311,16 @@ pub async fn attempt(
         } else {
             Stream::Plain(tcp)
         };
-        drive(machine.as_mut(), stream, snap, &pool.name, protocol, pp, addr).await
+        drive(
+            machine.as_mut(),
+            stream,
+            snap,
+            &pool.name,
+            protocol,
+            pp,
+            addr,
+        )
+        .await
     };
     match tokio::time::timeout(pool.login_timeout, work).await {
         Ok(r) => r,
@@ -319,12 +343,20 @@ pub fn try_order<'a>(
 ) -> Vec<(usize, &'a ServerAddr)> {
     let mut ordered: Vec<(usize, &ServerAddr)> = order
         .iter()
-        .filter_map(|s| pp.servers.iter().enumerate().find(|(_, a)| a.to_string() == *s))
+        .filter_map(|s| {
+            pp.servers
+                .iter()
+                .enumerate()
+                .find(|(_, a)| a.to_string() == *s)
+        })
         .collect();
     // Stable partition: available servers keep their order and go first; down servers
     // remain as a last resort, so a pool whose probes are all failing is still tried.
     ordered.sort_by_key(|(_, a)| {
-        !backends.registry.get(&pool.name, protocol, &a.to_string()).is_available(&pool.health)
+        !backends
+            .registry
+            .get(&pool.name, protocol, &a.to_string())
+            .is_available(&pool.health)
     });
     ordered
 }
@@ -342,24 +374,54 @@ pub async fn login(
     client: Option<ClientInfo>,
     helo: &str,
 ) -> LoginResult {
-    let Some(pool) = snap.config.pools.get(pool_name) else { return LoginResult::Unavailable };
-    let Some(pp) = pool.protocols.get(&protocol) else { return LoginResult::Unavailable };
+    let Some(pool) = snap.config.pools.get(pool_name) else {
+        return LoginResult::Unavailable;
+    };
+    let Some(pp) = pool.protocols.get(&protocol) else {
+        return LoginResult::Unavailable;
+    };
     let candidates = try_order(backends, pool, protocol, pp, order);
     let total = candidates.len();
     for (n, (index, addr)) in candidates.into_iter().enumerate() {
         let server = addr.to_string();
         let state = backends.registry.get(pool_name, protocol, &server);
-        let result = if protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp
-        {
-            pop_before_smtp(backends, snap, pool, pp, index, addr, creds, client.clone(), helo).await
-        } else {
-            attempt(backends, snap, pool, protocol, pp, addr, Job::Login(creds.clone()), client.clone(), helo)
+        let result =
+            if protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp {
+                pop_before_smtp(
+                    backends,
+                    snap,
+                    pool,
+                    pp,
+                    index,
+                    addr,
+                    creds,
+                    client.clone(),
+                    helo,
+                )
                 .await
-        };
+            } else {
+                attempt(
+                    backends,
+                    snap,
+                    pool,
+                    protocol,
+                    pp,
+                    addr,
+                    Job::Login(creds.clone()),
+                    client.clone(),
+                    helo,
+                )
+                .await
+            };
         match result {
             Ok((BackendResult::LoggedIn { capabilities }, stream, leftover)) => {
                 state.record_login_success();
-                return LoginResult::LoggedIn(Connected { stream, leftover, server, capabilities });
+                return LoginResult::LoggedIn(Connected {
+                    stream,
+                    leftover,
+                    server,
+                    capabilities,
+                });
             }
             Ok((BackendResult::AuthFailed { response }, _, _)) => {
                 state.record_login_success(); // it answered: it is up
@@ -404,7 +466,10 @@ async fn pop_before_smtp(
     client: Option<ClientInfo>,
     helo: &str,
 ) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
-    let pop_pp = pool.protocols.get(&Protocol::Pop3).ok_or(Failure::NoMechanism)?;
+    let pop_pp = pool
+        .protocols
+        .get(&Protocol::Pop3)
+        .ok_or(Failure::NoMechanism)?;
     let pop_addr = pop_pp.servers.get(index).ok_or(Failure::NoMechanism)?;
     let (res, mut pop_stream, _) = attempt(
         backends,
@@ -425,8 +490,18 @@ async fn pop_before_smtp(
         }
         other => return Ok((other, pop_stream, Vec::new())),
     }
-    attempt(backends, snap, pool, Protocol::Smtp, smtp_pp, smtp_addr, Job::SmtpNoAuth, client, helo)
-        .await
+    attempt(
+        backends,
+        snap,
+        pool,
+        Protocol::Smtp,
+        smtp_pp,
+        smtp_addr,
+        Job::SmtpNoAuth,
+        client,
+        helo,
+    )
+    .await
 }
 
 /// Probes one server once (connect, TLS, greeting, capabilities, goodbye).

@@ -41,7 +41,9 @@ impl Resolver {
         opts.timeout = Duration::from_secs(2);
         opts.attempts = 2;
         opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Always;
-        Resolver { inner: builder.build() }
+        Resolver {
+            inner: builder.build(),
+        }
     }
 
     /// All addresses of a host, in the resolver's order.
@@ -49,7 +51,11 @@ impl Resolver {
         match host {
             Host::Ip(ip) => Ok(vec![*ip]),
             Host::Name(name) => {
-                let lookup = self.inner.lookup_ip(name.as_str()).await.map_err(|e| e.to_string())?;
+                let lookup = self
+                    .inner
+                    .lookup_ip(name.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let ips: Vec<IpAddr> = lookup.iter().collect();
                 if ips.is_empty() {
                     Err(format!("{name}: no addresses"))

@@ -332,7 +332,11 @@ fn find_key(content: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// The line after the block that starts at line `at` (indented by `indent`): the next
+/// non-empty line indented less, or a sibling at the same indent. Sequence items at the
+/// same indent as a key line (`routes:` then `- ...`) are that key's children.
 fn block_end(lines: &[&str], at: usize, indent: usize) -> usize {
+    let at_is_item = strip_comment(lines[at]).trim_start().starts_with('-');
     for (i, line) in lines.iter().enumerate().skip(at + 1) {
         let content = strip_comment(line);
         if content.trim().is_empty() {
@@ -340,12 +344,7 @@ fn block_end(lines: &[&str], at: usize, indent: usize) -> usize {
         }
         let ind = content.len() - content.trim_start().len();
         let is_item = content.trim_start().starts_with('-');
-        if ind < indent || (ind == indent && !is_item) || (ind == indent && is_item && at != i) {
-            // A sibling sequence item at the same indent also ends the block of an item.
-            if ind == indent && is_item && !strip_comment(lines[at]).trim_start().starts_with('-')
-            {
-                continue;
-            }
+        if ind < indent || (ind == indent && (at_is_item || !is_item)) {
             return i;
         }
     }

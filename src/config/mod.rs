@@ -52,7 +52,9 @@ impl std::str::FromStr for Protocol {
             "imap" => Ok(Protocol::Imap),
             "pop3" => Ok(Protocol::Pop3),
             "smtp" => Ok(Protocol::Smtp),
-            other => Err(format!("unknown protocol {other:?} (expected imap, pop3 or smtp)")),
+            other => Err(format!(
+                "unknown protocol {other:?} (expected imap, pop3 or smtp)"
+            )),
         }
     }
 }
@@ -140,10 +142,14 @@ impl std::str::FromStr for ServerAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(ServerAddr { host: Host::Ip(sa.ip()), port: sa.port() });
+            return Ok(ServerAddr {
+                host: Host::Ip(sa.ip()),
+                port: sa.port(),
+            });
         }
-        let (host, port) =
-            s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not host:port"))?;
         let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
         if port == 0 {
             return Err(format!("{s:?}: port 0"));
@@ -153,12 +159,16 @@ impl std::str::FromStr for ServerAddr {
             && host.split('.').all(|l| {
                 !l.is_empty()
                     && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             });
         if !valid_name {
             return Err(format!("{s:?}: bad host name"));
         }
-        Ok(ServerAddr { host: Host::Name(host.to_ascii_lowercase()), port })
+        Ok(ServerAddr {
+            host: Host::Name(host.to_ascii_lowercase()),
+            port,
+        })
     }
 }
 
@@ -307,7 +317,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         if digits == 0 {
             return Err(format!("{s:?} is not a duration like 500ms, 10s, 5m, 1h"));
         }
-        let n: u64 = rest[..digits].parse().map_err(|_| format!("{s:?}: number too large"))?;
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?}: number too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         let unit = &rest[..unit_len];
@@ -318,7 +330,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
             "d" => Duration::from_secs(n.saturating_mul(86400)),
-            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+                ))
+            }
         };
         total = total.saturating_add(d);
     }
@@ -334,7 +350,13 @@ impl Ctx<'_> {
     fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let key = key.into();
         let (line, col) = file::locate(self.text, &key).unwrap_or((0, 0));
-        ConfigError::Invalid { file: self.file.to_path_buf(), key, line, col, message: message.into() }
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            key,
+            line,
+            col,
+            message: message.into(),
+        }
     }
 }
 
@@ -342,8 +364,10 @@ impl Config {
     /// Reads and validates a configuration file. Relative paths inside it are resolved
     /// against the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { file: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Config::from_text(&text, path, &base)
     }
@@ -354,7 +378,11 @@ impl Config {
         let cx = Ctx { file, text };
         let raw = file::parse(text).map_err(|(key, line, col, message)| ConfigError::Invalid {
             file: file.to_path_buf(),
-            key: if key.is_empty() || key == "." { "(document)".into() } else { key },
+            key: if key.is_empty() || key == "." {
+                "(document)".into()
+            } else {
+                key
+            },
             line,
             col,
             message,
@@ -375,7 +403,10 @@ impl Config {
             }
         };
 
-        let hostname = raw.hostname.clone().unwrap_or_else(|| "cutover".to_string());
+        let hostname = raw
+            .hostname
+            .clone()
+            .unwrap_or_else(|| "cutover".to_string());
         if hostname.is_empty() || !hostname.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(cx.err("hostname", "must be a non-empty name without spaces"));
         }
@@ -398,7 +429,10 @@ impl Config {
         for (i, l) in raw.listeners.iter().enumerate() {
             let k = |f: &str| format!("listeners[{i}].{f}");
             if l.name.is_empty() || !names.insert(l.name.clone()) {
-                return Err(cx.err(k("name"), format!("listener name {:?} is empty or used twice", l.name)));
+                return Err(cx.err(
+                    k("name"),
+                    format!("listener name {:?} is empty or used twice", l.name),
+                ));
             }
             let protocol: Protocol = l.protocol.parse().map_err(|e| cx.err(k("protocol"), e))?;
             let listen: SocketAddr = l
@@ -439,16 +473,24 @@ impl Config {
                 "first" => Balance::First,
                 "user-hash" => Balance::UserHash,
                 other => {
-                    return Err(cx.err(k("balance"), format!("{other:?}: expected first or user-hash")))
+                    return Err(cx.err(
+                        k("balance"),
+                        format!("{other:?}: expected first or user-hash"),
+                    ))
                 }
             };
-            let dur = |f: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
-                match v {
-                    Some(s) => parse_duration(s).map_err(|e| cx.err(k(f), e)),
-                    None => Ok(default),
-                }
-            };
-            let connect_timeout = dur("connect_timeout", &p.connect_timeout, Duration::from_secs(3))?;
+            let dur =
+                |f: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+                    match v {
+                        Some(s) => parse_duration(s).map_err(|e| cx.err(k(f), e)),
+                        None => Ok(default),
+                    }
+                };
+            let connect_timeout = dur(
+                "connect_timeout",
+                &p.connect_timeout,
+                Duration::from_secs(3),
+            )?;
             if connect_timeout.is_zero() {
                 return Err(cx.err(k("connect_timeout"), "must be more than 0"));
             }
@@ -474,8 +516,11 @@ impl Config {
                 return Err(cx.err(hk("rise"), "rise and fall must be at least 1"));
             }
             let mut protocols = BTreeMap::new();
-            for (proto, pp) in [(Protocol::Imap, &p.imap), (Protocol::Pop3, &p.pop3), (Protocol::Smtp, &p.smtp)]
-            {
+            for (proto, pp) in [
+                (Protocol::Imap, &p.imap),
+                (Protocol::Pop3, &p.pop3),
+                (Protocol::Smtp, &p.smtp),
+            ] {
                 let Some(pp) = pp else { continue };
                 let pk = |f: &str| format!("pools.{name}.{proto}.{f}");
                 if pp.servers.is_empty() {
@@ -483,8 +528,9 @@ impl Config {
                 }
                 let mut servers = Vec::new();
                 for (j, s) in pp.servers.iter().enumerate() {
-                    let sa: ServerAddr =
-                        s.parse().map_err(|e| cx.err(format!("pools.{name}.{proto}.servers[{j}]"), e))?;
+                    let sa: ServerAddr = s
+                        .parse()
+                        .map_err(|e| cx.err(format!("pools.{name}.{proto}.servers[{j}]"), e))?;
                     servers.push(sa);
                 }
                 let tls = match pp.tls.as_deref().unwrap_or("none") {
@@ -492,7 +538,10 @@ impl Config {
                     "starttls" => BackendTls::StartTls,
                     "implicit" => BackendTls::Implicit,
                     other => {
-                        return Err(cx.err(pk("tls"), format!("{other:?}: expected none, starttls or implicit")))
+                        return Err(cx.err(
+                            pk("tls"),
+                            format!("{other:?}: expected none, starttls or implicit"),
+                        ))
                     }
                 };
                 let ca = match &pp.ca {
@@ -515,7 +564,13 @@ impl Config {
                 };
                 protocols.insert(
                     proto,
-                    PoolProtocol { servers, tls, ca, server_name: pp.server_name.clone(), auth },
+                    PoolProtocol {
+                        servers,
+                        tls,
+                        ca,
+                        server_name: pp.server_name.clone(),
+                        auth,
+                    },
                 );
             }
             if let Some(smtp) = protocols.get(&Protocol::Smtp) {
@@ -532,7 +587,10 @@ impl Config {
                 }
             }
             if protocols.is_empty() {
-                return Err(cx.err(format!("pools.{name}"), "pool has no imap, pop3 or smtp servers"));
+                return Err(cx.err(
+                    format!("pools.{name}"),
+                    "pool has no imap, pop3 or smtp servers",
+                ));
             }
             pools.insert(
                 name.clone(),
@@ -551,7 +609,11 @@ impl Config {
         // Users.
         let users = match &raw.users {
             Some(u) => Users {
-                local_domains: u.local_domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                local_domains: u
+                    .local_domains
+                    .iter()
+                    .map(|d| d.to_ascii_lowercase())
+                    .collect(),
                 case_insensitive: u.case_insensitive,
             },
             None => Users::default(),
@@ -566,11 +628,19 @@ impl Config {
             }
             let norm = |u: &str| crate::route::normalize(&users, u);
             let matcher = Matcher {
-                users: r.users.as_ref().map(|v| v.iter().map(|u| norm(u)).collect()),
-                domains: r.domains.as_ref().map(|v| v.iter().map(|d| d.to_ascii_lowercase()).collect()),
+                users: r
+                    .users
+                    .as_ref()
+                    .map(|v| v.iter().map(|u| norm(u)).collect()),
+                domains: r
+                    .domains
+                    .as_ref()
+                    .map(|v| v.iter().map(|d| d.to_ascii_lowercase()).collect()),
                 percent: match r.percent {
                     Some(p) if p <= 100 => Some(p as u8),
-                    Some(p) => return Err(cx.err(k("percent"), format!("{p} is not between 0 and 100"))),
+                    Some(p) => {
+                        return Err(cx.err(k("percent"), format!("{p} is not between 0 and 100")))
+                    }
                     None => None,
                 },
             };
@@ -609,17 +679,19 @@ impl Config {
             }
         }
 
-        let metrics = match &raw.metrics {
-            Some(m) => Some(
-                m.listen
-                    .parse()
-                    .map_err(|_| cx.err("metrics.listen", format!("{:?} is not ip:port", m.listen)))?,
-            ),
-            None => None,
-        };
+        let metrics =
+            match &raw.metrics {
+                Some(m) => Some(m.listen.parse().map_err(|_| {
+                    cx.err("metrics.listen", format!("{:?} is not ip:port", m.listen))
+                })?),
+                None => None,
+            };
 
         let mut limits = Limits::default();
-        let mut timeouts = Timeouts { preauth: Duration::from_secs(60), drain: Duration::from_secs(30) };
+        let mut timeouts = Timeouts {
+            preauth: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+        };
         if let Some(l) = &raw.limits {
             if let Some(v) = l.max_line {
                 if !(512..=1 << 20).contains(&v) {
@@ -640,12 +712,14 @@ impl Config {
                 limits.max_commands = v.max(1);
             }
             if let Some(v) = &l.preauth_timeout {
-                timeouts.preauth = parse_duration(v).map_err(|e| cx.err("limits.preauth_timeout", e))?;
+                timeouts.preauth =
+                    parse_duration(v).map_err(|e| cx.err("limits.preauth_timeout", e))?;
             }
         }
         if let Some(s) = &raw.shutdown {
             if let Some(v) = &s.drain_timeout {
-                timeouts.drain = parse_duration(v).map_err(|e| cx.err("shutdown.drain_timeout", e))?;
+                timeouts.drain =
+                    parse_duration(v).map_err(|e| cx.err("shutdown.drain_timeout", e))?;
             }
         }
 
@@ -706,7 +780,9 @@ metrics:
 
     fn invalid(text: &str) -> (String, usize, String) {
         match load(text) {
-            Err(ConfigError::Invalid { key, line, message, .. }) => (key, line, message),
+            Err(ConfigError::Invalid {
+                key, line, message, ..
+            }) => (key, line, message),
             other => panic!("expected invalid, got {other:?}"),
         }
     }
@@ -722,7 +798,8 @@ metrics:
 
     #[test]
     fn bad_values_are_reported() {
-        let (key, line, _) = invalid(&GOOD.replace("connect_timeout: 1s", "connect_timeout: 1 sec"));
+        let (key, line, _) =
+            invalid(&GOOD.replace("connect_timeout: 1s", "connect_timeout: 1 sec"));
         assert_eq!((key.as_str(), line), ("pools.legacy.connect_timeout", 9));
         let (key, _, _) = invalid(&GOOD.replace("percent: 30", "percent: 130"));
         assert_eq!(key, "routes[2].percent");
