@@ -21,12 +21,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod demo;
+pub mod http;
 pub mod metrics;
 pub mod proto;
 pub mod relay;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod session;

@@ -1,20 +1,16 @@
-//! The `cutover` command line: run | check | route | demo. No logic lives here.
+//! The `cutover` command line. No logic lives here: every command calls the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use cutover::config::{Config, Protocol};
+use cutover::config::{rfc3339, Config, Protocol};
 use cutover::snapshot::Snapshot;
 
 #[derive(Parser)]
-#[command(
-    name = "cutover",
-    version,
-    about = "Mail front proxy for migrating users between server pools"
-)]
+#[command(name = "cutover", version, about = "Mail front proxy for migrating users between server pools")]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -31,19 +27,19 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy.
+    /// Run the proxy (SIGHUP or a changed file reloads; SIGTERM/SIGINT drains and stops).
     Run {
         /// Configuration file.
         #[arg(long, short, default_value = "routes.yaml")]
         config: PathBuf,
     },
-    /// Validate a configuration file (exit 0 if valid).
+    /// Validate a configuration file (exit 0 if valid) and list its stages.
     Check {
         /// Configuration file.
         #[arg(long, short, default_value = "routes.yaml")]
         config: PathBuf,
     },
-    /// Show where a user would be routed.
+    /// Show where a user would be routed, now or at another time.
     Route {
         /// Configuration file.
         #[arg(long, short, default_value = "routes.yaml")]
@@ -51,33 +47,57 @@ enum Command {
         /// Protocol.
         #[arg(long, short, default_value = "imap")]
         protocol: String,
+        /// Decide as of this RFC 3339 time (default: now), e.g. 2026-12-01T18:13:00Z.
+        #[arg(long)]
+        at: Option<String>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
         /// The user name, as a client would send it.
         user: String,
     },
+    /// End a user's relayed sessions (through the admin endpoint of the running proxy).
+    Kick(AdminArgs),
+    /// Make a user's new logins wait until released (for the final mailbox copy).
+    Hold(AdminArgs),
+    /// Let a held user's logins through to the route in force.
+    Release(AdminArgs),
+    /// List users still served by a legacy pool or logging in without TLS.
+    Stragglers {
+        /// Configuration file (names the admin endpoint).
+        #[arg(long, short, default_value = "routes.yaml")]
+        config: PathBuf,
+        /// Look back this many hours.
+        #[arg(long, default_value_t = 24)]
+        hours: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the proxy with embedded demo backends "new", "green" and "mauve" on loopback.
     Demo,
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Configuration file (names the admin endpoint).
+    #[arg(long, short, default_value = "routes.yaml")]
+    config: PathBuf,
+    /// User name.
+    user: String,
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Snapshot, String> {
+fn load(path: &Path) -> Result<Snapshot, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     Snapshot::build(config).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -86,10 +106,7 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -108,121 +125,188 @@ async fn shutdown_signal() {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())
+}
+
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(code)
+}
+
+fn check(path: &Path) -> ExitCode {
+    let snap = match load(path) {
+        Ok(s) => s,
+        Err(e) => return fail(e, 2),
+    };
+    let c = &snap.config;
+    println!("{}: OK", path.display());
+    for l in &c.listeners {
+        let bridge = l.bridge_window.map(|w| format!(", pop-before-smtp bridge {}s", w.as_secs())).unwrap_or_default();
+        println!("  listener {:<12} {} on {} (tls {:?}{bridge})", l.name, l.protocol, l.listen, l.tls);
+    }
+    for (name, p) in &c.pools {
+        let protos: Vec<String> = p
+            .protocols
+            .iter()
+            .map(|(proto, pp)| format!("{proto} {}", pp.servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ")))
+            .collect();
+        println!("  pool     {name:<12} {}", protos.join("; "));
+    }
+    let now = rfc3339::now();
+    let (active, _) = c.routes_at(now);
+    println!("  routes   {} top-level{}", c.routes.len(), if active.is_none() { " (in force now)" } else { "" });
+    for r in &c.routes {
+        println!("           {}", r.text);
+    }
+    for s in &c.stages {
+        let state = if Some(s.name.as_str()) == active {
+            "in force now"
+        } else if s.from > now {
+            "scheduled"
+        } else {
+            "past"
+        };
+        println!("  stage    {:<12} from {} ({state}), {} routes", s.name, rfc3339::format(s.from), s.routes.len());
+        for r in &s.routes {
+            println!("           {}", r.text);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn route(config: &Path, protocol: &str, at: Option<&str>, json: bool, user: &str) -> ExitCode {
+    let protocol: Protocol = match protocol.parse() {
+        Ok(p) => p,
+        Err(e) => return fail(e, 2),
+    };
+    let now = match at {
+        Some(t) => match rfc3339::parse(t) {
+            Ok(t) => t,
+            Err(e) => return fail(e, 2),
+        },
+        None => rfc3339::now(),
+    };
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    match cutover::route::route(&cfg, user, protocol, now) {
+        Ok(d) if json => match serde_json::to_string(&d) {
+            Ok(s) => {
+                println!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 1),
+        },
+        Ok(d) => {
+            print!("{}", d.explain());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e, 1),
+    }
+}
+
+/// Calls the admin endpoint named in the configuration.
+fn admin(config: &Path, method: &str, path: &str) -> Result<String, String> {
+    let cfg = Config::load(config).map_err(|e| e.to_string())?;
+    let admin = cfg.admin.ok_or_else(|| format!("{}: no admin endpoint configured (admin.listen)", config.display()))?;
+    let rt = runtime()?;
+    let (status, body) = rt
+        .block_on(cutover::http::request(admin.listen, method, path, admin.token.as_deref()))
+        .map_err(|e| format!("admin endpoint {}: {e} (is the proxy running?)", admin.listen))?;
+    if status == 200 {
+        Ok(body)
+    } else {
+        Err(format!("admin endpoint answered {status}: {}", body.trim()))
+    }
+}
+
+fn admin_user(args: &AdminArgs, action: &str) -> ExitCode {
+    let path = format!("/{action}?user={}", cutover::http::percent_encode(&args.user));
+    match admin(&args.config, "POST", &path) {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e, 1),
+    }
+}
+
+fn stragglers(config: &Path, hours: u32, json: bool) -> ExitCode {
+    let body = match admin(config, "GET", &format!("/stragglers?hours={hours}")) {
+        Ok(b) => b,
+        Err(e) => return fail(e, 1),
+    };
+    if json {
+        print!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+    println!("{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} why", "user", "pool", "proto", "listener", "tls", "last seen");
+    for r in &rows {
+        let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+        let why: Vec<String> = r
+            .get("why")
+            .and_then(|w| w.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let tls = r.get("tls").and_then(|v| v.as_bool()).map(|b| if b { "yes" } else { "no" }).unwrap_or("-");
+        println!("{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} {}", s("user"), s("pool"), s("protocol"), s("listener"), tls, s("last_seen"), why.join(","));
+    }
+    println!("{} entries in the last {hours} hours", rows.len());
+    ExitCode::SUCCESS
+}
+
+fn run(path: PathBuf, format: LogFormat) -> ExitCode {
+    init_logs(format);
+    let snap = match load(&path) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!("{e}");
+            return fail(e, 2);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start runtime: {e}"), 1),
+    };
+    let result = rt.block_on(async move {
+        let running = cutover::server::start(snap, cutover::backend::Backends::new()).await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(cutover::reload::watch(running.clone(), path, stop.clone()));
+        shutdown_signal().await;
+        stop.cancel();
+        running.shutdown().await;
+        Ok::<(), cutover::server::StartError>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            fail(e, 1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match load(&config) {
-            Ok(snap) => {
-                let c = &snap.config;
-                println!("{}: OK", config.display());
-                println!(
-                    "  listeners: {}",
-                    c.listeners
-                        .iter()
-                        .map(|l| format!("{} ({} {} {:?})", l.name, l.protocol, l.listen, l.tls))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                println!(
-                    "  pools:     {}",
-                    c.pools.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-                println!("  routes:    {}", c.routes.len());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Route {
-            config,
-            protocol,
-            json,
-            user,
-        } => {
-            let protocol: Protocol = match protocol.parse() {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match cutover::route::route(&cfg, &user, protocol) {
-                Ok(d) => {
-                    if json {
-                        match serde_json::to_string(&d) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => {
-                                eprintln!("error: {e}");
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                    } else {
-                        print!("{}", d.explain());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::Run { config } => {
-            init_logs(cli.log_format);
-            let snap = match load(&config) {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(cutover::server::run_until(snap, shutdown_signal())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Check { config } => check(&config),
+        Command::Route { config, protocol, at, json, user } => route(&config, &protocol, at.as_deref(), json, &user),
+        Command::Run { config } => run(config, cli.log_format),
+        Command::Kick(a) => admin_user(&a, "kick"),
+        Command::Hold(a) => admin_user(&a, "hold"),
+        Command::Release(a) => admin_user(&a, "release"),
+        Command::Stragglers { config, hours, json } => stragglers(&config, hours, json),
         Command::Demo => {
             init_logs(cli.log_format);
             let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(e) => return fail(format!("cannot start runtime: {e}"), 1),
             };
             match rt.block_on(cutover::demo::run(shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fail(e, 1),
             }
         }
     }

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +26,16 @@ pub const CONNECTIONS_ACTIVE: &str = "cutover_connections_active";
 pub const SESSIONS_ACTIVE: &str = "cutover_sessions_active";
 /// Bytes relayed, by `pool`, `protocol`, `direction` (client_to_backend | backend_to_client).
 pub const BYTES: &str = "cutover_relayed_bytes_total";
+/// 1 for the stage in force, 0 for the others, by `stage` (`(initial)`: the top-level routes).
+pub const STAGE_ACTIVE: &str = "cutover_stage_active";
+/// Configuration reloads, by `result` (ok | error).
+pub const RELOADS: &str = "cutover_config_reloads_total";
+/// Relayed sessions ended from outside, by `protocol`, `reason` (moved | admin | shutdown).
+pub const KICKED: &str = "cutover_sessions_kicked_total";
+/// Logins tried on a route's fallback pool, by `from`, `to`, `reason` (unavailable | auth_failed).
+pub const FALLBACKS: &str = "cutover_fallbacks_total";
+/// Logins that waited for a held user, by `result` (released | timed_out).
+pub const HELD_LOGINS: &str = "cutover_held_logins_total";
 
 /// Installs the global recorder (once per process) and returns a handle for rendering.
 pub fn install() -> PrometheusHandle {
@@ -43,8 +52,7 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `GET /metrics` until `stop` is cancelled. A deliberately small HTTP/1.0-style
-/// responder: one request per connection, bounded header size and time.
+/// Serves `GET /metrics` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: CancellationToken) {
     loop {
         let (mut sock, _) = tokio::select! {
@@ -60,43 +68,13 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: Cancel
         };
         let handle = handle.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while len < buf.len() {
-                    let n = sock.read(&mut buf[len..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let first = head.lines().next().unwrap_or("");
-            let mut parts = first.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let response = if method == "GET"
-                && (path == "/metrics" || path.starts_with("/metrics?"))
-            {
+            let Some(req) = crate::http::read_request(&mut sock).await else { return };
+            if req.method == "GET" && req.path == "/metrics" {
                 let body = handle.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                    body.len(),
-                    body
-                )
+                crate::http::respond(&mut sock, 200, "text/plain; version=0.0.4; charset=utf-8", &body).await;
             } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n".to_string()
-            };
-            let _ = sock.write_all(response.as_bytes()).await;
-            let _ = sock.shutdown().await;
+                crate::http::respond(&mut sock, 404, "text/plain", "not found\n").await;
+            }
         });
     }
 }

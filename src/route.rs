@@ -27,6 +27,23 @@ pub struct Decision {
     pub servers: Vec<String>,
     /// The stable bucket (0..100) used by `percent` rules.
     pub bucket: u8,
+    /// The stage in force (None: the top-level routes).
+    pub stage: Option<String>,
+    /// The pool tried when every server of `pool` is unavailable.
+    pub fallback: Option<FallbackDecision>,
+    /// When the decision was taken (RFC 3339).
+    pub at: String,
+}
+
+/// The fallback part of a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FallbackDecision {
+    /// Pool name.
+    pub pool: String,
+    /// Servers in try order.
+    pub servers: Vec<String>,
+    /// Also used when `pool` rejects the credentials.
+    pub on_auth_failure: bool,
 }
 
 /// Why no decision could be made.
@@ -82,13 +99,26 @@ pub fn bucket(user: &str) -> u8 {
     (stable_hash(b"percent", user) % 100) as u8
 }
 
-/// Decides where `login` goes for `protocol`.
-pub fn route(cfg: &Config, login: &str, protocol: Protocol) -> Result<Decision, RouteError> {
+/// Servers of `pool` for `protocol` in the order a user is tried.
+fn servers_for(cfg: &Config, pool_name: &str, user: &str, protocol: Protocol) -> Result<Vec<String>, RouteError> {
+    let missing = || RouteError::NoServers { pool: pool_name.to_string(), protocol };
+    let pool = cfg.pools.get(pool_name).ok_or_else(missing)?;
+    let pp = pool.protocols.get(&protocol).ok_or_else(missing)?;
+    let mut servers: Vec<String> = pp.servers.iter().map(|s| s.to_string()).collect();
+    if pool.balance == Balance::UserHash && !servers.is_empty() {
+        let start = stable_hash(b"balance", user) % servers.len() as u64;
+        servers.rotate_left(start as usize);
+    }
+    Ok(servers)
+}
+
+/// Decides where `login` goes for `protocol` at `now` (Unix seconds; it picks the stage).
+pub fn route(cfg: &Config, login: &str, protocol: Protocol, now: i64) -> Result<Decision, RouteError> {
     let user = normalize(&cfg.users, login);
     let bucket = bucket(&user);
     let domain = user.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
-    let (rule_index, rule) = cfg
-        .routes
+    let (stage, routes) = cfg.routes_at(now);
+    let (rule_index, rule) = routes
         .iter()
         .enumerate()
         .find(|(_, r)| {
@@ -100,25 +130,15 @@ pub fn route(cfg: &Config, login: &str, protocol: Protocol) -> Result<Decision, 
                 && m.percent.is_none_or(|p| bucket < p)
         })
         .ok_or_else(|| RouteError::NoRoute(user.clone()))?;
-    let pool = cfg
-        .pools
-        .get(&rule.pool)
-        .ok_or_else(|| RouteError::NoServers {
-            pool: rule.pool.clone(),
-            protocol,
-        })?;
-    let pp = pool
-        .protocols
-        .get(&protocol)
-        .ok_or_else(|| RouteError::NoServers {
-            pool: rule.pool.clone(),
-            protocol,
-        })?;
-    let mut servers: Vec<String> = pp.servers.iter().map(|s| s.to_string()).collect();
-    if pool.balance == Balance::UserHash && !servers.is_empty() {
-        let start = stable_hash(b"balance", &user) % servers.len() as u64;
-        servers.rotate_left(start as usize);
-    }
+    let servers = servers_for(cfg, &rule.pool, &user, protocol)?;
+    let fallback = match &rule.fallback {
+        Some(f) => Some(FallbackDecision {
+            pool: f.clone(),
+            servers: servers_for(cfg, f, &user, protocol)?,
+            on_auth_failure: rule.fallback_on_auth_failure,
+        }),
+        None => None,
+    };
     Ok(Decision {
         login: login.to_string(),
         user,
@@ -128,6 +148,9 @@ pub fn route(cfg: &Config, login: &str, protocol: Protocol) -> Result<Decision, 
         pool: rule.pool.clone(),
         servers,
         bucket,
+        stage: stage.map(str::to_string),
+        fallback,
+        at: crate::config::rfc3339::format(now),
     })
 }
 
@@ -143,7 +166,20 @@ impl Decision {
         out.push_str(&format!("protocol: {}\n", self.protocol));
         out.push_str(&format!("pool:     {}\n", self.pool));
         out.push_str(&format!("servers:  {}\n", self.servers.join(", ")));
+        if let Some(f) = &self.fallback {
+            out.push_str(&format!(
+                "fallback: {} ({}){}\n",
+                f.pool,
+                f.servers.join(", "),
+                if f.on_auth_failure { ", also when the credentials are rejected" } else { "" }
+            ));
+        }
         out.push_str(&format!("rule:     {}\n", self.rule));
+        out.push_str(&format!(
+            "stage:    {} (at {})\n",
+            self.stage.as_deref().unwrap_or("(top-level routes)"),
+            self.at
+        ));
         out.push_str(&format!("bucket:   {} (for percent rules)\n", self.bucket));
         out
     }
@@ -192,13 +228,13 @@ routes:
     #[test]
     fn first_match_wins() {
         let c = cfg("");
-        let d = route(&c, "joeuser", Protocol::Imap).unwrap();
+        let d = route(&c, "joeuser", Protocol::Imap, 0).unwrap();
         assert_eq!((d.pool.as_str(), d.rule_index), ("new", 0));
         assert_eq!(d.servers, vec!["127.0.0.10:143"]);
-        let d = route(&c, "x@newdomain.test", Protocol::Imap).unwrap();
+        let d = route(&c, "x@newdomain.test", Protocol::Imap, 0).unwrap();
         assert_eq!((d.pool.as_str(), d.rule_index), ("new", 1));
         // Case-sensitive unless configured.
-        let d = route(&c, "JoeUser", Protocol::Imap).unwrap();
+        let d = route(&c, "JoeUser", Protocol::Imap, 0).unwrap();
         assert_ne!(d.rule_index, 0);
     }
 
@@ -208,7 +244,7 @@ routes:
         let mut in_new = 0;
         for i in 0..2000 {
             let u = format!("someone{i}");
-            let d = route(&c, &u, Protocol::Imap).unwrap();
+            let d = route(&c, &u, Protocol::Imap, 0).unwrap();
             if d.rule_index == 2 {
                 assert!(bucket(&u) < 30);
                 in_new += 1;
@@ -229,11 +265,11 @@ routes:
         let mut firsts = std::collections::HashSet::new();
         for i in 0..50 {
             let u = format!("legacyuser{i}");
-            let d = route(&c, &u, Protocol::Imap).unwrap();
+            let d = route(&c, &u, Protocol::Imap, 0).unwrap();
             if d.pool == "legacy" {
                 assert_eq!(d.servers.len(), 2);
                 firsts.insert(d.servers[0].clone());
-                assert_eq!(d, route(&c, &u, Protocol::Imap).unwrap(), "stable");
+                assert_eq!(d, route(&c, &u, Protocol::Imap, 0).unwrap(), "stable");
             }
         }
         assert_eq!(firsts.len(), 2);
@@ -242,10 +278,10 @@ routes:
     #[test]
     fn normalization() {
         let c = cfg("users:\n  local_domains: [example.net]\n  case_insensitive: true\n");
-        let d = route(&c, " JoeUser@Example.NET ", Protocol::Imap).unwrap();
+        let d = route(&c, " JoeUser@Example.NET ", Protocol::Imap, 0).unwrap();
         assert_eq!(d.user, "joeuser");
         assert_eq!(d.pool, "new");
-        let d = route(&c, "joeuser@other.org", Protocol::Imap).unwrap();
+        let d = route(&c, "joeuser@other.org", Protocol::Imap, 0).unwrap();
         assert_eq!(d.user, "joeuser@other.org");
     }
 
@@ -253,7 +289,7 @@ routes:
     fn missing_protocol_is_an_error() {
         let c = cfg("");
         assert!(matches!(
-            route(&c, "joeuser", Protocol::Pop3),
+            route(&c, "joeuser", Protocol::Pop3, 0),
             Err(RouteError::NoServers { .. })
         ));
     }

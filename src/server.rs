@@ -1,9 +1,10 @@
-//! The running proxy: listeners, accept loops, health checks, metrics endpoint, and the
-//! drain on shutdown.
+//! The running proxy: listeners and their accept loops, health checks, the metrics and
+//! admin endpoints, reloads, and the drain on shutdown.
 
-use std::future::Future;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -11,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backends;
-use crate::config::Listener;
+use crate::config::{Config, Listener};
+use crate::control::Control;
+use crate::metrics as m;
 use crate::session::{self, SessionCtx};
 use crate::snapshot::Snapshot;
 
@@ -19,7 +22,7 @@ use crate::snapshot::Snapshot;
 /// SYN retransmits (a 1 s stall each).
 pub const BACKLOG: u32 = 4096;
 
-/// Why the proxy could not start.
+/// Why the proxy could not start or reload.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound.
@@ -32,45 +35,140 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The new configuration is invalid.
+    #[error("{0}")]
+    Config(String),
 }
 
-/// A started proxy.
+struct ListenerTask {
+    addr: SocketAddr,
+    bound: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// A started proxy. Cheap to clone: every clone controls the same proxy.
+#[derive(Clone)]
 pub struct Running {
-    /// Bound address of each listener, by name (useful when the config says port 0).
-    pub listeners: Vec<(String, SocketAddr)>,
+    /// Live state shared with sessions.
+    pub control: Arc<Control>,
     /// Bound metrics address.
     pub metrics: Option<SocketAddr>,
-    drain: CancellationToken,
-    hard_stop: CancellationToken,
+    /// Bound admin address.
+    pub admin: Option<SocketAddr>,
+    listeners: Arc<Mutex<BTreeMap<String, ListenerTask>>>,
+    health: Arc<Mutex<CancellationToken>>,
     tracker: TaskTracker,
     background: CancellationToken,
-    drain_timeout: Duration,
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Running {
-    /// The address of the listener named `name`.
+    /// The bound address of the listener named `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.lock().ok()?.get(name).map(|t| t.bound)
+    }
+
+    /// Every listener's bound address.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+            .lock()
+            .map(|l| l.iter().map(|(n, t)| (n.clone(), t.bound)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads, validates and applies the configuration file. On any error the running
+    /// configuration stays in force. Counted in `cutover_config_reloads_total`.
+    pub async fn reload_from(&self, path: &Path) -> Result<usize, StartError> {
+        let result = async {
+            let config = Config::load(path).map_err(|e| StartError::Config(e.to_string()))?;
+            let snap = Snapshot::build(config).map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+            self.apply(Arc::new(snap)).await
+        }
+        .await;
+        match &result {
+            Ok(moved) => {
+                tracing::info!(file = %path.display(), moved_sessions = moved, "configuration reloaded");
+                metrics::counter!(m::RELOADS, "result" => "ok").increment(1);
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "reload failed; keeping the running configuration");
+                metrics::counter!(m::RELOADS, "result" => "error").increment(1);
+            }
+        }
+        result
+    }
+
+    /// Puts a validated snapshot in force: binds new listeners first (any failure leaves
+    /// everything as it was), swaps the snapshot, stops removed listeners, restarts health
+    /// checks, and moves users whose pool changed. Established sessions are untouched
+    /// (except moved users, with `on_move: kick`). Returns how many sessions will be moved.
+    pub async fn apply(&self, snap: Arc<Snapshot>) -> Result<usize, StartError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let old = self.control.snapshot();
+        if old.config.metrics != snap.config.metrics || old.config.admin.as_ref().map(|a| a.listen) != snap.config.admin.as_ref().map(|a| a.listen) {
+            tracing::warn!("metrics or admin address changed: restart required for that part");
+        }
+        // Bind what is new or moved.
+        let mut fresh = Vec::new();
+        {
+            let current = self.listeners.lock().map_err(|_| StartError::Config("listener table poisoned".into()))?;
+            for l in &snap.config.listeners {
+                match current.get(&l.name) {
+                    Some(t) if t.addr == l.listen => {}
+                    _ => fresh.push(l.clone()),
+                }
+            }
+        }
+        let mut bound = Vec::new();
+        for l in &fresh {
+            bound.push((l.clone(), bind(l)?));
+        }
+        let moved = self.control.install(snap.clone());
+        {
+            let mut current = self.listeners.lock().map_err(|_| StartError::Config("listener table poisoned".into()))?;
+            current.retain(|name, task| {
+                let keep = snap.config.listeners.iter().any(|l| &l.name == name && l.listen == task.addr);
+                if !keep {
+                    tracing::info!(listener = %name, addr = %task.addr, "listener removed");
+                    task.stop.cancel();
+                }
+                keep
+            });
+            for (l, sock) in bound {
+                current.insert(l.name.clone(), self.spawn_listener(&l, sock));
+            }
+        }
+        self.restart_health(snap);
+        Ok(moved)
+    }
+
+    fn spawn_listener(&self, l: &Listener, sock: TcpListener) -> ListenerTask {
+        let bound = sock.local_addr().unwrap_or(l.listen);
+        tracing::info!(listener = %l.name, protocol = %l.protocol, addr = %bound, tls = ?l.tls, "listening");
+        let stop = self.control.drain.child_token();
+        tokio::spawn(accept_loop(sock, l.name.clone(), self.control.clone(), self.tracker.clone(), stop.clone()));
+        ListenerTask { addr: l.listen, bound, stop }
+    }
+
+    fn restart_health(&self, snap: Arc<Snapshot>) {
+        let token = self.background.child_token();
+        if let Ok(mut h) = self.health.lock() {
+            h.cancel();
+            *h = token.clone();
+        }
+        tokio::spawn(crate::backend::run_health_checks(self.control.backends.clone(), snap, token));
     }
 
     /// Stops accepting, lets relayed sessions finish for up to the drain timeout, then
-    /// closes what is left and returns.
+    /// closes what is left (IMAP sessions get `* BYE`) and returns.
     pub async fn shutdown(self) {
-        tracing::info!("draining: no new connections");
-        self.drain.cancel();
+        let grace = self.control.snapshot().config.timeouts.drain;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "draining: no new connections");
+        self.control.drain.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = self.tracker.len(),
-                "drain timeout expired; closing remaining sessions"
-            );
-            self.hard_stop.cancel();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!(left = self.tracker.len(), "drain timeout expired; closing remaining sessions");
+            self.control.hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         }
         self.background.cancel();
@@ -79,100 +177,86 @@ impl Running {
 }
 
 fn bind(l: &Listener) -> Result<TcpListener, StartError> {
-    let err = |source| StartError::Bind {
-        name: l.name.clone(),
-        addr: l.listen,
-        source,
-    };
-    let sock = if l.listen.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(err)?;
+    let err = |source| StartError::Bind { name: l.name.clone(), addr: l.listen, source };
+    let sock = if l.listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
     sock.set_nodelay(true).map_err(err)?;
     sock.bind(l.listen).map_err(err)?;
     sock.listen(BACKLOG).map_err(err)
 }
 
-/// Binds every listener and the metrics endpoint and starts serving.
+/// Binds every listener and the metrics and admin endpoints and starts serving.
 pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, StartError> {
-    let drain = CancellationToken::new();
-    let hard_stop = CancellationToken::new();
+    let control = Control::new(snap.clone(), backends);
     let background = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let mut bound = Vec::new();
     let mut sockets = Vec::new();
     for l in &snap.config.listeners {
-        let sock = bind(l)?;
-        let addr = sock.local_addr().map_err(|source| StartError::Bind {
-            name: l.name.clone(),
-            addr: l.listen,
-            source,
-        })?;
-        bound.push((l.name.clone(), addr));
-        sockets.push((l.clone(), sock));
+        sockets.push((l.clone(), bind(l)?));
     }
     let metrics_addr = match snap.config.metrics {
         Some(addr) => {
             let handle = crate::metrics::install();
-            let sock = crate::metrics::bind(addr)
+            let sock = TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind {
-                    name: "metrics".into(),
-                    addr,
-                    source,
-                })?;
+                .map_err(|source| StartError::Bind { name: "metrics".into(), addr, source })?;
             let local = sock.local_addr().ok();
             tokio::spawn(crate::metrics::serve(sock, handle, background.clone()));
             local
         }
         None => None,
     };
-    tokio::spawn(crate::backend::run_health_checks(
-        backends.clone(),
-        snap.clone(),
-        background.clone(),
-    ));
-    for (listener, sock) in sockets {
-        tracing::info!(listener = %listener.name, protocol = %listener.protocol, addr = %listener.listen, tls = ?listener.tls, "listening");
-        let ctx = SessionCtx {
-            snap: snap.clone(),
-            listener,
-            backends: backends.clone(),
-            drain: drain.clone(),
-            hard_stop: hard_stop.clone(),
-        };
-        tokio::spawn(accept_loop(sock, ctx, tracker.clone()));
-    }
-    Ok(Running {
-        listeners: bound,
+    let admin_addr = match &snap.config.admin {
+        Some(a) => {
+            let sock = TcpListener::bind(a.listen)
+                .await
+                .map_err(|source| StartError::Bind { name: "admin".into(), addr: a.listen, source })?;
+            let local = sock.local_addr().ok();
+            tokio::spawn(crate::admin::serve(sock, control.clone(), background.clone()));
+            local
+        }
+        None => None,
+    };
+    let running = Running {
+        control: control.clone(),
         metrics: metrics_addr,
-        drain,
-        hard_stop,
-        tracker,
+        admin: admin_addr,
+        listeners: Arc::new(Mutex::new(BTreeMap::new())),
+        health: Arc::new(Mutex::new(CancellationToken::new())),
+        tracker: TaskTracker::new(),
         background,
-        drain_timeout: snap.config.timeouts.drain,
-    })
+        reload_lock: Arc::new(tokio::sync::Mutex::new(())),
+    };
+    if let Ok(mut table) = running.listeners.lock() {
+        for (l, sock) in sockets {
+            table.insert(l.name.clone(), running.spawn_listener(&l, sock));
+        }
+    }
+    running.restart_health(snap);
+    tokio::spawn(control.clone().run_stage_clock());
+    Ok(running)
 }
 
-async fn accept_loop(sock: TcpListener, ctx: SessionCtx, tracker: TaskTracker) {
+async fn accept_loop(sock: TcpListener, name: String, control: Arc<Control>, tracker: TaskTracker, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
             r = sock.accept() => r,
-            _ = ctx.drain.cancelled() => return,
+            _ = stop.cancelled() => return,
         };
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(10);
-                let ctx = ctx.clone();
+                // The configuration in force at accept time serves the whole session.
+                let snap = control.snapshot();
+                let Some(listener) = snap.config.listeners.iter().find(|l| l.name == name).cloned() else {
+                    continue;
+                };
+                let ctx = SessionCtx { snap, listener, control: control.clone() };
                 tracker.spawn(session::run(ctx, tcp, normalize_peer(peer)));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = %ctx.listener.name, error = %e, "accept failed");
+                tracing::warn!(listener = %name, error = %e, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
@@ -188,15 +272,4 @@ fn normalize_peer(peer: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
-}
-
-/// Runs until `shutdown` resolves, then drains.
-pub async fn run_until(
-    snap: Arc<Snapshot>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
-    let running = start(snap, Backends::new()).await?;
-    shutdown.await;
-    running.shutdown().await;
-    Ok(())
 }

@@ -12,14 +12,18 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backend::{self, Backends, Connected, LoginResult};
-use crate::config::{Listener, Protocol};
+use crate::backend::{self, Connected, LoginResult};
+use crate::config::{rfc3339, Listener, Protocol};
+use crate::control::history::Login;
+use crate::control::holds::HoldOutcome;
+use crate::control::sessions::{Entry, Kick, KickReason};
+use crate::control::Control;
 use crate::metrics as m;
 use crate::proto::{
-    self, Action, ClientInfo, Credentials, ListenerTls, LoginOutcome, Phase, PreAuth, ServerPolicy,
+    self, Action, ClientInfo, Credentials, ListenerTls, LoginOutcome, Mechanism, Phase, PreAuth,
+    ServerPolicy,
 };
 use crate::relay::{self, RelayEnd};
 use crate::route;
@@ -33,12 +37,8 @@ pub struct SessionCtx {
     pub snap: Arc<Snapshot>,
     /// The listener that accepted it.
     pub listener: Listener,
-    /// Backend machinery.
-    pub backends: Backends,
-    /// Cancelled when the proxy starts draining: pre-auth sessions say goodbye.
-    pub drain: CancellationToken,
-    /// Cancelled when the drain grace period is over: relayed sessions are closed.
-    pub hard_stop: CancellationToken,
+    /// Live process state: backends, registry of sessions, holds, history, shutdown.
+    pub control: Arc<Control>,
 }
 
 /// Counts a gauge up now and down when dropped, on every path.
@@ -71,6 +71,7 @@ fn smtp_extensions(ctx: &SessionCtx) -> Vec<String> {
         };
         for addr in &pp.servers {
             let caps = ctx
+                .control
                 .backends
                 .registry
                 .get(&pool.name, Protocol::Smtp, &addr.to_string())
@@ -83,7 +84,7 @@ fn smtp_extensions(ctx: &SessionCtx) -> Vec<String> {
     proto::smtp::intersect_extensions(&lists)
 }
 
-fn new_machine(ctx: &SessionCtx) -> Box<dyn PreAuth + Send> {
+fn new_machine(ctx: &SessionCtx, peer: SocketAddr) -> Box<dyn PreAuth + Send> {
     let cfg = &ctx.snap.config;
     let policy = ServerPolicy {
         tls: ctx.listener.tls,
@@ -94,10 +95,21 @@ fn new_machine(ctx: &SessionCtx) -> Box<dyn PreAuth + Send> {
     match ctx.listener.protocol {
         Protocol::Imap => Box::new(proto::imap::ServerMachine::new(policy)),
         Protocol::Pop3 => Box::new(proto::pop3::ServerMachine::new(policy)),
-        Protocol::Smtp => Box::new(proto::smtp::ServerMachine::new(
-            policy,
-            smtp_extensions(ctx),
-        )),
+        Protocol::Smtp => {
+            let mut sm = proto::smtp::ServerMachine::new(policy, smtp_extensions(ctx));
+            if let Some(window) = ctx.listener.bridge_window {
+                let recent = ctx.control.history.recent_login(
+                    peer.ip(),
+                    window.as_secs() as i64,
+                    rfc3339::now(),
+                );
+                if let Some(user) = recent {
+                    tracing::debug!(%user, "pop-before-smtp bridge: address authorized by a recent login");
+                    sm.preauthorize(user);
+                }
+            }
+            Box::new(sm)
+        }
     }
 }
 
@@ -125,7 +137,7 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
         pool = tracing::field::Empty,
         backend = tracing::field::Empty,
     );
-    async move {
+    let fut = async move {
         let started = Instant::now();
         let labels = [
             ("listener", ctx.listener.name.clone()),
@@ -150,8 +162,8 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
             "session end"
         );
     }
-    .instrument(span)
-    .await
+    .instrument(span);
+    SESSION_ID.scope(id, fut).await
 }
 
 async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut Summary) {
@@ -168,12 +180,23 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     } else {
         Stream::Plain(tcp)
     };
-    let mut sm = new_machine(ctx);
+    let mut sm = new_machine(ctx, peer);
     let Some((mut client, mut backend, pending, pool)) =
         preauth(ctx, sm.as_mut(), client, peer, summary).await
     else {
         return;
     };
+    drop(sm);
+    let kick = Arc::new(Kick::default());
+    let _registered = ctx.control.sessions.register(
+        session_id(),
+        Entry {
+            user: summary.user.clone().unwrap_or_default(),
+            protocol: ctx.listener.protocol,
+            pool: pool.clone(),
+            kick: kick.clone(),
+        },
+    );
     // Hand-off: backend bytes that followed its login reply go to the client, the
     // client's pipelined bytes go to the backend, then the relay takes over.
     summary.outcome = "relayed";
@@ -191,7 +214,16 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     }
     let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
     drop(pending);
-    let end = relay::relay(&mut client, &mut backend.stream, &ctx.hard_stop).await;
+    let end = tokio::select! {
+        end = relay::relay(&mut client, &mut backend.stream, &ctx.control.hard_stop) => end,
+        reason = kick.requested() => {
+            goodbye(ctx, &mut client, reason).await;
+            let _ = backend.stream.shutdown().await;
+            summary.outcome = "kicked";
+            admin_kick_count(ctx, reason.as_str());
+            return;
+        }
+    };
     let (up, down) = match end {
         RelayEnd::Closed(up, down) => (up, down),
         RelayEnd::Error(e) => {
@@ -202,10 +234,11 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         RelayEnd::Stopped => {
             summary.outcome = "stopped";
             if ctx.listener.protocol == Protocol::Imap {
-                let _ = client.write_all(b"* BYE Server shutting down\r\n").await;
+                let _ = client.write_all(b"* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n").await;
             }
             let _ = client.shutdown().await;
             let _ = backend.stream.shutdown().await;
+            admin_kick_count(ctx, "shutdown");
             (0, 0)
         }
     };
@@ -215,6 +248,32 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         .increment(summary.up);
     metrics::counter!(m::BYTES, "pool" => pool, "protocol" => proto_label, "direction" => "backend_to_client")
         .increment(summary.down);
+}
+
+tokio::task_local! {
+    static SESSION_ID: u64;
+}
+
+fn session_id() -> u64 {
+    SESSION_ID.try_with(|id| *id).unwrap_or(0)
+}
+
+fn admin_kick_count(ctx: &SessionCtx, reason: &'static str) {
+    crate::admin::count_kick(ctx.listener.protocol.as_str(), reason);
+}
+
+/// Tells a kicked client why, where the protocol allows it, then closes. IMAP gets an
+/// untagged BYE (clients reconnect, and land on the new pool); POP3 and SMTP cannot take
+/// an unsolicited line mid-session and are just closed.
+async fn goodbye(ctx: &SessionCtx, client: &mut ClientStream, reason: KickReason) {
+    if ctx.listener.protocol == Protocol::Imap {
+        let text: &[u8] = match reason {
+            KickReason::Moved => b"* BYE [UNAVAILABLE] Your mailbox has moved, please reconnect\r\n",
+            KickReason::Admin => b"* BYE [UNAVAILABLE] Disconnected by the administrator, please reconnect\r\n",
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(text)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
 }
 
 async fn tls_accept(
@@ -256,7 +315,13 @@ async fn preauth(
     let mut inbuf: Vec<u8> = Vec::with_capacity(512);
     let mut backend: Option<(Connected, String)> = None;
     loop {
+        // The machine consumes what it can, then says what to do. A machine may queue
+        // actions without consuming (e.g. the SMTP bridge leaves MAIL for the backend).
+        let used = sm.receive(&inbuf);
+        inbuf.drain(..used.min(inbuf.len()));
+        let mut acted = false;
         while let Some(action) = sm.poll_action() {
+            acted = true;
             match action {
                 Action::Send(bytes) => {
                     if client.write_all(&bytes).await.is_err() {
@@ -270,19 +335,10 @@ async fn preauth(
                     }
                     if !inbuf.is_empty() {
                         // Plaintext pipelined behind STARTTLS: never executed inside TLS.
-                        tracing::debug!(
-                            bytes = inbuf.len(),
-                            "discarding plaintext sent after STARTTLS"
-                        );
+                        tracing::debug!(bytes = inbuf.len(), "discarding plaintext sent after STARTTLS");
                         inbuf.clear();
                     }
-                    match tls_accept(
-                        ctx,
-                        client,
-                        cfg.timeouts.preauth.min(Duration::from_secs(30)),
-                    )
-                    .await
-                    {
+                    match tls_accept(ctx, client, cfg.timeouts.preauth.min(Duration::from_secs(30))).await {
                         Some(s) => client = s,
                         None => {
                             summary.outcome = "tls_failed";
@@ -293,8 +349,7 @@ async fn preauth(
                 }
                 Action::Login(creds) => {
                     let helo = sm.client_name().map(str::to_owned);
-                    let (outcome, conn) =
-                        login(ctx, creds, peer, helo, client.is_tls(), summary).await;
+                    let (outcome, conn) = login(ctx, creds, peer, helo, client.is_tls(), summary).await;
                     if let Some(c) = conn {
                         backend = Some(c);
                     }
@@ -317,9 +372,7 @@ async fn preauth(
             let (conn, pool) = backend.take()?;
             return Some((client, conn, inbuf, pool));
         }
-        let used = sm.receive(&inbuf);
-        if used > 0 {
-            inbuf.drain(..used.min(inbuf.len()));
+        if used > 0 || acted {
             continue;
         }
         if inbuf.len() >= max_pending {
@@ -344,12 +397,12 @@ async fn preauth(
                 }
                 Err(_) => { summary.outcome = "timeout"; sm.timed_out(); }
             },
-            _ = ctx.drain.cancelled() => { summary.outcome = "shutdown"; sm.shutting_down(); }
+            _ = ctx.control.drain.cancelled() => { summary.outcome = "shutdown"; sm.shutting_down(); }
         }
     }
 }
 
-/// Routes the user and logs in to the chosen pool.
+/// Routes the user and logs in to the chosen pool (or its fallback).
 async fn login(
     ctx: &SessionCtx,
     creds: Credentials,
@@ -360,7 +413,25 @@ async fn login(
 ) -> (LoginOutcome, Option<(Connected, String)>) {
     let protocol = ctx.listener.protocol;
     let cfg = &ctx.snap.config;
-    let decision = match route::route(cfg, &creds.user, protocol) {
+    let user = route::normalize(&cfg.users, &creds.user);
+    // A held user waits (a mailbox is being copied); the route is taken after the wait,
+    // so a release lands the login on the route in force then.
+    if ctx.control.holds.is_held(&user) {
+        let max = cfg.admin.as_ref().map(|a| a.hold_max_wait).unwrap_or(Duration::from_secs(120));
+        tracing::info!(%user, "login held");
+        let outcome = ctx.control.holds.wait(&user, max).await;
+        let label = if outcome == HoldOutcome::Proceed { "released" } else { "timed_out" };
+        metrics::counter!(m::HELD_LOGINS, "result" => label).increment(1);
+        if outcome == HoldOutcome::TimedOut {
+            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "held", "result" => "backend_unavailable").increment(1);
+            return (LoginOutcome::Unavailable, None);
+        }
+    }
+    // Route with the configuration in force now (a reload or stage may have changed it
+    // while the client typed its password).
+    let snap = ctx.control.snapshot();
+    let cfg = &snap.config;
+    let decision = match route::route(cfg, &creds.user, protocol, rfc3339::now()) {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "no route");
@@ -370,54 +441,67 @@ async fn login(
     };
     let span = tracing::Span::current();
     span.record("user", decision.user.as_str());
-    span.record("pool", decision.pool.as_str());
     summary.user = Some(decision.user.clone());
-    summary.pool = Some(decision.pool.clone());
-    let backend_creds = Credentials {
-        user: decision.user.clone(),
-        secret: creds.secret.clone(),
-        mechanism: creds.mechanism,
-    };
-    drop(creds);
-    let client = Some(ClientInfo {
-        ip: peer.ip(),
-        port: peer.port(),
-    });
+    let client = Some(ClientInfo { ip: peer.ip(), port: peer.port() });
     let helo = helo.unwrap_or_else(|| cfg.hostname.clone());
-    let result = backend::login(
-        &ctx.backends,
-        &ctx.snap,
-        &decision.pool,
-        protocol,
-        &decision.servers,
-        &backend_creds,
-        client,
-        &helo,
-    )
-    .await;
-    drop(backend_creds);
-    let pool = decision.pool.clone();
+    let bridge = creds.mechanism == Mechanism::PreAuthorized;
+
+    let mut attempts = vec![(decision.pool.clone(), decision.servers.clone())];
+    if let Some(f) = &decision.fallback {
+        attempts.push((f.pool.clone(), f.servers.clone()));
+    }
+    let mut result = LoginResult::Unavailable;
+    let mut pool = decision.pool.clone();
+    for (i, (pool_name, servers)) in attempts.iter().enumerate() {
+        if i > 0 {
+            let reason = match &result {
+                LoginResult::AuthFailed { .. } => "auth_failed",
+                _ => "unavailable",
+            };
+            tracing::info!(from = %decision.pool, to = %pool_name, reason, "trying the fallback pool");
+            metrics::counter!(m::FALLBACKS, "from" => decision.pool.clone(), "to" => pool_name.clone(), "reason" => reason).increment(1);
+        }
+        pool = pool_name.clone();
+        let login_name = match cfg.pools.get(pool_name) {
+            Some(p) if p.login_original_name => creds.user.trim().to_string(),
+            _ => decision.user.clone(),
+        };
+        let backend_creds = Credentials { user: login_name, secret: creds.secret.clone(), mechanism: creds.mechanism };
+        let auth = if bridge { backend::Auth::Bridge } else { backend::Auth::Replay(&backend_creds) };
+        result = backend::login(&ctx.control.backends, &snap, pool_name, protocol, servers, auth, client.clone(), &helo).await;
+        drop(backend_creds);
+        let try_next = match &result {
+            LoginResult::LoggedIn(_) => false,
+            LoginResult::AuthFailed { .. } => decision.fallback.as_ref().is_some_and(|f| f.on_auth_failure),
+            LoginResult::Unavailable => true,
+        };
+        if !try_next {
+            break;
+        }
+    }
+    drop(creds);
+    span.record("pool", pool.as_str());
+    summary.pool = Some(pool.clone());
     let (label, outcome, conn) = match result {
         LoginResult::LoggedIn(c) => {
             span.record("backend", c.server.as_str());
             summary.server = Some(c.server.clone());
             tracing::info!(server = %c.server, tls = client_tls, "login ok");
+            ctx.control.history.record(&Login {
+                user: &decision.user,
+                pool: &pool,
+                protocol,
+                listener: &ctx.listener.name,
+                tls: client_tls,
+                ip: peer.ip(),
+                now: rfc3339::now(),
+            });
             let caps = c.capabilities.clone();
-            (
-                "ok",
-                LoginOutcome::Ok { capabilities: caps },
-                Some((c, pool.clone())),
-            )
+            ("ok", LoginOutcome::Ok { capabilities: caps }, Some((c, pool.clone())))
         }
         LoginResult::AuthFailed { response, server } => {
             tracing::info!(%server, "login rejected by backend");
-            (
-                "auth_failed",
-                LoginOutcome::AuthFailed {
-                    response: Some(response),
-                },
-                None,
-            )
+            ("auth_failed", LoginOutcome::AuthFailed { response: Some(response) }, None)
         }
         LoginResult::Unavailable => {
             tracing::warn!("no server of the pool is available");

@@ -21,7 +21,8 @@ async fn setup(legacy_servers: Option<String>, health: &str) -> Setup {
     let new = fake("new", Protocol::Imap, |c| c.tls = Some(server_tls())).await;
     let green = fake("green", Protocol::Imap, |c| c.imap_plain = false).await;
     let mauve = fake("mauve", Protocol::Imap, |_| {}).await;
-    let legacy = legacy_servers.unwrap_or_else(|| format!("\"{}\", \"{}\"", green.addr, mauve.addr));
+    let legacy =
+        legacy_servers.unwrap_or_else(|| format!("\"{}\", \"{}\"", green.addr, mauve.addr));
     let yaml = format!(
         r#"
 tls:
@@ -48,7 +49,12 @@ shutdown: {{ drain_timeout: 1s }}
 "#,
         new = new.addr,
     );
-    Setup { proxy: Proxy::start(&yaml).await, new, green, mauve }
+    Setup {
+        proxy: Proxy::start(&yaml).await,
+        new,
+        green,
+        mauve,
+    }
 }
 
 /// Logs in over implicit TLS and returns the subject of message 1 (names the backend).
@@ -68,26 +74,40 @@ async fn fetch_subject(c: &mut Client) -> String {
     assert!(r.last().unwrap().starts_with("s1 OK"), "{r:?}");
     let r = c.cmd("f1", "FETCH 1 BODY[]").await;
     assert!(r.last().unwrap().starts_with("f1 OK"), "{r:?}");
-    r.into_iter().find(|l| l.starts_with("Subject:")).unwrap_or_default()
+    r.into_iter()
+        .find(|l| l.starts_with("Subject:"))
+        .unwrap_or_default()
 }
 
 #[tokio::test]
 async fn routes_by_user_domain_and_percent() {
     let s = setup(None, "{ interval: 0s }").await;
-    assert_eq!(served_by(&s.proxy, "joeuser", "password").await.unwrap(), "Subject: hello from new");
-    assert_eq!(served_by(&s.proxy, "bob", "password").await.unwrap(), "Subject: hello from green");
+    assert_eq!(
+        served_by(&s.proxy, "joeuser", "password").await.unwrap(),
+        "Subject: hello from new"
+    );
+    assert_eq!(
+        served_by(&s.proxy, "bob", "password").await.unwrap(),
+        "Subject: hello from green"
+    );
     // A user of the new domain (the fake backends know only the demo users: the login is
     // rejected, but by "new").
     let _ = served_by(&s.proxy, "x@newdomain.test", "password").await;
     assert!(s.green.logins.lock().unwrap().iter().all(|u| u == "bob"));
     // Percent: pick a user in and one out of the 30% bucket; add them to the fakes.
-    let inside = (0..).map(|i| format!("p{i}")).find(|u| cutover::route::bucket(u) < 30).unwrap();
-    let outside = (0..).map(|i| format!("p{i}")).find(|u| cutover::route::bucket(u) >= 30).unwrap();
+    let inside = (0..)
+        .map(|i| format!("p{i}"))
+        .find(|u| cutover::route::bucket(u) < 30)
+        .unwrap();
+    let outside = (0..)
+        .map(|i| format!("p{i}"))
+        .find(|u| cutover::route::bucket(u) >= 30)
+        .unwrap();
     for (u, want) in [(inside, "new"), (outside, "green")] {
         let r = served_by(&s.proxy, &u, "password").await.unwrap_err();
         assert!(r.last().unwrap().contains("AUTHENTICATIONFAILED"), "{r:?}");
         let pool = if want == "new" { "new" } else { "legacy" };
-        let d = cutover::route::route(&s.proxy.snap.config, &u, Protocol::Imap).unwrap();
+        let d = cutover::route::route(&s.proxy.snap.config, &u, Protocol::Imap, 0).unwrap();
         assert_eq!(d.pool, pool);
     }
     s.proxy.stop().await;
@@ -97,13 +117,34 @@ async fn routes_by_user_domain_and_percent() {
 async fn fails_over_when_a_server_refuses_connections() {
     let dead = dead_addr().await;
     let mauve_only = fake("mauve", Protocol::Imap, |_| {}).await;
-    let s = setup(Some(format!("\"{dead}\", \"{}\"", mauve_only.addr)), "{ interval: 0s }").await;
+    let s = setup(
+        Some(format!("\"{dead}\", \"{}\"", mauve_only.addr)),
+        "{ interval: 0s }",
+    )
+    .await;
     let before = scrape(s.proxy.metrics_addr()).await;
-    assert_eq!(served_by(&s.proxy, "bob", "password").await.unwrap(), "Subject: hello from mauve");
+    assert_eq!(
+        served_by(&s.proxy, "bob", "password").await.unwrap(),
+        "Subject: hello from mauve"
+    );
     let after = scrape(s.proxy.metrics_addr()).await;
-    let d = |n, l: &[(&str, &str)]| metric(&after, n, l).unwrap_or(0.0) - metric(&before, n, l).unwrap_or(0.0);
-    assert!(d("cutover_failovers_total", &[("pool", "legacy"), ("protocol", "imap")]) >= 1.0);
-    assert_eq!(metric(&after, "cutover_backend_up", &[("server", &dead.to_string())]), Some(0.0));
+    let d = |n, l: &[(&str, &str)]| {
+        metric(&after, n, l).unwrap_or(0.0) - metric(&before, n, l).unwrap_or(0.0)
+    };
+    assert!(
+        d(
+            "cutover_failovers_total",
+            &[("pool", "legacy"), ("protocol", "imap")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "cutover_backend_up",
+            &[("server", &dead.to_string())]
+        ),
+        Some(0.0)
+    );
     s.proxy.stop().await;
 }
 
@@ -111,14 +152,30 @@ async fn fails_over_when_a_server_refuses_connections() {
 async fn fails_over_when_a_server_accepts_but_never_greets() {
     let (silent, _h) = silent_server().await;
     let mauve_only = fake("mauve", Protocol::Imap, |_| {}).await;
-    let s = setup(Some(format!("\"{silent}\", \"{}\"", mauve_only.addr)), "{ interval: 0s }").await;
+    let s = setup(
+        Some(format!("\"{silent}\", \"{}\"", mauve_only.addr)),
+        "{ interval: 0s }",
+    )
+    .await;
     let t = std::time::Instant::now();
-    assert_eq!(served_by(&s.proxy, "bob", "password").await.unwrap(), "Subject: hello from mauve");
-    assert!(t.elapsed() >= Duration::from_millis(900), "waited for the login timeout");
+    assert_eq!(
+        served_by(&s.proxy, "bob", "password").await.unwrap(),
+        "Subject: hello from mauve"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "waited for the login timeout"
+    );
     // Marked down: the next login does not wait again.
     let t = std::time::Instant::now();
-    assert_eq!(served_by(&s.proxy, "bob", "password").await.unwrap(), "Subject: hello from mauve");
-    assert!(t.elapsed() < Duration::from_millis(900), "down server skipped");
+    assert_eq!(
+        served_by(&s.proxy, "bob", "password").await.unwrap(),
+        "Subject: hello from mauve"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "down server skipped"
+    );
     s.proxy.stop().await;
 }
 
@@ -132,8 +189,16 @@ async fn recovered_server_is_used_again() {
         "{ interval: 100ms, rise: 1, fall: 1 }",
     )
     .await;
-    assert_eq!(served_by(&s.proxy, "bob", "password").await.unwrap(), "Subject: hello from mauve");
-    let _green = FakeBackend::start(green_addr, cutover::demo::FakeConfig::new("green", Protocol::Imap)).await.unwrap();
+    assert_eq!(
+        served_by(&s.proxy, "bob", "password").await.unwrap(),
+        "Subject: hello from mauve"
+    );
+    let _green = FakeBackend::start(
+        green_addr,
+        cutover::demo::FakeConfig::new("green", Protocol::Imap),
+    )
+    .await
+    .unwrap();
     let mut landed = String::new();
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -154,7 +219,10 @@ async fn wrong_password_is_not_failed_over_and_client_may_retry() {
     let r = c.cmd("a1", "LOGIN bob wrong").await;
     let last = r.last().unwrap();
     assert!(last.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{last}");
-    assert!(s.mauve.logins.lock().unwrap().is_empty(), "no failover on a rejection");
+    assert!(
+        s.mauve.logins.lock().unwrap().is_empty(),
+        "no failover on a rejection"
+    );
     let r = c.cmd("a2", "LOGIN bob password").await;
     assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
     assert_eq!(fetch_subject(&mut c).await, "Subject: hello from green");
@@ -166,7 +234,10 @@ async fn all_servers_down_is_a_temporary_failure() {
     let (a, b) = (dead_addr().await, dead_addr().await);
     let s = setup(Some(format!("\"{a}\", \"{b}\"")), "{ interval: 0s }").await;
     let r = served_by(&s.proxy, "bob", "password").await.unwrap_err();
-    assert!(r.last().unwrap().starts_with("a1 NO [UNAVAILABLE]"), "{r:?}");
+    assert!(
+        r.last().unwrap().starts_with("a1 NO [UNAVAILABLE]"),
+        "{r:?}"
+    );
     s.proxy.stop().await;
 }
 
@@ -175,14 +246,20 @@ async fn starttls_listener_refuses_login_before_tls_and_pipelines_after_login() 
     let s = setup(None, "{ interval: 0s }").await;
     let mut c = Client::connect(s.proxy.addr("imap")).await;
     let greeting = c.line().await.unwrap();
-    assert!(greeting.contains("STARTTLS") && greeting.contains("LOGINDISABLED"), "{greeting}");
+    assert!(
+        greeting.contains("STARTTLS") && greeting.contains("LOGINDISABLED"),
+        "{greeting}"
+    );
     let r = c.cmd("a0", "LOGIN joeuser password").await;
     assert!(r.last().unwrap().starts_with("a0 NO"), "{r:?}");
     let r = c.cmd("a1", "STARTTLS").await;
     assert!(r.last().unwrap().starts_with("a1 OK"));
     c.start_tls().await;
     let r = c.cmd("a2", "CAPABILITY").await;
-    assert!(!r[0].contains("STARTTLS") && r[0].contains("AUTH=PLAIN"), "{r:?}");
+    assert!(
+        !r[0].contains("STARTTLS") && r[0].contains("AUTH=PLAIN"),
+        "{r:?}"
+    );
     // LOGIN with a literal, SELECT pipelined behind it in the same write.
     c.send(b"a3 LOGIN {7}\r\n").await;
     assert!(c.line().await.unwrap().starts_with("+"));
@@ -192,7 +269,10 @@ async fn starttls_listener_refuses_login_before_tls_and_pipelines_after_login() 
     let r = c.until("a4 ").await;
     assert!(r.last().unwrap().starts_with("a4 OK"), "{r:?}");
     c.send(b"i1 IDLE\r\n").await;
-    assert!(c.line().await.unwrap().starts_with("+ "), "IDLE continuation relayed");
+    assert!(
+        c.line().await.unwrap().starts_with("+ "),
+        "IDLE continuation relayed"
+    );
     c.send(b"DONE\r\n").await;
     assert!(c.line().await.unwrap().starts_with("i1 OK"));
     s.proxy.stop().await;
@@ -232,7 +312,8 @@ async fn metrics_count_logins_by_result() {
     let after = scrape(s.proxy.metrics_addr()).await;
     let d = |r: &str| {
         let l = [("protocol", "imap"), ("pool", "legacy"), ("result", r)];
-        metric(&after, "cutover_logins_total", &l).unwrap_or(0.0) - metric(&before, "cutover_logins_total", &l).unwrap_or(0.0)
+        metric(&after, "cutover_logins_total", &l).unwrap_or(0.0)
+            - metric(&before, "cutover_logins_total", &l).unwrap_or(0.0)
     };
     assert!(d("ok") >= 1.0);
     assert!(d("auth_failed") >= 1.0);

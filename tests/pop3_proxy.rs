@@ -8,7 +8,11 @@ async fn setup(green_alive: bool) -> (Proxy, Vec<cutover::demo::FakeBackend>) {
     let new = fake("new", Protocol::Pop3, |c| c.tls = Some(server_tls())).await;
     let green = fake("green", Protocol::Pop3, |_| {}).await;
     let mauve = fake("mauve", Protocol::Pop3, |_| {}).await;
-    let green_addr = if green_alive { green.addr } else { dead_addr().await };
+    let green_addr = if green_alive {
+        green.addr
+    } else {
+        dead_addr().await
+    };
     let yaml = format!(
         r#"
 tls:
@@ -38,7 +42,10 @@ shutdown: {{ drain_timeout: 1s }}
 async fn retr_subject(c: &mut Client) -> String {
     c.send(b"RETR 1\r\n").await;
     let lines = c.until(".").await;
-    lines.into_iter().find(|l| l.starts_with("Subject:")).unwrap_or_default()
+    lines
+        .into_iter()
+        .find(|l| l.starts_with("Subject:"))
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -71,8 +78,14 @@ async fn stls_then_auth_plain_reaches_green_and_fails_over_to_mauve() {
         // AUTH PLAIN with initial response, "\0bob\0password".
         c.send(b"AUTH PLAIN AGJvYgBwYXNzd29yZA==\r\nSTAT\r\n").await;
         assert!(c.line().await.unwrap().starts_with("+OK"), "login ok");
-        assert!(c.line().await.unwrap().starts_with("+OK 1 "), "pipelined STAT answered by the backend");
-        assert_eq!(retr_subject(&mut c).await, format!("Subject: hello from {expect}"));
+        assert!(
+            c.line().await.unwrap().starts_with("+OK 1 "),
+            "pipelined STAT answered by the backend"
+        );
+        assert_eq!(
+            retr_subject(&mut c).await,
+            format!("Subject: hello from {expect}")
+        );
         proxy.stop().await;
     }
 }

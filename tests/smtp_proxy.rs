@@ -20,7 +20,11 @@ async fn setup(green_pop_alive: bool) -> Setup {
     let mauve_pop = fake("mauve", Protocol::Pop3, |_| {}).await;
     let green_smtp = fake("green", Protocol::Smtp, |c| c.smtp_no_auth = true).await;
     let mauve_smtp = fake("mauve", Protocol::Smtp, |c| c.smtp_no_auth = true).await;
-    let green_pop_addr = if green_pop_alive { green_pop.addr } else { dead_addr().await };
+    let green_pop_addr = if green_pop_alive {
+        green_pop.addr
+    } else {
+        dead_addr().await
+    };
     let yaml = format!(
         r#"
 tls:
@@ -61,13 +65,15 @@ async fn auth(c: &mut Client, plain_b64: &str) -> String {
     c.send(b"EHLO client.example\r\n").await;
     let ehlo = c.until("250 ").await;
     assert!(ehlo.iter().any(|l| l.contains("AUTH PLAIN")), "{ehlo:?}");
-    c.send(format!("AUTH PLAIN {plain_b64}\r\n").as_bytes()).await;
+    c.send(format!("AUTH PLAIN {plain_b64}\r\n").as_bytes())
+        .await;
     c.line().await.unwrap()
 }
 
 async fn send_mail(c: &mut Client) {
     // Pipelined transaction in one write.
-    c.send(b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n").await;
+    c.send(b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<rcpt@example.org>\r\nDATA\r\n")
+        .await;
     assert!(c.line().await.unwrap().starts_with("250"));
     assert!(c.line().await.unwrap().starts_with("250"));
     assert!(c.line().await.unwrap().starts_with("354"));
@@ -102,7 +108,10 @@ async fn bob_submits_to_green_by_pop_before_smtp() {
     c.send(b"EHLO client.example\r\n").await;
     let ehlo = c.until("250 ").await;
     assert!(ehlo.iter().any(|l| l.contains("STARTTLS")));
-    assert!(!ehlo.iter().any(|l| l.contains("AUTH")), "no AUTH before TLS: {ehlo:?}");
+    assert!(
+        !ehlo.iter().any(|l| l.contains("AUTH")),
+        "no AUTH before TLS: {ehlo:?}"
+    );
     c.send(b"MAIL FROM:<x@y>\r\n").await;
     assert!(c.line().await.unwrap().starts_with("530 5.7.0"));
     c.send(b"STARTTLS\r\n").await;
@@ -127,7 +136,10 @@ async fn wrong_password_gets_535_and_nothing_is_relayed() {
     let r = auth(&mut c, BOB_WRONG).await;
     assert!(r.starts_with("535 5.7.8"), "{r}");
     c.send(b"MAIL FROM:<x@y>\r\n").await;
-    assert!(c.line().await.unwrap().starts_with("530"), "still unauthenticated");
+    assert!(
+        c.line().await.unwrap().starts_with("530"),
+        "still unauthenticated"
+    );
     assert!(s.green_smtp.received.lock().unwrap().is_empty());
     assert!(s.mauve_smtp.received.lock().unwrap().is_empty());
     s.proxy.stop().await;
@@ -139,7 +151,10 @@ async fn green_pop3_down_sends_bobs_mail_through_mauve() {
     let mut c = Client::connect_tls(s.proxy.addr("submissions")).await;
     assert!(auth(&mut c, BOB).await.starts_with("235"));
     send_mail(&mut c).await;
-    assert!(s.green_smtp.received.lock().unwrap().is_empty(), "green's SMTP is not used without its POP3 check");
+    assert!(
+        s.green_smtp.received.lock().unwrap().is_empty(),
+        "green's SMTP is not used without its POP3 check"
+    );
     assert_eq!(s.mauve_smtp.received.lock().unwrap().len(), 1);
     s.proxy.stop().await;
 }

@@ -361,8 +361,18 @@ pub fn try_order<'a>(
     ordered
 }
 
-/// Logs `creds` in to the first available server of the pool, failing over on
-/// unavailability only.
+/// How the backend session is authorized.
+#[derive(Clone, Copy)]
+pub enum Auth<'a> {
+    /// Replay these credentials (or, for `pop-before-smtp` SMTP pools, check them with
+    /// POP3 on the same host first).
+    Replay(&'a Credentials),
+    /// SMTP without AUTH: the pop-before-smtp bridge vouched for the client.
+    Bridge,
+}
+
+/// Logs in to the first available server of the pool, failing over on unavailability
+/// only.
 #[allow(clippy::too_many_arguments)]
 pub async fn login(
     backends: &Backends,
@@ -370,7 +380,7 @@ pub async fn login(
     pool_name: &str,
     protocol: Protocol,
     order: &[String],
-    creds: &Credentials,
+    auth: Auth<'_>,
     client: Option<ClientInfo>,
     helo: &str,
 ) -> LoginResult {
@@ -385,34 +395,20 @@ pub async fn login(
     for (n, (index, addr)) in candidates.into_iter().enumerate() {
         let server = addr.to_string();
         let state = backends.registry.get(pool_name, protocol, &server);
-        let result =
-            if protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp {
-                pop_before_smtp(
-                    backends,
-                    snap,
-                    pool,
-                    pp,
-                    index,
-                    addr,
-                    creds,
-                    client.clone(),
-                    helo,
-                )
-                .await
-            } else {
-                attempt(
-                    backends,
-                    snap,
-                    pool,
-                    protocol,
-                    pp,
-                    addr,
-                    Job::Login(creds.clone()),
-                    client.clone(),
-                    helo,
-                )
-                .await
-            };
+        let result = match auth {
+            Auth::Bridge => {
+                attempt(backends, snap, pool, protocol, pp, addr, Job::SmtpNoAuth, client.clone(), helo).await
+            }
+            Auth::Replay(creds)
+                if protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp =>
+            {
+                pop_before_smtp(backends, snap, pool, pp, index, addr, creds, client.clone(), helo).await
+            }
+            Auth::Replay(creds) => {
+                attempt(backends, snap, pool, protocol, pp, addr, Job::Login(creds.clone()), client.clone(), helo)
+                    .await
+            }
+        };
         match result {
             Ok((BackendResult::LoggedIn { capabilities }, stream, leftover)) => {
                 state.record_login_success();

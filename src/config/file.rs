@@ -34,6 +34,57 @@ pub struct RawConfig {
     pub limits: Option<RawLimits>,
     /// Shutdown behaviour.
     pub shutdown: Option<RawShutdown>,
+    /// Scheduled stages, each with its own routes.
+    #[serde(default)]
+    pub stages: Vec<RawStage>,
+    /// What happens to open sessions of a user whose pool changes.
+    pub on_move: Option<RawOnMove>,
+    /// The admin endpoint (kick, hold, release, stragglers).
+    pub admin: Option<RawAdmin>,
+    /// Straggler tracking.
+    pub stragglers: Option<RawStragglers>,
+}
+
+/// One scheduled stage.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    /// Name (metric label, logs).
+    pub name: String,
+    /// RFC 3339 start time.
+    pub from: String,
+    /// Routes in force from then on.
+    pub routes: Vec<RawRoute>,
+}
+
+/// `on_move:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOnMove {
+    /// kick | keep
+    pub action: Option<String>,
+    /// Delay before kicking.
+    pub grace: Option<String>,
+}
+
+/// `admin:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// host:port
+    pub listen: String,
+    /// File holding the bearer token (required off loopback).
+    pub token_file: Option<String>,
+    /// Longest time a held login waits before a temporary failure.
+    pub hold_max_wait: Option<String>,
+}
+
+/// `stragglers:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStragglers {
+    /// Most users remembered.
+    pub max_users: Option<usize>,
 }
 
 /// `tls:`
@@ -70,6 +121,10 @@ pub struct RawListener {
     /// Allow authentication before TLS.
     #[serde(default)]
     pub allow_plaintext_auth: bool,
+    /// SMTP only: `pop-before-smtp` accepts mail without AUTH from recent POP3/IMAP users.
+    pub relay: Option<String>,
+    /// With `relay: pop-before-smtp`: how recent the POP3/IMAP login must be.
+    pub window: Option<String>,
 }
 
 /// One pool.
@@ -87,6 +142,10 @@ pub struct RawPool {
     /// Tell backends the client's address (IMAP ID, SMTP XCLIENT).
     #[serde(default)]
     pub forward_client_address: bool,
+    /// normalized | original: which user name the backend receives.
+    pub login_name: Option<String>,
+    /// Counts as a legacy pool for the stragglers report (default: named "legacy").
+    pub legacy: Option<bool>,
     /// IMAP servers.
     pub imap: Option<RawPoolProtocol>,
     /// POP3 servers.
@@ -133,10 +192,17 @@ pub struct RawRoute {
     pub users: Option<Vec<String>>,
     /// Domains (the part after `@`).
     pub domains: Option<Vec<String>>,
+    /// A file of user names, one per line.
+    pub users_file: Option<String>,
     /// Stable share of users, 0..=100.
     pub percent: Option<u32>,
     /// Target pool.
     pub pool: String,
+    /// Pool to try when every server of `pool` is unavailable.
+    pub fallback: Option<String>,
+    /// Also try the fallback when `pool` rejects the credentials.
+    #[serde(default)]
+    pub fallback_on_auth_failure: bool,
 }
 
 /// `metrics:`

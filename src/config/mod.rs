@@ -6,6 +6,8 @@
 //! Errors name the key path and the line ([`ConfigError`]).
 
 pub mod file;
+pub mod rfc3339;
+pub mod userset;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::proto::{BackendTls, Limits, ListenerTls};
+pub use userset::UserSet;
 
 /// A mail protocol cutover speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,6 +102,8 @@ pub struct Listener {
     pub tls: ListenerTls,
     /// Authentication before TLS allowed.
     pub allow_plaintext_auth: bool,
+    /// SMTP: the pop-before-smtp bridge window, if this listener is a bridge.
+    pub bridge_window: Option<Duration>,
 }
 
 /// How servers of a pool are ordered for one user.
@@ -226,6 +231,10 @@ pub struct Pool {
     pub health: Health,
     /// Tell backends the client's address.
     pub forward_client_address: bool,
+    /// Send backends the client's name as typed instead of the normalized one.
+    pub login_original_name: bool,
+    /// Counts as legacy in the stragglers report.
+    pub legacy: bool,
     /// Servers per protocol.
     pub protocols: BTreeMap<Protocol, PoolProtocol>,
 }
@@ -233,8 +242,8 @@ pub struct Pool {
 /// What a route matches; all given parts must match. None matches everyone.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Matcher {
-    /// Exact normalized user names.
-    pub users: Option<HashSet<String>>,
+    /// Exact normalized user names (inline `users` and `users_file` together).
+    pub users: Option<UserSet>,
     /// Domains (lowercase).
     pub domains: Option<HashSet<String>>,
     /// Share of users by stable bucket.
@@ -250,6 +259,45 @@ pub struct Route {
     pub matcher: Matcher,
     /// Target pool (validated to exist).
     pub pool: String,
+    /// Pool tried when every server of `pool` is unavailable.
+    pub fallback: Option<String>,
+    /// Also fall back when `pool` rejects the credentials.
+    pub fallback_on_auth_failure: bool,
+    /// The cohort file the users came from, if any (watched for changes).
+    pub users_file: Option<PathBuf>,
+}
+
+/// A scheduled stage: from `from` on, its routes replace the ones before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    /// Name.
+    pub name: String,
+    /// Start, Unix seconds.
+    pub from: i64,
+    /// Routes.
+    pub routes: Vec<Route>,
+}
+
+/// What happens to the open sessions of a user whose pool changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnMove {
+    /// End them (after `grace`) so the client reconnects to the new pool.
+    pub kick: bool,
+    /// Delay before ending them.
+    pub grace: Duration,
+}
+
+/// The admin endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// Address.
+    pub listen: SocketAddr,
+    /// Bearer token required on every request, when set.
+    pub token: Option<String>,
+    /// Longest wait of a held login.
+    pub hold_max_wait: Duration,
+    /// Where the token came from (watched for changes).
+    pub token_file: Option<PathBuf>,
 }
 
 /// How user names are normalized before routing and backend login.
@@ -302,6 +350,50 @@ pub struct Config {
     pub limits: Limits,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Scheduled stages, in start order.
+    pub stages: Vec<Stage>,
+    /// Moving users.
+    pub on_move: OnMove,
+    /// Admin endpoint.
+    pub admin: Option<Admin>,
+    /// Most users the stragglers tracker remembers.
+    pub stragglers_max_users: usize,
+}
+
+impl Config {
+    /// The stage in force at `now` (Unix seconds): its name (None before the first stage)
+    /// and routes.
+    pub fn routes_at(&self, now: i64) -> (Option<&str>, &[Route]) {
+        match self.stages.iter().rev().find(|s| s.from <= now) {
+            Some(stage) => (Some(stage.name.as_str()), &stage.routes),
+            None => (None, &self.routes),
+        }
+    }
+
+    /// Every file this configuration was built from: the file itself, certificates, keys,
+    /// CA bundles, cohort files and the admin token. A change to any of them triggers a
+    /// reload.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.source.clone()];
+        for c in &self.certificates {
+            out.push(c.cert.clone());
+            out.push(c.key.clone());
+        }
+        for pool in self.pools.values() {
+            out.extend(pool.protocols.values().filter_map(|pp| pp.ca.clone()));
+        }
+        let stage_routes = self.stages.iter().flat_map(|s| s.routes.iter());
+        out.extend(self.routes.iter().chain(stage_routes).filter_map(|r| r.users_file.clone()));
+        out.extend(self.admin.as_ref().and_then(|a| a.token_file.clone()));
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The next stage start after `now`, if any.
+    pub fn next_stage_after(&self, now: i64) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.from > now)
+    }
 }
 
 /// Parses durations such as `500ms`, `1s`, `2m`, `1h`, `1m30s`.
@@ -456,12 +548,28 @@ impl Config {
             if tls != ListenerTls::None && certificates.is_empty() {
                 return Err(cx.err(k("tls"), "TLS needs at least one entry in tls.certificates"));
             }
+            let bridge_window = match l.relay.as_deref() {
+                None => {
+                    if l.window.is_some() {
+                        return Err(cx.err(k("window"), "window only applies with relay: pop-before-smtp"));
+                    }
+                    None
+                }
+                Some("pop-before-smtp") if protocol == Protocol::Smtp => Some(match &l.window {
+                    Some(w) => parse_duration(w).map_err(|e| cx.err(k("window"), e))?,
+                    None => Duration::from_secs(600),
+                }),
+                Some(other) => {
+                    return Err(cx.err(k("relay"), format!("{other:?}: only pop-before-smtp, on smtp listeners")))
+                }
+            };
             listeners.push(Listener {
                 name: l.name.clone(),
                 protocol,
                 listen,
                 tls,
                 allow_plaintext_auth: l.allow_plaintext_auth,
+                bridge_window,
             });
         }
 
@@ -592,6 +700,13 @@ impl Config {
                     "pool has no imap, pop3 or smtp servers",
                 ));
             }
+            let login_original_name = match p.login_name.as_deref() {
+                None | Some("normalized") => false,
+                Some("original") => true,
+                Some(other) => {
+                    return Err(cx.err(k("login_name"), format!("{other:?}: expected normalized or original")))
+                }
+            };
             pools.insert(
                 name.clone(),
                 Pool {
@@ -601,6 +716,8 @@ impl Config {
                     login_timeout,
                     health,
                     forward_client_address: p.forward_client_address,
+                    login_original_name,
+                    legacy: p.legacy.unwrap_or(name == "legacy"),
                     protocols,
                 },
             );
@@ -619,65 +736,92 @@ impl Config {
             None => Users::default(),
         };
 
-        // Routes.
-        let mut routes = Vec::new();
-        for (i, r) in raw.routes.iter().enumerate() {
-            let k = |f: &str| format!("routes[{i}].{f}");
-            if !pools.contains_key(&r.pool) {
-                return Err(cx.err(k("pool"), format!("no pool named {:?}", r.pool)));
+        // Routes, and the routes of each stage.
+        let routes = build_routes(&cx, &raw.routes, "routes", &pools, &users, &resolve)?;
+        let mut stages: Vec<Stage> = Vec::new();
+        for (i, st) in raw.stages.iter().enumerate() {
+            let k = |f: &str| format!("stages[{i}].{f}");
+            let from = rfc3339::parse(&st.from).map_err(|e| cx.err(k("from"), e))?;
+            if st.name.is_empty() || stages.iter().any(|s| s.name == st.name) {
+                return Err(cx.err(k("name"), format!("stage name {:?} is empty or used twice", st.name)));
             }
-            let norm = |u: &str| crate::route::normalize(&users, u);
-            let matcher = Matcher {
-                users: r
-                    .users
-                    .as_ref()
-                    .map(|v| v.iter().map(|u| norm(u)).collect()),
-                domains: r
-                    .domains
-                    .as_ref()
-                    .map(|v| v.iter().map(|d| d.to_ascii_lowercase()).collect()),
-                percent: match r.percent {
-                    Some(p) if p <= 100 => Some(p as u8),
-                    Some(p) => {
-                        return Err(cx.err(k("percent"), format!("{p} is not between 0 and 100")))
-                    }
-                    None => None,
-                },
-            };
-            let mut parts = Vec::new();
-            if let Some(u) = &r.users {
-                parts.push(format!("users [{}]", u.join(", ")));
+            if let Some(prev) = stages.last() {
+                if prev.from >= from {
+                    return Err(cx.err(k("from"), format!("starts no later than stage {:?}: list stages in time order", prev.name)));
+                }
             }
-            if let Some(d) = &r.domains {
-                parts.push(format!("domains [{}]", d.join(", ")));
-            }
-            if let Some(p) = r.percent {
-                parts.push(format!("percent {p}"));
-            }
-            if parts.is_empty() {
-                parts.push("default".into());
-            }
-            routes.push(Route {
-                text: format!("routes[{i}]: {} -> {}", parts.join(" and "), r.pool),
-                matcher,
-                pool: r.pool.clone(),
-            });
+            let routes = build_routes(&cx, &st.routes, &format!("stages[{i}].routes"), &pools, &users, &resolve)?;
+            stages.push(Stage { name: st.name.clone(), from, routes });
         }
 
         // Every listener's protocol must be served by every pool a route can pick.
-        for (li, l) in listeners.iter().enumerate() {
-            for (ri, r) in routes.iter().enumerate() {
-                if !pools[&r.pool].protocols.contains_key(&l.protocol) {
-                    return Err(cx.err(
-                        format!("routes[{ri}].pool"),
-                        format!(
-                            "pool {:?} has no {} servers, but listener {:?} (listeners[{li}]) speaks {}",
-                            r.pool, l.protocol, l.name, l.protocol
-                        ),
-                    ));
+        let all_routes = std::iter::once(("routes".to_string(), &routes))
+            .chain(stages.iter().enumerate().map(|(i, s)| (format!("stages[{i}].routes"), &s.routes)));
+        for (prefix, list) in all_routes {
+            for (ri, r) in list.iter().enumerate() {
+                let targets = std::iter::once(("pool", &r.pool)).chain(r.fallback.iter().map(|f| ("fallback", f)));
+                for (field, pool) in targets {
+                    for (li, l) in listeners.iter().enumerate() {
+                        if !pools[pool].protocols.contains_key(&l.protocol) {
+                            return Err(cx.err(
+                                format!("{prefix}[{ri}].{field}"),
+                                format!(
+                                    "pool {pool:?} has no {} servers, but listener {:?} (listeners[{li}]) speaks {}",
+                                    l.protocol, l.name, l.protocol
+                                ),
+                            ));
+                        }
+                    }
                 }
             }
         }
+
+        let on_move = match &raw.on_move {
+            Some(m) => OnMove {
+                kick: match m.action.as_deref().unwrap_or("kick") {
+                    "kick" => true,
+                    "keep" => false,
+                    other => return Err(cx.err("on_move.action", format!("{other:?}: expected kick or keep"))),
+                },
+                grace: match &m.grace {
+                    Some(g) => parse_duration(g).map_err(|e| cx.err("on_move.grace", e))?,
+                    None => Duration::from_secs(5),
+                },
+            },
+            None => OnMove { kick: true, grace: Duration::from_secs(5) },
+        };
+
+        let admin = match &raw.admin {
+            Some(a) => {
+                let listen: SocketAddr = a
+                    .listen
+                    .parse()
+                    .map_err(|_| cx.err("admin.listen", format!("{:?} is not ip:port", a.listen)))?;
+                let token = match &a.token_file {
+                    Some(f) => {
+                        let path = resolve(f);
+                        let t = std::fs::read_to_string(&path)
+                            .map_err(|e| cx.err("admin.token_file", format!("{}: {e}", path.display())))?;
+                        let t = t.trim().to_string();
+                        if t.len() < 16 {
+                            return Err(cx.err("admin.token_file", "the token must be at least 16 characters"));
+                        }
+                        Some(t)
+                    }
+                    None => None,
+                };
+                if token.is_none() && !listen.ip().is_loopback() {
+                    return Err(cx.err("admin.token_file", "required when admin.listen is not a loopback address"));
+                }
+                let hold_max_wait = match &a.hold_max_wait {
+                    Some(w) => parse_duration(w).map_err(|e| cx.err("admin.hold_max_wait", e))?,
+                    None => Duration::from_secs(120),
+                };
+                Some(Admin { listen, token, hold_max_wait, token_file: a.token_file.as_deref().map(&resolve) })
+            }
+            None => None,
+        };
+        let stragglers_max_users = raw.stragglers.as_ref().and_then(|s| s.max_users).unwrap_or(1_000_000);
 
         let metrics =
             match &raw.metrics {
@@ -734,8 +878,96 @@ impl Config {
             users,
             limits,
             timeouts,
+            stages,
+            on_move,
+            admin,
+            stragglers_max_users,
         })
     }
+}
+
+fn build_routes(
+    cx: &Ctx<'_>,
+    raw: &[file::RawRoute],
+    prefix: &str,
+    pools: &BTreeMap<String, Pool>,
+    users: &Users,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<Vec<Route>, ConfigError> {
+    let mut routes = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let k = |f: &str| format!("{prefix}[{i}].{f}");
+        if !pools.contains_key(&r.pool) {
+            return Err(cx.err(k("pool"), format!("no pool named {:?}", r.pool)));
+        }
+        if let Some(f) = &r.fallback {
+            if !pools.contains_key(f) {
+                return Err(cx.err(k("fallback"), format!("no pool named {f:?}")));
+            }
+            if *f == r.pool {
+                return Err(cx.err(k("fallback"), "the fallback must be another pool"));
+            }
+        } else if r.fallback_on_auth_failure {
+            return Err(cx.err(k("fallback_on_auth_failure"), "needs a fallback pool"));
+        }
+        let norm = |u: &str| crate::route::normalize(users, u);
+        let user_set = if r.users.is_none() && r.users_file.is_none() {
+            None
+        } else {
+            let mut set = UserSet::default();
+            for u in r.users.iter().flatten() {
+                set.push(&norm(u)).map_err(|e| cx.err(k("users"), e))?;
+            }
+            if let Some(f) = &r.users_file {
+                let path = resolve(f);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| cx.err(k("users_file"), format!("{}: {e}", path.display())))?;
+                set.add_lines(&text, norm).map_err(|(line, e)| {
+                    cx.err(k("users_file"), format!("{}:{line}: {e}", path.display()))
+                })?;
+            }
+            Some(set.finish())
+        };
+        let matcher = Matcher {
+            users: user_set,
+            domains: r.domains.as_ref().map(|v| v.iter().map(|d| d.to_ascii_lowercase()).collect()),
+            percent: match r.percent {
+                Some(p) if p <= 100 => Some(p as u8),
+                Some(p) => return Err(cx.err(k("percent"), format!("{p} is not between 0 and 100"))),
+                None => None,
+            },
+        };
+        let mut parts = Vec::new();
+        if let Some(u) = &r.users {
+            parts.push(format!("users [{}]", u.join(", ")));
+        }
+        if let Some(f) = &r.users_file {
+            let n = matcher.users.as_ref().map(UserSet::len).unwrap_or(0);
+            parts.push(format!("users_file {f} ({n} users)"));
+        }
+        if let Some(d) = &r.domains {
+            parts.push(format!("domains [{}]", d.join(", ")));
+        }
+        if let Some(p) = r.percent {
+            parts.push(format!("percent {p}"));
+        }
+        if parts.is_empty() {
+            parts.push("default".into());
+        }
+        let mut text = format!("{prefix}[{i}]: {} -> {}", parts.join(" and "), r.pool);
+        if let Some(f) = &r.fallback {
+            text.push_str(&format!(" (fallback {f}{})", if r.fallback_on_auth_failure { ", also on auth failure" } else { "" }));
+        }
+        routes.push(Route {
+            text,
+            matcher,
+            pool: r.pool.clone(),
+            fallback: r.fallback.clone(),
+            fallback_on_auth_failure: r.fallback_on_auth_failure,
+            users_file: r.users_file.as_deref().map(resolve),
+        });
+    }
+    Ok(routes)
 }
 
 #[cfg(test)]

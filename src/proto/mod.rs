@@ -74,6 +74,9 @@ pub enum Mechanism {
     Login,
     /// SASL PLAIN (RFC 4616).
     Plain,
+    /// No password: the pop-before-smtp bridge authorized the client by a recent POP3 or
+    /// IMAP login from its address.
+    PreAuthorized,
 }
 
 impl Mechanism {
@@ -82,6 +85,7 @@ impl Mechanism {
         match self {
             Mechanism::Login => "login",
             Mechanism::Plain => "plain",
+            Mechanism::PreAuthorized => "pre-authorized",
         }
     }
 }

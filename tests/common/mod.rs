@@ -36,7 +36,9 @@ pub fn client_tls() -> Arc<rustls::ClientConfig> {
 pub async fn fake(name: &str, protocol: Protocol, f: impl FnOnce(&mut FakeConfig)) -> FakeBackend {
     let mut cfg = FakeConfig::new(name, protocol);
     f(&mut cfg);
-    FakeBackend::start("127.0.0.1:0".parse().unwrap(), cfg).await.expect("fake backend binds")
+    FakeBackend::start("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .expect("fake backend binds")
 }
 
 /// A loopback address where nothing listens (connections are refused).
@@ -70,17 +72,32 @@ impl Proxy {
     /// Starts a proxy from YAML; `certs/` paths resolve to the repository's demo certs.
     pub async fn start(yaml: &str) -> Proxy {
         let base = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let config = Config::from_text(yaml, &base.join("test.yaml"), base).expect("test config is valid");
+        let config =
+            Config::from_text(yaml, &base.join("test.yaml"), base).expect("test config is valid");
         let snap = Arc::new(Snapshot::build(config).expect("snapshot builds"));
         let backends = Backends::new();
-        let running = cutover::server::start(snap.clone(), backends.clone()).await.expect("proxy starts");
-        Proxy { running: Some(running), snap, backends }
+        let running = cutover::server::start(snap.clone(), backends.clone())
+            .await
+            .expect("proxy starts");
+        Proxy {
+            running: Some(running),
+            snap,
+            backends,
+        }
     }
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.running.as_ref().unwrap().addr(name).expect("listener exists")
+        self.running
+            .as_ref()
+            .unwrap()
+            .addr(name)
+            .expect("listener exists")
     }
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.running.as_ref().unwrap().metrics.expect("metrics enabled")
+        self.running
+            .as_ref()
+            .unwrap()
+            .metrics
+            .expect("metrics enabled")
     }
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
@@ -103,21 +120,34 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).await.expect("connect");
-        Client { io: Some(Box::new(s)), buf: Vec::new() }
+        Client {
+            io: Some(Box::new(s)),
+            buf: Vec::new(),
+        }
     }
     pub async fn connect_tls(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).await.expect("connect");
-        let mut c = Client { io: Some(Box::new(s)), buf: Vec::new() };
+        let mut c = Client {
+            io: Some(Box::new(s)),
+            buf: Vec::new(),
+        };
         c.start_tls().await;
         c
     }
     /// Runs a TLS handshake on the connection (after STARTTLS). Any buffered plaintext is
     /// an error: the server must not send anything after its go-ahead.
     pub async fn start_tls(&mut self) {
-        assert!(self.buf.is_empty(), "unexpected bytes before TLS: {:?}", String::from_utf8_lossy(&self.buf));
+        assert!(
+            self.buf.is_empty(),
+            "unexpected bytes before TLS: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
         let io = self.io.take().unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(client_tls()).connect(name, io).await.expect("TLS handshake");
+        let tls = tokio_rustls::TlsConnector::from(client_tls())
+            .connect(name, io)
+            .await
+            .expect("TLS handshake");
         self.io = Some(Box::new(tls));
     }
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -147,7 +177,10 @@ impl Client {
     pub async fn until(&mut self, prefix: &str) -> Vec<String> {
         let mut out = Vec::new();
         loop {
-            let l = self.line().await.unwrap_or_else(|| panic!("EOF while waiting for {prefix:?}; got {out:?}"));
+            let l = self
+                .line()
+                .await
+                .unwrap_or_else(|| panic!("EOF while waiting for {prefix:?}; got {out:?}"));
             let done = l.starts_with(prefix);
             out.push(l);
             if done {
@@ -174,7 +207,9 @@ impl Client {
 /// Fetches /metrics.
 pub async fn scrape(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
@@ -189,7 +224,10 @@ pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if n != name {
             return None;
         }
-        if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+        if labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
             value.parse().ok()
         } else {
             None

@@ -45,6 +45,10 @@ enum State {
     DiscardChunk { remaining: u64 },
     /// [`Action::Login`] is out; nothing is consumed until `login_done`.
     AwaitLogin,
+    /// Bridge: [`Action::Login`] for the pre-authorized user is out, the client's `MAIL`
+    /// line is still unconsumed (it goes to the backend); nothing is consumed until
+    /// `login_done`.
+    AwaitBridgeLogin,
     /// [`Action::StartTls`] is out; nothing is consumed until `tls_established`.
     AwaitTls,
     /// `235` queued; the driver relays from here.
@@ -131,6 +135,9 @@ pub struct ServerMachine {
     actions: VecDeque<Action>,
     commands: u32,
     auth_failures: u32,
+    /// pop-before-smtp bridge: the user a recent POP3/IMAP login from this client's
+    /// address authorizes to send without AUTH.
+    preauthorized: Option<String>,
 }
 
 impl ServerMachine {
@@ -168,10 +175,21 @@ impl ServerMachine {
             actions: VecDeque::new(),
             commands: 0,
             auth_failures: 0,
+            preauthorized: None,
         };
         let greeting = format!("220 {} ESMTP cutover ready", machine.hostname);
         machine.reply(&greeting);
         machine
+    }
+
+    /// pop-before-smtp bridge: this client's address logged in recently as `user` by POP3
+    /// or IMAP, so it may send mail without AUTH. At the first `MAIL` after EHLO/HELO the
+    /// machine asks for a [`Action::Login`] with [`Mechanism::PreAuthorized`] and leaves
+    /// the `MAIL` line unconsumed; on success it is authenticated without a reply (the
+    /// backend answers the `MAIL`), on failure the client gets `421 4.7.0` and the
+    /// connection closes. AUTH stays available as usual.
+    pub fn preauthorize(&mut self, user: String) {
+        self.preauthorized = Some(user);
     }
 
     /// Whether the connection is encrypted (implicit TLS, or after STARTTLS).
@@ -184,6 +202,25 @@ impl ServerMachine {
     /// consumes then is not bounded by one command line.
     pub fn is_discarding(&self) -> bool {
         matches!(self.state, State::SkipLine | State::DiscardChunk { .. })
+    }
+
+    /// Bridge: a complete `MAIL` line after EHLO/HELO from a pre-authorized client starts
+    /// the backend session instead of being answered here.
+    fn bridge_mail(&mut self, input: &[u8]) -> bool {
+        if self.hello == Hello::None || find_lf(input).is_none() || input.len() < 5 {
+            return false;
+        }
+        if !input[..5].eq_ignore_ascii_case(b"MAIL ") {
+            return false;
+        }
+        let Some(user) = self.preauthorized.clone() else { return false };
+        self.state = State::AwaitBridgeLogin;
+        self.actions.push_back(Action::Login(Credentials {
+            user,
+            secret: Secret::new(Vec::new()),
+            mechanism: Mechanism::PreAuthorized,
+        }));
+        true
     }
 
     fn auth_allowed(&self) -> bool {
@@ -400,6 +437,7 @@ impl ServerMachine {
                 self.state = State::LoginUser;
             }
             (Mechanism::Login, Some(response)) => self.login_user(response),
+            (Mechanism::PreAuthorized, _) => self.reply("504 5.5.4 Unrecognized authentication type"),
         }
     }
 
@@ -510,8 +548,15 @@ impl PreAuth for ServerMachine {
         if input.is_empty() {
             return 0;
         }
+        if matches!(self.state, State::Command) && self.bridge_mail(input) {
+            return 0;
+        }
         match self.state {
-            State::AwaitLogin | State::AwaitTls | State::Authenticated | State::Closed => 0,
+            State::AwaitLogin
+            | State::AwaitBridgeLogin
+            | State::AwaitTls
+            | State::Authenticated
+            | State::Closed => 0,
             State::SkipLine => match find_lf(input) {
                 Some(lf) => {
                     self.state = State::Command;
@@ -552,6 +597,18 @@ impl PreAuth for ServerMachine {
     }
 
     fn login_done(&mut self, outcome: LoginOutcome) {
+        if matches!(self.state, State::AwaitBridgeLogin) {
+            match outcome {
+                LoginOutcome::Ok { .. } => self.state = State::Authenticated,
+                _ => {
+                    self.preauthorized = None;
+                    let bye = format!("421 4.7.0 {} Cannot relay for you now, try again later", self.hostname);
+                    self.reply(&bye);
+                    self.close();
+                }
+            }
+            return;
+        }
         if !matches!(self.state, State::AwaitLogin) {
             return;
         }

@@ -1,0 +1,114 @@
+//! The admin endpoint: kick, hold and release users, list held users, sessions and
+//! stragglers. Bound to loopback by default; a bearer token (from `admin.token_file`) is
+//! required on every request when one is configured, and configuring one is mandatory
+//! off loopback.
+//!
+//! | request | effect |
+//! |---|---|
+//! | `POST /kick?user=U` | end U's relayed sessions now (IMAP: `* BYE` first) |
+//! | `POST /hold?user=U` | U's new logins wait (up to `admin.hold_max_wait`) |
+//! | `POST /release?user=U` | waiting and new logins of U go to the route in force |
+//! | `GET /holds` | held users |
+//! | `GET /sessions` | relayed sessions (user, protocol, pool) |
+//! | `GET /stragglers?hours=N` | users seen on a legacy pool or without TLS in the last N hours (JSON) |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::rfc3339;
+use crate::control::sessions::KickReason;
+use crate::control::Control;
+use crate::http::{read_request, respond, Request};
+use crate::metrics as m;
+
+/// Serves the admin endpoint until `stop`.
+pub async fn serve(listener: TcpListener, control: Arc<Control>, stop: CancellationToken) {
+    loop {
+        let (mut sock, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let control = control.clone();
+        tokio::spawn(async move {
+            let Some(req) = read_request(&mut sock).await else { return };
+            handle(&mut sock, &control, req).await;
+        });
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
+    let snap = control.snapshot();
+    let cfg = &snap.config;
+    if let Some(token) = cfg.admin.as_ref().and_then(|a| a.token.as_deref()) {
+        let ok = req.bearer.as_deref().is_some_and(|b| constant_time_eq(b.as_bytes(), token.as_bytes()));
+        if !ok {
+            respond(sock, 401, "text/plain", "missing or wrong bearer token\n").await;
+            return;
+        }
+    }
+    let user = req.param("user").map(|u| crate::route::normalize(&cfg.users, u));
+    let json = |v: serde_json::Value| v.to_string() + "\n";
+    match (req.method.as_str(), req.path.as_str(), user) {
+        ("POST", "/kick", Some(user)) => {
+            let n = control.sessions.kick_user(&user, KickReason::Admin);
+            tracing::info!(%user, sessions = n, "admin: kick");
+            respond(sock, 200, "application/json", &json(serde_json::json!({"user": user, "kicked": n}))).await;
+        }
+        ("POST", "/hold", Some(user)) => {
+            let new = control.holds.hold(&user);
+            tracing::info!(%user, "admin: hold");
+            respond(sock, 200, "application/json", &json(serde_json::json!({"user": user, "held": true, "already": !new}))).await;
+        }
+        ("POST", "/release", Some(user)) => {
+            let was = control.holds.release(&user);
+            tracing::info!(%user, "admin: release");
+            respond(sock, 200, "application/json", &json(serde_json::json!({"user": user, "released": was}))).await;
+        }
+        ("POST", "/kick" | "/hold" | "/release", None) => {
+            respond(sock, 400, "text/plain", "missing ?user=NAME\n").await;
+        }
+        ("GET", "/holds", _) => {
+            respond(sock, 200, "application/json", &json(serde_json::json!({"held": control.holds.list()}))).await;
+        }
+        ("GET", "/sessions", _) => {
+            let list: Vec<_> = control
+                .sessions
+                .snapshot()
+                .into_iter()
+                .map(|(id, e)| serde_json::json!({"id": id, "user": e.user, "protocol": e.protocol.as_str(), "pool": e.pool}))
+                .collect();
+            respond(sock, 200, "application/json", &json(serde_json::Value::Array(list))).await;
+        }
+        ("GET", "/stragglers", _) => {
+            let hours: i64 = req.param("hours").and_then(|h| h.parse().ok()).unwrap_or(24).clamp(0, 24 * 366);
+            let since = rfc3339::now() - hours * 3600;
+            let rows = control.history.stragglers(since, |p| cfg.pools.get(p).is_none_or(|pool| pool.legacy));
+            match serde_json::to_string(&rows) {
+                Ok(body) => respond(sock, 200, "application/json", &(body + "\n")).await,
+                Err(_) => respond(sock, 500, "text/plain", "error\n").await,
+            }
+        }
+        (_, "/kick" | "/hold" | "/release" | "/holds" | "/sessions" | "/stragglers", _) => {
+            respond(sock, 405, "text/plain", "method not allowed\n").await;
+        }
+        _ => respond(sock, 404, "text/plain", "not found\n").await,
+    }
+}
+
+/// Counts one kicked session.
+pub fn count_kick(protocol: &'static str, reason: &'static str) {
+    metrics::counter!(m::KICKED, "protocol" => protocol, "reason" => reason).increment(1);
+}

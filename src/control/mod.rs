@@ -1,0 +1,148 @@
+//! The proxy's live state, shared by every session: the configuration snapshot in force,
+//! the sessions being relayed (so they can be moved or kicked), held users, and the login
+//! history (stragglers, pop-before-smtp bridge).
+
+pub mod history;
+pub mod holds;
+pub mod sessions;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Backends;
+use crate::config::rfc3339;
+use crate::metrics as m;
+use crate::snapshot::Snapshot;
+use history::History;
+use holds::Holds;
+use sessions::{KickReason, Sessions};
+
+/// Everything a session may need beyond its own connection.
+#[derive(Debug)]
+pub struct Control {
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// Backend health and DNS.
+    pub backends: Backends,
+    /// Relayed sessions.
+    pub sessions: Sessions,
+    /// Held users.
+    pub holds: Holds,
+    /// Login history.
+    pub history: History,
+    /// Cancelled when the proxy starts draining.
+    pub drain: CancellationToken,
+    /// Cancelled when the drain grace period is over.
+    pub hard_stop: CancellationToken,
+}
+
+impl Control {
+    /// State for a first snapshot.
+    pub fn new(snap: Arc<Snapshot>, backends: Backends) -> Arc<Control> {
+        let history = History::new(snap.config.stragglers_max_users);
+        Arc::new(Control {
+            snapshot: RwLock::new(snap),
+            backends,
+            sessions: Sessions::default(),
+            holds: Holds::default(),
+            history,
+            drain: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        })
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.snapshot.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts a new snapshot in force (sessions already running keep theirs) and schedules
+    /// the move of users whose pool changed. Returns how many sessions will be moved.
+    pub fn install(self: &Arc<Self>, snap: Arc<Snapshot>) -> usize {
+        match self.snapshot.write() {
+            Ok(mut s) => *s = snap,
+            Err(poisoned) => *poisoned.into_inner() = snap,
+        }
+        self.publish_stage();
+        self.move_users()
+    }
+
+    /// Sets the active-stage gauge from the snapshot and the clock.
+    pub fn publish_stage(&self) {
+        let snap = self.snapshot();
+        let (active, _) = snap.config.routes_at(rfc3339::now());
+        let mut names: Vec<&str> = snap.config.stages.iter().map(|s| s.name.as_str()).collect();
+        names.push("(initial)");
+        for name in names {
+            let on = active.unwrap_or("(initial)") == name;
+            metrics::gauge!(m::STAGE_ACTIVE, "stage" => name.to_string()).set(if on { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Finds relayed sessions whose user the current routes send to another pool and, with
+    /// `on_move: kick`, ends them after the grace period. Returns how many.
+    pub fn move_users(self: &Arc<Self>) -> usize {
+        let snap = self.snapshot();
+        let cfg = &snap.config;
+        if !cfg.on_move.kick {
+            return 0;
+        }
+        let now = rfc3339::now();
+        let moved: Vec<u64> = self
+            .sessions
+            .snapshot()
+            .into_iter()
+            .filter(|(_, e)| match crate::route::route(cfg, &e.user, e.protocol, now) {
+                Ok(d) => d.pool != e.pool,
+                Err(_) => true,
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if moved.is_empty() {
+            return 0;
+        }
+        let n = moved.len();
+        tracing::info!(sessions = n, grace_ms = cfg.on_move.grace.as_millis() as u64, "users moved to another pool; ending their sessions");
+        let me = self.clone();
+        let grace = cfg.on_move.grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            me.sessions.kick_ids(&moved, KickReason::Moved);
+        });
+        n
+    }
+
+    /// Runs the stage clock until drain: at each stage start, publishes the stage and moves
+    /// users. Re-reads the snapshot after every wake-up, so reloads are honoured.
+    pub async fn run_stage_clock(self: Arc<Self>) {
+        self.publish_stage();
+        loop {
+            let snap = self.snapshot();
+            let now = rfc3339::now();
+            // Wake at the next stage start, or at least every minute (a reload may have
+            // added stages).
+            let wait = match snap.config.next_stage_after(now) {
+                Some(stage) => Duration::from_secs((stage.from - now).clamp(0, 60) as u64),
+                None => Duration::from_secs(60),
+            };
+            let before = snap.config.routes_at(now).0.map(str::to_string);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.drain.cancelled() => return,
+            }
+            // Sleep granularity: make sure the boundary has passed.
+            let snap = self.snapshot();
+            let now = rfc3339::now();
+            let after = snap.config.routes_at(now).0.map(str::to_string);
+            if before != after {
+                tracing::info!(stage = after.as_deref().unwrap_or("(initial)"), "stage starts");
+                self.publish_stage();
+                self.move_users();
+            }
+        }
+    }
+}
