@@ -1,40 +1,203 @@
-//! The relay: after login, bytes flow both ways unchanged until either side closes.
+//! The relay: after login, bytes flow both ways unchanged until both sides are done.
 //!
-//! Buffers are allocated here, only after authentication. Each direction reads only when
-//! its buffer has room (backpressure); EOF on one side shuts down the write half of the
-//! other (for TLS: close_notify), so half-closed sessions finish cleanly. Content is
-//! never logged.
+//! Memory is the point of this module. Most relayed sessions are idle (IMAP IDLE all day),
+//! so an idle session holds no buffer at all: each direction reads into a per-thread
+//! scratch buffer and writes straight on; only when the writer cannot take everything
+//! does the rest move into a heap buffer owned by the session, freed as soon as it drains.
+//! A direction with bytes pending does not read (backpressure). EOF on one side shuts
+//! down the write half of the other (for TLS: close_notify), so half-closed sessions end
+//! cleanly; a peer that closes TLS without close_notify counts as a normal EOF. Content
+//! is never logged.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::sync::CancellationToken;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Per-direction relay buffer.
+/// Largest read per direction and per wake-up; also the most a session ever buffers per
+/// direction.
 pub const RELAY_BUF: usize = 16 * 1024;
 
-/// How a relay ended.
-#[derive(Debug)]
-pub enum RelayEnd {
-    /// One side closed and the other followed; bytes client->backend, backend->client.
-    Closed(u64, u64),
-    /// An I/O error ended it (reset, broken pipe).
-    Error(io::Error),
-    /// `stop` was cancelled (shutdown grace expired, or the user was moved).
-    Stopped,
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; RELAY_BUF]);
 }
 
-/// Relays until both directions are finished or `stop` is cancelled.
-pub async fn relay<C, B>(client: &mut C, backend: &mut B, stop: &CancellationToken) -> RelayEnd
+#[derive(Debug, Default)]
+struct Direction {
+    /// Bytes read but not yet written, and how much of them is written.
+    pending: Option<(Box<[u8]>, usize)>,
+    /// Written since the last flush.
+    unflushed: bool,
+    read_done: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Direction {
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Drain what is pending first.
+            if let Some((buf, written)) = &mut self.pending {
+                while *written < buf.len() {
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[*written..]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    *written += n;
+                    self.bytes += n as u64;
+                    self.unflushed = true;
+                }
+                self.pending = None;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let step = SCRATCH.with(|scratch| -> Poll<io::Result<()>> {
+                let mut scratch = scratch.borrow_mut();
+                let mut rb = ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        self.read_done = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let data = rb.filled();
+                        if data.is_empty() {
+                            self.read_done = true;
+                            return Poll::Ready(Ok(()));
+                        }
+                        let mut off = 0;
+                        while off < data.len() {
+                            match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
+                                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                                Poll::Ready(Ok(n)) => off += n,
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => break,
+                            }
+                        }
+                        self.bytes += off as u64;
+                        self.unflushed |= off > 0;
+                        if off < data.len() {
+                            self.pending = Some((data[off..].into(), 0));
+                        }
+                        Poll::Ready(Ok(()))
+                    }
+                }
+            });
+            match step {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// A bidirectional relay between a client and a backend. Poll it (it is a future) until
+/// it completes; the byte counts stay readable if it is dropped early (kick, shutdown).
+pub struct Relay<'a, C, B> {
+    client: &'a mut C,
+    backend: &'a mut B,
+    up: Direction,
+    down: Direction,
+}
+
+impl<'a, C, B> Relay<'a, C, B>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(client, backend, RELAY_BUF, RELAY_BUF) => match r {
-            Ok((up, down)) => RelayEnd::Closed(up, down),
-            Err(e) => RelayEnd::Error(e),
-        },
-        _ = stop.cancelled() => RelayEnd::Stopped,
+    /// A relay over two connected streams.
+    pub fn new(client: &'a mut C, backend: &'a mut B) -> Self {
+        Relay { client, backend, up: Direction::default(), down: Direction::default() }
+    }
+
+    /// Bytes written to the backend so far.
+    pub fn bytes_up(&self) -> u64 {
+        self.up.bytes
+    }
+
+    /// Bytes written to the client so far.
+    pub fn bytes_down(&self) -> u64 {
+        self.down.bytes
+    }
+
+    /// True if neither direction holds a buffer (the idle state).
+    pub fn is_idle(&self) -> bool {
+        self.up.pending.is_none() && self.down.pending.is_none()
+    }
+}
+
+impl<C, B> Future for Relay<'_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let up = this.up.poll(cx, this.client, this.backend)?;
+        let down = this.down.poll(cx, this.backend, this.client)?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close_and_backpressure() {
+        let (mut client_app, mut client_proxy) = tokio::io::duplex(1024);
+        let (mut backend_proxy, mut backend_app) = tokio::io::duplex(1024);
+        let big: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let expect = big.clone();
+        let task = tokio::spawn(async move {
+            let mut relay = Relay::new(&mut client_proxy, &mut backend_proxy);
+            (&mut relay).await.unwrap();
+            (relay.bytes_up(), relay.bytes_down(), relay.is_idle())
+        });
+        let writer = tokio::spawn(async move {
+            client_app.write_all(b"a1 NOOP\r\n").await.unwrap();
+            client_app.shutdown().await.unwrap(); // half-close
+            let mut got = Vec::new();
+            client_app.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut req = Vec::new();
+        backend_app.read_to_end(&mut req).await.unwrap();
+        assert_eq!(req, b"a1 NOOP\r\n");
+        backend_app.write_all(&big).await.unwrap();
+        backend_app.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), expect);
+        let (up, down, idle) = task.await.unwrap();
+        assert_eq!((up, down, idle), (9, 200_000, true));
     }
 }

@@ -25,7 +25,7 @@ use crate::proto::{
     self, Action, ClientInfo, Credentials, ListenerTls, LoginOutcome, Mechanism, Phase, PreAuth,
     ServerPolicy,
 };
-use crate::relay::{self, RelayEnd};
+use crate::relay;
 use crate::route;
 use crate::snapshot::Snapshot;
 use crate::stream::{ClientStream, Stream};
@@ -111,6 +111,14 @@ fn new_machine(ctx: &SessionCtx, peer: SocketAddr) -> Box<dyn PreAuth + Send> {
             Box::new(sm)
         }
     }
+}
+
+/// How a relay ended.
+enum RelayEnd {
+    Closed,
+    Error(std::io::Error),
+    Stopped,
+    Kicked(KickReason),
 }
 
 /// What the session learned, for its summary line.
@@ -214,34 +222,43 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     }
     let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
     drop(pending);
+    let mut relay = relay::Relay::new(&mut client, &mut backend.stream);
     let end = tokio::select! {
-        end = relay::relay(&mut client, &mut backend.stream, &ctx.control.hard_stop) => end,
-        reason = kick.requested() => {
-            goodbye(ctx, &mut client, reason).await;
-            let _ = backend.stream.shutdown().await;
-            summary.outcome = "kicked";
-            admin_kick_count(ctx, reason.as_str());
-            return;
-        }
+        r = &mut relay => match r {
+            Ok(()) => RelayEnd::Closed,
+            Err(e) => RelayEnd::Error(e),
+        },
+        _ = ctx.control.hard_stop.cancelled() => RelayEnd::Stopped,
+        reason = kick.requested() => RelayEnd::Kicked(reason),
     };
-    let (up, down) = match end {
-        RelayEnd::Closed(up, down) => (up, down),
+    let (up, down) = (relay.bytes_up(), relay.bytes_down());
+    drop(relay);
+    match end {
+        RelayEnd::Closed => {}
         RelayEnd::Error(e) => {
             tracing::debug!(error = %e, "relay ended with an error");
             summary.outcome = "relay_error";
-            (0, 0)
         }
         RelayEnd::Stopped => {
             summary.outcome = "stopped";
             if ctx.listener.protocol == Protocol::Imap {
-                let _ = client.write_all(b"* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n").await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.write_all(b"* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n"),
+                )
+                .await;
             }
-            let _ = client.shutdown().await;
-            let _ = backend.stream.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), backend.stream.shutdown()).await;
             admin_kick_count(ctx, "shutdown");
-            (0, 0)
         }
-    };
+        RelayEnd::Kicked(reason) => {
+            goodbye(ctx, &mut client, reason).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), backend.stream.shutdown()).await;
+            summary.outcome = "kicked";
+            admin_kick_count(ctx, reason.as_str());
+        }
+    }
     summary.up = up + extra_up;
     summary.down = down + extra_down;
     metrics::counter!(m::BYTES, "pool" => pool.clone(), "protocol" => proto_label, "direction" => "client_to_backend")

@@ -46,6 +46,9 @@ pub enum Failure {
     Protocol,
     /// No usable login mechanism.
     NoMechanism,
+    /// pop-before-smtp: the POP3 server paired with this SMTP server was unavailable (the
+    /// failure is counted against the POP3 server, not this one).
+    PairedPop3,
 }
 
 impl Failure {
@@ -59,6 +62,7 @@ impl Failure {
             Failure::Greeting => "greeting",
             Failure::Protocol => "protocol",
             Failure::NoMechanism => "no_mechanism",
+            Failure::PairedPop3 => "paired_pop3",
         }
     }
 }
@@ -352,12 +356,17 @@ pub fn try_order<'a>(
         .collect();
     // Stable partition: available servers keep their order and go first; down servers
     // remain as a last resort, so a pool whose probes are all failing is still tried.
-    ordered.sort_by_key(|(_, a)| {
-        !backends
-            .registry
-            .get(&pool.name, protocol, &a.to_string())
-            .is_available(&pool.health)
-    });
+    let paired = (protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp)
+        .then(|| pool.protocols.get(&Protocol::Pop3))
+        .flatten();
+    let available = |index: usize, a: &ServerAddr| {
+        let reg = &backends.registry;
+        reg.get(&pool.name, protocol, &a.to_string()).is_available(&pool.health)
+            && paired.and_then(|pop| pop.servers.get(index)).is_none_or(|p| {
+                reg.get(&pool.name, Protocol::Pop3, &p.to_string()).is_available(&pool.health)
+            })
+    };
+    ordered.sort_by_key(|(i, a)| !available(*i, a));
     ordered
 }
 
@@ -434,6 +443,7 @@ pub async fn login(
                 count_failure(pool_name, protocol, &server, f);
                 state.record_failure(&pool.health);
             }
+            Err(Failure::PairedPop3) => {}
             Err(f) => {
                 tracing::warn!(pool = pool_name, %protocol, %server, reason = f.as_str(), "backend unavailable");
                 count_failure(pool_name, protocol, &server, f);
@@ -462,12 +472,11 @@ async fn pop_before_smtp(
     client: Option<ClientInfo>,
     helo: &str,
 ) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
-    let pop_pp = pool
-        .protocols
-        .get(&Protocol::Pop3)
-        .ok_or(Failure::NoMechanism)?;
+    let pop_pp = pool.protocols.get(&Protocol::Pop3).ok_or(Failure::NoMechanism)?;
     let pop_addr = pop_pp.servers.get(index).ok_or(Failure::NoMechanism)?;
-    let (res, mut pop_stream, _) = attempt(
+    let pop_server = pop_addr.to_string();
+    let pop_state = backends.registry.get(&pool.name, Protocol::Pop3, &pop_server);
+    let checked = attempt(
         backends,
         snap,
         pool,
@@ -478,26 +487,29 @@ async fn pop_before_smtp(
         client.clone(),
         helo,
     )
-    .await?;
+    .await;
+    // A POP3 server that is down is that server's failure, not the SMTP server's.
+    let pop_down = |f: Failure| {
+        tracing::warn!(pool = %pool.name, server = %pop_server, reason = f.as_str(), "pop-before-smtp: POP3 check server unavailable");
+        count_failure(&pool.name, Protocol::Pop3, &pop_server, f);
+        pop_state.record_failure(&pool.health);
+        Failure::PairedPop3
+    };
+    let (res, mut pop_stream) = match checked {
+        Ok((BackendResult::Unavailable(u), _, _)) => return Err(pop_down(u.into())),
+        Ok((res, stream, _)) => (res, stream),
+        Err(f) => return Err(pop_down(f)),
+    };
     match res {
         BackendResult::LoggedIn { .. } => {
+            pop_state.record_login_success();
             let _ = pop_stream.write_all(proto::pop3::QUIT).await;
             let _ = pop_stream.shutdown().await;
         }
         other => return Ok((other, pop_stream, Vec::new())),
     }
-    attempt(
-        backends,
-        snap,
-        pool,
-        Protocol::Smtp,
-        smtp_pp,
-        smtp_addr,
-        Job::SmtpNoAuth,
-        client,
-        helo,
-    )
-    .await
+    attempt(backends, snap, pool, Protocol::Smtp, smtp_pp, smtp_addr, Job::SmtpNoAuth, client, helo)
+        .await
 }
 
 /// Probes one server once (connect, TLS, greeting, capabilities, goodbye).

@@ -168,10 +168,10 @@ mod tests {
     #[test]
     fn stragglers_are_legacy_or_plaintext_within_the_window() {
         let h = History::new(100);
+        h.record(&login("old", "legacy", Protocol::Pop3, true, 10));
         h.record(&login("bob", "legacy", Protocol::Imap, true, 1000));
         h.record(&login("joe", "new", Protocol::Imap, false, 1000));
         h.record(&login("ann", "new", Protocol::Imap, true, 1000));
-        h.record(&login("old", "legacy", Protocol::Pop3, true, 10));
         let s = h.stragglers(500, |p| p == "legacy");
         let users: Vec<_> = s.iter().map(|s| (s.user.as_str(), s.why.clone())).collect();
         assert_eq!(users, vec![("bob", vec!["legacy_pool"]), ("joe", vec!["no_tls"])]);

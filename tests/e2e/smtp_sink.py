@@ -18,14 +18,12 @@ followed by the message data exactly as received.
 """
 
 import argparse
-import asyncio
 import itertools
 import os
 import signal
 import time
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
 
 
 class SinkHandler:
@@ -76,7 +74,6 @@ def main():
         ident=f"cutover-e2e sink {args.name}",
         decode_data=False,
         enable_SMTPUTF8=True,
-        # aiosmtpd would otherwise probe-connect to the port at start and log noise
         ready_timeout=10,
     )
     controller.start()
@@ -92,7 +89,7 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
     try:
         while not stop:
-            signal.pause() if hasattr(signal, "pause") else time.sleep(3600)
+            signal.pause()
     finally:
         controller.stop()
 
