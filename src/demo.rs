@@ -666,7 +666,7 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), String> {
     };
     println!(
         "\ncutover demo is running (Ctrl-C stops it). Demo users: joeuser, alice, bob, carol; password: password.\n\
-         joeuser and alice are routed to the \"new\" pool, bob and carol to \"legacy\" (green, failing over to mauve).\n\n\
+         joeuser and alice are routed to the \"new\" pool by name, carol by the 30% rule; bob goes to \"legacy\" (green, failing over to mauve).\n\n\
          Read mail (the subject names the server that answered):\n\
          \x20 curl --cacert {ca} 'imaps://{imaps}/INBOX;UID=1' -u joeuser:password\n\
          \x20 curl --cacert {ca} 'imaps://{imaps}/INBOX;UID=1' -u bob:password\n\
