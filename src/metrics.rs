@@ -10,10 +10,16 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Logins by `protocol`, `pool`, `result` (ok | auth_failed | backend_unavailable | refused).
+/// Logins by `protocol`, `pool`, `rule`, `result` (ok | auth_failed | backend_unavailable | refused).
 pub const LOGINS: &str = "cutover_logins_total";
+/// Time the proxy itself spent on a login (routing, holds, replies), by `protocol`.
+pub const LOGIN_PROXY_SECONDS: &str = "cutover_login_proxy_seconds";
+/// Time spent logging in at the backends (connect, TLS, replay, failovers), by `protocol`, `pool`.
+pub const LOGIN_BACKEND_SECONDS: &str = "cutover_login_backend_seconds";
 /// 1 if a backend server is considered up, by `pool`, `protocol`, `server`.
 pub const BACKEND_UP: &str = "cutover_backend_up";
+/// TCP connect time to a backend server, by `pool`, `protocol`, `server`.
+pub const BACKEND_CONNECT_SECONDS: &str = "cutover_backend_connect_seconds";
 /// Moves to the next server of a pool after one was unavailable, by `pool`, `protocol`.
 pub const FAILOVERS: &str = "cutover_failovers_total";
 /// Failed attempts to use a backend server, by `pool`, `protocol`, `server`, `reason`.
@@ -22,8 +28,14 @@ pub const BACKEND_FAILURES: &str = "cutover_backend_connect_failures_total";
 pub const CONNECTIONS: &str = "cutover_connections_total";
 /// Open client connections, by `listener`, `protocol`.
 pub const CONNECTIONS_ACTIVE: &str = "cutover_connections_active";
+/// Client connections refused or ended by a limit, by `listener`, `protocol`, `reason`.
+pub const REFUSED: &str = "cutover_connections_refused_total";
+/// Client TLS handshakes, by `listener`, `mode` (implicit | starttls), `result`, `version`.
+pub const TLS_HANDSHAKES: &str = "cutover_tls_handshakes_total";
 /// Relayed (logged-in) sessions, by `pool`, `protocol`.
 pub const SESSIONS_ACTIVE: &str = "cutover_sessions_active";
+/// Duration of relayed sessions, by `pool`, `protocol`.
+pub const SESSION_SECONDS: &str = "cutover_session_duration_seconds";
 /// Bytes relayed, by `pool`, `protocol`, `direction` (client_to_backend | backend_to_client).
 pub const BYTES: &str = "cutover_relayed_bytes_total";
 /// 1 for the stage in force, 0 for the others, by `stage` (`(initial)`: the top-level routes).
@@ -36,20 +48,242 @@ pub const KICKED: &str = "cutover_sessions_kicked_total";
 pub const FALLBACKS: &str = "cutover_fallbacks_total";
 /// Logins that waited for a held user, by `result` (released | timed_out).
 pub const HELD_LOGINS: &str = "cutover_held_logins_total";
+/// Not-after time of each served certificate, Unix seconds, by `certificate` (file name).
+pub const CERT_NOT_AFTER: &str = "cutover_certificate_not_after_seconds";
+/// Always 1, by `version`.
+pub const BUILD_INFO: &str = "cutover_build_info";
+/// Resident memory of the process.
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+/// Open file descriptors of the process.
+pub const PROCESS_FDS: &str = "process_open_fds";
+/// CPU time of the process.
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+/// Start time of the process, Unix seconds.
+pub const PROCESS_START: &str = "process_start_time_seconds";
+
+/// The kind of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Monotonic counter (`_total`).
+    Counter,
+    /// Gauge.
+    Gauge,
+    /// Histogram (`_bucket`, `_sum`, `_count`).
+    Histogram,
+}
+
+/// One entry of the metrics catalogue (docs/metrics.md lists the same).
+#[derive(Debug, Clone, Copy)]
+pub struct Def {
+    /// Name.
+    pub name: &'static str,
+    /// Kind.
+    pub kind: Kind,
+    /// Label names.
+    pub labels: &'static [&'static str],
+    /// Help text.
+    pub help: &'static str,
+}
+
+/// Every metric cutover exports.
+pub const CATALOGUE: &[Def] = &[
+    Def { name: LOGINS, kind: Kind::Counter, labels: &["protocol", "pool", "rule", "result"], help: "Login attempts by outcome: ok, auth_failed, backend_unavailable, refused." },
+    Def { name: LOGIN_PROXY_SECONDS, kind: Kind::Histogram, labels: &["protocol"], help: "Time the proxy itself spent on a login (routing, holds, replies)." },
+    Def { name: LOGIN_BACKEND_SECONDS, kind: Kind::Histogram, labels: &["protocol", "pool"], help: "Time spent logging in at the backends (connect, TLS, replay, failovers)." },
+    Def { name: BACKEND_UP, kind: Kind::Gauge, labels: &["pool", "protocol", "server"], help: "1 while a backend server is considered up." },
+    Def { name: BACKEND_CONNECT_SECONDS, kind: Kind::Histogram, labels: &["pool", "protocol", "server"], help: "TCP connect time to a backend server." },
+    Def { name: FAILOVERS, kind: Kind::Counter, labels: &["pool", "protocol"], help: "Moves to the next server of a pool after one was unavailable." },
+    Def { name: BACKEND_FAILURES, kind: Kind::Counter, labels: &["pool", "protocol", "server", "reason"], help: "Failed attempts to use a backend server: refused, timeout, tls, greeting, protocol, resolve, no_mechanism." },
+    Def { name: CONNECTIONS, kind: Kind::Counter, labels: &["listener", "protocol"], help: "Accepted client connections." },
+    Def { name: CONNECTIONS_ACTIVE, kind: Kind::Gauge, labels: &["listener", "protocol"], help: "Open client connections." },
+    Def { name: REFUSED, kind: Kind::Counter, labels: &["listener", "protocol", "reason"], help: "Client connections refused or ended by a limit." },
+    Def { name: TLS_HANDSHAKES, kind: Kind::Counter, labels: &["listener", "mode", "result", "version"], help: "Client TLS handshakes (implicit or STARTTLS) by result and TLS version." },
+    Def { name: SESSIONS_ACTIVE, kind: Kind::Gauge, labels: &["pool", "protocol"], help: "Logged-in sessions being relayed." },
+    Def { name: SESSION_SECONDS, kind: Kind::Histogram, labels: &["pool", "protocol"], help: "Duration of relayed sessions." },
+    Def { name: BYTES, kind: Kind::Counter, labels: &["pool", "protocol", "direction"], help: "Bytes relayed after login, client_to_backend or backend_to_client." },
+    Def { name: STAGE_ACTIVE, kind: Kind::Gauge, labels: &["stage"], help: "1 for the routing stage in force." },
+    Def { name: RELOADS, kind: Kind::Counter, labels: &["result"], help: "Configuration reloads, ok or error." },
+    Def { name: KICKED, kind: Kind::Counter, labels: &["protocol", "reason"], help: "Relayed sessions ended from outside: moved, admin, shutdown." },
+    Def { name: FALLBACKS, kind: Kind::Counter, labels: &["from", "to", "reason"], help: "Logins tried on a route's fallback pool: unavailable, auth_failed." },
+    Def { name: HELD_LOGINS, kind: Kind::Counter, labels: &["result"], help: "Logins that waited for a held user: released, timed_out." },
+    Def { name: CERT_NOT_AFTER, kind: Kind::Gauge, labels: &["certificate"], help: "Not-after time of each served certificate (Unix seconds)." },
+    Def { name: BUILD_INFO, kind: Kind::Gauge, labels: &["version"], help: "Always 1; the version label says which cutover runs." },
+    Def { name: PROCESS_RSS, kind: Kind::Gauge, labels: &[], help: "Resident memory of the process in bytes." },
+    Def { name: PROCESS_FDS, kind: Kind::Gauge, labels: &[], help: "Open file descriptors of the process." },
+    Def { name: PROCESS_CPU, kind: Kind::Counter, labels: &[], help: "User and system CPU time of the process in seconds." },
+    Def { name: PROCESS_START, kind: Kind::Gauge, labels: &[], help: "Start time of the process (Unix seconds)." },
+];
+
+/// Latency buckets (seconds) for the login and connect histograms.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Buckets (seconds) for session durations: IMAP sessions last hours.
+const SESSION_BUCKETS: &[f64] = &[
+    1.0,
+    10.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
+];
 
 /// Installs the global recorder (once per process) and returns a handle for rendering.
 pub fn install() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            use metrics_exporter_prometheus::Matcher;
+            let builder = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(SESSION_SECONDS.into()), SESSION_BUCKETS)
+                });
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; then ours stays unused
             // and /metrics shows nothing, which a test would notice.
             let _ = metrics::set_global_recorder(recorder);
+            for d in CATALOGUE {
+                match d.kind {
+                    Kind::Counter => metrics::describe_counter!(d.name, d.help),
+                    Kind::Gauge => metrics::describe_gauge!(d.name, d.help),
+                    Kind::Histogram => {
+                        metrics::describe_histogram!(d.name, metrics::Unit::Seconds, d.help)
+                    }
+                }
+            }
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            metrics::gauge!(PROCESS_START).set(process_start_time().unwrap_or(0.0));
             handle
         })
         .clone()
+}
+
+/// Creates the series a configuration makes known, at zero, so dashboards and alerts see
+/// them before the first event (an absent series is not a zero).
+pub fn prime(cfg: &crate::config::Config) {
+    for l in &cfg.listeners {
+        let p = l.protocol.as_str();
+        metrics::counter!(CONNECTIONS, "listener" => l.name.clone(), "protocol" => p).absolute(0);
+        metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => l.name.clone(), "protocol" => p)
+            .increment(0.0);
+        for reason in [
+            "max_connections",
+            "max_per_ip",
+            "input_too_large",
+            "rate_limited",
+        ] {
+            metrics::counter!(REFUSED, "listener" => l.name.clone(), "protocol" => p, "reason" => reason).increment(0);
+        }
+    }
+    let protocols: std::collections::BTreeSet<&str> =
+        cfg.listeners.iter().map(|l| l.protocol.as_str()).collect();
+    for (name, pool) in &cfg.pools {
+        for (proto, pp) in &pool.protocols {
+            let p = proto.as_str();
+            metrics::counter!(FAILOVERS, "pool" => name.clone(), "protocol" => p).increment(0);
+            metrics::gauge!(SESSIONS_ACTIVE, "pool" => name.clone(), "protocol" => p)
+                .increment(0.0);
+            for dir in ["client_to_backend", "backend_to_client"] {
+                metrics::counter!(BYTES, "pool" => name.clone(), "protocol" => p, "direction" => dir).increment(0);
+            }
+            for s in &pp.servers {
+                for reason in ["refused", "timeout", "tls", "greeting"] {
+                    metrics::counter!(BACKEND_FAILURES, "pool" => name.clone(), "protocol" => p, "server" => s.to_string(), "reason" => reason).increment(0);
+                }
+            }
+        }
+    }
+    let stage_routes = cfg.stages.iter().flat_map(|s| s.routes.iter());
+    for r in cfg.routes.iter().chain(stage_routes) {
+        for p in &protocols {
+            for result in ["ok", "auth_failed", "backend_unavailable"] {
+                metrics::counter!(LOGINS, "protocol" => *p, "pool" => r.pool.clone(), "rule" => r.id.clone(), "result" => result).increment(0);
+            }
+        }
+        if let Some(f) = &r.fallback {
+            for reason in ["unavailable", "auth_failed"] {
+                metrics::counter!(FALLBACKS, "from" => r.pool.clone(), "to" => f.clone(), "reason" => reason).increment(0);
+            }
+        }
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(RELOADS, "result" => result).increment(0);
+    }
+    for p in &protocols {
+        for reason in ["moved", "admin", "shutdown"] {
+            metrics::counter!(KICKED, "protocol" => *p, "reason" => reason).increment(0);
+        }
+    }
+    for result in ["released", "timed_out"] {
+        metrics::counter!(HELD_LOGINS, "result" => result).increment(0);
+    }
+    for c in &cfg.certificates {
+        let name = c
+            .cert
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(t) = crate::tls::not_after(&c.cert) {
+            metrics::gauge!(CERT_NOT_AFTER, "certificate" => name).set(t as f64);
+        }
+    }
+}
+
+/// Refreshes the process metrics from /proc (Linux); a no-op elsewhere.
+pub fn update_process_metrics() {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(kb) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        {
+            metrics::gauge!(PROCESS_RSS).set(kb * 1024.0);
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!(PROCESS_FDS).set(dir.count() as f64);
+    }
+    if let Some((utime, stime)) = proc_stat_fields().map(|f| (f.0, f.1)) {
+        metrics::counter!(PROCESS_CPU).absolute(((utime + stime) / clock_ticks()) as u64);
+    }
+}
+
+fn clock_ticks() -> f64 {
+    100.0 // USER_HZ on Linux
+}
+
+/// (utime, stime, starttime) in clock ticks from /proc/self/stat.
+fn proc_stat_fields() -> Option<(f64, f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime 15, starttime 22.
+    Some((
+        f.get(11)?.parse().ok()?,
+        f.get(12)?.parse().ok()?,
+        f.get(19)?.parse().ok()?,
+    ))
+}
+
+fn process_start_time() -> Option<f64> {
+    let start_ticks = proc_stat_fields()?.2;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: f64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(btime + start_ticks / clock_ticks())
 }
 
 /// Serves `GET /metrics` until `stop` is cancelled.
@@ -68,10 +302,19 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: Cancel
         };
         let handle = handle.clone();
         tokio::spawn(async move {
-            let Some(req) = crate::http::read_request(&mut sock).await else { return };
+            let Some(req) = crate::http::read_request(&mut sock).await else {
+                return;
+            };
             if req.method == "GET" && req.path == "/metrics" {
+                update_process_metrics();
                 let body = handle.render();
-                crate::http::respond(&mut sock, 200, "text/plain; version=0.0.4; charset=utf-8", &body).await;
+                crate::http::respond(
+                    &mut sock,
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    &body,
+                )
+                .await;
             } else {
                 crate::http::respond(&mut sock, 404, "text/plain", "not found\n").await;
             }

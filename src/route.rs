@@ -21,6 +21,8 @@ pub struct Decision {
     pub rule_index: usize,
     /// The rule, as text.
     pub rule: String,
+    /// Where the rule is written, e.g. `routes[2]` (the `rule` metric label).
+    pub rule_id: String,
     /// Pool name.
     pub pool: String,
     /// Servers in the order they will be tried (`host:port`).
@@ -100,8 +102,16 @@ pub fn bucket(user: &str) -> u8 {
 }
 
 /// Servers of `pool` for `protocol` in the order a user is tried.
-fn servers_for(cfg: &Config, pool_name: &str, user: &str, protocol: Protocol) -> Result<Vec<String>, RouteError> {
-    let missing = || RouteError::NoServers { pool: pool_name.to_string(), protocol };
+fn servers_for(
+    cfg: &Config,
+    pool_name: &str,
+    user: &str,
+    protocol: Protocol,
+) -> Result<Vec<String>, RouteError> {
+    let missing = || RouteError::NoServers {
+        pool: pool_name.to_string(),
+        protocol,
+    };
     let pool = cfg.pools.get(pool_name).ok_or_else(missing)?;
     let pp = pool.protocols.get(&protocol).ok_or_else(missing)?;
     let mut servers: Vec<String> = pp.servers.iter().map(|s| s.to_string()).collect();
@@ -113,7 +123,12 @@ fn servers_for(cfg: &Config, pool_name: &str, user: &str, protocol: Protocol) ->
 }
 
 /// Decides where `login` goes for `protocol` at `now` (Unix seconds; it picks the stage).
-pub fn route(cfg: &Config, login: &str, protocol: Protocol, now: i64) -> Result<Decision, RouteError> {
+pub fn route(
+    cfg: &Config,
+    login: &str,
+    protocol: Protocol,
+    now: i64,
+) -> Result<Decision, RouteError> {
     let user = normalize(&cfg.users, login);
     let bucket = bucket(&user);
     let domain = user.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
@@ -145,6 +160,7 @@ pub fn route(cfg: &Config, login: &str, protocol: Protocol, now: i64) -> Result<
         protocol: protocol.as_str(),
         rule_index,
         rule: rule.text.clone(),
+        rule_id: rule.id.clone(),
         pool: rule.pool.clone(),
         servers,
         bucket,
@@ -171,7 +187,11 @@ impl Decision {
                 "fallback: {} ({}){}\n",
                 f.pool,
                 f.servers.join(", "),
-                if f.on_auth_failure { ", also when the credentials are rejected" } else { "" }
+                if f.on_auth_failure {
+                    ", also when the credentials are rejected"
+                } else {
+                    ""
+                }
             ));
         }
         out.push_str(&format!("rule:     {}\n", self.rule));

@@ -81,7 +81,8 @@ impl Running {
     pub async fn reload_from(&self, path: &Path) -> Result<usize, StartError> {
         let result = async {
             let config = Config::load(path).map_err(|e| StartError::Config(e.to_string()))?;
-            let snap = Snapshot::build(config).map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+            let snap = Snapshot::build(config)
+                .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
             self.apply(Arc::new(snap)).await
         }
         .await;
@@ -105,13 +106,19 @@ impl Running {
     pub async fn apply(&self, snap: Arc<Snapshot>) -> Result<usize, StartError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let old = self.control.snapshot();
-        if old.config.metrics != snap.config.metrics || old.config.admin.as_ref().map(|a| a.listen) != snap.config.admin.as_ref().map(|a| a.listen) {
+        if old.config.metrics != snap.config.metrics
+            || old.config.admin.as_ref().map(|a| a.listen)
+                != snap.config.admin.as_ref().map(|a| a.listen)
+        {
             tracing::warn!("metrics or admin address changed: restart required for that part");
         }
         // Bind what is new or moved.
         let mut fresh = Vec::new();
         {
-            let current = self.listeners.lock().map_err(|_| StartError::Config("listener table poisoned".into()))?;
+            let current = self
+                .listeners
+                .lock()
+                .map_err(|_| StartError::Config("listener table poisoned".into()))?;
             for l in &snap.config.listeners {
                 match current.get(&l.name) {
                     Some(t) if t.addr == l.listen => {}
@@ -124,10 +131,20 @@ impl Running {
             bound.push((l.clone(), bind(l)?));
         }
         let moved = self.control.install(snap.clone());
+        if self.metrics.is_some() {
+            crate::metrics::prime(&snap.config);
+        }
         {
-            let mut current = self.listeners.lock().map_err(|_| StartError::Config("listener table poisoned".into()))?;
+            let mut current = self
+                .listeners
+                .lock()
+                .map_err(|_| StartError::Config("listener table poisoned".into()))?;
             current.retain(|name, task| {
-                let keep = snap.config.listeners.iter().any(|l| &l.name == name && l.listen == task.addr);
+                let keep = snap
+                    .config
+                    .listeners
+                    .iter()
+                    .any(|l| &l.name == name && l.listen == task.addr);
                 if !keep {
                     tracing::info!(listener = %name, addr = %task.addr, "listener removed");
                     task.stop.cancel();
@@ -146,8 +163,18 @@ impl Running {
         let bound = sock.local_addr().unwrap_or(l.listen);
         tracing::info!(listener = %l.name, protocol = %l.protocol, addr = %bound, tls = ?l.tls, "listening");
         let stop = self.control.drain.child_token();
-        tokio::spawn(accept_loop(sock, l.name.clone(), self.control.clone(), self.tracker.clone(), stop.clone()));
-        ListenerTask { addr: l.listen, bound, stop }
+        tokio::spawn(accept_loop(
+            sock,
+            l.name.clone(),
+            self.control.clone(),
+            self.tracker.clone(),
+            stop.clone(),
+        ));
+        ListenerTask {
+            addr: l.listen,
+            bound,
+            stop,
+        }
     }
 
     fn restart_health(&self, snap: Arc<Snapshot>) {
@@ -156,18 +183,31 @@ impl Running {
             h.cancel();
             *h = token.clone();
         }
-        tokio::spawn(crate::backend::run_health_checks(self.control.backends.clone(), snap, token));
+        tokio::spawn(crate::backend::run_health_checks(
+            self.control.backends.clone(),
+            snap,
+            token,
+        ));
     }
 
     /// Stops accepting, lets relayed sessions finish for up to the drain timeout, then
     /// closes what is left (IMAP sessions get `* BYE`) and returns.
     pub async fn shutdown(self) {
         let grace = self.control.snapshot().config.timeouts.drain;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "draining: no new connections");
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "draining: no new connections"
+        );
         self.control.drain.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
-            tracing::warn!(left = self.tracker.len(), "drain timeout expired; closing remaining sessions");
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "drain timeout expired; closing remaining sessions"
+            );
             self.control.hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         }
@@ -177,8 +217,17 @@ impl Running {
 }
 
 fn bind(l: &Listener) -> Result<TcpListener, StartError> {
-    let err = |source| StartError::Bind { name: l.name.clone(), addr: l.listen, source };
-    let sock = if l.listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+    let err = |source| StartError::Bind {
+        name: l.name.clone(),
+        addr: l.listen,
+        source,
+    };
+    let sock = if l.listen.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
     sock.set_nodelay(true).map_err(err)?;
     sock.bind(l.listen).map_err(err)?;
@@ -196,9 +245,14 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
     let metrics_addr = match snap.config.metrics {
         Some(addr) => {
             let handle = crate::metrics::install();
+            crate::metrics::prime(&snap.config);
             let sock = TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind { name: "metrics".into(), addr, source })?;
+                .map_err(|source| StartError::Bind {
+                    name: "metrics".into(),
+                    addr,
+                    source,
+                })?;
             let local = sock.local_addr().ok();
             tokio::spawn(crate::metrics::serve(sock, handle, background.clone()));
             local
@@ -209,9 +263,17 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
         Some(a) => {
             let sock = TcpListener::bind(a.listen)
                 .await
-                .map_err(|source| StartError::Bind { name: "admin".into(), addr: a.listen, source })?;
+                .map_err(|source| StartError::Bind {
+                    name: "admin".into(),
+                    addr: a.listen,
+                    source,
+                })?;
             let local = sock.local_addr().ok();
-            tokio::spawn(crate::admin::serve(sock, control.clone(), background.clone()));
+            tokio::spawn(crate::admin::serve(
+                sock,
+                control.clone(),
+                background.clone(),
+            ));
             local
         }
         None => None,
@@ -236,7 +298,13 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
     Ok(running)
 }
 
-async fn accept_loop(sock: TcpListener, name: String, control: Arc<Control>, tracker: TaskTracker, stop: CancellationToken) {
+async fn accept_loop(
+    sock: TcpListener,
+    name: String,
+    control: Arc<Control>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -248,10 +316,20 @@ async fn accept_loop(sock: TcpListener, name: String, control: Arc<Control>, tra
                 backoff = Duration::from_millis(10);
                 // The configuration in force at accept time serves the whole session.
                 let snap = control.snapshot();
-                let Some(listener) = snap.config.listeners.iter().find(|l| l.name == name).cloned() else {
+                let Some(listener) = snap
+                    .config
+                    .listeners
+                    .iter()
+                    .find(|l| l.name == name)
+                    .cloned()
+                else {
                     continue;
                 };
-                let ctx = SessionCtx { snap, listener, control: control.clone() };
+                let ctx = SessionCtx {
+                    snap,
+                    listener,
+                    control: control.clone(),
+                };
                 tracker.spawn(session::run(ctx, tcp, normalize_peer(peer)));
             }
             Err(e) => {

@@ -178,7 +178,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     let cfg = &ctx.snap.config;
     let handshake_timeout = cfg.timeouts.preauth.min(Duration::from_secs(30));
     let client = if ctx.listener.tls == ListenerTls::Implicit {
-        match tls_accept(ctx, Stream::Plain(tcp), handshake_timeout).await {
+        match tls_accept(ctx, Stream::Plain(tcp), handshake_timeout, "implicit").await {
             Some(s) => s,
             None => {
                 summary.outcome = "tls_failed";
@@ -222,6 +222,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     }
     let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
     drop(pending);
+    let relay_started = Instant::now();
     let mut relay = relay::Relay::new(&mut client, &mut backend.stream);
     let end = tokio::select! {
         r = &mut relay => match r {
@@ -244,7 +245,9 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
             if ctx.listener.protocol == Protocol::Imap {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(5),
-                    client.write_all(b"* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n"),
+                    client.write_all(
+                        b"* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n",
+                    ),
                 )
                 .await;
             }
@@ -261,6 +264,8 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     }
     summary.up = up + extra_up;
     summary.down = down + extra_down;
+    metrics::histogram!(m::SESSION_SECONDS, "pool" => pool.clone(), "protocol" => proto_label)
+        .record(relay_started.elapsed().as_secs_f64());
     metrics::counter!(m::BYTES, "pool" => pool.clone(), "protocol" => proto_label, "direction" => "client_to_backend")
         .increment(summary.up);
     metrics::counter!(m::BYTES, "pool" => pool, "protocol" => proto_label, "direction" => "backend_to_client")
@@ -285,8 +290,12 @@ fn admin_kick_count(ctx: &SessionCtx, reason: &'static str) {
 async fn goodbye(ctx: &SessionCtx, client: &mut ClientStream, reason: KickReason) {
     if ctx.listener.protocol == Protocol::Imap {
         let text: &[u8] = match reason {
-            KickReason::Moved => b"* BYE [UNAVAILABLE] Your mailbox has moved, please reconnect\r\n",
-            KickReason::Admin => b"* BYE [UNAVAILABLE] Disconnected by the administrator, please reconnect\r\n",
+            KickReason::Moved => {
+                b"* BYE [UNAVAILABLE] Your mailbox has moved, please reconnect\r\n"
+            }
+            KickReason::Admin => {
+                b"* BYE [UNAVAILABLE] Disconnected by the administrator, please reconnect\r\n"
+            }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(text)).await;
     }
@@ -297,20 +306,31 @@ async fn tls_accept(
     ctx: &SessionCtx,
     client: ClientStream,
     timeout: Duration,
+    mode: &'static str,
 ) -> Option<ClientStream> {
     let Stream::Plain(tcp) = client else {
         return None;
     };
     let cfg = ctx.snap.server_tls.clone()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let count = |result: &'static str, version: &'static str| {
+        metrics::counter!(m::TLS_HANDSHAKES, "listener" => ctx.listener.name.clone(), "mode" => mode, "result" => result, "version" => version)
+            .increment(1);
+    };
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(t)) => Some(Stream::Tls(Box::new(t))),
+        Ok(Ok(t)) => {
+            let stream = Stream::Tls(Box::new(t));
+            count("ok", crate::tls::version_label(stream.tls_version()));
+            Some(stream)
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
+            count("error", "none");
             None
         }
         Err(_) => {
             tracing::debug!("TLS handshake timed out");
+            count("timeout", "none");
             None
         }
     }
@@ -352,10 +372,20 @@ async fn preauth(
                     }
                     if !inbuf.is_empty() {
                         // Plaintext pipelined behind STARTTLS: never executed inside TLS.
-                        tracing::debug!(bytes = inbuf.len(), "discarding plaintext sent after STARTTLS");
+                        tracing::debug!(
+                            bytes = inbuf.len(),
+                            "discarding plaintext sent after STARTTLS"
+                        );
                         inbuf.clear();
                     }
-                    match tls_accept(ctx, client, cfg.timeouts.preauth.min(Duration::from_secs(30))).await {
+                    match tls_accept(
+                        ctx,
+                        client,
+                        cfg.timeouts.preauth.min(Duration::from_secs(30)),
+                        "starttls",
+                    )
+                    .await
+                    {
                         Some(s) => client = s,
                         None => {
                             summary.outcome = "tls_failed";
@@ -366,7 +396,8 @@ async fn preauth(
                 }
                 Action::Login(creds) => {
                     let helo = sm.client_name().map(str::to_owned);
-                    let (outcome, conn) = login(ctx, creds, peer, helo, client.is_tls(), summary).await;
+                    let (outcome, conn) =
+                        login(ctx, creds, peer, helo, client.is_tls(), summary).await;
                     if let Some(c) = conn {
                         backend = Some(c);
                     }
@@ -395,6 +426,7 @@ async fn preauth(
         if inbuf.len() >= max_pending {
             tracing::debug!("pre-auth input over its bound");
             summary.outcome = "input_too_large";
+            metrics::counter!(m::REFUSED, "listener" => ctx.listener.name.clone(), "protocol" => ctx.listener.protocol.as_str(), "reason" => "input_too_large").increment(1);
             return None;
         }
         let timeout = match sm.phase() {
@@ -430,17 +462,30 @@ async fn login(
 ) -> (LoginOutcome, Option<(Connected, String)>) {
     let protocol = ctx.listener.protocol;
     let cfg = &ctx.snap.config;
+    let started = Instant::now();
+    let mut waited = Duration::ZERO;
+    let mut at_backend = Duration::ZERO;
     let user = route::normalize(&cfg.users, &creds.user);
     // A held user waits (a mailbox is being copied); the route is taken after the wait,
     // so a release lands the login on the route in force then.
     if ctx.control.holds.is_held(&user) {
-        let max = cfg.admin.as_ref().map(|a| a.hold_max_wait).unwrap_or(Duration::from_secs(120));
+        let max = cfg
+            .admin
+            .as_ref()
+            .map(|a| a.hold_max_wait)
+            .unwrap_or(Duration::from_secs(120));
         tracing::info!(%user, "login held");
+        let hold_started = Instant::now();
         let outcome = ctx.control.holds.wait(&user, max).await;
-        let label = if outcome == HoldOutcome::Proceed { "released" } else { "timed_out" };
+        waited = hold_started.elapsed();
+        let label = if outcome == HoldOutcome::Proceed {
+            "released"
+        } else {
+            "timed_out"
+        };
         metrics::counter!(m::HELD_LOGINS, "result" => label).increment(1);
         if outcome == HoldOutcome::TimedOut {
-            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "held", "result" => "backend_unavailable").increment(1);
+            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "held", "rule" => "none", "result" => "backend_unavailable").increment(1);
             return (LoginOutcome::Unavailable, None);
         }
     }
@@ -452,14 +497,17 @@ async fn login(
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "no route");
-            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "none", "result" => "refused").increment(1);
+            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "none", "rule" => "none", "result" => "refused").increment(1);
             return (LoginOutcome::Unavailable, None);
         }
     };
     let span = tracing::Span::current();
     span.record("user", decision.user.as_str());
     summary.user = Some(decision.user.clone());
-    let client = Some(ClientInfo { ip: peer.ip(), port: peer.port() });
+    let client = Some(ClientInfo {
+        ip: peer.ip(),
+        port: peer.port(),
+    });
     let helo = helo.unwrap_or_else(|| cfg.hostname.clone());
     let bridge = creds.mechanism == Mechanism::PreAuthorized;
 
@@ -483,13 +531,36 @@ async fn login(
             Some(p) if p.login_original_name => creds.user.trim().to_string(),
             _ => decision.user.clone(),
         };
-        let backend_creds = Credentials { user: login_name, secret: creds.secret.clone(), mechanism: creds.mechanism };
-        let auth = if bridge { backend::Auth::Bridge } else { backend::Auth::Replay(&backend_creds) };
-        result = backend::login(&ctx.control.backends, &snap, pool_name, protocol, servers, auth, client.clone(), &helo).await;
+        let backend_creds = Credentials {
+            user: login_name,
+            secret: creds.secret.clone(),
+            mechanism: creds.mechanism,
+        };
+        let auth = if bridge {
+            backend::Auth::Bridge
+        } else {
+            backend::Auth::Replay(&backend_creds)
+        };
+        let backend_started = Instant::now();
+        result = backend::login(
+            &ctx.control.backends,
+            &snap,
+            pool_name,
+            protocol,
+            servers,
+            auth,
+            client.clone(),
+            &helo,
+        )
+        .await;
+        at_backend += backend_started.elapsed();
         drop(backend_creds);
         let try_next = match &result {
             LoginResult::LoggedIn(_) => false,
-            LoginResult::AuthFailed { .. } => decision.fallback.as_ref().is_some_and(|f| f.on_auth_failure),
+            LoginResult::AuthFailed { .. } => decision
+                .fallback
+                .as_ref()
+                .is_some_and(|f| f.on_auth_failure),
             LoginResult::Unavailable => true,
         };
         if !try_next {
@@ -514,11 +585,21 @@ async fn login(
                 now: rfc3339::now(),
             });
             let caps = c.capabilities.clone();
-            ("ok", LoginOutcome::Ok { capabilities: caps }, Some((c, pool.clone())))
+            (
+                "ok",
+                LoginOutcome::Ok { capabilities: caps },
+                Some((c, pool.clone())),
+            )
         }
         LoginResult::AuthFailed { response, server } => {
             tracing::info!(%server, "login rejected by backend");
-            ("auth_failed", LoginOutcome::AuthFailed { response: Some(response) }, None)
+            (
+                "auth_failed",
+                LoginOutcome::AuthFailed {
+                    response: Some(response),
+                },
+                None,
+            )
         }
         LoginResult::Unavailable => {
             tracing::warn!("no server of the pool is available");
@@ -526,6 +607,14 @@ async fn login(
         }
     };
     summary.outcome = label;
-    metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => pool, "result" => label).increment(1);
+    metrics::histogram!(m::LOGIN_BACKEND_SECONDS, "protocol" => protocol.as_str(), "pool" => pool.clone())
+        .record(at_backend.as_secs_f64());
+    let at_proxy = started
+        .elapsed()
+        .saturating_sub(waited)
+        .saturating_sub(at_backend);
+    metrics::histogram!(m::LOGIN_PROXY_SECONDS, "protocol" => protocol.as_str())
+        .record(at_proxy.as_secs_f64());
+    metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => pool, "rule" => decision.rule_id.clone(), "result" => label).increment(1);
     (outcome, conn)
 }

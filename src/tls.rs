@@ -193,3 +193,90 @@ pub fn version_label(v: Option<rustls::ProtocolVersion>) -> &'static str {
         None => "none",
     }
 }
+
+/// The not-after time (Unix seconds) of the first certificate in a PEM file, read from
+/// its DER encoding (TBSCertificate.validity.notAfter).
+pub fn not_after(path: &Path) -> Option<i64> {
+    let cert = load_certs(path).ok()?.into_iter().next()?;
+    der_not_after(cert.as_ref())
+}
+
+/// One DER TLV: (tag, content, rest).
+fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&len0, mut rest) = rest.split_first()?;
+    let len = if len0 < 0x80 {
+        len0 as usize
+    } else {
+        let n = (len0 & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let mut l = 0usize;
+        for &b in &rest[..n] {
+            l = (l << 8) | b as usize;
+        }
+        rest = &rest[n..];
+        l
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+fn der_not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert, _) = der_next(der)?; // Certificate SEQUENCE
+    let (_, mut tbs, _) = der_next(cert)?; // TBSCertificate SEQUENCE
+    let (tag, _, rest) = der_next(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest; // explicit version
+    }
+    let (_, _, rest) = der_next(tbs)?; // serialNumber
+    let (_, _, rest) = der_next(rest)?; // signature
+    let (_, _, rest) = der_next(rest)?; // issuer
+    let (_, validity, _) = der_next(rest)?;
+    let (_, _, rest) = der_next(validity)?; // notBefore
+    let (tag, time, _) = der_next(rest)?; // notAfter
+    let t = std::str::from_utf8(time).ok()?;
+    let full = match tag {
+        0x17 if t.len() == 13 => {
+            // UTCTime YYMMDDHHMMSSZ: 50..99 -> 19xx
+            let yy: i64 = t[..2].parse().ok()?;
+            format!("{}{}", if yy >= 50 { "19" } else { "20" }, t)
+        }
+        0x18 if t.len() == 15 => t.to_string(),
+        _ => return None,
+    };
+    let rfc = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &full[..4],
+        &full[4..6],
+        &full[6..8],
+        &full[8..10],
+        &full[10..12],
+        &full[12..14]
+    );
+    crate::config::rfc3339::parse(&rfc).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_certificate_expiry() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/proxy.pem");
+        let t = not_after(&path).expect("demo certificate parses");
+        // Made in 2026 for 20 years.
+        assert!(
+            t > crate::config::rfc3339::parse("2045-01-01T00:00:00Z").unwrap(),
+            "{t}"
+        );
+        assert!(
+            t < crate::config::rfc3339::parse("2047-01-01T00:00:00Z").unwrap(),
+            "{t}"
+        );
+        assert_eq!(der_not_after(b"\x30\x03\x02\x01"), None);
+    }
+}

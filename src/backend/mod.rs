@@ -309,7 +309,10 @@ pub async fn attempt(
     };
     let mut machine = new_machine(protocol, policy, job);
     let work = async {
+        let connect_started = std::time::Instant::now();
         let tcp = connect(&backends.resolver, addr, pool.connect_timeout).await?;
+        metrics::histogram!(m::BACKEND_CONNECT_SECONDS, "pool" => pool.name.clone(), "protocol" => protocol.as_str(), "server" => addr.to_string())
+            .record(connect_started.elapsed().as_secs_f64());
         let stream = if pp.tls == BackendTls::Implicit {
             tls_connect(tcp, snap, &pool.name, protocol, pp, addr).await?
         } else {
@@ -361,10 +364,14 @@ pub fn try_order<'a>(
         .flatten();
     let available = |index: usize, a: &ServerAddr| {
         let reg = &backends.registry;
-        reg.get(&pool.name, protocol, &a.to_string()).is_available(&pool.health)
-            && paired.and_then(|pop| pop.servers.get(index)).is_none_or(|p| {
-                reg.get(&pool.name, Protocol::Pop3, &p.to_string()).is_available(&pool.health)
-            })
+        reg.get(&pool.name, protocol, &a.to_string())
+            .is_available(&pool.health)
+            && paired
+                .and_then(|pop| pop.servers.get(index))
+                .is_none_or(|p| {
+                    reg.get(&pool.name, Protocol::Pop3, &p.to_string())
+                        .is_available(&pool.health)
+                })
     };
     ordered.sort_by_key(|(i, a)| !available(*i, a));
     ordered
@@ -406,16 +413,49 @@ pub async fn login(
         let state = backends.registry.get(pool_name, protocol, &server);
         let result = match auth {
             Auth::Bridge => {
-                attempt(backends, snap, pool, protocol, pp, addr, Job::SmtpNoAuth, client.clone(), helo).await
+                attempt(
+                    backends,
+                    snap,
+                    pool,
+                    protocol,
+                    pp,
+                    addr,
+                    Job::SmtpNoAuth,
+                    client.clone(),
+                    helo,
+                )
+                .await
             }
             Auth::Replay(creds)
-                if protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp =>
+                if protocol == Protocol::Smtp
+                    && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp =>
             {
-                pop_before_smtp(backends, snap, pool, pp, index, addr, creds, client.clone(), helo).await
+                pop_before_smtp(
+                    backends,
+                    snap,
+                    pool,
+                    pp,
+                    index,
+                    addr,
+                    creds,
+                    client.clone(),
+                    helo,
+                )
+                .await
             }
             Auth::Replay(creds) => {
-                attempt(backends, snap, pool, protocol, pp, addr, Job::Login(creds.clone()), client.clone(), helo)
-                    .await
+                attempt(
+                    backends,
+                    snap,
+                    pool,
+                    protocol,
+                    pp,
+                    addr,
+                    Job::Login(creds.clone()),
+                    client.clone(),
+                    helo,
+                )
+                .await
             }
         };
         match result {
@@ -472,10 +512,15 @@ async fn pop_before_smtp(
     client: Option<ClientInfo>,
     helo: &str,
 ) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
-    let pop_pp = pool.protocols.get(&Protocol::Pop3).ok_or(Failure::NoMechanism)?;
+    let pop_pp = pool
+        .protocols
+        .get(&Protocol::Pop3)
+        .ok_or(Failure::NoMechanism)?;
     let pop_addr = pop_pp.servers.get(index).ok_or(Failure::NoMechanism)?;
     let pop_server = pop_addr.to_string();
-    let pop_state = backends.registry.get(&pool.name, Protocol::Pop3, &pop_server);
+    let pop_state = backends
+        .registry
+        .get(&pool.name, Protocol::Pop3, &pop_server);
     let checked = attempt(
         backends,
         snap,
@@ -508,8 +553,18 @@ async fn pop_before_smtp(
         }
         other => return Ok((other, pop_stream, Vec::new())),
     }
-    attempt(backends, snap, pool, Protocol::Smtp, smtp_pp, smtp_addr, Job::SmtpNoAuth, client, helo)
-        .await
+    attempt(
+        backends,
+        snap,
+        pool,
+        Protocol::Smtp,
+        smtp_pp,
+        smtp_addr,
+        Job::SmtpNoAuth,
+        client,
+        helo,
+    )
+    .await
 }
 
 /// Probes one server once (connect, TLS, greeting, capabilities, goodbye).

@@ -253,6 +253,8 @@ pub struct Matcher {
 /// One routing rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
+    /// Where it is written, e.g. `routes[2]` or `stages[0].routes[1]` (metric label).
+    pub id: String,
     /// A short human description, e.g. `users [joeuser, alice] -> new`.
     pub text: String,
     /// What it matches.
@@ -383,7 +385,12 @@ impl Config {
             out.extend(pool.protocols.values().filter_map(|pp| pp.ca.clone()));
         }
         let stage_routes = self.stages.iter().flat_map(|s| s.routes.iter());
-        out.extend(self.routes.iter().chain(stage_routes).filter_map(|r| r.users_file.clone()));
+        out.extend(
+            self.routes
+                .iter()
+                .chain(stage_routes)
+                .filter_map(|r| r.users_file.clone()),
+        );
         out.extend(self.admin.as_ref().and_then(|a| a.token_file.clone()));
         out.sort();
         out.dedup();
@@ -551,7 +558,10 @@ impl Config {
             let bridge_window = match l.relay.as_deref() {
                 None => {
                     if l.window.is_some() {
-                        return Err(cx.err(k("window"), "window only applies with relay: pop-before-smtp"));
+                        return Err(cx.err(
+                            k("window"),
+                            "window only applies with relay: pop-before-smtp",
+                        ));
                     }
                     None
                 }
@@ -560,7 +570,10 @@ impl Config {
                     None => Duration::from_secs(600),
                 }),
                 Some(other) => {
-                    return Err(cx.err(k("relay"), format!("{other:?}: only pop-before-smtp, on smtp listeners")))
+                    return Err(cx.err(
+                        k("relay"),
+                        format!("{other:?}: only pop-before-smtp, on smtp listeners"),
+                    ))
                 }
             };
             listeners.push(Listener {
@@ -704,7 +717,10 @@ impl Config {
                 None | Some("normalized") => false,
                 Some("original") => true,
                 Some(other) => {
-                    return Err(cx.err(k("login_name"), format!("{other:?}: expected normalized or original")))
+                    return Err(cx.err(
+                        k("login_name"),
+                        format!("{other:?}: expected normalized or original"),
+                    ))
                 }
             };
             pools.insert(
@@ -743,23 +759,48 @@ impl Config {
             let k = |f: &str| format!("stages[{i}].{f}");
             let from = rfc3339::parse(&st.from).map_err(|e| cx.err(k("from"), e))?;
             if st.name.is_empty() || stages.iter().any(|s| s.name == st.name) {
-                return Err(cx.err(k("name"), format!("stage name {:?} is empty or used twice", st.name)));
+                return Err(cx.err(
+                    k("name"),
+                    format!("stage name {:?} is empty or used twice", st.name),
+                ));
             }
             if let Some(prev) = stages.last() {
                 if prev.from >= from {
-                    return Err(cx.err(k("from"), format!("starts no later than stage {:?}: list stages in time order", prev.name)));
+                    return Err(cx.err(
+                        k("from"),
+                        format!(
+                            "starts no later than stage {:?}: list stages in time order",
+                            prev.name
+                        ),
+                    ));
                 }
             }
-            let routes = build_routes(&cx, &st.routes, &format!("stages[{i}].routes"), &pools, &users, &resolve)?;
-            stages.push(Stage { name: st.name.clone(), from, routes });
+            let routes = build_routes(
+                &cx,
+                &st.routes,
+                &format!("stages[{i}].routes"),
+                &pools,
+                &users,
+                &resolve,
+            )?;
+            stages.push(Stage {
+                name: st.name.clone(),
+                from,
+                routes,
+            });
         }
 
         // Every listener's protocol must be served by every pool a route can pick.
-        let all_routes = std::iter::once(("routes".to_string(), &routes))
-            .chain(stages.iter().enumerate().map(|(i, s)| (format!("stages[{i}].routes"), &s.routes)));
+        let all_routes = std::iter::once(("routes".to_string(), &routes)).chain(
+            stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("stages[{i}].routes"), &s.routes)),
+        );
         for (prefix, list) in all_routes {
             for (ri, r) in list.iter().enumerate() {
-                let targets = std::iter::once(("pool", &r.pool)).chain(r.fallback.iter().map(|f| ("fallback", f)));
+                let targets = std::iter::once(("pool", &r.pool))
+                    .chain(r.fallback.iter().map(|f| ("fallback", f)));
                 for (field, pool) in targets {
                     for (li, l) in listeners.iter().enumerate() {
                         if !pools[pool].protocols.contains_key(&l.protocol) {
@@ -781,47 +822,70 @@ impl Config {
                 kick: match m.action.as_deref().unwrap_or("kick") {
                     "kick" => true,
                     "keep" => false,
-                    other => return Err(cx.err("on_move.action", format!("{other:?}: expected kick or keep"))),
+                    other => {
+                        return Err(cx.err(
+                            "on_move.action",
+                            format!("{other:?}: expected kick or keep"),
+                        ))
+                    }
                 },
                 grace: match &m.grace {
                     Some(g) => parse_duration(g).map_err(|e| cx.err("on_move.grace", e))?,
                     None => Duration::from_secs(5),
                 },
             },
-            None => OnMove { kick: true, grace: Duration::from_secs(5) },
+            None => OnMove {
+                kick: true,
+                grace: Duration::from_secs(5),
+            },
         };
 
         let admin = match &raw.admin {
             Some(a) => {
-                let listen: SocketAddr = a
-                    .listen
-                    .parse()
-                    .map_err(|_| cx.err("admin.listen", format!("{:?} is not ip:port", a.listen)))?;
+                let listen: SocketAddr = a.listen.parse().map_err(|_| {
+                    cx.err("admin.listen", format!("{:?} is not ip:port", a.listen))
+                })?;
                 let token = match &a.token_file {
                     Some(f) => {
                         let path = resolve(f);
-                        let t = std::fs::read_to_string(&path)
-                            .map_err(|e| cx.err("admin.token_file", format!("{}: {e}", path.display())))?;
+                        let t = std::fs::read_to_string(&path).map_err(|e| {
+                            cx.err("admin.token_file", format!("{}: {e}", path.display()))
+                        })?;
                         let t = t.trim().to_string();
                         if t.len() < 16 {
-                            return Err(cx.err("admin.token_file", "the token must be at least 16 characters"));
+                            return Err(cx.err(
+                                "admin.token_file",
+                                "the token must be at least 16 characters",
+                            ));
                         }
                         Some(t)
                     }
                     None => None,
                 };
                 if token.is_none() && !listen.ip().is_loopback() {
-                    return Err(cx.err("admin.token_file", "required when admin.listen is not a loopback address"));
+                    return Err(cx.err(
+                        "admin.token_file",
+                        "required when admin.listen is not a loopback address",
+                    ));
                 }
                 let hold_max_wait = match &a.hold_max_wait {
                     Some(w) => parse_duration(w).map_err(|e| cx.err("admin.hold_max_wait", e))?,
                     None => Duration::from_secs(120),
                 };
-                Some(Admin { listen, token, hold_max_wait, token_file: a.token_file.as_deref().map(&resolve) })
+                Some(Admin {
+                    listen,
+                    token,
+                    hold_max_wait,
+                    token_file: a.token_file.as_deref().map(&resolve),
+                })
             }
             None => None,
         };
-        let stragglers_max_users = raw.stragglers.as_ref().and_then(|s| s.max_users).unwrap_or(1_000_000);
+        let stragglers_max_users = raw
+            .stragglers
+            .as_ref()
+            .and_then(|s| s.max_users)
+            .unwrap_or(1_000_000);
 
         let metrics =
             match &raw.metrics {
@@ -930,10 +994,15 @@ fn build_routes(
         };
         let matcher = Matcher {
             users: user_set,
-            domains: r.domains.as_ref().map(|v| v.iter().map(|d| d.to_ascii_lowercase()).collect()),
+            domains: r
+                .domains
+                .as_ref()
+                .map(|v| v.iter().map(|d| d.to_ascii_lowercase()).collect()),
             percent: match r.percent {
                 Some(p) if p <= 100 => Some(p as u8),
-                Some(p) => return Err(cx.err(k("percent"), format!("{p} is not between 0 and 100"))),
+                Some(p) => {
+                    return Err(cx.err(k("percent"), format!("{p} is not between 0 and 100")))
+                }
                 None => None,
             },
         };
@@ -956,9 +1025,17 @@ fn build_routes(
         }
         let mut text = format!("{prefix}[{i}]: {} -> {}", parts.join(" and "), r.pool);
         if let Some(f) = &r.fallback {
-            text.push_str(&format!(" (fallback {f}{})", if r.fallback_on_auth_failure { ", also on auth failure" } else { "" }));
+            text.push_str(&format!(
+                " (fallback {f}{})",
+                if r.fallback_on_auth_failure {
+                    ", also on auth failure"
+                } else {
+                    ""
+                }
+            ));
         }
         routes.push(Route {
+            id: format!("{prefix}[{i}]"),
             text,
             matcher,
             pool: r.pool.clone(),
