@@ -39,7 +39,9 @@ pub async fn serve(listener: TcpListener, control: Arc<Control>, stop: Cancellat
         };
         let control = control.clone();
         tokio::spawn(async move {
-            let Some(req) = read_request(&mut sock).await else { return };
+            let Some(req) = read_request(&mut sock).await else {
+                return;
+            };
             handle(&mut sock, &control, req).await;
         });
     }
@@ -53,35 +55,64 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
     let snap = control.snapshot();
     let cfg = &snap.config;
     if let Some(token) = cfg.admin.as_ref().and_then(|a| a.token.as_deref()) {
-        let ok = req.bearer.as_deref().is_some_and(|b| constant_time_eq(b.as_bytes(), token.as_bytes()));
+        let ok = req
+            .bearer
+            .as_deref()
+            .is_some_and(|b| constant_time_eq(b.as_bytes(), token.as_bytes()));
         if !ok {
             respond(sock, 401, "text/plain", "missing or wrong bearer token\n").await;
             return;
         }
     }
-    let user = req.param("user").map(|u| crate::route::normalize(&cfg.users, u));
+    let user = req
+        .param("user")
+        .map(|u| crate::route::normalize(&cfg.users, u));
     let json = |v: serde_json::Value| v.to_string() + "\n";
     match (req.method.as_str(), req.path.as_str(), user) {
         ("POST", "/kick", Some(user)) => {
             let n = control.sessions.kick_user(&user, KickReason::Admin);
             tracing::info!(%user, sessions = n, "admin: kick");
-            respond(sock, 200, "application/json", &json(serde_json::json!({"user": user, "kicked": n}))).await;
+            respond(
+                sock,
+                200,
+                "application/json",
+                &json(serde_json::json!({"user": user, "kicked": n})),
+            )
+            .await;
         }
         ("POST", "/hold", Some(user)) => {
             let new = control.holds.hold(&user);
             tracing::info!(%user, "admin: hold");
-            respond(sock, 200, "application/json", &json(serde_json::json!({"user": user, "held": true, "already": !new}))).await;
+            respond(
+                sock,
+                200,
+                "application/json",
+                &json(serde_json::json!({"user": user, "held": true, "already": !new})),
+            )
+            .await;
         }
         ("POST", "/release", Some(user)) => {
             let was = control.holds.release(&user);
             tracing::info!(%user, "admin: release");
-            respond(sock, 200, "application/json", &json(serde_json::json!({"user": user, "released": was}))).await;
+            respond(
+                sock,
+                200,
+                "application/json",
+                &json(serde_json::json!({"user": user, "released": was})),
+            )
+            .await;
         }
         ("POST", "/kick" | "/hold" | "/release", None) => {
             respond(sock, 400, "text/plain", "missing ?user=NAME\n").await;
         }
         ("GET", "/holds", _) => {
-            respond(sock, 200, "application/json", &json(serde_json::json!({"held": control.holds.list()}))).await;
+            respond(
+                sock,
+                200,
+                "application/json",
+                &json(serde_json::json!({"held": control.holds.list()})),
+            )
+            .await;
         }
         ("GET", "/sessions", _) => {
             let list: Vec<_> = control
@@ -90,12 +121,24 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
                 .into_iter()
                 .map(|(id, e)| serde_json::json!({"id": id, "user": e.user, "protocol": e.protocol.as_str(), "pool": e.pool}))
                 .collect();
-            respond(sock, 200, "application/json", &json(serde_json::Value::Array(list))).await;
+            respond(
+                sock,
+                200,
+                "application/json",
+                &json(serde_json::Value::Array(list)),
+            )
+            .await;
         }
         ("GET", "/stragglers", _) => {
-            let hours: i64 = req.param("hours").and_then(|h| h.parse().ok()).unwrap_or(24).clamp(0, 24 * 366);
+            let hours: i64 = req
+                .param("hours")
+                .and_then(|h| h.parse().ok())
+                .unwrap_or(24)
+                .clamp(0, 24 * 366);
             let since = rfc3339::now() - hours * 3600;
-            let rows = control.history.stragglers(since, |p| cfg.pools.get(p).is_none_or(|pool| pool.legacy));
+            let rows = control
+                .history
+                .stragglers(since, |p| cfg.pools.get(p).is_none_or(|pool| pool.legacy));
             match serde_json::to_string(&rows) {
                 Ok(body) => respond(sock, 200, "application/json", &(body + "\n")).await,
                 Err(_) => respond(sock, 500, "text/plain", "error\n").await,

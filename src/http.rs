@@ -26,7 +26,10 @@ pub struct Request {
 impl Request {
     /// The first value of a query parameter.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -70,7 +73,12 @@ pub async fn read_request(sock: &mut TcpStream) -> Option<Request> {
         let v = value.trim();
         v.strip_prefix("Bearer ").map(|t| t.trim().to_string())
     });
-    Some(Request { method, path: percent_decode(path)?, query, bearer })
+    Some(Request {
+        method,
+        path: percent_decode(path)?,
+        query,
+        bearer,
+    })
 }
 
 /// Writes a complete response and closes the write side.
@@ -122,7 +130,9 @@ pub fn percent_decode(s: &str) -> Option<String> {
 pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -137,7 +147,9 @@ pub async fn request(
 ) -> std::io::Result<(u16, String)> {
     let work = async {
         let mut s = TcpStream::connect(addr).await?;
-        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let req = format!(
             "{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
@@ -146,7 +158,11 @@ pub async fn request(
         s.read_to_end(&mut resp).await?;
         let text = String::from_utf8_lossy(&resp).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         Ok((status, body.to_string()))
     };
     tokio::time::timeout(Duration::from_secs(150), work)

@@ -10,7 +10,11 @@ use cutover::config::{rfc3339, Config, Protocol};
 use cutover::snapshot::Snapshot;
 
 #[derive(Parser)]
-#[command(name = "cutover", version, about = "Mail front proxy for migrating users between server pools")]
+#[command(
+    name = "cutover",
+    version,
+    about = "Mail front proxy for migrating users between server pools"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -90,10 +94,16 @@ struct AdminArgs {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -106,7 +116,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -125,7 +138,10 @@ async fn shutdown_signal() {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -141,20 +157,43 @@ fn check(path: &Path) -> ExitCode {
     let c = &snap.config;
     println!("{}: OK", path.display());
     for l in &c.listeners {
-        let bridge = l.bridge_window.map(|w| format!(", pop-before-smtp bridge {}s", w.as_secs())).unwrap_or_default();
-        println!("  listener {:<12} {} on {} (tls {:?}{bridge})", l.name, l.protocol, l.listen, l.tls);
+        let bridge = l
+            .bridge_window
+            .map(|w| format!(", pop-before-smtp bridge {}s", w.as_secs()))
+            .unwrap_or_default();
+        println!(
+            "  listener {:<12} {} on {} (tls {:?}{bridge})",
+            l.name, l.protocol, l.listen, l.tls
+        );
     }
     for (name, p) in &c.pools {
         let protos: Vec<String> = p
             .protocols
             .iter()
-            .map(|(proto, pp)| format!("{proto} {}", pp.servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ")))
+            .map(|(proto, pp)| {
+                format!(
+                    "{proto} {}",
+                    pp.servers
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            })
             .collect();
         println!("  pool     {name:<12} {}", protos.join("; "));
     }
     let now = rfc3339::now();
     let (active, _) = c.routes_at(now);
-    println!("  routes   {} top-level{}", c.routes.len(), if active.is_none() { " (in force now)" } else { "" });
+    println!(
+        "  routes   {} top-level{}",
+        c.routes.len(),
+        if active.is_none() {
+            " (in force now)"
+        } else {
+            ""
+        }
+    );
     for r in &c.routes {
         println!("           {}", r.text);
     }
@@ -166,7 +205,12 @@ fn check(path: &Path) -> ExitCode {
         } else {
             "past"
         };
-        println!("  stage    {:<12} from {} ({state}), {} routes", s.name, rfc3339::format(s.from), s.routes.len());
+        println!(
+            "  stage    {:<12} from {} ({state}), {} routes",
+            s.name,
+            rfc3339::format(s.from),
+            s.routes.len()
+        );
         for r in &s.routes {
             println!("           {}", r.text);
         }
@@ -209,11 +253,26 @@ fn route(config: &Path, protocol: &str, at: Option<&str>, json: bool, user: &str
 /// Calls the admin endpoint named in the configuration.
 fn admin(config: &Path, method: &str, path: &str) -> Result<String, String> {
     let cfg = Config::load(config).map_err(|e| e.to_string())?;
-    let admin = cfg.admin.ok_or_else(|| format!("{}: no admin endpoint configured (admin.listen)", config.display()))?;
+    let admin = cfg.admin.ok_or_else(|| {
+        format!(
+            "{}: no admin endpoint configured (admin.listen)",
+            config.display()
+        )
+    })?;
     let rt = runtime()?;
     let (status, body) = rt
-        .block_on(cutover::http::request(admin.listen, method, path, admin.token.as_deref()))
-        .map_err(|e| format!("admin endpoint {}: {e} (is the proxy running?)", admin.listen))?;
+        .block_on(cutover::http::request(
+            admin.listen,
+            method,
+            path,
+            admin.token.as_deref(),
+        ))
+        .map_err(|e| {
+            format!(
+                "admin endpoint {}: {e} (is the proxy running?)",
+                admin.listen
+            )
+        })?;
     if status == 200 {
         Ok(body)
     } else {
@@ -222,7 +281,10 @@ fn admin(config: &Path, method: &str, path: &str) -> Result<String, String> {
 }
 
 fn admin_user(args: &AdminArgs, action: &str) -> ExitCode {
-    let path = format!("/{action}?user={}", cutover::http::percent_encode(&args.user));
+    let path = format!(
+        "/{action}?user={}",
+        cutover::http::percent_encode(&args.user)
+    );
     match admin(&args.config, "POST", &path) {
         Ok(body) => {
             print!("{body}");
@@ -242,16 +304,36 @@ fn stragglers(config: &Path, hours: u32, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
-    println!("{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} why", "user", "pool", "proto", "listener", "tls", "last seen");
+    println!(
+        "{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} why",
+        "user", "pool", "proto", "listener", "tls", "last seen"
+    );
     for r in &rows {
         let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
         let why: Vec<String> = r
             .get("why")
             .and_then(|w| w.as_array())
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
-        let tls = r.get("tls").and_then(|v| v.as_bool()).map(|b| if b { "yes" } else { "no" }).unwrap_or("-");
-        println!("{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} {}", s("user"), s("pool"), s("protocol"), s("listener"), tls, s("last_seen"), why.join(","));
+        let tls = r
+            .get("tls")
+            .and_then(|v| v.as_bool())
+            .map(|b| if b { "yes" } else { "no" })
+            .unwrap_or("-");
+        println!(
+            "{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} {}",
+            s("user"),
+            s("pool"),
+            s("protocol"),
+            s("listener"),
+            tls,
+            s("last_seen"),
+            why.join(",")
+        );
     }
     println!("{} entries in the last {hours} hours", rows.len());
     ExitCode::SUCCESS
@@ -292,12 +374,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Route { config, protocol, at, json, user } => route(&config, &protocol, at.as_deref(), json, &user),
+        Command::Route {
+            config,
+            protocol,
+            at,
+            json,
+            user,
+        } => route(&config, &protocol, at.as_deref(), json, &user),
         Command::Run { config } => run(config, cli.log_format),
         Command::Kick(a) => admin_user(&a, "kick"),
         Command::Hold(a) => admin_user(&a, "hold"),
         Command::Release(a) => admin_user(&a, "release"),
-        Command::Stragglers { config, hours, json } => stragglers(&config, hours, json),
+        Command::Stragglers {
+            config,
+            hours,
+            json,
+        } => stragglers(&config, hours, json),
         Command::Demo => {
             init_logs(cli.log_format);
             let rt = match runtime() {

@@ -84,7 +84,9 @@ impl Direction {
                         let mut off = 0;
                         while off < data.len() {
                             match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
-                                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                                Poll::Ready(Ok(0)) => {
+                                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                                }
                                 Poll::Ready(Ok(n)) => off += n,
                                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                                 Poll::Pending => break,
@@ -130,7 +132,12 @@ where
 {
     /// A relay over two connected streams.
     pub fn new(client: &'a mut C, backend: &'a mut B) -> Self {
-        Relay { client, backend, up: Direction::default(), down: Direction::default() }
+        Relay {
+            client,
+            backend,
+            up: Direction::default(),
+            down: Direction::default(),
+        }
     }
 
     /// Bytes written to the backend so far.

@@ -18,7 +18,9 @@ fn fingerprint(files: &[PathBuf]) -> Fingerprint {
     files
         .iter()
         .map(|f| {
-            let meta = std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+            let meta = std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())));
             (f.clone(), meta)
         })
         .collect()
@@ -62,7 +64,11 @@ pub async fn watch(running: Running, path: PathBuf, stop: CancellationToken) {
         reload(&running, &path).await;
         // The configuration in force may name other files now.
         let in_force = running.control.snapshot().config.files();
-        seen = if in_force == files { before } else { fingerprint(&in_force) };
+        seen = if in_force == files {
+            before
+        } else {
+            fingerprint(&in_force)
+        };
     }
 }
 

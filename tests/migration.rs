@@ -26,7 +26,11 @@ struct World {
 
 async fn world() -> World {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("cutover-mig-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let dir = std::env::temp_dir().join(format!(
+        "cutover-mig-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     World {
         dir,
@@ -99,7 +103,9 @@ shutdown: {{ drain_timeout: 1s }}
         let path = self.write(yaml);
         let cfg = Config::load(&path).expect("valid config");
         let snap = Arc::new(Snapshot::build(cfg).unwrap());
-        let running = cutover::server::start(snap, cutover::backend::Backends::new()).await.unwrap();
+        let running = cutover::server::start(snap, cutover::backend::Backends::new())
+            .await
+            .unwrap();
         (running, path)
     }
 }
@@ -114,7 +120,9 @@ async fn imap_login(addr: std::net::SocketAddr, user: &str, pass: &str) -> (Clie
 async fn subject(c: &mut Client) -> String {
     c.cmd("s", "SELECT INBOX").await;
     let r = c.cmd("f", "FETCH 1 BODY[]").await;
-    r.into_iter().find(|l| l.starts_with("Subject:")).unwrap_or_default()
+    r.into_iter()
+        .find(|l| l.starts_with("Subject:"))
+        .unwrap_or_default()
 }
 
 async fn served_by(addr: std::net::SocketAddr, user: &str) -> String {
@@ -140,7 +148,10 @@ async fn stage_switch_moves_an_idling_user_and_the_reconnect_lands_on_the_new_po
     // The stage starts within ~3 s: the idling client gets an untagged BYE and EOF.
     let mut lines = Vec::new();
     loop {
-        match tokio::time::timeout(Duration::from_secs(8), c.line()).await.expect("kicked in time") {
+        match tokio::time::timeout(Duration::from_secs(8), c.line())
+            .await
+            .expect("kicked in time")
+        {
             Some(l) => lines.push(l),
             None => break,
         }
@@ -154,18 +165,35 @@ async fn stage_switch_moves_an_idling_user_and_the_reconnect_lands_on_the_new_po
 #[tokio::test]
 async fn invalid_reload_keeps_serving_and_valid_reload_moves_users() {
     let w = world().await;
-    let (running, path) = w.start(&w.yaml("routes:\n  - { pool: legacy }\n", "")).await;
+    let (running, path) = w
+        .start(&w.yaml("routes:\n  - { pool: legacy }\n", ""))
+        .await;
     let addr = running.addr("imap").unwrap();
     let (mut held, _) = imap_login(addr, "alice", "password").await;
     assert_eq!(subject(&mut held).await, "Subject: hello from green");
     // Broken file: refused, old config stays, the open session is untouched.
     std::fs::write(&path, "routes: [ { pool: nowhere } ]\n").unwrap();
     let err = running.reload_from(&path).await.unwrap_err().to_string();
-    assert!(err.contains("routes[0].pool") || err.contains("nowhere"), "{err}");
+    assert!(
+        err.contains("routes[0].pool") || err.contains("nowhere"),
+        "{err}"
+    );
     assert_eq!(served_by(addr, "alice").await, "Subject: hello from green");
-    assert!(held.cmd("n", "NOOP").await.last().unwrap().starts_with("n OK"));
+    assert!(held
+        .cmd("n", "NOOP")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("n OK"));
     // Valid file sending alice to "new": her open session is kicked with BYE.
-    std::fs::write(&path, w.yaml("routes:\n  - { users: [alice], pool: new }\n  - { pool: legacy }\n", "")).unwrap();
+    std::fs::write(
+        &path,
+        w.yaml(
+            "routes:\n  - { users: [alice], pool: new }\n  - { pool: legacy }\n",
+            "",
+        ),
+    )
+    .unwrap();
     let moved = running.reload_from(&path).await.unwrap();
     assert_eq!(moved, 1);
     let rest = held.until("* BYE").await;
@@ -178,7 +206,9 @@ async fn invalid_reload_keeps_serving_and_valid_reload_moves_users() {
 #[tokio::test]
 async fn reload_under_a_stream_of_logins_loses_none() {
     let w = world().await;
-    let (running, path) = w.start(&w.yaml("routes:\n  - { pool: legacy }\n", "")).await;
+    let (running, path) = w
+        .start(&w.yaml("routes:\n  - { pool: legacy }\n", ""))
+        .await;
     let addr = running.addr("imap").unwrap();
     let failures = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -200,7 +230,11 @@ async fn reload_under_a_stream_of_logins_loses_none() {
     }
     for i in 0..10 {
         // Alternate between two valid configurations (legacy <-> new for carol only).
-        let routes = if i % 2 == 0 { "routes:\n  - { users: [carol], pool: new }\n  - { pool: legacy }\n" } else { "routes:\n  - { pool: legacy }\n" };
+        let routes = if i % 2 == 0 {
+            "routes:\n  - { users: [carol], pool: new }\n  - { pool: legacy }\n"
+        } else {
+            "routes:\n  - { pool: legacy }\n"
+        };
         std::fs::write(&path, w.yaml(routes, "")).unwrap();
         running.reload_from(&path).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -210,7 +244,11 @@ async fn reload_under_a_stream_of_logins_loses_none() {
         t.await.unwrap();
     }
     assert_eq!(failures.load(Ordering::Relaxed), 0);
-    assert!(done.load(Ordering::Relaxed) > 50, "logins kept flowing: {}", done.load(Ordering::Relaxed));
+    assert!(
+        done.load(Ordering::Relaxed) > 50,
+        "logins kept flowing: {}",
+        done.load(Ordering::Relaxed)
+    );
     running.shutdown().await;
 }
 
@@ -240,7 +278,10 @@ async fn fallback_on_auth_failure_reaches_a_user_not_yet_provisioned() {
     let routes = "routes:\n  - { users: [carol], pool: new, fallback: legacy, fallback_on_auth_failure: true }\n  - { pool: legacy }\n";
     let (running, _) = w.start(&w.yaml(routes, "")).await;
     let before = scrape_fallbacks(&running).await;
-    assert_eq!(served_by(running.addr("imap").unwrap(), "carol").await, "Subject: hello from green");
+    assert_eq!(
+        served_by(running.addr("imap").unwrap(), "carol").await,
+        "Subject: hello from green"
+    );
     assert!(scrape_fallbacks(&running).await > before);
     running.shutdown().await;
 }
@@ -249,7 +290,12 @@ async fn scrape_fallbacks(running: &cutover::server::Running) -> f64 {
     let _ = running;
     let handle = cutover::metrics::install();
     let body = handle.render();
-    metric(&body, "cutover_fallbacks_total", &[("reason", "auth_failed")]).unwrap_or(0.0)
+    metric(
+        &body,
+        "cutover_fallbacks_total",
+        &[("reason", "auth_failed")],
+    )
+    .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -257,8 +303,15 @@ async fn user_names_are_normalized_for_routing_and_backend_login() {
     let w = world().await;
     let routes = "users:\n  local_domains: [example.net]\n  case_insensitive: true\nroutes:\n  - { users: [joeuser], pool: new }\n  - { pool: legacy }\n";
     let (running, _) = w.start(&w.yaml(routes, "")).await;
-    assert_eq!(served_by(running.addr("imap").unwrap(), "JoeUser@example.net").await, "Subject: hello from new");
-    assert_eq!(w.new.logins.lock().unwrap().as_slice(), ["joeuser"], "the backend got the bare name");
+    assert_eq!(
+        served_by(running.addr("imap").unwrap(), "JoeUser@example.net").await,
+        "Subject: hello from new"
+    );
+    assert_eq!(
+        w.new.logins.lock().unwrap().as_slice(),
+        ["joeuser"],
+        "the backend got the bare name"
+    );
     running.shutdown().await;
 }
 
@@ -267,7 +320,10 @@ async fn cohort_file_routes_its_users_and_is_reloaded() {
     let w = world().await;
     let cohort = w.dir.join("wave1.txt");
     std::fs::write(&cohort, "# wave 1\ncarol\n").unwrap();
-    let routes = format!("routes:\n  - {{ users_file: {}, pool: new }}\n  - {{ pool: legacy }}\n", cohort.display());
+    let routes = format!(
+        "routes:\n  - {{ users_file: {}, pool: new }}\n  - {{ pool: legacy }}\n",
+        cohort.display()
+    );
     let (running, path) = w.start(&w.yaml(&routes, "")).await;
     let addr = running.addr("imap").unwrap();
     assert_eq!(served_by(addr, "carol").await, "Subject: hello from new");
@@ -279,13 +335,17 @@ async fn cohort_file_routes_its_users_and_is_reloaded() {
 }
 
 async fn admin(running: &cutover::server::Running, method: &str, path: &str) -> (u16, String) {
-    cutover::http::request(running.admin.unwrap(), method, path, None).await.unwrap()
+    cutover::http::request(running.admin.unwrap(), method, path, None)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn hold_release_and_kick_through_the_admin_endpoint() {
     let w = world().await;
-    let (running, _) = w.start(&w.yaml("routes:\n  - { pool: legacy }\n", "")).await;
+    let (running, _) = w
+        .start(&w.yaml("routes:\n  - { pool: legacy }\n", ""))
+        .await;
     let addr = running.addr("imap").unwrap();
     // Kick: an open session ends with BYE.
     let (mut open, _) = imap_login(addr, "bob", "password").await;
@@ -301,7 +361,10 @@ async fn hold_release_and_kick_through_the_admin_endpoint() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "held login must wait");
     assert_eq!(admin(&running, "POST", "/release?user=bob").await.0, 200);
-    let got = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("released").unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("released")
+        .unwrap();
     assert_eq!(got, "Subject: hello from green");
     assert_eq!(admin(&running, "POST", "/kick").await.0, 400);
     assert_eq!(admin(&running, "GET", "/nope").await.0, 404);
@@ -311,11 +374,17 @@ async fn hold_release_and_kick_through_the_admin_endpoint() {
 #[tokio::test]
 async fn a_held_login_times_out_with_a_temporary_failure() {
     let w = world().await;
-    let yaml = w.yaml("routes:\n  - { pool: legacy }\n", "").replace("admin: { listen: \"127.0.0.1:0\" }", "admin: { listen: \"127.0.0.1:0\", hold_max_wait: 300ms }");
+    let yaml = w.yaml("routes:\n  - { pool: legacy }\n", "").replace(
+        "admin: { listen: \"127.0.0.1:0\" }",
+        "admin: { listen: \"127.0.0.1:0\", hold_max_wait: 300ms }",
+    );
     let (running, _) = w.start(&yaml).await;
     admin(&running, "POST", "/hold?user=bob").await;
     let (_, r) = imap_login(running.addr("imap").unwrap(), "bob", "password").await;
-    assert!(r.last().unwrap().starts_with("a1 NO [UNAVAILABLE]"), "{r:?}");
+    assert!(
+        r.last().unwrap().starts_with("a1 NO [UNAVAILABLE]"),
+        "{r:?}"
+    );
     running.shutdown().await;
 }
 
@@ -326,20 +395,39 @@ async fn stragglers_list_legacy_and_plaintext_users() {
     let (running, _) = w.start(&w.yaml(routes, "")).await;
     served_by(running.addr("imap").unwrap(), "bob").await; // legacy, plaintext
     served_by(running.addr("imap").unwrap(), "joeuser").await; // new, plaintext
-    // alice: new over TLS: not a straggler.
+                                                               // alice: new over TLS: not a straggler.
     let mut c = Client::connect_tls(running.addr("imaps").unwrap()).await;
     c.line().await;
-    assert!(c.cmd("a", "LOGIN alice password").await.last().unwrap().starts_with("a OK"));
+    assert!(c
+        .cmd("a", "LOGIN alice password")
+        .await
+        .last()
+        .unwrap()
+        .starts_with("a OK"));
     let (status, body) = admin(&running, "GET", "/stragglers?hours=1").await;
     assert_eq!(status, 200);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     let users: Vec<(&str, Vec<&str>)> = rows
         .iter()
         .map(|r| {
-            (r["user"].as_str().unwrap(), r["why"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect())
+            (
+                r["user"].as_str().unwrap(),
+                r["why"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap())
+                    .collect(),
+            )
         })
         .collect();
-    assert_eq!(users, vec![("bob", vec!["legacy_pool", "no_tls"]), ("joeuser", vec!["no_tls"])]);
+    assert_eq!(
+        users,
+        vec![
+            ("bob", vec!["legacy_pool", "no_tls"]),
+            ("joeuser", vec!["no_tls"])
+        ]
+    );
     running.shutdown().await;
 }
 
@@ -363,7 +451,9 @@ async fn smtp_mail(addr: std::net::SocketAddr) -> Vec<String> {
 #[tokio::test]
 async fn pop_before_smtp_bridge_accepts_within_the_window_only() {
     let w = world().await;
-    let (running, _) = w.start(&w.yaml("routes:\n  - { pool: legacy }\n", "")).await;
+    let (running, _) = w
+        .start(&w.yaml("routes:\n  - { pool: legacy }\n", ""))
+        .await;
     let compat = running.addr("compat").unwrap();
     // No recent login from this address: refused.
     let r = smtp_mail(compat).await;
@@ -375,7 +465,10 @@ async fn pop_before_smtp_bridge_accepts_within_the_window_only() {
     p.line().await;
     assert!(p.line().await.unwrap().starts_with("+OK"));
     let r = smtp_mail(compat).await;
-    assert!(r.iter().all(|l| l.starts_with('2') || l.starts_with('3')), "{r:?}");
+    assert!(
+        r.iter().all(|l| l.starts_with('2') || l.starts_with('3')),
+        "{r:?}"
+    );
     let got = w.smtp_green.received.lock().unwrap().clone();
     assert_eq!(got.len(), 1, "relayed to bob's pool (legacy: green)");
     // After the 2 s window it is refused again.

@@ -29,7 +29,13 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 pub fn parse(s: &str) -> Result<i64, String> {
     let err = || format!("{s:?} is not an RFC 3339 time like 2026-12-01T18:13:00Z");
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(err());
     }
     let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
@@ -39,10 +45,36 @@ pub fn parse(s: &str) -> Result<i64, String> {
         }
         t.parse().map_err(|_| err())
     };
-    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
     let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let mdays = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    if !(1..=12).contains(&mo) || d < 1 || d > mdays[(mo - 1) as usize] || h > 23 || mi > 59 || se > 60 {
+    let mdays = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo)
+        || d < 1
+        || d > mdays[(mo - 1) as usize]
+        || h > 23
+        || mi > 59
+        || se > 60
+    {
         return Err(err());
     }
     let mut rest = &s[19..];
@@ -55,7 +87,10 @@ pub fn parse(s: &str) -> Result<i64, String> {
     }
     let offset = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
+        _ if rest.len() == 6
+            && (rest.starts_with('+') || rest.starts_with('-'))
+            && &rest[3..4] == ":" =>
+        {
             let oh: i64 = rest[1..3].parse().map_err(|_| err())?;
             let om: i64 = rest[4..6].parse().map_err(|_| err())?;
             let sign = if rest.starts_with('-') { -1 } else { 1 };
@@ -70,7 +105,12 @@ pub fn parse(s: &str) -> Result<i64, String> {
 pub fn format(t: i64) -> String {
     let (days, secs) = (t.div_euclid(86400), t.rem_euclid(86400));
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 /// Now, in Unix seconds.
@@ -92,8 +132,17 @@ mod tests {
         assert_eq!(parse("2026-12-01T19:13:00+01:00").unwrap(), 1_796_148_780);
         assert_eq!(parse("2026-12-01T18:13:00.25Z").unwrap(), 1_796_148_780);
         assert_eq!(format(1_796_148_780), "2026-12-01T18:13:00Z");
-        assert_eq!(parse("2024-02-29T00:00:00Z").map(format).unwrap(), "2024-02-29T00:00:00Z");
-        for bad in ["2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-12-01 18:13", "2026-12-01T18:13:00", "x"] {
+        assert_eq!(
+            parse("2024-02-29T00:00:00Z").map(format).unwrap(),
+            "2024-02-29T00:00:00Z"
+        );
+        for bad in [
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-12-01 18:13",
+            "2026-12-01T18:13:00",
+            "x",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

@@ -33,7 +33,8 @@ impl UserSet {
     }
 
     pub(crate) fn push(&mut self, name: &str) -> Result<(), String> {
-        let offset = u32::try_from(self.arena.len()).map_err(|_| "user list larger than 4 GiB".to_string())?;
+        let offset = u32::try_from(self.arena.len())
+            .map_err(|_| "user list larger than 4 GiB".to_string())?;
         let len = u32::try_from(name.len()).map_err(|_| "user name too long".to_string())?;
         self.arena.push_str(name);
         self.index.push((hash(name), offset, len));
@@ -54,7 +55,10 @@ impl UserSet {
 
     /// Reads a cohort file: one name per line, `#` starts a comment, blank lines ignored;
     /// each name goes through `normalize`. Returns the set, or (line number, message).
-    pub fn parse_file(text: &str, normalize: impl Fn(&str) -> String) -> Result<UserSet, (usize, String)> {
+    pub fn parse_file(
+        text: &str,
+        normalize: impl Fn(&str) -> String,
+    ) -> Result<UserSet, (usize, String)> {
         let mut set = UserSet::default();
         set.add_lines(text, normalize)?;
         Ok(set.finish())
@@ -62,7 +66,11 @@ impl UserSet {
 
     /// Adds the names of a cohort file (see [`UserSet::parse_file`]); call
     /// [`UserSet::finish`] when done adding.
-    pub(crate) fn add_lines(&mut self, text: &str, normalize: impl Fn(&str) -> String) -> Result<(), (usize, String)> {
+    pub(crate) fn add_lines(
+        &mut self,
+        text: &str,
+        normalize: impl Fn(&str) -> String,
+    ) -> Result<(), (usize, String)> {
         self.arena.reserve(text.len());
         self.index.reserve(text.len() / 8);
         for (n, raw) in text.lines().enumerate() {
@@ -75,7 +83,10 @@ impl UserSet {
                 continue;
             }
             if line.chars().any(char::is_whitespace) {
-                return Err((n + 1, format!("{line:?}: one user name per line, without spaces")));
+                return Err((
+                    n + 1,
+                    format!("{line:?}: one user name per line, without spaces"),
+                ));
             }
             self.push(&normalize(line)).map_err(|e| (n + 1, e))?;
         }
@@ -86,7 +97,10 @@ impl UserSet {
     pub fn contains(&self, name: &str) -> bool {
         let h = hash(name);
         let start = self.index.partition_point(|e| e.0 < h);
-        self.index[start..].iter().take_while(|e| e.0 == h).any(|e| set_name(&self.arena, e) == name)
+        self.index[start..]
+            .iter()
+            .take_while(|e| e.0 == h)
+            .any(|e| set_name(&self.arena, e) == name)
     }
 
     /// Number of distinct names.
@@ -115,7 +129,10 @@ mod tests {
 
     #[test]
     fn membership_and_comments() {
-        let set = UserSet::parse_file("# wave 1\njoeuser\n  Alice  # vip\n\nbob\njoeuser\n", |s| s.to_lowercase()).unwrap();
+        let set = UserSet::parse_file("# wave 1\njoeuser\n  Alice  # vip\n\nbob\njoeuser\n", |s| {
+            s.to_lowercase()
+        })
+        .unwrap();
         assert_eq!(set.len(), 3);
         assert!(set.contains("joeuser") && set.contains("alice") && set.contains("bob"));
         assert!(!set.contains("Alice") && !set.contains("carol") && !set.contains(""));
@@ -124,7 +141,9 @@ mod tests {
 
     #[test]
     fn a_million_names() {
-        let text: String = (0..1_000_000).map(|i| format!("user{i:07}@example.net\n")).collect();
+        let text: String = (0..1_000_000)
+            .map(|i| format!("user{i:07}@example.net\n"))
+            .collect();
         let t = std::time::Instant::now();
         let set = UserSet::parse_file(&text, |s| s.to_string()).unwrap();
         let took = t.elapsed();
@@ -133,7 +152,15 @@ mod tests {
         assert!(!set.contains("user1000000@example.net"));
         // Memory bound (the time bound is measured in release by the bench; here only
         // reported, debug builds are slow).
-        assert!(set.heap_bytes() < 100 * 1024 * 1024, "{} bytes", set.heap_bytes());
-        eprintln!("1M names: {:?}, {} MB", took, set.heap_bytes() / (1024 * 1024));
+        assert!(
+            set.heap_bytes() < 100 * 1024 * 1024,
+            "{} bytes",
+            set.heap_bytes()
+        );
+        eprintln!(
+            "1M names: {:?}, {} MB",
+            took,
+            set.heap_bytes() / (1024 * 1024)
+        );
     }
 }

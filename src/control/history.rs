@@ -70,7 +70,11 @@ pub struct Login<'a> {
 impl History {
     /// An empty history remembering at most `max_users` users.
     pub fn new(max_users: usize) -> Self {
-        History { max_users: max_users.max(1), users: Mutex::new(HashMap::new()), addresses: Mutex::new(HashMap::new()) }
+        History {
+            max_users: max_users.max(1),
+            users: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Records a successful login.
@@ -80,7 +84,12 @@ impl History {
                 evict(&mut users, |v| v.iter().map(|s| s.last).max().unwrap_or(0));
             }
             let list = users.entry(l.user.to_string()).or_default();
-            match list.iter_mut().find(|s| s.pool == l.pool && s.protocol == l.protocol && s.listener == l.listener && s.tls == l.tls) {
+            match list.iter_mut().find(|s| {
+                s.pool == l.pool
+                    && s.protocol == l.protocol
+                    && s.listener == l.listener
+                    && s.tls == l.tls
+            }) {
                 Some(s) => s.last = l.now,
                 None => list.push(Seen {
                     pool: l.pool.to_string(),
@@ -110,7 +119,9 @@ impl History {
 
     /// Users seen since `since` on a legacy pool (per `is_legacy`) or without TLS.
     pub fn stragglers(&self, since: i64, is_legacy: impl Fn(&str) -> bool) -> Vec<Straggler> {
-        let Ok(users) = self.users.lock() else { return Vec::new() };
+        let Ok(users) = self.users.lock() else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (user, seen) in users.iter() {
             for s in seen.iter().filter(|s| s.last >= since) {
@@ -134,7 +145,12 @@ impl History {
                 }
             }
         }
-        out.sort_by(|a, b| a.user.cmp(&b.user).then(a.protocol.cmp(b.protocol)).then(a.listener.cmp(&b.listener)));
+        out.sort_by(|a, b| {
+            a.user
+                .cmp(&b.user)
+                .then(a.protocol.cmp(b.protocol))
+                .then(a.listener.cmp(&b.listener))
+        });
         out
     }
 
@@ -161,8 +177,22 @@ fn evict<K: Clone + Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, age: impl 
 mod tests {
     use super::*;
 
-    fn login<'a>(user: &'a str, pool: &'a str, protocol: Protocol, tls: bool, now: i64) -> Login<'a> {
-        Login { user, pool, protocol, listener: "imap", tls, ip: "127.0.0.7".parse().unwrap(), now }
+    fn login<'a>(
+        user: &'a str,
+        pool: &'a str,
+        protocol: Protocol,
+        tls: bool,
+        now: i64,
+    ) -> Login<'a> {
+        Login {
+            user,
+            pool,
+            protocol,
+            listener: "imap",
+            tls,
+            ip: "127.0.0.7".parse().unwrap(),
+            now,
+        }
     }
 
     #[test]
@@ -174,9 +204,19 @@ mod tests {
         h.record(&login("ann", "new", Protocol::Imap, true, 1000));
         let s = h.stragglers(500, |p| p == "legacy");
         let users: Vec<_> = s.iter().map(|s| (s.user.as_str(), s.why.clone())).collect();
-        assert_eq!(users, vec![("bob", vec!["legacy_pool"]), ("joe", vec!["no_tls"])]);
-        assert_eq!(h.recent_login("127.0.0.7".parse().unwrap(), 600, 1100).as_deref(), Some("ann"));
-        assert_eq!(h.recent_login("127.0.0.7".parse().unwrap(), 600, 2000), None);
+        assert_eq!(
+            users,
+            vec![("bob", vec!["legacy_pool"]), ("joe", vec!["no_tls"])]
+        );
+        assert_eq!(
+            h.recent_login("127.0.0.7".parse().unwrap(), 600, 1100)
+                .as_deref(),
+            Some("ann")
+        );
+        assert_eq!(
+            h.recent_login("127.0.0.7".parse().unwrap(), 600, 2000),
+            None
+        );
     }
 
     #[test]

@@ -25,7 +25,9 @@ pub enum HoldOutcome {
 impl Holds {
     /// Holds `user`'s new logins. Returns false if already held.
     pub fn hold(&self, user: &str) -> bool {
-        let Ok(mut m) = self.map.lock() else { return false };
+        let Ok(mut m) = self.map.lock() else {
+            return false;
+        };
         if m.contains_key(user) {
             return false;
         }
@@ -37,7 +39,9 @@ impl Holds {
     /// Releases `user`: waiting logins go on to the route in force. Returns false if the
     /// user was not held.
     pub fn release(&self, user: &str) -> bool {
-        let Ok(mut m) = self.map.lock() else { return false };
+        let Ok(mut m) = self.map.lock() else {
+            return false;
+        };
         match m.remove(user) {
             Some(tx) => {
                 let _ = tx.send(false);
@@ -49,14 +53,21 @@ impl Holds {
 
     /// Held users.
     pub fn list(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.map.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        let mut v: Vec<String> = self
+            .map
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
         v.sort();
         v
     }
 
     /// True if `user` is held now.
     pub fn is_held(&self, user: &str) -> bool {
-        self.map.lock().map(|m| m.contains_key(user)).unwrap_or(false)
+        self.map
+            .lock()
+            .map(|m| m.contains_key(user))
+            .unwrap_or(false)
     }
 
     /// Waits while `user` is held, at most `max`.
@@ -65,8 +76,12 @@ impl Holds {
             Ok(m) => m.get(user).map(|tx| tx.subscribe()),
             Err(_) => None,
         };
-        let Some(mut rx) = rx else { return HoldOutcome::Proceed };
-        let released = tokio::time::timeout(max, async move { rx.wait_for(|held| !*held).await.is_ok() }).await;
+        let Some(mut rx) = rx else {
+            return HoldOutcome::Proceed;
+        };
+        let released =
+            tokio::time::timeout(max, async move { rx.wait_for(|held| !*held).await.is_ok() })
+                .await;
         match released {
             Ok(_) => HoldOutcome::Proceed, // released (or the sender went away)
             Err(_) => HoldOutcome::TimedOut,
@@ -81,10 +96,16 @@ mod tests {
     #[tokio::test]
     async fn hold_then_release_lets_waiters_through() {
         let holds = std::sync::Arc::new(Holds::default());
-        assert_eq!(holds.wait("joe", Duration::from_millis(10)).await, HoldOutcome::Proceed);
+        assert_eq!(
+            holds.wait("joe", Duration::from_millis(10)).await,
+            HoldOutcome::Proceed
+        );
         assert!(holds.hold("joe"));
         assert!(!holds.hold("joe"));
-        assert_eq!(holds.wait("joe", Duration::from_millis(20)).await, HoldOutcome::TimedOut);
+        assert_eq!(
+            holds.wait("joe", Duration::from_millis(20)).await,
+            HoldOutcome::TimedOut
+        );
         let h = holds.clone();
         let waiter = tokio::spawn(async move { h.wait("joe", Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -79,7 +79,11 @@ impl Control {
         names.push("(initial)");
         for name in names {
             let on = active.unwrap_or("(initial)") == name;
-            metrics::gauge!(m::STAGE_ACTIVE, "stage" => name.to_string()).set(if on { 1.0 } else { 0.0 });
+            metrics::gauge!(m::STAGE_ACTIVE, "stage" => name.to_string()).set(if on {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 
@@ -96,17 +100,23 @@ impl Control {
             .sessions
             .snapshot()
             .into_iter()
-            .filter(|(_, e)| match crate::route::route(cfg, &e.user, e.protocol, now) {
-                Ok(d) => d.pool != e.pool,
-                Err(_) => true,
-            })
+            .filter(
+                |(_, e)| match crate::route::route(cfg, &e.user, e.protocol, now) {
+                    Ok(d) => d.pool != e.pool,
+                    Err(_) => true,
+                },
+            )
             .map(|(id, _)| id)
             .collect();
         if moved.is_empty() {
             return 0;
         }
         let n = moved.len();
-        tracing::info!(sessions = n, grace_ms = cfg.on_move.grace.as_millis() as u64, "users moved to another pool; ending their sessions");
+        tracing::info!(
+            sessions = n,
+            grace_ms = cfg.on_move.grace.as_millis() as u64,
+            "users moved to another pool; ending their sessions"
+        );
         let me = self.clone();
         let grace = cfg.on_move.grace;
         tokio::spawn(async move {
@@ -139,7 +149,10 @@ impl Control {
             let now = rfc3339::now();
             let after = snap.config.routes_at(now).0.map(str::to_string);
             if before != after {
-                tracing::info!(stage = after.as_deref().unwrap_or("(initial)"), "stage starts");
+                tracing::info!(
+                    stage = after.as_deref().unwrap_or("(initial)"),
+                    "stage starts"
+                );
                 self.publish_stage();
                 self.move_users();
             }

@@ -37,7 +37,11 @@ impl Kick {
     /// Resolves when the session is to be ended.
     pub async fn requested(&self) -> KickReason {
         self.token.cancelled().await;
-        self.reason.lock().ok().and_then(|r| *r).unwrap_or(KickReason::Admin)
+        self.reason
+            .lock()
+            .ok()
+            .and_then(|r| *r)
+            .unwrap_or(KickReason::Admin)
     }
     fn fire(&self, reason: KickReason) {
         if let Ok(mut r) = self.reason.lock() {
@@ -91,7 +95,10 @@ impl Sessions {
 
     /// A copy of every entry (for move checks and reports).
     pub fn snapshot(&self) -> Vec<(u64, Entry)> {
-        self.map.lock().map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect()).unwrap_or_default()
+        self.map
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Ends the sessions with these ids; returns how many were still there.
@@ -109,8 +116,12 @@ impl Sessions {
 
     /// Ends every session of `user`; returns how many.
     pub fn kick_user(&self, user: &str, reason: KickReason) -> usize {
-        let ids: Vec<u64> =
-            self.snapshot().into_iter().filter(|(_, e)| e.user == user).map(|(id, _)| id).collect();
+        let ids: Vec<u64> = self
+            .snapshot()
+            .into_iter()
+            .filter(|(_, e)| e.user == user)
+            .map(|(id, _)| id)
+            .collect();
         self.kick_ids(&ids, reason)
     }
 

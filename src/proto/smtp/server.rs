@@ -213,7 +213,9 @@ impl ServerMachine {
         if !input[..5].eq_ignore_ascii_case(b"MAIL ") {
             return false;
         }
-        let Some(user) = self.preauthorized.clone() else { return false };
+        let Some(user) = self.preauthorized.clone() else {
+            return false;
+        };
         self.state = State::AwaitBridgeLogin;
         self.actions.push_back(Action::Login(Credentials {
             user,
@@ -437,7 +439,9 @@ impl ServerMachine {
                 self.state = State::LoginUser;
             }
             (Mechanism::Login, Some(response)) => self.login_user(response),
-            (Mechanism::PreAuthorized, _) => self.reply("504 5.5.4 Unrecognized authentication type"),
+            (Mechanism::PreAuthorized, _) => {
+                self.reply("504 5.5.4 Unrecognized authentication type")
+            }
         }
     }
 
@@ -602,7 +606,10 @@ impl PreAuth for ServerMachine {
                 LoginOutcome::Ok { .. } => self.state = State::Authenticated,
                 _ => {
                     self.preauthorized = None;
-                    let bye = format!("421 4.7.0 {} Cannot relay for you now, try again later", self.hostname);
+                    let bye = format!(
+                        "421 4.7.0 {} Cannot relay for you now, try again later",
+                        self.hostname
+                    );
                     self.reply(&bye);
                     self.close();
                 }
