@@ -31,7 +31,10 @@ struct Direction {
     pending: Option<(Box<[u8]>, usize)>,
     /// Written since the last flush.
     unflushed: bool,
+    /// The reader reached EOF or failed.
     read_done: bool,
+    /// Shut the writer down after the reader's EOF (else the owner of the relay does it).
+    shutdown_on_eof: bool,
     done: bool,
     bytes: u64,
 }
@@ -61,7 +64,9 @@ impl Direction {
             }
             if self.read_done {
                 ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                if self.shutdown_on_eof {
+                    ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -74,7 +79,10 @@ impl Direction {
                         self.read_done = true;
                         Poll::Ready(Ok(()))
                     }
-                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => {
+                        self.read_done = true;
+                        Poll::Ready(Err(e))
+                    }
                     Poll::Ready(Ok(())) => {
                         let data = rb.filled();
                         if data.is_empty() {
@@ -118,11 +126,16 @@ impl Direction {
 
 /// A bidirectional relay between a client and a backend. Poll it (it is a future) until
 /// it completes; the byte counts stay readable if it is dropped early (kick, shutdown).
+///
+/// The client's EOF is passed on to the backend at once (half-close). The backend's EOF
+/// ends the relay without closing the client: the owner closes it, after a delay when
+/// many sessions of that backend end together (see `control::limits::Disconnects`).
 pub struct Relay<'a, C, B> {
     client: &'a mut C,
     backend: &'a mut B,
     up: Direction,
     down: Direction,
+    backend_first: Option<bool>,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -135,9 +148,18 @@ where
         Relay {
             client,
             backend,
-            up: Direction::default(),
+            up: Direction {
+                shutdown_on_eof: true,
+                ..Direction::default()
+            },
             down: Direction::default(),
+            backend_first: None,
         }
+    }
+
+    /// True if the backend's side ended (EOF or error) while the client's was still open.
+    pub fn backend_ended_first(&self) -> bool {
+        self.backend_first == Some(true)
     }
 
     /// Bytes written to the backend so far.
@@ -165,9 +187,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let up = this.up.poll(cx, this.client, this.backend)?;
-        let down = this.down.poll(cx, this.backend, this.client)?;
-        if up.is_ready() && down.is_ready() {
+        let up = this.up.poll(cx, this.client, this.backend);
+        let down = this.down.poll(cx, this.backend, this.client);
+        if this.backend_first.is_none() && (this.up.read_done || this.down.read_done) {
+            this.backend_first = Some(this.down.read_done && !this.up.read_done);
+        }
+        let (up, down) = (up?, down?);
+        // Done when the backend has nothing more to say: either both directions are
+        // finished, or the backend ended first (the owner decides when to close the client).
+        if down.is_ready() && (up.is_ready() || this.backend_first == Some(true)) {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
@@ -189,7 +217,11 @@ mod tests {
         let task = tokio::spawn(async move {
             let mut relay = Relay::new(&mut client_proxy, &mut backend_proxy);
             (&mut relay).await.unwrap();
-            (relay.bytes_up(), relay.bytes_down(), relay.is_idle())
+            let result = (relay.bytes_up(), relay.bytes_down(), relay.is_idle());
+            assert!(!relay.backend_ended_first(), "the client half-closed first");
+            drop(relay);
+            client_proxy.shutdown().await.unwrap();
+            result
         });
         let writer = tokio::spawn(async move {
             client_app.write_all(b"a1 NOOP\r\n").await.unwrap();
@@ -203,8 +235,9 @@ mod tests {
         assert_eq!(req, b"a1 NOOP\r\n");
         backend_app.write_all(&big).await.unwrap();
         backend_app.shutdown().await.unwrap();
-        assert_eq!(writer.await.unwrap(), expect);
         let (up, down, idle) = task.await.unwrap();
         assert_eq!((up, down, idle), (9, 200_000, true));
+        // The relay leaves closing the client to its owner: dropping the proxy side ends it.
+        assert_eq!(writer.await.unwrap(), expect);
     }
 }

@@ -325,12 +325,25 @@ async fn accept_loop(
                 else {
                     continue;
                 };
-                let ctx = SessionCtx {
-                    snap,
-                    listener,
-                    control: control.clone(),
-                };
-                tracker.spawn(session::run(ctx, tcp, normalize_peer(peer)));
+                let peer = normalize_peer(peer);
+                match control.admission.admit(peer.ip(), &snap.config.conn_limits) {
+                    Ok(ticket) => {
+                        let ctx = SessionCtx {
+                            snap,
+                            listener,
+                            control: control.clone(),
+                        };
+                        tracker.spawn(async move {
+                            session::run(ctx, tcp, peer).await;
+                            drop(ticket);
+                        });
+                    }
+                    Err(refusal) => {
+                        metrics::counter!(m::REFUSED, "listener" => listener.name.clone(), "protocol" => listener.protocol.as_str(), "reason" => refusal.as_str()).increment(1);
+                        tracing::debug!(listener = %listener.name, %peer, reason = refusal.as_str(), "connection refused");
+                        tokio::spawn(session::refuse(listener, tcp));
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

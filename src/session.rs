@@ -233,12 +233,45 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         reason = kick.requested() => RelayEnd::Kicked(reason),
     };
     let (up, down) = (relay.bytes_up(), relay.bytes_down());
+    let backend_first = relay.backend_ended_first();
     drop(relay);
+    if let RelayEnd::Error(e) = &end {
+        tracing::debug!(error = %e, backend_first, "relay ended with an error");
+        summary.outcome = "relay_error";
+    }
     match end {
-        RelayEnd::Closed => {}
-        RelayEnd::Error(e) => {
-            tracing::debug!(error = %e, "relay ended with an error");
-            summary.outcome = "relay_error";
+        RelayEnd::Closed | RelayEnd::Error(_) => {
+            if backend_first {
+                // The backend went away with the client still there. If many sessions of
+                // this server end together (it died), spread the closes so the failover
+                // host does not take a reconnect storm; a client that closes meanwhile ends
+                // the wait.
+                let spread = ctx
+                    .snap
+                    .config
+                    .pools
+                    .get(&pool)
+                    .map(|p| p.disconnect_spread)
+                    .unwrap_or_default();
+                let delay = ctx.control.disconnects.backend_closed(
+                    &backend.server,
+                    spread,
+                    session_id(),
+                    Instant::now(),
+                );
+                if !delay.is_zero() {
+                    tracing::debug!(
+                        delay_ms = delay.as_millis() as u64,
+                        "backend ended with many sessions: delaying the close"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = client_gone(&mut client) => {}
+                        _ = ctx.control.hard_stop.cancelled() => {}
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
         }
         RelayEnd::Stopped => {
             summary.outcome = "stopped";
@@ -270,6 +303,31 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         .increment(summary.up);
     metrics::counter!(m::BYTES, "pool" => pool, "protocol" => proto_label, "direction" => "backend_to_client")
         .increment(summary.down);
+}
+
+/// Turns away a connection over a limit with the protocol's temporary-failure greeting
+/// (on implicit-TLS listeners the connection is just closed: no handshake is spent on it).
+pub async fn refuse(listener: Listener, mut tcp: TcpStream) {
+    if listener.tls != ListenerTls::Implicit {
+        let msg: &[u8] = match listener.protocol {
+            Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+            Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+            Protocol::Smtp => b"421 4.7.0 Too many connections, try again later\r\n",
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(msg)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.shutdown()).await;
+}
+
+/// Resolves when the client closes or resets (its further input is discarded).
+async fn client_gone(client: &mut ClientStream) {
+    let mut sink = [0u8; 512];
+    loop {
+        match client.read(&mut sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 tokio::task_local! {
@@ -489,6 +547,24 @@ async fn login(
             return (LoginOutcome::Unavailable, None);
         }
     }
+    // Password spraying: a blocked address or user name is refused without asking a
+    // backend.
+    if let Some(left) = ctx
+        .control
+        .throttle
+        .blocked(peer.ip(), &user, Instant::now())
+    {
+        tracing::info!(%user, retry_in_s = left.as_secs(), "login refused: too many failures");
+        metrics::counter!(m::REFUSED, "listener" => ctx.listener.name.clone(), "protocol" => protocol.as_str(), "reason" => "rate_limited").increment(1);
+        metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "throttled", "rule" => "none", "result" => "refused").increment(1);
+        tokio::time::sleep(cfg.throttle.max_delay).await;
+        return (
+            LoginOutcome::Refused {
+                reason: "Too many failed logins, try again later",
+            },
+            None,
+        );
+    }
     // Route with the configuration in force now (a reload or stage may have changed it
     // while the client typed its password).
     let snap = ctx.control.snapshot();
@@ -607,6 +683,20 @@ async fn login(
         }
     };
     summary.outcome = label;
+    match label {
+        "ok" => ctx.control.throttle.success(&decision.user),
+        "auth_failed" => {
+            // Tarpit: the answer to a failed login comes later and later.
+            let delay = ctx.control.throttle.failure(
+                peer.ip(),
+                &decision.user,
+                &cfg.throttle,
+                Instant::now(),
+            );
+            tokio::time::sleep(delay).await;
+        }
+        _ => {}
+    }
     metrics::histogram!(m::LOGIN_BACKEND_SECONDS, "protocol" => protocol.as_str(), "pool" => pool.clone())
         .record(at_backend.as_secs_f64());
     let at_proxy = started

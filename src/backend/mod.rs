@@ -177,8 +177,9 @@ pub async fn connect(
     resolver: &Resolver,
     addr: &ServerAddr,
     timeout: Duration,
+    dns_grace: Duration,
 ) -> Result<TcpStream, Failure> {
-    let ips = resolver.resolve(&addr.host).await.map_err(|e| {
+    let ips = resolver.resolve(&addr.host, dns_grace).await.map_err(|e| {
         tracing::debug!(server = %addr, error = %e, "resolve failed");
         Failure::Resolve
     })?;
@@ -310,7 +311,13 @@ pub async fn attempt(
     let mut machine = new_machine(protocol, policy, job);
     let work = async {
         let connect_started = std::time::Instant::now();
-        let tcp = connect(&backends.resolver, addr, pool.connect_timeout).await?;
+        let tcp = connect(
+            &backends.resolver,
+            addr,
+            pool.connect_timeout,
+            pool.dns_grace,
+        )
+        .await?;
         metrics::histogram!(m::BACKEND_CONNECT_SECONDS, "pool" => pool.name.clone(), "protocol" => protocol.as_str(), "server" => addr.to_string())
             .record(connect_started.elapsed().as_secs_f64());
         let stream = if pp.tls == BackendTls::Implicit {

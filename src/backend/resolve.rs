@@ -1,8 +1,10 @@
 //! Name resolution for backend host names: hickory's async resolver (TTL-aware cache,
 //! bounded timeouts, never blocks a worker thread). IP literals never reach it.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
@@ -10,10 +12,13 @@ use hickory_resolver::TokioResolver;
 
 use crate::config::Host;
 
-/// Resolves backend hosts.
+/// Resolves backend hosts. Remembers the last good answer per name so that a name that
+/// stops resolving keeps working on its last addresses until their TTL plus a grace
+/// period has passed (a DNS outage must not take the backends with it).
 #[derive(Clone)]
 pub struct Resolver {
     inner: TokioResolver,
+    last_good: Arc<Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -43,26 +48,84 @@ impl Resolver {
         opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Always;
         Resolver {
             inner: builder.build(),
+            last_good: Arc::default(),
         }
     }
 
-    /// All addresses of a host, in the resolver's order.
-    pub async fn resolve(&self, host: &Host) -> Result<Vec<IpAddr>, String> {
-        match host {
-            Host::Ip(ip) => Ok(vec![*ip]),
-            Host::Name(name) => {
-                let lookup = self
-                    .inner
-                    .lookup_ip(name.as_str())
-                    .await
-                    .map_err(|e| e.to_string())?;
+    /// All addresses of a host, in the resolver's order. If the lookup fails, the last
+    /// good addresses are used while `now` is within their TTL plus `grace`.
+    pub async fn resolve(&self, host: &Host, grace: Duration) -> Result<Vec<IpAddr>, String> {
+        let name = match host {
+            Host::Ip(ip) => return Ok(vec![*ip]),
+            Host::Name(name) => name,
+        };
+        match self.inner.lookup_ip(name.as_str()).await {
+            Ok(lookup) => {
                 let ips: Vec<IpAddr> = lookup.iter().collect();
-                if ips.is_empty() {
-                    Err(format!("{name}: no addresses"))
-                } else {
-                    Ok(ips)
+                if !ips.is_empty() {
+                    if let Ok(mut m) = self.last_good.lock() {
+                        m.insert(name.clone(), (ips.clone(), lookup.valid_until()));
+                    }
+                    return Ok(ips);
                 }
+                self.fallback(name, grace, "no addresses".into())
             }
+            Err(e) => self.fallback(name, grace, e.to_string()),
         }
+    }
+
+    fn fallback(&self, name: &str, grace: Duration, error: String) -> Result<Vec<IpAddr>, String> {
+        let remembered = self
+            .last_good
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned());
+        match remembered {
+            Some((ips, valid_until)) if Instant::now() <= valid_until + grace => {
+                tracing::warn!(host = name, %error, "DNS lookup failed; using the last good addresses");
+                Ok(ips)
+            }
+            _ => Err(format!("{name}: {error}")),
+        }
+    }
+
+    /// Seeds the last-good table (for tests of the grace logic).
+    #[doc(hidden)]
+    pub fn remember(&self, name: &str, ips: Vec<IpAddr>, valid_until: Instant) {
+        if let Ok(mut m) = self.last_good.lock() {
+            m.insert(name.to_string(), (ips, valid_until));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_name_that_stops_resolving_keeps_its_last_addresses_for_the_grace_period() {
+        let r = Resolver::from_system();
+        let host = Host::Name("no-such-host.invalid".into());
+        assert!(r.resolve(&host, Duration::from_secs(60)).await.is_err());
+        let ip: IpAddr = "127.0.0.42".parse().unwrap();
+        r.remember("no-such-host.invalid", vec![ip], Instant::now());
+        assert_eq!(
+            r.resolve(&host, Duration::from_secs(60)).await.unwrap(),
+            vec![ip]
+        );
+        r.remember(
+            "no-such-host.invalid",
+            vec![ip],
+            Instant::now() - Duration::from_secs(120),
+        );
+        assert!(
+            r.resolve(&host, Duration::from_secs(60)).await.is_err(),
+            "past TTL + grace"
+        );
+        // IP literals never reach DNS.
+        assert_eq!(
+            r.resolve(&Host::Ip(ip), Duration::ZERO).await.unwrap(),
+            vec![ip]
+        );
     }
 }

@@ -43,6 +43,8 @@ pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     /// Straggler tracking.
     pub stragglers: Option<RawStragglers>,
+    /// Failed-login throttling.
+    pub auth_throttle: Option<RawThrottle>,
 }
 
 /// One scheduled stage.
@@ -139,6 +141,10 @@ pub struct RawPool {
     pub login_timeout: Option<String>,
     /// Health checking.
     pub health: Option<RawHealth>,
+    /// When a server with many sessions dies, spread the client disconnects over this long.
+    pub disconnect_spread: Option<String>,
+    /// Keep using the last addresses of a host name this long past their TTL if DNS fails.
+    pub dns_grace: Option<String>,
     /// Tell backends the client's address (IMAP ID, SMTP XCLIENT).
     #[serde(default)]
     pub forward_client_address: bool,
@@ -239,6 +245,28 @@ pub struct RawLimits {
     pub max_commands: Option<u32>,
     /// Idle time allowed before login.
     pub preauth_timeout: Option<String>,
+    /// Client connections open at once, all listeners together.
+    pub max_connections: Option<usize>,
+    /// Client connections open at once from one address.
+    pub max_connections_per_ip: Option<usize>,
+}
+
+/// `auth_throttle:` (password spraying).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawThrottle {
+    /// Failed logins from one address within `window` before it is blocked.
+    pub ip_failures: Option<u32>,
+    /// Failed logins for one user name within `window` before it is blocked.
+    pub user_failures: Option<u32>,
+    /// The window failures are counted in.
+    pub window: Option<String>,
+    /// How long a blocked address or user is refused.
+    pub block: Option<String>,
+    /// Delay before answering the first failed login; doubles with each further failure.
+    pub delay: Option<String>,
+    /// Longest delay.
+    pub max_delay: Option<String>,
 }
 
 /// `shutdown:`

@@ -231,6 +231,10 @@ pub struct Pool {
     pub health: Health,
     /// Tell backends the client's address.
     pub forward_client_address: bool,
+    /// Spread of client disconnects when a server with many sessions dies.
+    pub disconnect_spread: Duration,
+    /// How long past their TTL the last resolved addresses stay usable if DNS fails.
+    pub dns_grace: Duration,
     /// Send backends the client's name as typed instead of the normalized one.
     pub login_original_name: bool,
     /// Counts as legacy in the stragglers report.
@@ -320,6 +324,32 @@ pub struct Timeouts {
     pub drain: Duration,
 }
 
+/// Connection limits, enforced at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// All client connections together.
+    pub max_connections: usize,
+    /// From one client address.
+    pub max_per_ip: usize,
+}
+
+/// Failed-login throttling against password spraying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttle {
+    /// Failures from one address within `window` before it is blocked (0: off).
+    pub ip_failures: u32,
+    /// Failures for one user within `window` before it is blocked (0: off).
+    pub user_failures: u32,
+    /// Counting window.
+    pub window: Duration,
+    /// How long a block lasts.
+    pub block: Duration,
+    /// Delay before answering the first failure; doubles per further failure.
+    pub delay: Duration,
+    /// Longest delay.
+    pub max_delay: Duration,
+}
+
 /// A certificate chain and key file pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertFiles {
@@ -352,6 +382,10 @@ pub struct Config {
     pub limits: Limits,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Connection limits.
+    pub conn_limits: ConnLimits,
+    /// Failed-login throttling.
+    pub throttle: Throttle,
     /// Scheduled stages, in start order.
     pub stages: Vec<Stage>,
     /// Moving users.
@@ -732,6 +766,12 @@ impl Config {
                     login_timeout,
                     health,
                     forward_client_address: p.forward_client_address,
+                    disconnect_spread: dur(
+                        "disconnect_spread",
+                        &p.disconnect_spread,
+                        Duration::from_secs(10),
+                    )?,
+                    dns_grace: dur("dns_grace", &p.dns_grace, Duration::from_secs(3600))?,
                     login_original_name,
                     legacy: p.legacy.unwrap_or(name == "legacy"),
                     protocols,
@@ -881,6 +921,30 @@ impl Config {
             }
             None => None,
         };
+        let mut throttle = Throttle {
+            ip_failures: 20,
+            user_failures: 10,
+            window: Duration::from_secs(600),
+            block: Duration::from_secs(900),
+            delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(8),
+        };
+        if let Some(t) = &raw.auth_throttle {
+            let d = |f: &str, v: &Option<String>, cur: Duration| -> Result<Duration, ConfigError> {
+                match v {
+                    Some(s) => {
+                        parse_duration(s).map_err(|e| cx.err(format!("auth_throttle.{f}"), e))
+                    }
+                    None => Ok(cur),
+                }
+            };
+            throttle.ip_failures = t.ip_failures.unwrap_or(throttle.ip_failures);
+            throttle.user_failures = t.user_failures.unwrap_or(throttle.user_failures);
+            throttle.window = d("window", &t.window, throttle.window)?;
+            throttle.block = d("block", &t.block, throttle.block)?;
+            throttle.delay = d("delay", &t.delay, throttle.delay)?;
+            throttle.max_delay = d("max_delay", &t.max_delay, throttle.max_delay)?;
+        }
         let stragglers_max_users = raw
             .stragglers
             .as_ref()
@@ -896,6 +960,10 @@ impl Config {
             };
 
         let mut limits = Limits::default();
+        let mut conn_limits = ConnLimits {
+            max_connections: 20_000,
+            max_per_ip: 200,
+        };
         let mut timeouts = Timeouts {
             preauth: Duration::from_secs(60),
             drain: Duration::from_secs(30),
@@ -918,6 +986,12 @@ impl Config {
             }
             if let Some(v) = l.max_commands {
                 limits.max_commands = v.max(1);
+            }
+            if let Some(v) = l.max_connections {
+                conn_limits.max_connections = v.max(1);
+            }
+            if let Some(v) = l.max_connections_per_ip {
+                conn_limits.max_per_ip = v.max(1);
             }
             if let Some(v) = &l.preauth_timeout {
                 timeouts.preauth =
@@ -942,6 +1016,8 @@ impl Config {
             users,
             limits,
             timeouts,
+            conn_limits,
+            throttle,
             stages,
             on_move,
             admin,

@@ -4,6 +4,7 @@
 
 pub mod history;
 pub mod holds;
+pub mod limits;
 pub mod sessions;
 
 use std::sync::{Arc, RwLock};
@@ -31,6 +32,12 @@ pub struct Control {
     pub holds: Holds,
     /// Login history.
     pub history: History,
+    /// Open connections.
+    pub admission: Arc<limits::Admission>,
+    /// Failed-login throttling.
+    pub throttle: limits::AuthThrottle,
+    /// Backend death detector.
+    pub disconnects: limits::Disconnects,
     /// Cancelled when the proxy starts draining.
     pub drain: CancellationToken,
     /// Cancelled when the drain grace period is over.
@@ -47,6 +54,9 @@ impl Control {
             sessions: Sessions::default(),
             holds: Holds::default(),
             history,
+            admission: Arc::new(limits::Admission::default()),
+            throttle: limits::AuthThrottle::default(),
+            disconnects: limits::Disconnects::default(),
             drain: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         })

@@ -72,6 +72,7 @@ PROXY_PORTS = {
     "submissions": 11465,
 }
 METRICS_PORT = 19898
+ADMIN_PORT = 19899  # admin endpoint, only in configs that add `admin:` (not the default)
 
 START_TIMEOUT = 20.0  # seconds for a server to open its ports
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
@@ -542,30 +543,54 @@ class Host:
         for p in reversed(self.processes()):
             p.stop()
 
-    def _make_mailboxes(self):
-        uid, gid = mail_ids()
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def add_user(self, user, password):
+        """Provision ``user`` on this host only (passwd-file line + a seeded Maildir).
+        Dovecot re-reads the passwd-file when it changes; no restart needed."""
+        self.users[user] = password
+        self._write_passwd()
+        if not (self.dir / "mail" / user / "Maildir").exists():
+            self._seed_mailbox(user)
+
+    def remove_user(self, user):
+        """Undo ``add_user`` (the Maildir stays; without a passwd line nobody logs in)."""
+        if self.users.pop(user, None) is not None:
+            self._write_passwd()
+
+    def _write_passwd(self):
         passwd = self.dir / "passwd"
-        passwd.write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in USERS.items()),
-                          encoding="utf-8")
-        passwd.chmod(0o644)
+        tmp = self.dir / "passwd.tmp"
+        tmp.write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()),
+                       encoding="utf-8")
+        tmp.chmod(0o644)
+        os.replace(tmp, passwd)
+
+    def _make_mailboxes(self):
+        self.users = dict(USERS)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_passwd()
         for user in USERS:
-            md = self.dir / "mail" / user / "Maildir"
-            for sub in ("cur", "new", "tmp"):
-                (md / sub).mkdir(parents=True, exist_ok=True)
-            body = (
-                f"From: Seeder <seed@{self.name}.test>\r\n"
-                f"To: {user}@example.net\r\n"
-                f"Subject: {seed_subject(self.name)}\r\n"
-                f"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
-                f"Message-ID: <seed-{self.name}-{user}@cutover.test>\r\n"
-                f"X-Backend-Host: {self.name}\r\n"
-                f"\r\n"
-                f"This message lives on the {self.name} backend ({self.ip}).\r\n"
-                f"backend={self.name}\r\n"
-            ).encode()
-            (md / "cur" / f"1704067200.M1P1.{self.name}:2,").write_bytes(body)
-        for dirpath, dirnames, filenames in os.walk(self.dir / "mail"):
+            self._seed_mailbox(user)
+
+    def _seed_mailbox(self, user):
+        """A Maildir for ``user`` holding the one seeded message of this host."""
+        uid, gid = mail_ids()
+        md = self.dir / "mail" / user / "Maildir"
+        for sub in ("cur", "new", "tmp"):
+            (md / sub).mkdir(parents=True, exist_ok=True)
+        body = (
+            f"From: Seeder <seed@{self.name}.test>\r\n"
+            f"To: {user}@example.net\r\n"
+            f"Subject: {seed_subject(self.name)}\r\n"
+            f"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+            f"Message-ID: <seed-{self.name}-{user}@cutover.test>\r\n"
+            f"X-Backend-Host: {self.name}\r\n"
+            f"\r\n"
+            f"This message lives on the {self.name} backend ({self.ip}).\r\n"
+            f"backend={self.name}\r\n"
+        ).encode()
+        (md / "cur" / f"1704067200.M1P1.{self.name}:2,").write_bytes(body)
+        os.chown(self.dir / "mail", uid, gid)
+        for dirpath, dirnames, filenames in os.walk(self.dir / "mail" / user):
             os.chown(dirpath, uid, gid)
             for f in filenames:
                 os.chown(os.path.join(dirpath, f), uid, gid)
@@ -657,6 +682,10 @@ def proxy_config(env):
             {"pool": "legacy"},
         ],
         "metrics": {"listen": f"{PROXY_IP}:{METRICS_PORT}"},
+        # Every test connects from 127.0.0.1 and many log in with wrong passwords on
+        # purpose: keep the spraying protection out of their way (its own tests set it).
+        "auth_throttle": {"ip_failures": 100000, "user_failures": 100000, "delay": "1ms", "max_delay": "1ms"},
+        "limits": {"max_connections_per_ip": 100000},
     }
 
 
@@ -715,13 +744,25 @@ class Proxy(ManagedProcess):
         self.config_path = self.dir / "routes.yaml"
         self.default_config = proxy_config(env)
         self.config = config if config is not None else self.default_config
+        #: set by write_config(): the file differs from self.config (restore after the test)
+        self.dirty = False
         penv = dict(os.environ)
         penv.setdefault("RUST_LOG", "debug")
+        # cutover reads its log filter from CUTOVER_LOG (default "info"), not RUST_LOG
+        penv.setdefault("CUTOVER_LOG", "debug")
         penv.setdefault("NO_COLOR", "1")
         penv.setdefault("RUST_BACKTRACE", "1")
         ports = [(PROXY_IP, p) for p in PROXY_PORTS.values()]
-        super().__init__("cutover", [self.binary, "run", "--config", self.config_path],
-                         ports, self.dir / "proxy.log", env=penv, cwd=str(self.dir))
+        #: ``--log-format`` of the current run ("text" or "json"); see reconfigure()
+        self.log_format = "text"
+        super().__init__("cutover", self._argv(), ports, self.dir / "proxy.log",
+                         env=penv, cwd=str(self.dir))
+
+    def _argv(self):
+        argv = [self.binary]
+        if self.log_format != "text":
+            argv += ["--log-format", self.log_format]
+        return [str(a) for a in argv + ["run", "--config", self.config_path]]
 
     def _prepare(self):
         if not self.binary.exists():
@@ -730,11 +771,69 @@ class Proxy(ManagedProcess):
                 "`cargo build --bins`; scripts/test.sh does both)")
         self.config_path.write_text(to_yaml(self.config) + "\n", encoding="utf-8")
 
-    def reconfigure(self, config):
-        """Restart with another config (e.g. ``harness.proxy_config(env)`` edited)."""
+    def reconfigure(self, config, log_format="text"):
+        """Restart with another config (e.g. ``harness.proxy_config(env)`` edited).
+        ``log_format="json"`` runs ``cutover --log-format json run ...`` (one JSON object
+        a line); the default config restored after the test brings back text logs."""
         self.stop()
+        self.log_format = log_format
+        self.argv = self._argv()
         self.config = config
+        self.dirty = False
         return self.start()
+
+    def write_config(self, config):
+        """Replace routes.yaml under the RUNNING proxy (no restart): ``config`` is a dict
+        (emitted as YAML) or raw text (e.g. a broken file). The proxy picks it up by
+        itself within ~2 s, or at once on ``sighup()``. Written atomically (rename),
+        so the proxy never reads half a file. Marks the proxy dirty: the default
+        config is restored (restart) after the test."""
+        text = config if isinstance(config, str) else to_yaml(config) + "\n"
+        tmp = self.config_path.with_name(self.config_path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.config_path)
+        self.dirty = True
+
+    def sighup(self):
+        """Ask the running proxy to reload its configuration now."""
+        assert self.running, "the proxy is not running"
+        self.proc.send_signal(signal.SIGHUP)
+
+    def log_size(self):
+        """Current size of proxy.log: pass it to log_since()/wait_log() as ``offset``."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset):
+        """The log text written after ``offset`` (from log_size())."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return _ANSI.sub("", f.read().decode("utf-8", "replace"))
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, pattern, offset=0, timeout=10.0, count=1):
+        """Bounded poll until ``pattern`` (regex) occurs ``count`` times in the log after
+        ``offset``; returns the matching lines."""
+        rx = re.compile(pattern)
+
+        def found():
+            lines = [l for l in self.log_since(offset).splitlines() if rx.search(l)]
+            return lines if len(lines) >= count else None
+        return wait_until(found, timeout, what=f"{count}x /{pattern}/ in {self.log_path}")
+
+    def proc_status(self):
+        """Memory figures of the proxy process from /proc/<pid>/status, in kB:
+        {"VmRSS": ..., "VmHWM": ..., ...}."""
+        out = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.startswith("Vm") and value.strip().endswith("kB"):
+                out[key] = int(value.split()[0])
+        return out
 
     def log_text(self):
         try:
