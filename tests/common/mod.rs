@@ -215,22 +215,144 @@ pub async fn scrape(addr: SocketAddr) -> String {
     out
 }
 
-/// The value of one sample line of /metrics, e.g. `cutover_logins_total{...}`; labels in
-/// any order are matched by containment.
+/// The sum of the samples of `name` whose labels include `labels` (in any order).
 pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-        if n != name {
-            return None;
+    let values: Vec<f64> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name
+                || !labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// What a scripted backend does with one line from the proxy.
+pub enum Reply {
+    /// Send these bytes.
+    Send(Vec<u8>),
+    /// Send these bytes, then run a TLS handshake as server (with the demo backend
+    /// certificate) and go on inside TLS.
+    StartTls(Vec<u8>),
+    /// Close the connection.
+    Close,
+}
+
+/// A deliberately misbehaving backend: sends `greeting`, then answers each line with
+/// `respond(line, tls_active)`. Every line it receives is recorded.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub received: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub async fn scripted(
+    greeting: &'static str,
+    respond: impl Fn(&str, bool) -> Reply + Send + Sync + 'static,
+) -> Scripted {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = received.clone();
+    let respond = Arc::new(respond);
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = l.accept().await {
+            let (rec, respond) = (rec.clone(), respond.clone());
+            tokio::spawn(async move {
+                let mut io: Box<dyn Io> = Box::new(sock);
+                let mut tls = false;
+                if io.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = Vec::new();
+                let mut pending = String::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = match io.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(line) = take_command(&mut buf, &mut pending, &mut io).await {
+                        rec.lock().unwrap().push(line.clone());
+                        match respond(&line, tls) {
+                            Reply::Send(b) => {
+                                if io.write_all(&b).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Reply::StartTls(b) => {
+                                if io.write_all(&b).await.is_err() {
+                                    return;
+                                }
+                                let acceptor = tokio_rustls::TlsAcceptor::from(server_tls());
+                                match acceptor.accept(io).await {
+                                    Ok(t) => io = Box::new(t),
+                                    Err(_) => return,
+                                }
+                                tls = true;
+                                buf.clear();
+                            }
+                            Reply::Close => return,
+                        }
+                    }
+                }
+            });
         }
-        if labels
-            .iter()
-            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        {
-            value.parse().ok()
-        } else {
-            None
+    });
+    Scripted { addr, received }
+}
+
+/// Takes one complete IMAP command from `buf`: a line, or lines joined by their literals
+/// (`{n}` gets a `+` continuation; the n bytes are taken as they are). None if incomplete.
+async fn take_command(
+    buf: &mut Vec<u8>,
+    pending: &mut String,
+    io: &mut Box<dyn Io>,
+) -> Option<String> {
+    loop {
+        let p = buf.windows(2).position(|w| w == b"\r\n")?;
+        let line: Vec<u8> = buf.drain(..p + 2).collect();
+        let line = String::from_utf8_lossy(&line[..p]).into_owned();
+        let literal = line
+            .strip_suffix('}')
+            .and_then(|l| l.rsplit_once('{'))
+            .and_then(|(_, n)| {
+                let (n, sync) = match n.strip_suffix('+') {
+                    Some(n) => (n, false),
+                    None => (n, true),
+                };
+                n.parse::<usize>().ok().map(|n| (n, sync))
+            });
+        pending.push_str(&line);
+        let Some((n, sync)) = literal else {
+            return Some(std::mem::take(pending));
+        };
+        if sync {
+            io.write_all(b"+ go\r\n").await.ok()?;
         }
-    })
+        while buf.len() < n {
+            let mut chunk = [0u8; 4096];
+            let got = io.read(&mut chunk).await.ok()?;
+            if got == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..got]);
+        }
+        let data: Vec<u8> = buf.drain(..n).collect();
+        pending.push_str(&String::from_utf8_lossy(&data));
+    }
+}
+
+/// The tag of an IMAP command line.
+pub fn tag(line: &str) -> &str {
+    line.split(' ').next().unwrap_or("*")
 }
