@@ -178,7 +178,14 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     let cfg = &ctx.snap.config;
     let handshake_timeout = cfg.timeouts.preauth.min(Duration::from_secs(30));
     let client = if ctx.listener.tls == ListenerTls::Implicit {
-        match tls_accept(ctx, Stream::Plain(tcp), handshake_timeout, "implicit").await {
+        match Box::pin(tls_accept(
+            ctx,
+            Stream::Plain(tcp),
+            handshake_timeout,
+            "implicit",
+        ))
+        .await
+        {
             Some(s) => s,
             None => {
                 summary.outcome = "tls_failed";
@@ -190,7 +197,9 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     };
     let mut sm = new_machine(ctx, peer);
     let Some((mut client, mut backend, pending, pool)) =
-        preauth(ctx, sm.as_mut(), client, peer, summary).await
+        // Boxed: the pre-auth and login futures are large and only needed until login; the
+        // session's own future stays small for the hours it may spend relaying.
+        Box::pin(preauth(ctx, sm.as_mut(), client, peer, summary)).await
     else {
         return;
     };
@@ -222,6 +231,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     }
     let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
     drop(pending);
+    backend.leftover = Vec::new(); // its buffer is not needed while relaying
     let relay_started = Instant::now();
     let mut relay = relay::Relay::new(&mut client, &mut backend.stream);
     let end = tokio::select! {

@@ -125,6 +125,12 @@ impl Client {
             buf: Vec::new(),
         }
     }
+    pub fn from_stream(s: TcpStream) -> Client {
+        Client {
+            io: Some(Box::new(s)),
+            buf: Vec::new(),
+        }
+    }
     pub async fn connect_tls(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).await.expect("connect");
         let mut c = Client {
