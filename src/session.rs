@@ -315,6 +315,59 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         .increment(summary.down);
 }
 
+/// The session's only input buffer before login. Whatever it held is wiped when it is
+/// consumed, discarded, outgrown or dropped: pre-auth input carries passwords.
+struct InputBuf(Vec<u8>);
+
+impl InputBuf {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Removes the first `n` bytes.
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.0.len());
+        if n == 0 {
+            return;
+        }
+        let left = self.0.len() - n;
+        self.0.copy_within(n.., 0);
+        proto::wipe(&mut self.0[left..]);
+        self.0.truncate(left);
+    }
+    fn clear(&mut self) {
+        proto::wipe(&mut self.0);
+        self.0.clear();
+    }
+    /// Makes room for at least `want` more bytes (never past `max` in all), moving the
+    /// contents by hand so the old allocation is wiped before it is freed.
+    fn reserve(&mut self, want: usize, max: usize) {
+        let spare = self.0.capacity() - self.0.len();
+        if spare >= want {
+            return;
+        }
+        let grow = (self.0.capacity().max(512))
+            .min(max.saturating_sub(self.0.len()))
+            .max(want);
+        let mut bigger = Vec::with_capacity(self.0.len() + grow);
+        bigger.extend_from_slice(&self.0);
+        proto::wipe(&mut self.0);
+        self.0 = bigger;
+    }
+    /// Hands the remaining bytes over (they were pipelined behind the login).
+    fn take(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for InputBuf {
+    fn drop(&mut self) {
+        proto::wipe(&mut self.0);
+    }
+}
+
 /// Turns away a connection over a limit with the protocol's temporary-failure greeting
 /// (on implicit-TLS listeners the connection is just closed: no handshake is spent on it).
 pub async fn refuse(listener: Listener, mut tcp: TcpStream) {
@@ -417,13 +470,13 @@ async fn preauth(
 ) -> Option<Handoff> {
     let cfg = &ctx.snap.config;
     let max_pending = cfg.limits.max_line + cfg.limits.max_literal + 1024;
-    let mut inbuf: Vec<u8> = Vec::with_capacity(512);
+    let mut inbuf = InputBuf(Vec::with_capacity(512));
     let mut backend: Option<(Connected, String)> = None;
     loop {
         // The machine consumes what it can, then says what to do. A machine may queue
         // actions without consuming (e.g. the SMTP bridge leaves MAIL for the backend).
-        let used = sm.receive(&inbuf);
-        inbuf.drain(..used.min(inbuf.len()));
+        let used = sm.receive(&inbuf.0);
+        inbuf.consume(used);
         let mut acted = false;
         while let Some(action) = sm.poll_action() {
             acted = true;
@@ -486,7 +539,7 @@ async fn preauth(
                 return None;
             }
             let (conn, pool) = backend.take()?;
-            return Some((client, conn, inbuf, pool));
+            return Some((client, conn, inbuf.take(), pool));
         }
         if used > 0 || acted {
             continue;
@@ -500,11 +553,9 @@ async fn preauth(
         let timeout = match sm.phase() {
             Phase::PreAuth | Phase::Continuation => cfg.timeouts.preauth,
         };
-        if inbuf.capacity() - inbuf.len() < 512 {
-            inbuf.reserve(1024.min(max_pending - inbuf.len()).max(512));
-        }
+        inbuf.reserve(512, max_pending);
         tokio::select! {
-            r = tokio::time::timeout(timeout, client.read_buf(&mut inbuf)) => match r {
+            r = tokio::time::timeout(timeout, client.read_buf(&mut inbuf.0)) => match r {
                 Ok(Ok(0)) => { summary.outcome = "client_closed_preauth"; return None; }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -717,4 +768,22 @@ async fn login(
         .record(at_proxy.as_secs_f64());
     metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => pool, "rule" => decision.rule_id.clone(), "result" => label).increment(1);
     (outcome, conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_buffer_keeps_the_rest_in_order_when_consuming_and_growing() {
+        let mut b = InputBuf(Vec::with_capacity(64));
+        b.0.extend_from_slice(b"a1 LOGIN joe s3cret\r\na2 NOOP\r\n");
+        b.consume(21);
+        assert_eq!(b.0, b"a2 NOOP\r\n");
+        b.reserve(4096, 8192);
+        assert!(b.0.capacity() >= b.0.len() + 4096);
+        assert_eq!(b.0, b"a2 NOOP\r\n");
+        b.clear();
+        assert!(b.is_empty());
+    }
 }
