@@ -353,7 +353,10 @@ fn run(path: PathBuf, format: LogFormat) -> ExitCode {
         Err(e) => return fail(format!("cannot start runtime: {e}"), 1),
     };
     let result = rt.block_on(async move {
-        let running = cutover::server::start(snap, cutover::backend::Backends::new()).await?;
+        let backends = cutover::backend::Backends::with_resolver(
+            cutover::backend::resolve::Resolver::new(&snap.config.dns_servers),
+        );
+        let running = cutover::server::start(snap, backends).await?;
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(cutover::reload::watch(running.clone(), path, stop.clone()));
         shutdown_signal().await;

@@ -112,6 +112,9 @@ impl Running {
         {
             tracing::warn!("metrics or admin address changed: restart required for that part");
         }
+        if old.config.dns_servers != snap.config.dns_servers {
+            tracing::warn!("dns.servers changed: restart required for that part");
+        }
         // Bind what is new or moved.
         let mut fresh = Vec::new();
         {

@@ -134,6 +134,16 @@ impl Backends {
     }
 }
 
+impl Backends {
+    /// Fresh state with a given resolver.
+    pub fn with_resolver(resolver: Resolver) -> Self {
+        Backends {
+            registry: Arc::new(Registry::default()),
+            resolver,
+        }
+    }
+}
+
 impl Default for Backends {
     fn default() -> Self {
         Self::new()

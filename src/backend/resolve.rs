@@ -31,6 +31,36 @@ impl Resolver {
     /// The system's resolver configuration (/etc/resolv.conf, /etc/hosts), or a default
     /// if it cannot be read, with short timeouts.
     pub fn from_system() -> Resolver {
+        Resolver::new(&[])
+    }
+
+    /// A resolver asking `servers` (ip:port) when given, else the system's configuration.
+    pub fn new(servers: &[std::net::SocketAddr]) -> Resolver {
+        if !servers.is_empty() {
+            use hickory_resolver::config::{NameServerConfig, NameServerConfigGroup};
+            let mut group = NameServerConfigGroup::new();
+            for s in servers {
+                group.push(NameServerConfig::new(
+                    *s,
+                    hickory_resolver::proto::xfer::Protocol::Udp,
+                ));
+                group.push(NameServerConfig::new(
+                    *s,
+                    hickory_resolver::proto::xfer::Protocol::Tcp,
+                ));
+            }
+            let config = ResolverConfig::from_parts(None, vec![], group);
+            let mut builder =
+                TokioResolver::builder_with_config(config, TokioConnectionProvider::default());
+            let opts: &mut ResolverOpts = builder.options_mut();
+            opts.timeout = Duration::from_secs(2);
+            opts.attempts = 2;
+            opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
+            return Resolver {
+                inner: builder.build(),
+                last_good: Arc::default(),
+            };
+        }
         let builder = match TokioResolver::builder_tokio() {
             Ok(b) => b,
             Err(e) => {

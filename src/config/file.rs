@@ -45,6 +45,17 @@ pub struct RawConfig {
     pub stragglers: Option<RawStragglers>,
     /// Failed-login throttling.
     pub auth_throttle: Option<RawThrottle>,
+    /// DNS for backend host names.
+    pub dns: Option<RawDns>,
+}
+
+/// `dns:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// Name servers (ip:port) to ask instead of the system's /etc/resolv.conf.
+    #[serde(default)]
+    pub servers: Vec<String>,
 }
 
 /// One scheduled stage.

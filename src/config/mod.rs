@@ -386,6 +386,8 @@ pub struct Config {
     pub conn_limits: ConnLimits,
     /// Failed-login throttling.
     pub throttle: Throttle,
+    /// Name servers for backend host names (empty: the system's).
+    pub dns_servers: Vec<SocketAddr>,
     /// Scheduled stages, in start order.
     pub stages: Vec<Stage>,
     /// Moving users.
@@ -945,6 +947,17 @@ impl Config {
             throttle.delay = d("delay", &t.delay, throttle.delay)?;
             throttle.max_delay = d("max_delay", &t.max_delay, throttle.max_delay)?;
         }
+        let mut dns_servers = Vec::new();
+        if let Some(d) = &raw.dns {
+            for (i, srv) in d.servers.iter().enumerate() {
+                dns_servers.push(srv.parse::<SocketAddr>().map_err(|_| {
+                    cx.err(
+                        format!("dns.servers[{i}]"),
+                        format!("{srv:?} is not ip:port"),
+                    )
+                })?);
+            }
+        }
         let stragglers_max_users = raw
             .stragglers
             .as_ref()
@@ -1018,6 +1031,7 @@ impl Config {
             timeouts,
             conn_limits,
             throttle,
+            dns_servers,
             stages,
             on_move,
             admin,
