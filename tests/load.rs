@@ -201,7 +201,6 @@ limits: {{ max_connections: 20000, max_connections_per_ip: 20000 }}
         }
     }
     assert_eq!(alive, IDLE_SESSIONS, "idle sessions lost");
-    assert_eq!(rss_kb(pid) > 0, true);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -147,14 +147,11 @@ async fn stage_switch_moves_an_idling_user_and_the_reconnect_lands_on_the_new_po
     assert!(c.line().await.unwrap().starts_with("+ "));
     // The stage starts within ~3 s: the idling client gets an untagged BYE and EOF.
     let mut lines = Vec::new();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(8), c.line())
-            .await
-            .expect("kicked in time")
-        {
-            Some(l) => lines.push(l),
-            None => break,
-        }
+    while let Some(l) = tokio::time::timeout(Duration::from_secs(8), c.line())
+        .await
+        .expect("kicked in time")
+    {
+        lines.push(l);
     }
     assert!(lines.iter().any(|l| l.starts_with("* BYE")), "{lines:?}");
     assert_eq!(served_by(addr, "bob").await, "Subject: hello from new");

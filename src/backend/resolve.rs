@@ -18,8 +18,11 @@ use crate::config::Host;
 #[derive(Clone)]
 pub struct Resolver {
     inner: TokioResolver,
-    last_good: Arc<Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>>,
+    last_good: Arc<Mutex<HashMap<String, LastGood>>>,
 }
+
+/// The last successful answer for a name, and until when its TTL ran.
+type LastGood = (Vec<IpAddr>, Instant);
 
 impl std::fmt::Debug for Resolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
