@@ -135,7 +135,7 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
                 .and_then(|h| h.parse().ok())
                 .unwrap_or(24)
                 .clamp(0, 24 * 366);
-            let since = rfc3339::now() - hours * 3600;
+            let since = rfc3339::now_ms() - hours * 3_600_000;
             let rows = control
                 .history
                 .stragglers(since, |p| cfg.pools.get(p).is_none_or(|pool| pool.legacy));

@@ -168,7 +168,7 @@ impl Running {
         let stop = self.control.drain.child_token();
         tokio::spawn(accept_loop(
             sock,
-            l.name.clone(),
+            l.clone(),
             self.control.clone(),
             self.tracker.clone(),
             stop.clone(),
@@ -303,7 +303,7 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
 
 async fn accept_loop(
     sock: TcpListener,
-    name: String,
+    own: Listener,
     control: Arc<Control>,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -319,15 +319,15 @@ async fn accept_loop(
                 backoff = Duration::from_millis(10);
                 // The configuration in force at accept time serves the whole session.
                 let snap = control.snapshot();
-                let Some(listener) = snap
+                // Its current settings; a listener just removed by a reload (this loop is
+                // about to stop) still serves what it accepted with its last settings.
+                let listener = snap
                     .config
                     .listeners
                     .iter()
-                    .find(|l| l.name == name)
+                    .find(|l| l.name == own.name)
                     .cloned()
-                else {
-                    continue;
-                };
+                    .unwrap_or_else(|| own.clone());
                 let peer = normalize_peer(peer);
                 match control.admission.admit(peer.ip(), &snap.config.conn_limits) {
                     Ok(ticket) => {
@@ -350,7 +350,7 @@ async fn accept_loop(
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tracing::warn!(listener = %own.name, error = %e, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

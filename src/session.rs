@@ -100,8 +100,8 @@ fn new_machine(ctx: &SessionCtx, peer: SocketAddr) -> Box<dyn PreAuth + Send> {
             if let Some(window) = ctx.listener.bridge_window {
                 let recent = ctx.control.history.recent_login(
                     peer.ip(),
-                    window.as_secs() as i64,
-                    rfc3339::now(),
+                    window.as_millis() as i64,
+                    rfc3339::now_ms(),
                 );
                 if let Some(user) = recent {
                     tracing::debug!(%user, "pop-before-smtp bridge: address authorized by a recent login");
@@ -719,7 +719,7 @@ async fn login(
                 listener: &ctx.listener.name,
                 tls: client_tls,
                 ip: peer.ip(),
-                now: rfc3339::now(),
+                now_ms: rfc3339::now_ms(),
             });
             let caps = c.capabilities.clone();
             (

@@ -63,8 +63,8 @@ pub struct Login<'a> {
     pub tls: bool,
     /// Client address.
     pub ip: IpAddr,
-    /// When (Unix seconds).
-    pub now: i64,
+    /// When (Unix milliseconds).
+    pub now_ms: i64,
 }
 
 impl History {
@@ -90,13 +90,13 @@ impl History {
                     && s.listener == l.listener
                     && s.tls == l.tls
             }) {
-                Some(s) => s.last = l.now,
+                Some(s) => s.last = l.now_ms,
                 None => list.push(Seen {
                     pool: l.pool.to_string(),
                     protocol: l.protocol,
                     listener: l.listener.to_string(),
                     tls: l.tls,
-                    last: l.now,
+                    last: l.now_ms,
                 }),
             }
         }
@@ -105,26 +105,26 @@ impl History {
                 if addrs.len() >= MAX_ADDRESSES && !addrs.contains_key(&l.ip) {
                     evict(&mut addrs, |v| v.1);
                 }
-                addrs.insert(l.ip, (l.user.to_string(), l.now));
+                addrs.insert(l.ip, (l.user.to_string(), l.now_ms));
             }
         }
     }
 
-    /// The user who last logged in by POP3 or IMAP from `ip`, if within `window` seconds.
-    pub fn recent_login(&self, ip: IpAddr, window: i64, now: i64) -> Option<String> {
+    /// The user who last logged in by POP3 or IMAP from `ip`, if within `window_ms`.
+    pub fn recent_login(&self, ip: IpAddr, window_ms: i64, now_ms: i64) -> Option<String> {
         let addrs = self.addresses.lock().ok()?;
         let (user, when) = addrs.get(&ip)?;
-        (now - when <= window).then(|| user.clone())
+        (now_ms - when <= window_ms).then(|| user.clone())
     }
 
-    /// Users seen since `since` on a legacy pool (per `is_legacy`) or without TLS.
-    pub fn stragglers(&self, since: i64, is_legacy: impl Fn(&str) -> bool) -> Vec<Straggler> {
+    /// Users seen since `since_ms` on a legacy pool (per `is_legacy`) or without TLS.
+    pub fn stragglers(&self, since_ms: i64, is_legacy: impl Fn(&str) -> bool) -> Vec<Straggler> {
         let Ok(users) = self.users.lock() else {
             return Vec::new();
         };
         let mut out = Vec::new();
         for (user, seen) in users.iter() {
-            for s in seen.iter().filter(|s| s.last >= since) {
+            for s in seen.iter().filter(|s| s.last >= since_ms) {
                 let mut why = Vec::new();
                 if is_legacy(&s.pool) {
                     why.push("legacy_pool");
@@ -139,7 +139,7 @@ impl History {
                         protocol: s.protocol.as_str(),
                         listener: s.listener.clone(),
                         tls: s.tls,
-                        last_seen: crate::config::rfc3339::format(s.last),
+                        last_seen: crate::config::rfc3339::format(s.last / 1000),
                         why,
                     });
                 }
@@ -182,7 +182,7 @@ mod tests {
         pool: &'a str,
         protocol: Protocol,
         tls: bool,
-        now: i64,
+        now_ms: i64,
     ) -> Login<'a> {
         Login {
             user,
@@ -191,7 +191,7 @@ mod tests {
             listener: "imap",
             tls,
             ip: "127.0.0.7".parse().unwrap(),
-            now,
+            now_ms,
         }
     }
 

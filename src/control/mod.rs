@@ -42,6 +42,8 @@ pub struct Control {
     pub drain: CancellationToken,
     /// Cancelled when the drain grace period is over.
     pub hard_stop: CancellationToken,
+    /// Wakes the stage clock when a new snapshot is installed (it may add stages).
+    installed: tokio::sync::Notify,
 }
 
 impl Control {
@@ -59,6 +61,7 @@ impl Control {
             disconnects: limits::Disconnects::default(),
             drain: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            installed: tokio::sync::Notify::new(),
         })
     }
 
@@ -78,6 +81,7 @@ impl Control {
             Err(poisoned) => *poisoned.into_inner() = snap,
         }
         self.publish_stage();
+        self.installed.notify_one();
         self.move_users()
     }
 
@@ -152,6 +156,7 @@ impl Control {
             let before = snap.config.routes_at(now).0.map(str::to_string);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.installed.notified() => continue, // recompute with the new stages
                 _ = self.drain.cancelled() => return,
             }
             // Sleep granularity: make sure the boundary has passed.

@@ -27,19 +27,49 @@ def token(prefix="e2e"):
 # --------------------------------------------------------------------------
 
 
-def imap_connect(host, port, tls=None, ctx=None, timeout=IO_TIMEOUT):
-    """tls: None (plaintext), "starttls" or "implicit"."""
+class _SourceIMAP4(imaplib.IMAP4):
+    """imaplib.IMAP4 connecting from a chosen local address."""
+
+    def __init__(self, host, port, timeout, source):
+        self._source = source
+        super().__init__(host, port, timeout=timeout)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self._source, 0))
+
+
+class _SourceIMAP4_SSL(imaplib.IMAP4_SSL):
+    def __init__(self, host, port, ctx, timeout, source):
+        self._source = source
+        super().__init__(host, port, ssl_context=ctx, timeout=timeout)
+
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self._source, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+def imap_connect(host, port, tls=None, ctx=None, timeout=IO_TIMEOUT, source=None):
+    """tls: None (plaintext), "starttls" or "implicit". source: local address to
+    connect from (e.g. "127.0.0.2"), default the kernel's choice (127.0.0.1)."""
     if tls == "implicit":
-        conn = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=timeout)
+        if source:
+            conn = _SourceIMAP4_SSL(host, port, ctx, timeout, source)
+        else:
+            conn = imaplib.IMAP4_SSL(host, port, ssl_context=ctx, timeout=timeout)
     else:
-        conn = imaplib.IMAP4(host, port, timeout=timeout)
+        if source:
+            conn = _SourceIMAP4(host, port, timeout, source)
+        else:
+            conn = imaplib.IMAP4(host, port, timeout=timeout)
         if tls == "starttls":
             conn.starttls(ssl_context=ctx)
     return conn
 
 
-def imap_login(host, port, user, password, tls=None, ctx=None, utf8=False):
-    conn = imap_connect(host, port, tls, ctx)
+def imap_login(host, port, user, password, tls=None, ctx=None, utf8=False, source=None):
+    conn = imap_connect(host, port, tls, ctx, source=source)
     if utf8:
         # imaplib encodes command arguments as ASCII; send raw UTF-8 instead
         conn._encoding = "utf-8"
@@ -90,17 +120,34 @@ def authenticate_plain(conn, user, password):
 # --------------------------------------------------------------------------
 
 
-def pop3_connect(host, port, tls=None, ctx=None, timeout=IO_TIMEOUT):
+class _SourcePOP3(poplib.POP3):
+    """poplib.POP3 connecting from a chosen local address."""
+
+    def __init__(self, host, port, timeout, source):
+        self._source = source
+        super().__init__(host, port, timeout=timeout)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self._source, 0))
+
+
+def pop3_connect(host, port, tls=None, ctx=None, timeout=IO_TIMEOUT, source=None):
+    """source: local address to connect from (plaintext and STLS only)."""
     if tls == "implicit":
+        assert source is None, "source address: not implemented for implicit TLS"
         return poplib.POP3_SSL(host, port, context=ctx, timeout=timeout)
-    conn = poplib.POP3(host, port, timeout=timeout)
+    if source:
+        conn = _SourcePOP3(host, port, timeout, source)
+    else:
+        conn = poplib.POP3(host, port, timeout=timeout)
     if tls == "starttls":
         conn.stls(context=ctx)
     return conn
 
 
-def pop3_login(host, port, user, password, tls=None, ctx=None):
-    conn = pop3_connect(host, port, tls, ctx)
+def pop3_login(host, port, user, password, tls=None, ctx=None, source=None):
+    conn = pop3_connect(host, port, tls, ctx, source=source)
     conn.user(user)
     conn.pass_(password)
     return conn
@@ -236,8 +283,9 @@ def run(argv, input=None, timeout=TOOL_TIMEOUT):
 
 
 def swaks(server, port, *, to="x@example.net", mail_from=None, user=None, password=None,
-          tls=None, ca=None, subject="e2e", body="e2e test message", extra=()):
-    """tls: None, "starttls" (-tls) or "implicit" (--tls-on-connect)."""
+          tls=None, ca=None, subject="e2e", body="e2e test message", extra=(), source=None):
+    """tls: None, "starttls" (-tls) or "implicit" (--tls-on-connect).
+    source: local address to connect from (--local-interface)."""
     argv = ["swaks", "--server", f"{server}:{port}", "--to", to,
             "--from", mail_from or (f"{user}@example.net" if user else "nobody@example.net"),
             "--helo", "client.e2e.test", "--timeout", "10",
@@ -250,6 +298,8 @@ def swaks(server, port, *, to="x@example.net", mail_from=None, user=None, passwo
         argv += ["--tls-verify", "--tls-ca-path", ca]
     if user is not None:
         argv += ["--auth", "PLAIN", "--auth-user", user, "--auth-password", password]
+    if source:
+        argv += ["--local-interface", source]
     argv += list(extra)
     cp = run(argv)
     cp.text = cp.stdout.decode("utf-8", "replace")
@@ -270,6 +320,49 @@ def s_client_starttls(proto, host, port, ca, send=b"", timeout=15):
     cp = run(argv, input=send, timeout=timeout)
     cp.text = cp.stdout.decode("utf-8", "replace")
     return cp
+
+
+def cutover_cli(*args, timeout=TOOL_TIMEOUT):
+    """Run the cutover binary (CUTOVER_BIN) with ``args``; CompletedProcess with
+    separate .stdout/.stderr text (JSON output stays parseable)."""
+    import harness
+    argv = [str(harness.resolve_cutover_bin()), *[str(a) for a in args]]
+    try:
+        cp = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        cp = subprocess.CompletedProcess(argv, -1, e.stdout or b"",
+                                         (e.stderr or b"") + f"[killed after {timeout}s]".encode())
+    cp.out = cp.stdout.decode("utf-8", "replace")
+    cp.err = cp.stderr.decode("utf-8", "replace")
+    return cp
+
+
+# --------------------------------------------------------------------------
+# Prometheus text
+# --------------------------------------------------------------------------
+
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(?P<k>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<v>(?:[^"\\]|\\.)*)"')
+
+
+def scrape_metrics(host, port):
+    """GET /metrics as text."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=IO_TIMEOUT) as r:
+        return r.read().decode("utf-8", "replace")
+
+
+def metric_sum(text, name, **labels):
+    """Sum of every sample of ``name`` whose labels include ``labels`` (0 if none)."""
+    total = 0.0
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m or m["name"] != name:
+            continue
+        have = {x["k"]: x["v"] for x in _LABEL.finditer(m["labels"] or "")}
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            total += float(m["value"])
+    return total
 
 
 def wait_for(predicate, timeout, interval=0.25, what="condition"):

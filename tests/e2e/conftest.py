@@ -92,7 +92,7 @@ def cutover(env, servers):
 def proxy(cutover):
     """The running proxy; restarted (with a note in its log) if it died earlier.
     A proxy that exits during a test makes that test error in teardown; a config
-    changed with proxy.reconfigure() is put back after the test."""
+    changed with proxy.reconfigure() or proxy.write_config() is put back after the test."""
     if not cutover.running:
         with open(cutover.log_path, "ab") as f:
             f.write(b"--- proxy was not running at the start of a test; restarting\n")
@@ -102,7 +102,7 @@ def proxy(cutover):
             pytest.fail(f"cutover did not restart: {e}", pytrace=False)
     yield cutover
     crashed = cutover.proc is not None and cutover.proc.poll() is not None
-    if cutover.config is not cutover.default_config:
+    if cutover.config is not cutover.default_config or cutover.dirty:
         cutover.reconfigure(cutover.default_config)  # a test changed it: restore
     if crashed:
         pytest.fail(f"cutover exited during this test with status {cutover.proc.returncode}; "

@@ -770,6 +770,21 @@ class Proxy(ManagedProcess):
                 f"cutover binary not found at {self.binary} (set CUTOVER_BIN or run "
                 "`cargo build --bins`; scripts/test.sh does both)")
         self.config_path.write_text(to_yaml(self.config) + "\n", encoding="utf-8")
+        # start() also waits for the metrics and admin endpoints the config names: they
+        # are bound just after the listeners, so a test scraping /metrics right after a
+        # (re)start would otherwise race them
+        self.ports = [(PROXY_IP, p) for p in PROXY_PORTS.values()] + self._endpoint_ports()
+
+    def _endpoint_ports(self):
+        out = []
+        for key in ("metrics", "admin"):
+            section = self.config.get(key) if isinstance(self.config, dict) else None
+            listen = section.get("listen") if isinstance(section, dict) else None
+            if listen:
+                host, _, port = str(listen).rpartition(":")
+                if int(port) > 0:
+                    out.append((host.strip("[]"), int(port)))
+        return out
 
     def reconfigure(self, config, log_format="text"):
         """Restart with another config (e.g. ``harness.proxy_config(env)`` edited).
