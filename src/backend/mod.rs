@@ -428,25 +428,10 @@ pub async fn login(
     for (n, (index, addr)) in candidates.into_iter().enumerate() {
         let server = addr.to_string();
         let state = backends.registry.get(pool_name, protocol, &server);
+        let pop_check =
+            protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp;
         let result = match auth {
-            Auth::Bridge => {
-                attempt(
-                    backends,
-                    snap,
-                    pool,
-                    protocol,
-                    pp,
-                    addr,
-                    Job::SmtpNoAuth,
-                    client.clone(),
-                    helo,
-                )
-                .await
-            }
-            Auth::Replay(creds)
-                if protocol == Protocol::Smtp
-                    && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp =>
-            {
+            Auth::Replay(creds) if pop_check => {
                 pop_before_smtp(
                     backends,
                     snap,
@@ -461,6 +446,7 @@ pub async fn login(
                 .await
             }
             Auth::Replay(creds) => {
+                let job = Job::Login(creds.clone());
                 attempt(
                     backends,
                     snap,
@@ -468,14 +454,30 @@ pub async fn login(
                     protocol,
                     pp,
                     addr,
-                    Job::Login(creds.clone()),
+                    job,
+                    client.clone(),
+                    helo,
+                )
+                .await
+            }
+            Auth::Bridge => {
+                let job = Job::SmtpNoAuth;
+                attempt(
+                    backends,
+                    snap,
+                    pool,
+                    protocol,
+                    pp,
+                    addr,
+                    job,
                     client.clone(),
                     helo,
                 )
                 .await
             }
         };
-        match result {
+        // Everything that is not a login or a rejection is this server being unavailable.
+        let failure = match result {
             Ok((BackendResult::LoggedIn { capabilities }, stream, leftover)) => {
                 state.record_login_success();
                 return LoginResult::LoggedIn(Connected {
@@ -491,21 +493,16 @@ pub async fn login(
             }
             Ok((BackendResult::Ready { .. }, _, _)) => {
                 tracing::error!(%server, "backend machine answered a login with a probe result");
-                count_failure(pool_name, protocol, &server, Failure::Protocol);
-                state.record_failure(&pool.health);
+                Failure::Protocol
             }
-            Ok((BackendResult::Unavailable(u), _, _)) => {
-                let f = Failure::from(u);
-                tracing::warn!(pool = pool_name, %protocol, %server, reason = f.as_str(), "backend unavailable");
-                count_failure(pool_name, protocol, &server, f);
-                state.record_failure(&pool.health);
-            }
-            Err(Failure::PairedPop3) => {}
-            Err(f) => {
-                tracing::warn!(pool = pool_name, %protocol, %server, reason = f.as_str(), "backend unavailable");
-                count_failure(pool_name, protocol, &server, f);
-                state.record_failure(&pool.health);
-            }
+            Ok((BackendResult::Unavailable(u), _, _)) => u.into(),
+            Err(f) => f,
+        };
+        // A paired POP3 check server's failure was counted against that server.
+        if failure != Failure::PairedPop3 {
+            tracing::warn!(pool = pool_name, %protocol, %server, reason = failure.as_str(), "backend unavailable");
+            count_failure(pool_name, protocol, &server, failure);
+            state.record_failure(&pool.health);
         }
         if n + 1 < total {
             metrics::counter!(m::FAILOVERS, "pool" => pool_name.to_string(), "protocol" => protocol.as_str())
