@@ -10,7 +10,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Logins by `protocol`, `pool`, `rule`, `result` (ok | auth_failed | backend_unavailable | refused).
+/// Logins by `protocol`, `pool`, `rule`, `result` (ok | auth_failed | backend_unavailable |
+/// refused), `tls` (true | false: whether the client used TLS).
 pub const LOGINS: &str = "cutover_logins_total";
 /// Time the proxy itself spent on a login (routing, holds, replies), by `protocol`.
 pub const LOGIN_PROXY_SECONDS: &str = "cutover_login_proxy_seconds";
@@ -60,6 +61,12 @@ pub const PROCESS_FDS: &str = "process_open_fds";
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 /// Start time of the process, Unix seconds.
 pub const PROCESS_START: &str = "process_start_time_seconds";
+/// The most file descriptors the process may open.
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+/// Always 1 per configured pool, by `pool`, `legacy` (true | false).
+pub const POOL_INFO: &str = "cutover_pool_info";
+/// 1 if the last configuration reload succeeded (or none was tried), else 0.
+pub const RELOAD_SUCCESS: &str = "cutover_config_last_reload_successful";
 
 /// The kind of a metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +94,12 @@ pub struct Def {
 
 /// Every metric cutover exports.
 pub const CATALOGUE: &[Def] = &[
-    Def { name: LOGINS, kind: Kind::Counter, labels: &["protocol", "pool", "rule", "result"], help: "Login attempts by outcome: ok, auth_failed, backend_unavailable, refused." },
+    Def {
+        name: LOGINS,
+        kind: Kind::Counter,
+        labels: &["protocol", "pool", "rule", "result", "tls"],
+        help: "Login attempts by outcome (ok, auth_failed, backend_unavailable, refused) and whether the client used TLS.",
+    },
     Def { name: LOGIN_PROXY_SECONDS, kind: Kind::Histogram, labels: &["protocol"], help: "Time the proxy itself spent on a login (routing, holds, replies)." },
     Def { name: LOGIN_BACKEND_SECONDS, kind: Kind::Histogram, labels: &["protocol", "pool"], help: "Time spent logging in at the backends (connect, TLS, replay, failovers)." },
     Def { name: BACKEND_UP, kind: Kind::Gauge, labels: &["pool", "protocol", "server"], help: "1 while a backend server is considered up." },
@@ -112,6 +124,9 @@ pub const CATALOGUE: &[Def] = &[
     Def { name: PROCESS_FDS, kind: Kind::Gauge, labels: &[], help: "Open file descriptors of the process." },
     Def { name: PROCESS_CPU, kind: Kind::Counter, labels: &[], help: "User and system CPU time of the process in seconds." },
     Def { name: PROCESS_START, kind: Kind::Gauge, labels: &[], help: "Start time of the process (Unix seconds)." },
+    Def { name: PROCESS_MAX_FDS, kind: Kind::Gauge, labels: &[], help: "The most file descriptors the process may open." },
+    Def { name: POOL_INFO, kind: Kind::Gauge, labels: &["pool", "legacy"], help: "Always 1 per configured pool; legacy says whether the stragglers report counts it as legacy." },
+    Def { name: RELOAD_SUCCESS, kind: Kind::Gauge, labels: &[], help: "1 if the last configuration reload succeeded (or none was tried), else 0." },
 ];
 
 /// Latency buckets (seconds) for the login and connect histograms.
@@ -152,6 +167,7 @@ pub fn install() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             for d in CATALOGUE {
                 match d.kind {
+                    _ if SCRAPED.contains(&d.name) => {}
                     Kind::Counter => metrics::describe_counter!(d.name, d.help),
                     Kind::Gauge => metrics::describe_gauge!(d.name, d.help),
                     Kind::Histogram => {
@@ -159,8 +175,6 @@ pub fn install() -> PrometheusHandle {
                     }
                 }
             }
-            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-            metrics::gauge!(PROCESS_START).set(process_start_time().unwrap_or(0.0));
             handle
         })
         .clone()
@@ -205,7 +219,9 @@ pub fn prime(cfg: &crate::config::Config) {
     for r in cfg.routes.iter().chain(stage_routes) {
         for p in &protocols {
             for result in ["ok", "auth_failed", "backend_unavailable"] {
-                metrics::counter!(LOGINS, "protocol" => *p, "pool" => r.pool.clone(), "rule" => r.id.clone(), "result" => result).increment(0);
+                for tls in ["true", "false"] {
+                    metrics::counter!(LOGINS, "protocol" => *p, "pool" => r.pool.clone(), "rule" => r.id.clone(), "result" => result, "tls" => tls).increment(0);
+                }
             }
         }
         if let Some(f) = &r.fallback {
@@ -218,6 +234,31 @@ pub fn prime(cfg: &crate::config::Config) {
         metrics::counter!(RELOADS, "result" => result).increment(0);
     }
     for p in &protocols {
+        for tls in ["true", "false"] {
+            for (pool, result) in [
+                ("none", "refused"),
+                ("throttled", "refused"),
+                ("held", "backend_unavailable"),
+            ] {
+                metrics::counter!(LOGINS, "protocol" => *p, "pool" => pool, "rule" => "none", "result" => result, "tls" => tls).increment(0);
+            }
+        }
+    }
+    for l in cfg
+        .listeners
+        .iter()
+        .filter(|l| l.tls != crate::proto::ListenerTls::None)
+    {
+        let mode = if l.tls == crate::proto::ListenerTls::Implicit {
+            "implicit"
+        } else {
+            "starttls"
+        };
+        for (result, version) in [("ok", "TLSv1.3"), ("error", "none"), ("timeout", "none")] {
+            metrics::counter!(TLS_HANDSHAKES, "listener" => l.name.clone(), "mode" => mode, "result" => result, "version" => version).increment(0);
+        }
+    }
+    for p in &protocols {
         for reason in ["moved", "admin", "shutdown"] {
             metrics::counter!(KICKED, "protocol" => *p, "reason" => reason).increment(0);
         }
@@ -225,36 +266,105 @@ pub fn prime(cfg: &crate::config::Config) {
     for result in ["released", "timed_out"] {
         metrics::counter!(HELD_LOGINS, "result" => result).increment(0);
     }
-    for c in &cfg.certificates {
-        let name = c
-            .cert
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if let Some(t) = crate::tls::not_after(&c.cert) {
-            metrics::gauge!(CERT_NOT_AFTER, "certificate" => name).set(t as f64);
+}
+
+/// Metrics computed at scrape time from live state rather than recorded as events:
+/// their series follow the configuration in force (a server or stage removed by a reload
+/// disappears) and the process as it is now.
+pub const SCRAPED: &[&str] = &[
+    BACKEND_UP,
+    STAGE_ACTIVE,
+    CERT_NOT_AFTER,
+    BUILD_INFO,
+    POOL_INFO,
+    RELOAD_SUCCESS,
+    PROCESS_RSS,
+    PROCESS_FDS,
+    PROCESS_MAX_FDS,
+    PROCESS_CPU,
+    PROCESS_START,
+];
+
+/// Writes Prometheus text for scrape-time metrics.
+pub struct Text<'a>(pub &'a mut String);
+
+impl Text<'_> {
+    /// `# HELP` and `# TYPE` of a catalogued family.
+    pub fn family(&mut self, name: &str) {
+        use std::fmt::Write;
+        if let Some(d) = CATALOGUE.iter().find(|d| d.name == name) {
+            let kind = match d.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            };
+            let _ = writeln!(self.0, "# HELP {name} {}\n# TYPE {name} {kind}", d.help);
         }
+    }
+
+    /// One sample.
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        use std::fmt::Write;
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(self.0, "{k}=\"{v}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
     }
 }
 
-/// Refreshes the process metrics from /proc (Linux); a no-op elsewhere.
-pub fn update_process_metrics() {
+/// The process metrics, from /proc (Linux; nothing elsewhere).
+pub fn collect_process(t: &mut Text<'_>) {
+    t.family(BUILD_INFO);
+    t.sample(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        if let Some(kb) = status
+        let kb = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        {
-            metrics::gauge!(PROCESS_RSS).set(kb * 1024.0);
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+        if let Some(kb) = kb {
+            t.family(PROCESS_RSS);
+            t.sample(PROCESS_RSS, &[], kb * 1024.0);
         }
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        metrics::gauge!(PROCESS_FDS).set(dir.count() as f64);
+        t.family(PROCESS_FDS);
+        t.sample(PROCESS_FDS, &[], dir.count() as f64);
     }
-    if let Some((utime, stime)) = proc_stat_fields().map(|f| (f.0, f.1)) {
-        metrics::counter!(PROCESS_CPU).absolute(((utime + stime) / clock_ticks()) as u64);
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+        let soft = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = soft {
+            t.family(PROCESS_MAX_FDS);
+            t.sample(PROCESS_MAX_FDS, &[], v);
+        }
+    }
+    if let Some((utime, stime, _)) = proc_stat_fields() {
+        t.family(PROCESS_CPU);
+        t.sample(PROCESS_CPU, &[], (utime + stime) / clock_ticks());
+    }
+    if let Some(start) = process_start_time() {
+        t.family(PROCESS_START);
+        t.sample(PROCESS_START, &[], start);
     }
 }
+
+/// A function that appends scrape-time metrics to the response.
+pub type Collector = std::sync::Arc<dyn Fn(&mut String) + Send + Sync>;
 
 fn clock_ticks() -> f64 {
     100.0 // USER_HZ on Linux
@@ -287,7 +397,12 @@ fn process_start_time() -> Option<f64> {
 }
 
 /// Serves `GET /metrics` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    collect: Collector,
+    stop: CancellationToken,
+) {
     loop {
         let (mut sock, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -300,14 +415,14 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: Cancel
             },
             _ = stop.cancelled() => return,
         };
-        let handle = handle.clone();
+        let (handle, collect) = (handle.clone(), collect.clone());
         tokio::spawn(async move {
             let Some(req) = crate::http::read_request(&mut sock).await else {
                 return;
             };
             if req.method == "GET" && req.path == "/metrics" {
-                update_process_metrics();
-                let body = handle.render();
+                let mut body = handle.render();
+                collect(&mut body);
                 crate::http::respond(
                     &mut sock,
                     200,

@@ -86,6 +86,7 @@ impl Running {
             self.apply(Arc::new(snap)).await
         }
         .await;
+        self.control.reload_result(result.is_ok());
         match &result {
             Ok(moved) => {
                 tracing::info!(file = %path.display(), moved_sessions = moved, "configuration reloaded");
@@ -257,7 +258,15 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
                     source,
                 })?;
             let local = sock.local_addr().ok();
-            tokio::spawn(crate::metrics::serve(sock, handle, background.clone()));
+            let c = control.clone();
+            let collect: crate::metrics::Collector =
+                Arc::new(move |out: &mut String| c.collect(out));
+            tokio::spawn(crate::metrics::serve(
+                sock,
+                handle,
+                collect,
+                background.clone(),
+            ));
             local
         }
         None => None,

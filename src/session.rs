@@ -128,6 +128,8 @@ struct Summary {
     pool: Option<String>,
     server: Option<String>,
     outcome: &'static str,
+    /// Which side ended a relayed session: client | backend.
+    closed_by: &'static str,
     up: u64,
     down: u64,
 }
@@ -156,6 +158,7 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         let mut summary = Summary {
             outcome: "closed",
+            closed_by: "-",
             ..Default::default()
         };
         serve(&ctx, tcp, peer, &mut summary).await;
@@ -165,6 +168,7 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
             pool = summary.pool.as_deref().unwrap_or("-"),
             server = summary.server.as_deref().unwrap_or("-"),
             duration_ms = started.elapsed().as_millis() as u64,
+            closed_by = summary.closed_by,
             bytes_up = summary.up,
             bytes_down = summary.down,
             "session end"
@@ -251,6 +255,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     }
     match end {
         RelayEnd::Closed | RelayEnd::Error(_) => {
+            summary.closed_by = if backend_first { "backend" } else { "client" };
             if backend_first {
                 // The backend went away with the client still there. If many sessions of
                 // this server end together (it died), spread the closes so the failover
@@ -380,6 +385,14 @@ pub async fn refuse(listener: Listener, mut tcp: TcpStream) {
         let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(msg)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.shutdown()).await;
+}
+
+fn tls_label(tls: bool) -> &'static str {
+    if tls {
+        "true"
+    } else {
+        "false"
+    }
 }
 
 /// Resolves when the client closes or resets (its further input is discarded).
@@ -604,7 +617,7 @@ async fn login(
         };
         metrics::counter!(m::HELD_LOGINS, "result" => label).increment(1);
         if outcome == HoldOutcome::TimedOut {
-            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "held", "rule" => "none", "result" => "backend_unavailable").increment(1);
+            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "held", "rule" => "none", "result" => "backend_unavailable", "tls" => tls_label(client_tls)).increment(1);
             return (LoginOutcome::Unavailable, None);
         }
     }
@@ -617,7 +630,7 @@ async fn login(
     {
         tracing::info!(%user, retry_in_s = left.as_secs(), "login refused: too many failures");
         metrics::counter!(m::REFUSED, "listener" => ctx.listener.name.clone(), "protocol" => protocol.as_str(), "reason" => "rate_limited").increment(1);
-        metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "throttled", "rule" => "none", "result" => "refused").increment(1);
+        metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "throttled", "rule" => "none", "result" => "refused", "tls" => tls_label(client_tls)).increment(1);
         tokio::time::sleep(cfg.throttle.max_delay).await;
         return (
             LoginOutcome::Refused {
@@ -634,7 +647,7 @@ async fn login(
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "no route");
-            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "none", "rule" => "none", "result" => "refused").increment(1);
+            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "none", "rule" => "none", "result" => "refused", "tls" => tls_label(client_tls)).increment(1);
             return (LoginOutcome::Unavailable, None);
         }
     };
@@ -766,7 +779,7 @@ async fn login(
         .saturating_sub(at_backend);
     metrics::histogram!(m::LOGIN_PROXY_SECONDS, "protocol" => protocol.as_str())
         .record(at_proxy.as_secs_f64());
-    metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => pool, "rule" => decision.rule_id.clone(), "result" => label).increment(1);
+    metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => pool, "rule" => decision.rule_id.clone(), "result" => label, "tls" => tls_label(client_tls)).increment(1);
     (outcome, conn)
 }
 

@@ -20,6 +20,8 @@ pub struct Snapshot {
     pub server_tls: Option<Arc<ServerConfig>>,
     /// Client TLS per (pool, protocol) whose servers use TLS.
     pub backend_tls: BTreeMap<(String, Protocol), Arc<ClientConfig>>,
+    /// Not-after time (Unix seconds) of each served certificate, by file name.
+    pub cert_not_after: Vec<(String, i64)>,
 }
 
 impl Snapshot {
@@ -41,10 +43,19 @@ impl Snapshot {
                 }
             }
         }
+        let cert_not_after = config
+            .certificates
+            .iter()
+            .filter_map(|c| {
+                let name = c.cert.file_name()?.to_string_lossy().into_owned();
+                Some((name, tls::not_after(&c.cert)?))
+            })
+            .collect();
         Ok(Snapshot {
             config,
             server_tls,
             backend_tls,
+            cert_not_after,
         })
     }
 }

@@ -268,3 +268,78 @@ fn dead_addr_sync() -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
+
+#[tokio::test]
+async fn series_of_removed_servers_and_stages_disappear_on_reload() {
+    let dir = std::env::temp_dir().join(format!("cutover-metrics-rm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("routes.yaml");
+    let with = r#"
+listeners: [{ name: imap, protocol: imap, listen: "127.0.0.1:0" }]
+pools:
+  keep: { health: { interval: 0s }, imap: { servers: ["127.0.0.1:9"] } }
+  gone: { health: { interval: 0s }, imap: { servers: ["127.0.0.1:7"] } }
+routes: [{ pool: keep }]
+stages: [{ name: wave-9, from: "2001-01-01T00:00:00Z", routes: [{ pool: gone }] }]
+metrics: { listen: "127.0.0.1:0" }
+"#;
+    let without = r#"
+listeners: [{ name: imap, protocol: imap, listen: "127.0.0.1:0" }]
+pools:
+  keep: { health: { interval: 0s }, imap: { servers: ["127.0.0.1:9"] } }
+routes: [{ pool: keep }]
+metrics: { listen: "127.0.0.1:0" }
+"#;
+    std::fs::write(&path, with).unwrap();
+    let cfg = cutover::config::Config::load(&path).unwrap();
+    let snap = std::sync::Arc::new(cutover::snapshot::Snapshot::build(cfg).unwrap());
+    let running = cutover::server::start(snap, cutover::backend::Backends::new())
+        .await
+        .unwrap();
+    let body = scrape(running.metrics.unwrap()).await;
+    assert_eq!(
+        metric(&body, "cutover_stage_active", &[("stage", "wave-9")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&body, "cutover_stage_active", &[("stage", "(initial)")]),
+        Some(0.0)
+    );
+    assert!(metric(&body, "cutover_backend_up", &[("pool", "gone")]).is_some());
+    std::fs::write(&path, "pools: [").unwrap();
+    assert!(running.reload_from(&path).await.is_err());
+    let body = scrape(running.metrics.unwrap()).await;
+    assert_eq!(
+        metric(&body, "cutover_config_last_reload_successful", &[]),
+        Some(0.0)
+    );
+    std::fs::write(&path, without).unwrap();
+    running.reload_from(&path).await.unwrap();
+    let body = scrape(running.metrics.unwrap()).await;
+    assert_eq!(
+        metric(&body, "cutover_stage_active", &[("stage", "wave-9")]),
+        None
+    );
+    assert_eq!(
+        metric(&body, "cutover_stage_active", &[("stage", "(initial)")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&body, "cutover_backend_up", &[("pool", "gone")]),
+        None
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "cutover_pool_info",
+            &[("pool", "keep"), ("legacy", "false")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&body, "cutover_config_last_reload_successful", &[]),
+        Some(1.0)
+    );
+    assert!(metric(&body, "process_cpu_seconds_total", &[]).is_some());
+    running.shutdown().await;
+}

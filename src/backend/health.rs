@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Health, Protocol};
-use crate::metrics as m;
 
 /// What the proxy knows about one backend server.
 #[derive(Debug)]
@@ -28,7 +27,7 @@ pub struct ServerState {
 
 impl ServerState {
     fn new(pool: &str, protocol: Protocol, server: &str, epoch: Instant) -> Self {
-        let s = ServerState {
+        ServerState {
             pool: pool.to_string(),
             protocol,
             server: server.to_string(),
@@ -38,18 +37,11 @@ impl ServerState {
             oks: AtomicU32::new(0),
             down_until_ms: AtomicU64::new(0),
             capabilities: Mutex::new(Vec::new()),
-        };
-        s.publish(true);
-        s
+        }
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
-    }
-
-    fn publish(&self, up: bool) {
-        metrics::gauge!(m::BACKEND_UP, "pool" => self.pool.clone(), "protocol" => self.protocol.as_str(), "server" => self.server.clone())
-            .set(if up { 1.0 } else { 0.0 });
     }
 
     fn set_up(&self, up: bool) {
@@ -60,7 +52,6 @@ impl ServerState {
                 tracing::warn!(pool = %self.pool, protocol = %self.protocol, server = %self.server, "backend down");
             }
         }
-        self.publish(up);
     }
 
     /// True if the server is marked up.

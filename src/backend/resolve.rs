@@ -21,6 +21,9 @@ pub struct Resolver {
     last_good: Arc<Mutex<HashMap<String, LastGood>>>,
 }
 
+/// How long a lookup may take before the last good answer is used instead.
+const STALE_AFTER: Duration = Duration::from_millis(1500);
+
 /// The last successful answer for a name, and until when its TTL ran.
 type LastGood = (Vec<IpAddr>, Instant);
 
@@ -92,7 +95,26 @@ impl Resolver {
             Host::Ip(ip) => return Ok(vec![*ip]),
             Host::Name(name) => name,
         };
-        match self.inner.lookup_ip(name.as_str()).await {
+        // With a last good answer at hand, a slow DNS is not waited for long: the stale
+        // addresses are served after STALE_AFTER (RFC 8767 suggests 1.8 s), so a DNS outage
+        // does not stall every login by the resolver's full timeouts.
+        let have_stale = self
+            .last_good
+            .lock()
+            .map(|m| m.contains_key(name))
+            .unwrap_or(false);
+        let lookup = if have_stale {
+            match tokio::time::timeout(STALE_AFTER, self.inner.lookup_ip(name.as_str())).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("DNS did not answer in time".to_string()),
+            }
+        } else {
+            self.inner
+                .lookup_ip(name.as_str())
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match lookup {
             Ok(lookup) => {
                 let ips: Vec<IpAddr> = lookup.iter().collect();
                 if !ips.is_empty() {
@@ -103,7 +125,7 @@ impl Resolver {
                 }
                 self.fallback(name, grace, "no addresses".into())
             }
-            Err(e) => self.fallback(name, grace, e.to_string()),
+            Err(e) => self.fallback(name, grace, e),
         }
     }
 

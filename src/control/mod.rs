@@ -44,6 +44,8 @@ pub struct Control {
     pub hard_stop: CancellationToken,
     /// Wakes the stage clock when a new snapshot is installed (it may add stages).
     installed: tokio::sync::Notify,
+    /// Whether the last reload succeeded.
+    last_reload_ok: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -62,6 +64,7 @@ impl Control {
             drain: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             installed: tokio::sync::Notify::new(),
+            last_reload_ok: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -80,25 +83,78 @@ impl Control {
             Ok(mut s) => *s = snap,
             Err(poisoned) => *poisoned.into_inner() = snap,
         }
-        self.publish_stage();
         self.installed.notify_one();
         self.move_users()
     }
 
-    /// Sets the active-stage gauge from the snapshot and the clock.
-    pub fn publish_stage(&self) {
+    /// Records how the last reload went (`cutover_config_last_reload_successful`).
+    pub fn reload_result(&self, ok: bool) {
+        self.last_reload_ok
+            .store(ok, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Writes the scrape-time metrics: backend health and routing state of the
+    /// configuration in force, certificates, and the process.
+    pub fn collect(&self, out: &mut String) {
+        let mut t = m::Text(out);
         let snap = self.snapshot();
-        let (active, _) = snap.config.routes_at(rfc3339::now());
-        let mut names: Vec<&str> = snap.config.stages.iter().map(|s| s.name.as_str()).collect();
-        names.push("(initial)");
-        for name in names {
-            let on = active.unwrap_or("(initial)") == name;
-            metrics::gauge!(m::STAGE_ACTIVE, "stage" => name.to_string()).set(if on {
-                1.0
-            } else {
-                0.0
-            });
+        let cfg = &snap.config;
+        t.family(m::BACKEND_UP);
+        for (name, pool) in &cfg.pools {
+            for (proto, pp) in &pool.protocols {
+                for s in &pp.servers {
+                    let server = s.to_string();
+                    let up = self.backends.registry.get(name, *proto, &server).is_up();
+                    t.sample(
+                        m::BACKEND_UP,
+                        &[
+                            ("pool", name),
+                            ("protocol", proto.as_str()),
+                            ("server", &server),
+                        ],
+                        f64::from(u8::from(up)),
+                    );
+                }
+            }
         }
+        let (active, _) = cfg.routes_at(rfc3339::now());
+        t.family(m::STAGE_ACTIVE);
+        let stages = cfg
+            .stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(["(initial)"]);
+        for name in stages {
+            let on = active.unwrap_or("(initial)") == name;
+            t.sample(m::STAGE_ACTIVE, &[("stage", name)], f64::from(u8::from(on)));
+        }
+        t.family(m::POOL_INFO);
+        for (name, pool) in &cfg.pools {
+            t.sample(
+                m::POOL_INFO,
+                &[
+                    ("pool", name),
+                    ("legacy", if pool.legacy { "true" } else { "false" }),
+                ],
+                1.0,
+            );
+        }
+        if !snap.cert_not_after.is_empty() {
+            t.family(m::CERT_NOT_AFTER);
+            for (name, not_after) in &snap.cert_not_after {
+                t.sample(
+                    m::CERT_NOT_AFTER,
+                    &[("certificate", name)],
+                    *not_after as f64,
+                );
+            }
+        }
+        t.family(m::RELOAD_SUCCESS);
+        let ok = self
+            .last_reload_ok
+            .load(std::sync::atomic::Ordering::Acquire);
+        t.sample(m::RELOAD_SUCCESS, &[], f64::from(u8::from(ok)));
+        m::collect_process(&mut t);
     }
 
     /// Finds relayed sessions whose user the current routes send to another pool and, with
@@ -140,10 +196,9 @@ impl Control {
         n
     }
 
-    /// Runs the stage clock until drain: at each stage start, publishes the stage and moves
-    /// users. Re-reads the snapshot after every wake-up, so reloads are honoured.
+    /// Runs the stage clock until drain: at each stage start, moves users whose pool
+    /// changed. Re-reads the snapshot after every wake-up, so reloads are honoured.
     pub async fn run_stage_clock(self: Arc<Self>) {
-        self.publish_stage();
         loop {
             let snap = self.snapshot();
             let now = rfc3339::now();
@@ -168,7 +223,6 @@ impl Control {
                     stage = after.as_deref().unwrap_or("(initial)"),
                     "stage starts"
                 );
-                self.publish_stage();
                 self.move_users();
             }
         }

@@ -19,9 +19,11 @@ Environment:
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 
+import clients
 import harness
 
 _state = {"servers": None, "proxy": None}
@@ -88,6 +90,29 @@ def cutover(env, servers):
         p.stop()
 
 
+#: seconds a proxy test waits at its start for the proxy to see every backend up again
+HEALTH_SETTLE_TIMEOUT = 20.0
+
+
+def _settle_health(p):
+    """Tests assume the proxy sees every (running) backend as up, but a server that an
+    earlier test stopped while the proxy ran is back in rotation only after `rise` good
+    probes (~10 s with the defaults). Poll /metrics (bounded) until no
+    cutover_backend_up sample is 0; give up quietly at the deadline."""
+    if p.config is not p.default_config or p.dirty or not p.running:
+        return
+    deadline = time.monotonic() + HEALTH_SETTLE_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            text = clients.scrape_metrics(harness.PROXY_IP, harness.METRICS_PORT)
+        except OSError:
+            return
+        if not any(l.startswith("cutover_backend_up{") and l.split()[-1] in ("0", "0.0")
+                   for l in text.splitlines()):
+            return
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def proxy(cutover):
     """The running proxy; restarted (with a note in its log) if it died earlier.
@@ -100,6 +125,7 @@ def proxy(cutover):
             cutover.start()
         except Exception as e:
             pytest.fail(f"cutover did not restart: {e}", pytrace=False)
+    _settle_health(cutover)
     yield cutover
     crashed = cutover.proc is not None and cutover.proc.poll() is not None
     if cutover.config is not cutover.default_config or cutover.dirty:
