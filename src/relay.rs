@@ -25,7 +25,7 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; RELAY_BUF]);
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Direction {
     /// Bytes read but not yet written, and how much of them is written.
     pending: Option<(Box<[u8]>, usize)>,
@@ -37,6 +37,54 @@ struct Direction {
     shutdown_on_eof: bool,
     done: bool,
     bytes: u64,
+    /// The last bytes read (at most TAIL), to recognize a client's goodbye.
+    tail: [u8; TAIL],
+    tail_len: usize,
+}
+
+/// How many trailing bytes of the client's stream are kept.
+const TAIL: usize = 32;
+
+impl Direction {
+    fn new(shutdown_on_eof: bool) -> Self {
+        Direction {
+            pending: None,
+            unflushed: false,
+            read_done: false,
+            shutdown_on_eof,
+            done: false,
+            bytes: 0,
+            // A line end first, so the client's first line counts as complete.
+            tail: {
+                let mut t = [0u8; TAIL];
+                t[0] = b'\n';
+                t
+            },
+            tail_len: 1,
+        }
+    }
+
+    fn remember_tail(&mut self, data: &[u8]) {
+        if data.len() >= TAIL {
+            self.tail.copy_from_slice(&data[data.len() - TAIL..]);
+            self.tail_len = TAIL;
+        } else {
+            let keep = (TAIL - data.len()).min(self.tail_len);
+            self.tail
+                .copy_within(self.tail_len - keep..self.tail_len, 0);
+            self.tail[keep..keep + data.len()].copy_from_slice(data);
+            self.tail_len = keep + data.len();
+        }
+    }
+
+    /// The last complete line read, without its line end (if it fits in the tail).
+    fn last_line(&self) -> Option<&[u8]> {
+        let t = &self.tail[..self.tail_len];
+        let t = t.strip_suffix(b"\n")?;
+        let t = t.strip_suffix(b"\r").unwrap_or(t);
+        let start = t.iter().rposition(|b| *b == b'\n').map(|p| p + 1)?;
+        Some(&t[start..])
+    }
 }
 
 impl Direction {
@@ -85,6 +133,7 @@ impl Direction {
                     }
                     Poll::Ready(Ok(())) => {
                         let data = rb.filled();
+                        self.remember_tail(data);
                         if data.is_empty() {
                             self.read_done = true;
                             return Poll::Ready(Ok(()));
@@ -148,11 +197,8 @@ where
         Relay {
             client,
             backend,
-            up: Direction {
-                shutdown_on_eof: true,
-                ..Direction::default()
-            },
-            down: Direction::default(),
+            up: Direction::new(true),
+            down: Direction::new(false),
             backend_first: None,
         }
     }
@@ -160,6 +206,16 @@ where
     /// True if the backend's side ended (EOF or error) while the client's was still open.
     pub fn backend_ended_first(&self) -> bool {
         self.backend_first == Some(true)
+    }
+
+    /// True if the last line the client sent was a goodbye (`tag LOGOUT`, `QUIT`): then a
+    /// backend that closes first is doing what it was asked, not dying.
+    pub fn client_said_goodbye(&self) -> bool {
+        let Some(line) = self.up.last_line() else {
+            return false;
+        };
+        let upper = line.to_ascii_uppercase();
+        upper == b"QUIT" || upper.ends_with(b" LOGOUT")
     }
 
     /// Bytes written to the backend so far.
@@ -207,6 +263,21 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn recognizes_a_goodbye_as_the_last_line() {
+        let mut d = Direction::new(true);
+        assert_eq!(d.last_line(), None);
+        d.remember_tail(b"a1 SELECT INBOX\r\n");
+        assert_eq!(d.last_line(), Some(&b"a1 SELECT INBOX"[..]));
+        d.remember_tail(b"a2 LOG");
+        assert_eq!(d.last_line(), None, "incomplete line");
+        d.remember_tail(b"OUT\r\n");
+        assert_eq!(d.last_line(), Some(&b"a2 LOGOUT"[..]));
+        d.remember_tail(&[b'x'; 100]);
+        d.remember_tail(b"\r\nQUIT\r\n");
+        assert_eq!(d.last_line(), Some(&b"QUIT"[..]));
+    }
 
     #[tokio::test]
     async fn relays_both_ways_with_half_close_and_backpressure() {

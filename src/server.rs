@@ -258,6 +258,18 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
                     source,
                 })?;
             let local = sock.local_addr().ok();
+            // Histograms keep their samples until rendered: drain them even when nobody
+            // scrapes, so memory does not grow with the number of logins.
+            let upkeep = handle.clone();
+            let stop = background.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            });
             let c = control.clone();
             let collect: crate::metrics::Collector =
                 Arc::new(move |out: &mut String| c.collect(out));

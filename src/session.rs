@@ -248,6 +248,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     };
     let (up, down) = (relay.bytes_up(), relay.bytes_down());
     let backend_first = relay.backend_ended_first();
+    let goodbye_asked = relay.client_said_goodbye();
     drop(relay);
     if let RelayEnd::Error(e) = &end {
         tracing::debug!(error = %e, backend_first, "relay ended with an error");
@@ -256,7 +257,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     match end {
         RelayEnd::Closed | RelayEnd::Error(_) => {
             summary.closed_by = if backend_first { "backend" } else { "client" };
-            if backend_first {
+            if backend_first && !goodbye_asked {
                 // The backend went away with the client still there. If many sessions of
                 // this server end together (it died), spread the closes so the failover
                 // host does not take a reconnect storm; a client that closes meanwhile ends
@@ -724,7 +725,7 @@ async fn login(
         LoginResult::LoggedIn(c) => {
             span.record("backend", c.server.as_str());
             summary.server = Some(c.server.clone());
-            tracing::info!(server = %c.server, tls = client_tls, "login ok");
+            tracing::debug!(server = %c.server, tls = client_tls, "login ok");
             ctx.control.history.record(&Login {
                 user: &decision.user,
                 pool: &pool,

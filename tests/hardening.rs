@@ -550,3 +550,36 @@ async fn a_dying_backend_closes_its_clients_promptly_and_spreads_a_crowd() {
     proxy.stop().await;
     crowd_proxy.stop().await;
 }
+
+#[tokio::test]
+async fn logouts_are_not_mistaken_for_a_dying_backend() {
+    let backend = fake("b", Protocol::Imap, |_| {}).await;
+    let yaml = proxy_yaml(
+        &format!(
+            "disconnect_spread: 5s\n    imap: {{ servers: [\"{}\"] }}",
+            backend.addr
+        ),
+        "",
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let t = Instant::now();
+    for _ in 0..10 {
+        let mut c = Client::connect(proxy.addr("plain")).await;
+        c.line().await;
+        assert!(c
+            .cmd("a", "LOGIN bob password")
+            .await
+            .last()
+            .unwrap()
+            .starts_with("a OK"));
+        c.send(b"z LOGOUT\r\n").await;
+        // The client waits for the server to close, as many do.
+        assert!(c.closed().await);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "logouts were delayed: {:?}",
+        t.elapsed()
+    );
+    proxy.stop().await;
+}

@@ -1,0 +1,524 @@
+#!/usr/bin/env bash
+# Issue 7's benchmark in one command: cutover against the fake backend directly (the
+# limit), HAProxy in TCP mode and nginx's mail proxy, same workloads, same certificate,
+# same machine, one run. Prints the table and writes BENCHMARKS.md.
+#
+#   bench/compare.sh            # full run (~8-10 minutes on 2 cores)
+#   bench/compare.sh --quick    # short run (~3 minutes), single repetitions
+#
+# Options:
+#   --quick        short durations, 1 repetition, 500 idle sessions
+#   --pin          pin each proxy to CPU 1 and the load generator + fake backend to CPU 0
+#                  (default: no pinning, every process may use every CPU)
+#   --out FILE     where to write the report (default: BENCHMARKS.md at the repo root)
+#   --no-install   do not apt-get install missing packages
+#   --no-build     use the release binaries already built
+#   --keep         keep the temporary directory (configs, logs, raw results)
+#   --only LIST    comma-separated targets to measure (direct,haproxy,nginx,cutover)
+#   --cutover BIN  measure this cutover binary (e.g. an experimental build) instead of
+#                  target/release/cutover
+#
+# Needs root for apt-get (nginx, libnginx-mod-mail, haproxy, openssl). Every address is on
+# 127.0.0.0/8; every load loop is bounded in time and count; every process started here
+# is stopped on exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MODE=full
+PIN=0
+OUT="$ROOT/BENCHMARKS.md"
+INSTALL=1
+BUILD=1
+KEEP=0
+ONLY="direct,haproxy,nginx,cutover"
+CUTOVER_BIN=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) MODE=quick ;;
+        --pin) PIN=1 ;;
+        --out) OUT=$(realpath -m "$2"); shift ;;
+        --no-install) INSTALL=0 ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        --only) ONLY="$2"; shift ;;
+        --cutover) CUTOVER_BIN=$(realpath "$2"); shift ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "unknown option: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [ "$MODE" = quick ]; then
+    REPS=1; LOGIN_S=3; UNLOADED_S=2; FETCH_S=2; IDLE_N=500; NOOP_N=3000
+else
+    REPS=3; LOGIN_S=10; UNLOADED_S=3; FETCH_S=5; IDLE_N=2000; NOOP_N=20000
+fi
+CONC=200
+NPROC=$(nproc)
+STARTED=$(date +%s)
+
+log() { printf '\n== %s\n' "$*" >&2; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+
+# Enough descriptors for thousands of sessions (both sides of each proxy).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+[ "$NOFILE" = unlimited ] && NOFILE=1048576
+[ "$NOFILE" -lt 16384 ] && warn "open files limit is $NOFILE; idle sessions may fail"
+# HAProxy sizes its descriptor needs from maxconn (2 per connection) and refuses to start
+# above the limit.
+HAPROXY_MAXCONN=$(( (NOFILE - 100) / 2 ))
+[ "$HAPROXY_MAXCONN" -gt 100000 ] && HAPROXY_MAXCONN=100000
+
+# --- packages ----------------------------------------------------------------------------
+if [ "$INSTALL" = 1 ]; then
+    need=()
+    command -v nginx >/dev/null || need+=(nginx)
+    [ -e /usr/lib/nginx/modules/ngx_mail_module.so ] || need+=(libnginx-mod-mail)
+    command -v haproxy >/dev/null || need+=(haproxy)
+    command -v openssl >/dev/null || need+=(openssl)
+    command -v taskset >/dev/null || need+=(util-linux)
+    command -v pgrep >/dev/null || need+=(procps)
+    if [ ${#need[@]} -gt 0 ]; then
+        log "installing ${need[*]}"
+        apt-get update -qq
+        # RUNLEVEL=1: the packages' postinst must not start system nginx/haproxy services.
+        DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+fi
+for tool in nginx haproxy openssl taskset pgrep; do
+    command -v "$tool" >/dev/null || { echo "missing: $tool (run without --no-install)" >&2; exit 1; }
+done
+[ -e /usr/lib/nginx/modules/ngx_mail_module.so ] || { echo "missing: libnginx-mod-mail" >&2; exit 1; }
+
+# --- build -------------------------------------------------------------------------------
+cd "$ROOT"
+if [ "$BUILD" = 1 ]; then
+    log "building release binaries"
+    [ -n "$CUTOVER_BIN" ] || cargo build --release --bin cutover
+    cargo build --release -p cutover-bench
+fi
+CUTOVER="${CUTOVER_BIN:-$ROOT/target/release/cutover}"
+FAKE="$ROOT/target/release/cutover-fake-imap"
+LOAD="$ROOT/target/release/cutover-load"
+for b in "$CUTOVER" "$FAKE" "$LOAD"; do
+    [ -x "$b" ] || { echo "missing binary: $b" >&2; exit 1; }
+done
+
+# --- processes ---------------------------------------------------------------------------
+WORK=$(mktemp -d /tmp/cutover-bench.XXXXXX)
+PIDS=()
+FAILED=1
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    if [ "$KEEP" = 1 ] || [ "$FAILED" = 1 ]; then
+        echo "logs and configs kept in $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ "$PIN" = 1 ] && [ "$NPROC" -ge 2 ]; then
+    PROXY_CPU=(taskset -c 1)
+    LOAD_CPU=(taskset -c 0)
+    CPU_NOTE="pinned with taskset: each proxy on CPU 1 (so one worker each), load generator and fake backend on CPU 0"
+else
+    PROXY_CPU=()
+    LOAD_CPU=()
+    CPU_NOTE="no pinning: every process (proxy, load generator, fake backend) may run on all $NPROC CPUs; each proxy runs one worker per CPU (nginx worker_processes auto, HAProxy's default nbthread, cutover's default tokio runtime)"
+fi
+
+# start NAME CMD...: runs CMD in the background, output to $WORK/NAME.log; sets $LASTPID.
+start() {
+    local name=$1; shift
+    "$@" >>"$WORK/$name.log" 2>&1 &
+    LASTPID=$!
+    PIDS+=("$LASTPID")
+}
+
+stop() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    local keep=()
+    for i in "${PIDS[@]}"; do [ "$i" = "$pid" ] || keep+=("$i"); done
+    PIDS=("${keep[@]}")
+}
+
+wait_port() {
+    local host=$1 port=$2 i
+    for i in $(seq 200); do
+        if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "nothing listens on $host:$port; see $WORK/*.log" >&2
+    return 1
+}
+
+# --- certificate -------------------------------------------------------------------------
+log "ECDSA P-256 CA and certificate for this run"
+C="$WORK/certs"
+mkdir -p "$C"
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$C/ca-key.pem" 2>/dev/null
+openssl req -x509 -new -key "$C/ca-key.pem" -sha256 -days 2 -subj "/CN=cutover bench CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$C/ca.pem" 2>/dev/null
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$C/key.pem" 2>/dev/null
+openssl req -new -key "$C/key.pem" -subj "/CN=bench.test" -out "$C/leaf.csr" 2>/dev/null
+cat >"$C/leaf.ext" <<EOF
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:bench.test,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5
+EOF
+openssl x509 -req -in "$C/leaf.csr" -CA "$C/ca.pem" -CAkey "$C/ca-key.pem" -CAcreateserial \
+    -days 2 -sha256 -extfile "$C/leaf.ext" -out "$C/cert.pem" 2>/dev/null
+cat "$C/cert.pem" "$C/key.pem" >"$C/combined.pem"
+CA="$C/ca.pem"
+
+# --- addresses and configurations --------------------------------------------------------
+BACKEND=127.0.0.2
+HAPROXY=127.0.0.3
+NGINX=127.0.0.4
+CUT=127.0.0.5
+PLAIN=10143
+TLSP=10993
+AUTHP=10080
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    maxconn $HAPROXY_MAXCONN
+defaults
+    mode tcp
+    maxconn $HAPROXY_MAXCONN
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend imap
+    bind $HAPROXY:$PLAIN backlog 4096
+    bind $HAPROXY:$TLSP backlog 4096 ssl crt $C/combined.pem
+    default_backend fake
+backend fake
+    server fake $BACKEND:$PLAIN
+EOF
+
+cat >"$WORK/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_mail_module.so;
+worker_processes auto;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log error;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    server {
+        listen $NGINX:$AUTHP;
+        # auth_http answered by nginx itself: nginx at its best.
+        location = /auth {
+            add_header Auth-Status OK;
+            add_header Auth-Server $BACKEND;
+            add_header Auth-Port $PLAIN;
+            return 204;
+        }
+    }
+}
+mail {
+    server_name bench.test;
+    auth_http $NGINX:$AUTHP/auth;
+    imap_capabilities IMAP4rev1 LITERAL+ IDLE ID;
+    imap_auth login plain;
+    server {
+        listen $NGINX:$PLAIN backlog=4096;
+        protocol imap;
+    }
+    server {
+        listen $NGINX:$TLSP ssl backlog=4096;
+        protocol imap;
+        ssl_certificate $C/cert.pem;
+        ssl_certificate_key $C/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+    }
+}
+EOF
+
+cat >"$WORK/cutover.yaml" <<EOF
+hostname: bench.test
+tls:
+  certificates:
+    - { cert: certs/cert.pem, key: certs/key.pem }
+listeners:
+  - { name: imap,  protocol: imap, listen: "$CUT:$PLAIN", tls: none, allow_plaintext_auth: true }
+  - { name: imaps, protocol: imap, listen: "$CUT:$TLSP", tls: implicit }
+pools:
+  fake:
+    health: { interval: 0s }
+    # 0s: see BENCHMARKS.md, Findings (the default 10s also delays the close after LOGOUT).
+    disconnect_spread: 0s
+    imap: { servers: ["$BACKEND:$PLAIN"] }
+routes:
+  - { pool: fake }
+shutdown:
+  drain_timeout: 1s
+limits:
+  # One client address (127.0.0.1) opens every connection here; the peers have no
+  # per-address limit configured either.
+  max_connections: 100000
+  max_connections_per_ip: 100000
+metrics:
+  listen: "$CUT:19898"
+EOF
+"$CUTOVER" check --config "$WORK/cutover.yaml" >/dev/null
+
+# --- start everything --------------------------------------------------------------------
+log "starting the fake backend and the proxies"
+start fake "${LOAD_CPU[@]}" "$FAKE" --listen "$BACKEND:$PLAIN" --tls-listen "$BACKEND:$TLSP" \
+    --cert "$C/cert.pem" --key "$C/key.pem" --fetch-size 1048576
+FAKEPID=$LASTPID
+wait_port $BACKEND $PLAIN
+wait_port $BACKEND $TLSP
+
+declare -A PID
+start_proxy() {
+    case $1 in
+        haproxy) start haproxy "${PROXY_CPU[@]}" haproxy -f "$WORK/haproxy.cfg" -db
+                 PID[haproxy]=$LASTPID; wait_port $HAPROXY $PLAIN; wait_port $HAPROXY $TLSP ;;
+        nginx)   start nginx "${PROXY_CPU[@]}" nginx -c "$WORK/nginx.conf" -p "$WORK" -g 'daemon off;'
+                 PID[nginx]=$LASTPID; wait_port $NGINX $PLAIN; wait_port $NGINX $TLSP ;;
+        cutover) start cutover "${PROXY_CPU[@]}" "$CUTOVER" run --config "$WORK/cutover.yaml"
+                 PID[cutover]=$LASTPID; wait_port $CUT $PLAIN; wait_port $CUT $TLSP ;;
+    esac
+}
+# The processes whose RSS counts: nginx's workers (the master holds no session).
+rss_pids() {
+    case $1 in
+        nginx)
+            local w i
+            for i in $(seq 100); do
+                w=$(pgrep -d, -P "${PID[nginx]}" || true)
+                [ "$(echo "$w" | tr ',' '\n' | grep -c .)" -ge "$NPROC" ] && break
+                sleep 0.05
+            done
+            echo "$w" ;;
+        *) echo "${PID[$1]}" ;;
+    esac
+}
+
+addr_of() {
+    case $1 in direct) echo $BACKEND ;; haproxy) echo $HAPROXY ;; nginx) echo $NGINX ;; cutover) echo $CUT ;; esac
+}
+
+TARGETS=()
+for t in direct haproxy nginx cutover; do
+    case ",$ONLY," in *",$t,"*) TARGETS+=("$t") ;; esac
+done
+for t in "${TARGETS[@]}"; do [ "$t" = direct ] || start_proxy "$t"; done
+
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+RAW="$WORK/raw.jsonl"
+: >"$RAW"
+
+# json KEY < line: the number after "KEY": (the load generator's JSON is flat).
+json() { sed -nE "s/.*\"$1\":(-?[0-9.]+|null).*/\1/p"; }
+record() { [ -n "$3" ] && [ "$3" != null ] && printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; return 0; }
+
+# CPU accounting, in clock ticks: system-wide busy/idle from /proc/stat, and user+system
+# time of given processes from /proc/PID/stat.
+CLK=$(getconf CLK_TCK)
+sys_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $5+$6}' /proc/stat; }
+proc_ticks() {
+    local s=0 p
+    for p in "$@"; do
+        [ -r "/proc/$p/stat" ] && s=$((s + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12+$13}')))
+    done
+    echo $s
+}
+# The processes that do a target's server-side work: the fake backend for "direct", the
+# proxy otherwise (nginx: master and workers).
+server_pids() {
+    case $1 in
+        direct) echo "$FAKEPID" ;;
+        nginx) echo "${PID[nginx]}" $(pgrep -P "${PID[nginx]}" || true) ;;
+        *) echo "${PID[$1]}" ;;
+    esac
+}
+our_pids() {
+    local t
+    echo "$FAKEPID"
+    for t in haproxy nginx cutover; do [ -n "${PID[$t]:-}" ] && server_pids "$t"; done
+}
+
+# Other engineers' builds or fuzzers on the same machine skew every figure: before each
+# measurement wait until the CPUs are idle apart from our own processes (at most 20 s per
+# measurement and QUIET_BUDGET seconds in all; then measure anyway and count it).
+QUIET_BUDGET=${QUIET_BUDGET:-300}
+WAITED=0
+wait_quiet() {
+    local tries=0 b0 i0 b1 i1 o0 o1 busy
+    while :; do
+        read -r b0 i0 < <(sys_ticks); o0=$(proc_ticks $(our_pids))
+        sleep 0.5
+        read -r b1 i1 < <(sys_ticks); o1=$(proc_ticks $(our_pids))
+        busy=$(( 100 * ((b1 - b0) - (o1 - o0)) / ((b1 - b0) + (i1 - i0) + 1) ))
+        [ "$busy" -le 15 ] && return 0
+        if [ $tries -ge 10 ] || [ "$WAITED" -ge "$QUIET_BUDGET" ]; then
+            warn "machine busy ($busy% CPU used by other processes); measuring anyway"
+            echo busy >>"$WORK/busy.log"
+            return 0
+        fi
+        [ $tries = 0 ] && warn "machine busy ($busy% CPU used by other processes); waiting"
+        tries=$((tries + 1))
+        WAITED=$((WAITED + 2))
+        sleep 1.5
+    done
+}
+
+# load TARGET MODE ARGS...: runs the load generator against TARGET and prints its JSON
+# line, extended with the server-side CPU ticks and the share of CPU other processes
+# (not ours, not the load generator) took meanwhile.
+load() {
+    local target=$1 mode=$2; shift 2
+    local out b0 i0 b1 i1 s0 s1 o0 o1 lt other
+    read -r b0 i0 < <(sys_ticks); s0=$(proc_ticks $(server_pids "$target")); o0=$(proc_ticks $(our_pids))
+    if ! out=$("${LOAD_CPU[@]}" "$LOAD" "$mode" --label "$target" "$@" 2>>"$WORK/load.log"); then
+        warn "$mode against $target failed (see $WORK/load.log)"
+        tail -3 "$WORK/load.log" >&2
+        return 0
+    fi
+    read -r b1 i1 < <(sys_ticks); s1=$(proc_ticks $(server_pids "$target")); o1=$(proc_ticks $(our_pids))
+    lt=$(echo "$out" | json cpu_ticks); lt=${lt:-0}
+    other=$(( 100 * ((b1 - b0) - (o1 - o0) - lt) / ((b1 - b0) + (i1 - i0) + 1) ))
+    out="${out%\}},\"server_cpu_ticks\":$((s1 - s0)),\"other_cpu_pct\":$other}"
+    echo "$out" >>"$RAW"
+    echo "$out"
+}
+# per_op TICKS COUNT: microseconds of CPU per operation.
+per_op() { awk -v t="$1" -v n="$2" -v c="$CLK" 'BEGIN{ if (n > 0 && t != "") printf "%.1f", t * 1e6 / c / n }'; }
+
+tls_args() { echo "--tls --ca $CA --addr $(addr_of "$1"):$TLSP"; }
+plain_args() { echo "--addr $(addr_of "$1"):$PLAIN"; }
+
+# --- workloads ---------------------------------------------------------------------------
+for kind in plain tls; do
+    for rep in $(seq "$REPS"); do
+        for t in "${TARGETS[@]}"; do
+            log "login $kind, $CONC concurrent, ${LOGIN_S}s: $t (run $rep/$REPS)"
+            wait_quiet
+            # shellcheck disable=SC2046
+            out=$(load "$t" login $(${kind}_args "$t") --concurrency $CONC --duration $LOGIN_S)
+            echo "$out" >&2
+            record "$t" "login_${kind}_rate" "$(echo "$out" | json rate)"
+            record "$t" "login_${kind}_p50_ms" "$(echo "$out" | json p50_ms)"
+            record "$t" "login_${kind}_p99_ms" "$(echo "$out" | json p99_ms)"
+            record "$t" "login_${kind}_errors" "$(echo "$out" | json errors)"
+            record "$t" "login_${kind}_cpu_us" "$(per_op "$(echo "$out" | json server_cpu_ticks)" "$(echo "$out" | json ok)")"
+            record _ other_cpu_pct "$(echo "$out" | json other_cpu_pct)"
+            sleep 1
+        done
+    done
+done
+
+for kind in plain tls; do
+    for t in "${TARGETS[@]}"; do
+        log "unloaded login latency, $kind: $t"
+        wait_quiet
+        # shellcheck disable=SC2046
+        out=$(load "$t" login $(${kind}_args "$t") --concurrency 1 --duration $UNLOADED_S)
+        echo "$out" >&2
+        record "$t" "unloaded_${kind}_p50_ms" "$(echo "$out" | json p50_ms)"
+    done
+done
+
+for kind in plain tls; do
+    for t in "${TARGETS[@]}"; do
+        log "FETCH 1 MiB throughput, $kind: $t"
+        wait_quiet
+        # shellcheck disable=SC2046
+        out=$(load "$t" throughput $(${kind}_args "$t") --duration $FETCH_S --pipeline 2)
+        echo "$out" >&2
+        record "$t" "fetch_${kind}_mbps" "$(echo "$out" | json mbps)"
+        record "$t" "fetch_${kind}_cpu_us_per_mb" "$(per_op "$(echo "$out" | json server_cpu_ticks)" "$(echo "$out" | json bytes | awk '{print $1/1e6}')")"
+    done
+done
+
+for t in "${TARGETS[@]}"; do
+    log "NOOP round trip: $t"
+    wait_quiet
+    # shellcheck disable=SC2046
+    out=$(load "$t" noop $(plain_args "$t") --count $NOOP_N --duration 20)
+    echo "$out" >&2
+    record "$t" noop_p50_us "$(echo "$out" | json p50_us)"
+    record "$t" noop_p99_us "$(echo "$out" | json p99_us)"
+done
+
+# Idle memory: each proxy restarted fresh for each measurement, so memory freed by the
+# earlier load (kept by the allocator) does not hide the sessions' cost.
+for t in "${TARGETS[@]}"; do
+    [ "$t" = direct ] && continue
+    for kind in plain tls; do
+        log "RSS per idle session, $kind, $IDLE_N sessions: $t (fresh process)"
+        stop "${PID[$t]}"
+        start_proxy "$t"
+        # Warm-up: every worker has served a few sessions before the baseline is read.
+        wait_quiet
+        # shellcheck disable=SC2046
+        load "$t" login $(${kind}_args "$t") --concurrency 10 --duration 0.5 >/dev/null
+        sleep 0.5
+        # shellcheck disable=SC2046
+        out=$(load "$t" idle $(${kind}_args "$t") --sessions $IDLE_N --concurrency 50 \
+            --pid "$(rss_pids "$t")" --settle 2)
+        echo "$out" >&2
+        per=$(echo "$out" | json bytes_per_session)
+        if [ "$(echo "$out" | json errors)" != 0 ]; then
+            warn "idle $kind against $t: some sessions failed; figure not recorded"
+        elif [ -n "$per" ] && [ "$per" != null ]; then
+            record "$t" "idle_${kind}_kib" "$(awk -v b="$per" 'BEGIN{printf "%.2f", b/1024}')"
+        fi
+        sleep 1
+    done
+done
+
+# --- report ------------------------------------------------------------------------------
+ELAPSED=$(( $(date +%s) - STARTED ))
+META="$WORK/meta.tsv"
+{
+    printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+    printf 'mode\t%s\n' "$MODE"
+    printf 'elapsed_s\t%s\n' "$ELAPSED"
+    printf 'busy_measurements\t%s\n' "$( [ -f "$WORK/busy.log" ] && wc -l <"$WORK/busy.log" || echo 0)"
+    printf 'nproc\t%s\n' "$NPROC"
+    printf 'cpu\t%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+    printf 'mem\t%s\n' "$(free -h | awk '/^Mem:/{print $2}')"
+    printf 'kernel\t%s\n' "$(uname -sr)"
+    printf 'os\t%s\n' "$(. /etc/os-release && echo "$PRETTY_NAME")"
+    printf 'cutover\t%s\n' "$("$CUTOVER" --version)"
+    printf 'git\t%s\n' "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+    printf 'rustc\t%s\n' "$(rustc --version)"
+    printf 'nginx\t%s\n' "$(nginx -v 2>&1 | sed 's/^nginx version: //')"
+    printf 'haproxy\t%s\n' "$(haproxy -v | head -1)"
+    printf 'openssl\t%s\n' "$(openssl version)"
+    printf 'setting\tCPU: %s.\n' "$CPU_NOTE"
+    printf 'setting\tAddresses: fake backend %s, HAProxy %s, nginx %s, cutover %s; port %s plaintext, %s implicit TLS. The fake backend (`cutover-fake-imap`, tokio, rustls+ring on its TLS port) accepts any login; every proxy relays to its plaintext port.\n' $BACKEND $HAPROXY $NGINX $CUT $PLAIN $TLSP
+    printf 'setting\tTLS: one ECDSA P-256 certificate (SAN bench.test) signed by a CA made for the run with openssl, used by every server. Client (`cutover-load`, rustls+ring): TLS 1.3 only, resumption disabled (a full handshake per connection), SNI bench.test, verifies against the CA. Servers keep their defaults otherwise (X25519, AES-256-GCM chosen, session tickets sent as each does by default).\n'
+    printf 'setting\tLogins: %s concurrent loops of connect, [TLS], greeting, `LOGIN`, tagged OK, `LOGOUT`, wait for the server to close; %s s per run, %s run(s) per target interleaved across targets, the median reported. Latency: from connect to the tagged OK of LOGIN. Unloaded latency: one loop for %s s.\n' $CONC $LOGIN_S $REPS $UNLOADED_S
+    printf 'setting\tFETCH: one logged-in session, `SELECT`, then `FETCH 1 BODY[]` with 2 in flight, each answered with a 1 MiB (1,048,576-byte) literal, for %s s; MB/s counts literal bytes (10^6 bytes per MB).\n' $FETCH_S
+    printf 'setting\tIdle memory: each proxy restarted, warmed up with 10 login loops for 0.5 s, VmRSS read (nginx: sum of its worker processes), then %s sessions logged in and left in `IDLE` (set up 50 at a time), VmRSS read again 2 s later; (after - before) / sessions. KiB = 1024 bytes.\n' $IDLE_N
+    printf 'setting\tNOOP: one logged-in session, 500 round trips of warm-up, then %s, one at a time.\n' $NOOP_N
+    printf 'setting\tnginx: mail module (libnginx-mod-mail), `auth_http` to a `location` of the same nginx that returns `Auth-Status: OK`, `Auth-Server`, `Auth-Port` (no external auth service), `worker_processes auto`, `worker_connections 8192`, listen backlog 4096, other settings default (`proxy_buffer`, `ssl_session_tickets`, no TCP_NODELAY: the mail module has no such setting).\n'
+    printf 'setting\tHAProxy: `mode tcp`, one frontend with a plaintext bind and an `ssl crt` bind, backlog 4096, maxconn %s, other settings default (16 KiB buffers, no splicing).\n' $HAPROXY_MAXCONN
+    printf 'setting\tcutover: `cutover run --config` with a generated file: a plaintext listener (`allow_plaintext_auth: true`) and an implicit-TLS one, one pool `fake` with the fake backend, `health: { interval: 0s }`, `disconnect_spread: 0s` (see Findings), `limits.max_connections(_per_ip): 100000` (every connection comes from 127.0.0.1; the default of 200 per address would refuse the load), one route, the Prometheus endpoint on; logs at the default level (info) to a file, as deployed.\n'
+} >"$META"
+
+log "report"
+"$LOAD" report --results "$RESULTS" --meta "$META" --out "$OUT"
+FAILED=0
+echo "raw results: $RESULTS (kept only with --keep)" >&2

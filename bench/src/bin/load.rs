@@ -1,0 +1,634 @@
+//! `cutover-load`: the load generator of the benchmark (and its report step).
+//!
+//! Modes (each prints one JSON line on stdout, a human summary on stderr):
+//!
+//! * `login`: `--concurrency` loops of connect, (implicit TLS 1.3, full handshake), greeting,
+//!   `LOGIN`, tagged `OK`, `LOGOUT`, until `--duration`; logins/s, p50/p99 of the login
+//!   latency (connect until the tagged OK of LOGIN), errors.
+//! * `throughput`: logged-in sessions that `SELECT` then `FETCH` the server's literal again
+//!   and again (`--pipeline` requests in flight); MB/s (10^6 bytes) of literal data.
+//! * `idle`: `--sessions` logged-in sessions sitting in `IDLE`; reads `VmRSS` of `--pid`
+//!   (summed over several) before and after, and reports bytes per session.
+//! * `noop`: one session, `NOOP` round trips; p50/p99.
+//! * `report`: turns a results file written by `compare.sh` into the table and
+//!   `BENCHMARKS.md`.
+//!
+//! Every loop is bounded in time (and count), every I/O step has a timeout, and targets
+//! are whatever address is given: `compare.sh` only ever gives loopback addresses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use tokio::net::TcpStream;
+
+use cutover_bench::{micros, percentile, report, Conn, Io};
+
+#[derive(Parser)]
+#[command(
+    name = "cutover-load",
+    about = "IMAP load generator for the cutover benchmarks"
+)]
+struct Cli {
+    /// Worker threads (default: one per CPU).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(ClapArgs, Clone)]
+struct Target {
+    /// Server address (loopback).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Implicit TLS (TLS 1.3, full handshake, no resumption).
+    #[arg(long)]
+    tls: bool,
+    /// CA certificate to trust (PEM), required with --tls.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Server name to send (SNI) and verify.
+    #[arg(long, default_value = "bench.test")]
+    sni: String,
+    /// Login user.
+    #[arg(long, default_value = "bench")]
+    user: String,
+    /// Login password.
+    #[arg(long, default_value = "secret")]
+    pass: String,
+    /// Per-step I/O timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Verify the server's certificate chain on every connection (default: once per
+    /// distinct chain; the handshake signature is checked on every connection anyway).
+    #[arg(long)]
+    full_verify: bool,
+    /// Label printed in the JSON result.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Login cycles per second.
+    Login {
+        #[command(flatten)]
+        t: Target,
+        /// Concurrent login loops.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Upper bound on login cycles.
+        #[arg(long, default_value_t = 5_000_000)]
+        max_count: u64,
+    },
+    /// MB/s of FETCH literals.
+    Throughput {
+        #[command(flatten)]
+        t: Target,
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// FETCH commands in flight per session.
+        #[arg(long, default_value_t = 2)]
+        pipeline: usize,
+        /// Upper bound on FETCH commands per session.
+        #[arg(long, default_value_t = 1_000_000)]
+        max_count: u64,
+    },
+    /// Resident memory per idle logged-in session.
+    Idle {
+        #[command(flatten)]
+        t: Target,
+        /// Sessions to open.
+        #[arg(long, default_value_t = 2000)]
+        sessions: usize,
+        /// Sessions being set up at once.
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// Processes whose VmRSS is summed (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',', required = true)]
+        pid: Vec<u32>,
+        /// Seconds to wait after the last session is idle before reading RSS.
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
+    },
+    /// NOOP round-trip latency on one session.
+    Noop {
+        #[command(flatten)]
+        t: Target,
+        /// Round trips measured (after 500 of warm-up).
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        /// Upper bound in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// Writes the table and BENCHMARKS.md from a results file of compare.sh.
+    Report(report::ReportArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Mode::Report(a) = &cli.mode {
+        return match report::run(a) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("report: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = cli.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(async {
+        match cli.mode {
+            Mode::Login {
+                t,
+                concurrency,
+                duration,
+                max_count,
+            } => login(t, concurrency, duration, max_count).await,
+            Mode::Throughput {
+                t,
+                concurrency,
+                duration,
+                pipeline,
+                max_count,
+            } => throughput(t, concurrency, duration, pipeline, max_count).await,
+            Mode::Idle {
+                t,
+                sessions,
+                concurrency,
+                pid,
+                settle,
+            } => idle(t, sessions, concurrency, pid, settle).await,
+            Mode::Noop { t, count, duration } => noop(t, count, duration).await,
+            Mode::Report(_) => Ok(()),
+        }
+    });
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Connection settings shared by every task.
+struct Dialer {
+    t: Target,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    timeout: Duration,
+    login: Vec<u8>,
+}
+
+impl Dialer {
+    fn new(t: Target) -> std::io::Result<Arc<Dialer>> {
+        let tls = if t.tls {
+            let ca =
+                t.ca.as_ref()
+                    .ok_or_else(|| std::io::Error::other("--tls needs --ca"))?;
+            let name = rustls::pki_types::ServerName::try_from(t.sni.clone())
+                .map_err(|e| std::io::Error::other(format!("--sni: {e}")))?;
+            Some((
+                tokio_rustls::TlsConnector::from(cutover_bench::client_config(ca, !t.full_verify)?),
+                name,
+            ))
+        } else {
+            None
+        };
+        let login = format!("a1 LOGIN {} {}\r\n", quote(&t.user), quote(&t.pass)).into_bytes();
+        Ok(Arc::new(Dialer {
+            timeout: Duration::from_secs_f64(t.timeout),
+            t,
+            tls,
+            login,
+        }))
+    }
+
+    async fn step<T>(
+        &self,
+        what: &'static str,
+        f: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: timeout")),
+        }
+    }
+
+    /// Connects (and handshakes) and reads the greeting.
+    async fn open(&self, rbuf: usize) -> Result<Conn, String> {
+        let tcp = self
+            .step("connect", TcpStream::connect(self.t.addr))
+            .await?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            Some((connector, name)) => Box::new(
+                self.step("tls", connector.connect(name.clone(), tcp))
+                    .await?,
+            ),
+            None => Box::new(tcp),
+        };
+        let mut c = Conn::new(io, rbuf);
+        let greeting = self.step("greeting", c.line()).await?;
+        if !greeting.starts_with(b"* OK") {
+            return Err(format!(
+                "greeting: {:?}",
+                String::from_utf8_lossy(&greeting[..greeting.len().min(60)])
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Sends LOGIN and waits for its tagged reply.
+    async fn login(&self, c: &mut Conn) -> Result<(), String> {
+        self.step("login send", c.send(&self.login)).await?;
+        let mut lit = 0;
+        if self.step("login reply", c.tagged(b"a1", &mut lit)).await? {
+            Ok(())
+        } else {
+            Err("login: not OK".into())
+        }
+    }
+}
+
+/// IMAP quoted string.
+fn quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for ch in s.chars() {
+        if ch == '"' || ch == '\\' {
+            q.push('\\');
+        }
+        q.push(ch);
+    }
+    q.push('"');
+    q
+}
+
+/// Error counts by kind, and the first message of each kind.
+#[derive(Default)]
+struct Errors {
+    total: u64,
+    kinds: std::collections::BTreeMap<String, (u64, String)>,
+}
+
+impl Errors {
+    fn add(&mut self, e: String) {
+        self.total += 1;
+        let kind = e.split(':').next().unwrap_or("").to_string();
+        self.kinds.entry(kind).or_insert((0, e)).0 += 1;
+    }
+    fn merge(&mut self, o: Errors) {
+        self.total += o.total;
+        for (k, (n, m)) in o.kinds {
+            self.kinds.entry(k).or_insert((0, m)).0 += n;
+        }
+    }
+    fn print(&self) {
+        for (k, (n, m)) in &self.kinds {
+            eprintln!("  errors {k}: {n} (first: {m})");
+        }
+    }
+}
+
+fn json_f(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "null".into()
+    }
+}
+
+async fn login(
+    t: Target,
+    concurrency: usize,
+    duration: f64,
+    max_count: u64,
+) -> std::io::Result<()> {
+    let d = Dialer::new(t)?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(duration);
+    let budget = Arc::new(std::sync::atomic::AtomicU64::new(max_count));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (d, budget) = (d.clone(), budget.clone());
+        tasks.spawn(async move {
+            let mut lat: Vec<u32> = Vec::with_capacity(4096);
+            let mut errors = Errors::default();
+            while Instant::now() < deadline
+                && budget
+                    .fetch_update(
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                        |b| b.checked_sub(1),
+                    )
+                    .is_ok()
+            {
+                let t0 = Instant::now();
+                let r: Result<(), String> = async {
+                    let mut c = d.open(4096).await?;
+                    d.login(&mut c).await?;
+                    lat.push(micros(t0.elapsed()));
+                    d.step("logout send", c.send(b"a2 LOGOUT\r\n")).await?;
+                    let mut lit = 0;
+                    let _ = d.step("logout reply", c.tagged(b"a2", &mut lit)).await?;
+                    // The server closes first: wait for its FIN (no TIME_WAIT here).
+                    let _ = d.step("close", c.until_eof()).await;
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = r {
+                    errors.add(e);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            (lat, errors)
+        });
+    }
+    let mut lat = Vec::new();
+    let mut errors = Errors::default();
+    while let Some(r) = tasks.join_next().await {
+        let (l, e) = r.map_err(std::io::Error::other)?;
+        lat.extend(l);
+        errors.merge(e);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let rate = lat.len() as f64 / elapsed;
+    let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+    eprintln!(
+        "login {}{}: {} logins in {elapsed:.2}s = {rate:.0}/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
+        d.t.addr,
+        if d.t.tls { " tls" } else { "" },
+        lat.len(),
+        p50 / 1000.0,
+        p99 / 1000.0,
+        errors.total
+    );
+    errors.print();
+    println!(
+        "{{\"mode\":\"login\",\"label\":\"{}\",\"tls\":{},\"concurrency\":{concurrency},\"ok\":{},\"errors\":{},\"elapsed_s\":{},\"rate\":{},\"p50_ms\":{},\"p99_ms\":{},\"cpu_ticks\":{}}}",
+        d.t.label,
+        d.t.tls,
+        lat.len(),
+        errors.total,
+        json_f(elapsed),
+        json_f(rate),
+        json_f(p50 / 1000.0),
+        json_f(p99 / 1000.0),
+        cutover_bench::self_cpu_ticks()
+    );
+    Ok(())
+}
+
+async fn session(d: &Dialer, rbuf: usize) -> Result<Conn, String> {
+    let mut c = d.open(rbuf).await?;
+    d.login(&mut c).await?;
+    Ok(c)
+}
+
+async fn throughput(
+    t: Target,
+    concurrency: usize,
+    duration: f64,
+    pipeline: usize,
+    max_count: u64,
+) -> std::io::Result<()> {
+    let d = Dialer::new(t)?;
+    let pipeline = pipeline.max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(duration);
+    for _ in 0..concurrency.max(1) {
+        let d = d.clone();
+        tasks.spawn(async move {
+            let r: Result<(u64, u64, Duration), String> = async {
+                let mut c = session(&d, 256 * 1024).await?;
+                d.step("select", c.send(b"s1 SELECT INBOX\r\n")).await?;
+                let mut lit = 0;
+                if !d.step("select reply", c.tagged(b"s1", &mut lit)).await? {
+                    return Err("select: not OK".into());
+                }
+                let t0 = Instant::now();
+                let (mut sent, mut done, mut bytes) = (0u64, 0u64, 0u64);
+                let mut req = Vec::with_capacity(pipeline * 32);
+                for _ in 0..pipeline.min(max_count as usize) {
+                    sent += 1;
+                    req.extend_from_slice(format!("f{sent} FETCH 1 BODY[]\r\n").as_bytes());
+                }
+                d.step("fetch send", c.send(&req)).await?;
+                while done < sent {
+                    let tag = format!("f{}", done + 1);
+                    if !d
+                        .step("fetch reply", c.tagged(tag.as_bytes(), &mut bytes))
+                        .await?
+                    {
+                        return Err("fetch: not OK".into());
+                    }
+                    done += 1;
+                    if Instant::now() < deadline && sent < max_count {
+                        sent += 1;
+                        d.step(
+                            "fetch send",
+                            c.send(format!("f{sent} FETCH 1 BODY[]\r\n").as_bytes()),
+                        )
+                        .await?;
+                    }
+                }
+                let spent = t0.elapsed();
+                let _ = d.step("logout", c.send(b"a9 LOGOUT\r\n")).await;
+                let _ = d.step("logout reply", c.until_eof()).await;
+                Ok((bytes, done, spent))
+            }
+            .await;
+            r
+        });
+    }
+    let (mut bytes, mut fetches, mut errors) = (0u64, 0u64, Errors::default());
+    let mut longest = Duration::ZERO;
+    while let Some(r) = tasks.join_next().await {
+        match r.map_err(std::io::Error::other)? {
+            Ok((b, f, spent)) => {
+                bytes += b;
+                fetches += f;
+                longest = longest.max(spent);
+            }
+            Err(e) => errors.add(e),
+        }
+    }
+    let secs = longest.as_secs_f64();
+    let mbps = if secs > 0.0 {
+        bytes as f64 / secs / 1e6
+    } else {
+        f64::NAN
+    };
+    eprintln!(
+        "throughput {}{}: {fetches} fetches, {bytes} literal bytes in {secs:.2}s = {mbps:.0} MB/s, {} errors",
+        d.t.addr,
+        if d.t.tls { " tls" } else { "" },
+        errors.total
+    );
+    errors.print();
+    println!(
+        "{{\"mode\":\"throughput\",\"label\":\"{}\",\"tls\":{},\"concurrency\":{concurrency},\"fetches\":{fetches},\"bytes\":{bytes},\"errors\":{},\"elapsed_s\":{},\"mbps\":{},\"cpu_ticks\":{}}}",
+        d.t.label,
+        d.t.tls,
+        errors.total,
+        json_f(secs),
+        json_f(mbps),
+        cutover_bench::self_cpu_ticks()
+    );
+    Ok(())
+}
+
+async fn idle(
+    t: Target,
+    sessions: usize,
+    concurrency: usize,
+    pids: Vec<u32>,
+    settle: f64,
+) -> std::io::Result<()> {
+    let d = Dialer::new(t)?;
+    let before = cutover_bench::rss_kib(&pids)?;
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..sessions {
+        let (d, sem) = (d.clone(), sem.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
+            // A small read buffer: thousands of these are held open.
+            let mut c = session(&d, 1024).await?;
+            d.step("idle send", c.send(b"a2 IDLE\r\n")).await?;
+            let line = d.step("idle reply", c.line()).await?;
+            if !line.starts_with(b"+") {
+                return Err(format!(
+                    "idle: {:?}",
+                    String::from_utf8_lossy(&line[..line.len().min(60)])
+                ));
+            }
+            Ok(c)
+        });
+    }
+    let mut held = Vec::with_capacity(sessions);
+    let mut errors = Errors::default();
+    while let Some(r) = tasks.join_next().await {
+        match r.map_err(std::io::Error::other)? {
+            Ok(c) => held.push(c),
+            Err(e) => errors.add(e),
+        }
+    }
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    let after = cutover_bench::rss_kib(&pids)?;
+    let per = if held.is_empty() {
+        f64::NAN
+    } else {
+        (after as f64 - before as f64) * 1024.0 / held.len() as f64
+    };
+    eprintln!(
+        "idle {}{}: {} sessions in IDLE, RSS {before} KiB -> {after} KiB = {:.0} bytes/session, {} errors",
+        d.t.addr,
+        if d.t.tls { " tls" } else { "" },
+        held.len(),
+        per,
+        errors.total
+    );
+    errors.print();
+    println!(
+        "{{\"mode\":\"idle\",\"label\":\"{}\",\"tls\":{},\"sessions\":{},\"errors\":{},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_session\":{},\"cpu_ticks\":{}}}",
+        d.t.label,
+        d.t.tls,
+        held.len(),
+        errors.total,
+        json_f(per),
+        cutover_bench::self_cpu_ticks()
+    );
+    // Leave IDLE and log out politely, bounded; then drop the rest.
+    let leave = async {
+        for c in held.iter_mut() {
+            let _ = c.send(b"DONE\r\na3 LOGOUT\r\n").await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), leave).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    Ok(())
+}
+
+async fn noop(t: Target, count: u64, duration: f64) -> std::io::Result<()> {
+    let d = Dialer::new(t)?;
+    let r: Result<Vec<u32>, String> = async {
+        let mut c = session(&d, 16 * 1024).await?;
+        let deadline = Instant::now() + Duration::from_secs_f64(duration);
+        let mut lat = Vec::with_capacity(count as usize);
+        let mut lit = 0;
+        for i in 0..(500 + count) {
+            if Instant::now() >= deadline {
+                break;
+            }
+            let tag = format!("n{i}");
+            let cmd = format!("{tag} NOOP\r\n");
+            let t0 = Instant::now();
+            c.send(cmd.as_bytes())
+                .await
+                .map_err(|e| format!("noop send: {e}"))?;
+            if !d
+                .step("noop reply", c.tagged(tag.as_bytes(), &mut lit))
+                .await?
+            {
+                return Err("noop: not OK".into());
+            }
+            if i >= 500 {
+                lat.push(micros(t0.elapsed()));
+            }
+        }
+        let _ = c.send(b"a9 LOGOUT\r\n").await;
+        let _ = d.step("logout", c.until_eof()).await;
+        Ok(lat)
+    }
+    .await;
+    let mut lat = r.map_err(std::io::Error::other)?;
+    lat.sort_unstable();
+    let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+    eprintln!(
+        "noop {}{}: {} round trips, p50 {p50:.0} us, p99 {p99:.0} us",
+        d.t.addr,
+        if d.t.tls { " tls" } else { "" },
+        lat.len()
+    );
+    println!(
+        "{{\"mode\":\"noop\",\"label\":\"{}\",\"tls\":{},\"count\":{},\"p50_us\":{},\"p99_us\":{},\"cpu_ticks\":{}}}",
+        d.t.label,
+        d.t.tls,
+        lat.len(),
+        json_f(p50),
+        json_f(p99),
+        cutover_bench::self_cpu_ticks()
+    );
+    Ok(())
+}
