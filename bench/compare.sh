@@ -261,8 +261,6 @@ listeners:
 pools:
   fake:
     health: { interval: 0s }
-    # 0s: see BENCHMARKS.md, Findings (the default 10s also delays the close after LOGOUT).
-    disconnect_spread: 0s
     imap: { servers: ["$BACKEND:$PLAIN"] }
 routes:
   - { pool: fake }
@@ -293,7 +291,9 @@ start_proxy() {
                  PID[haproxy]=$LASTPID; wait_port $HAPROXY $PLAIN; wait_port $HAPROXY $TLSP ;;
         nginx)   start nginx "${PROXY_CPU[@]}" nginx -c "$WORK/nginx.conf" -p "$WORK" -g 'daemon off;'
                  PID[nginx]=$LASTPID; wait_port $NGINX $PLAIN; wait_port $NGINX $TLSP ;;
-        cutover) start cutover "${PROXY_CPU[@]}" "$CUTOVER" run --config "$WORK/cutover.yaml"
+        # CUTOVER_LOG=warn: no per-session log line, like nginx's mail module at its
+        # default error_log level (the cost of info logging is in BENCHMARKS.md, Findings).
+        cutover) start cutover "${PROXY_CPU[@]}" env CUTOVER_LOG=warn "$CUTOVER" run --config "$WORK/cutover.yaml"
                  PID[cutover]=$LASTPID; wait_port $CUT $PLAIN; wait_port $CUT $TLSP ;;
     esac
 }
@@ -515,7 +515,7 @@ META="$WORK/meta.tsv"
     printf 'setting\tNOOP: one logged-in session, 500 round trips of warm-up, then %s, one at a time.\n' $NOOP_N
     printf 'setting\tnginx: mail module (libnginx-mod-mail), `auth_http` to a `location` of the same nginx that returns `Auth-Status: OK`, `Auth-Server`, `Auth-Port` (no external auth service), `worker_processes auto`, `worker_connections 8192`, listen backlog 4096, other settings default (`proxy_buffer`, `ssl_session_tickets`, no TCP_NODELAY: the mail module has no such setting).\n'
     printf 'setting\tHAProxy: `mode tcp`, one frontend with a plaintext bind and an `ssl crt` bind, backlog 4096, maxconn %s, other settings default (16 KiB buffers, no splicing).\n' $HAPROXY_MAXCONN
-    printf 'setting\tcutover: `cutover run --config` with a generated file: a plaintext listener (`allow_plaintext_auth: true`) and an implicit-TLS one, one pool `fake` with the fake backend, `health: { interval: 0s }`, `disconnect_spread: 0s` (see Findings), `limits.max_connections(_per_ip): 100000` (every connection comes from 127.0.0.1; the default of 200 per address would refuse the load), one route, the Prometheus endpoint on; logs at the default level (info) to a file, as deployed.\n'
+    printf 'setting\tcutover: `cutover run --config` with a generated file: a plaintext listener (`allow_plaintext_auth: true`) and an implicit-TLS one, one pool `fake` with the fake backend, `health: { interval: 0s }`, `limits.max_connections(_per_ip): 100000` (every connection comes from 127.0.0.1; the default of 200 per address would refuse the load), one route, the Prometheus endpoint on; `CUTOVER_LOG=warn` (no per-session line, as the nginx mail module writes none at its default error_log level).\n'
 } >"$META"
 
 log "report"
