@@ -975,7 +975,7 @@ impl Config {
         let mut limits = Limits::default();
         let mut conn_limits = ConnLimits {
             max_connections: 20_000,
-            max_per_ip: 200,
+            max_per_ip: 1000,
         };
         let mut timeouts = Timeouts {
             preauth: Duration::from_secs(60),
