@@ -6,7 +6,8 @@
 #   1. installs the Debian packages the end-to-end tests need, if missing
 #      (and makes sure no system-wide dovecot/prometheus is left running),
 #   2. cargo build --locked --bins, then cargo test --locked,
-#   3. /usr/bin/python3 -m pytest -q tests/e2e with CUTOVER_BIN=target/debug/cutover.
+#   3. /usr/bin/python3 -m pytest -q tests/e2e with CUTOVER_BIN=target/debug/cutover,
+#   4. fuzz/run.sh: every fuzz target for a few seconds (FUZZ_SECONDS, default 8).
 #
 # Exits non-zero if any step fails. A build failure stops at once; a failing
 # `cargo test` still lets the e2e tests run, and the script fails at the end.
@@ -110,6 +111,11 @@ log "end-to-end tests: /usr/bin/python3 -m pytest -q tests/e2e"
 export CUTOVER_BIN="${CUTOVER_BIN:-target/debug/cutover}"
 if ! /usr/bin/python3 -m pytest -q tests/e2e "$@"; then
     failed+=("pytest tests/e2e")
+fi
+
+log "bounded fuzzing: fuzz/run.sh (about a minute of fuzzing, after the build)"
+if ! bash fuzz/run.sh "${FUZZ_SECONDS:-8}"; then
+    failed+=("fuzz/run.sh")
 fi
 
 if [ "${#failed[@]}" -ne 0 ]; then

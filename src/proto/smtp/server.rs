@@ -278,7 +278,8 @@ impl ServerMachine {
         // Overlong: answer now, then drop the line's bytes through its LF.
         if matches!(self.state, State::Command) {
             if !self.count_command() {
-                return input.len();
+                // Closing: take the rest of this (overlong) line, none past its end.
+                return find_lf(input).map_or(input.len(), |lf| lf + 1);
             }
             self.reply("500 5.5.6 Line too long");
         } else {

@@ -1,0 +1,6 @@
+//! Fuzz target: `cutover::fuzzing::config` (see that function for the input format).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| cutover::fuzzing::config(data));

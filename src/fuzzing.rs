@@ -1,0 +1,780 @@
+//! Fuzz entry points: stable functions that take one byte string each, as a fuzzer hands
+//! it over, and panic when an invariant breaks (the rustls `internal::fuzzing` pattern).
+//!
+//! The cargo-fuzz targets in `fuzz/fuzz_targets/` are one line each around these, and
+//! `tests/fuzz_corpus.rs` replays `fuzz/corpus/*/`, `fuzz/regressions/*/` and a few
+//! thousand deterministic pseudo-random inputs through them, so `cargo test` on the
+//! stable toolchain exercises every target without a fuzzer. Not part of the API: the
+//! module is hidden and may change with the machines it drives.
+//!
+//! # Input format (every protocol target)
+//! ```text
+//!   [settings byte] chunk0 0xFF chunk1 0xFF chunk2 ...      (0xFF 0x00 = one 0xFF data byte)
+//! ```
+//! * The first byte is a **settings byte** (listener TLS mode, whether plaintext auth is
+//!   allowed, login outcomes, backend TLS mode, which credentials...; see each function).
+//!   For [`imap_server`] and [`imap_backend`] it is also the settings byte that
+//!   [`crate::proto::imap::fuzz_server`] / [`crate::proto::imap::fuzz_backend`] read.
+//! * The rest is split into **chunks** at every `0xFF` byte, as separate reads from the
+//!   peer, except that `0xFF 0x00` stands for one `0xFF` data byte, so every byte value
+//!   can still reach the machines and every list of chunks can be written. The fuzzer
+//!   thus chooses the read boundaries, and a seed file is a readable transcript: a
+//!   printable settings byte followed by the protocol bytes.
+//!
+//! [`split`] implements the scheme; [`join`] is its inverse (used to write seeds).
+//!
+//! # What each protocol target checks
+//! Each calls the protocol module's own fuzz body (which has its own invariants, see
+//! [`crate::proto::imap::fuzz_server`] and the others), then drives the same machine
+//! again with the generic drivers here, which check the [`crate::proto`] input contract
+//! for any [`PreAuth`] or [`BackendLogin`] machine:
+//! * `receive` never consumes more than it was given, nothing while a login or a TLS
+//!   handshake is pending, and nothing after `Close` / `Done`; no action after them;
+//!   `Login` is the last action until `login_done` (the doc of [`Action::Login`]);
+//! * every reply is non-empty and ends with CRLF; one step's output is bounded;
+//! * credentials handed out hold a non-empty user name without NUL, CR or LF;
+//! * when no byte is consumed and nothing is pending, the driver's buffer holds at most
+//!   `max_line + max_literal` bytes (the bound [`Limits`] promises the driver);
+//! * `timed_out` / `shutting_down` end in `Close`;
+//! * the transcript (every action, in order) and the bytes left for the relay after a
+//!   successful login are the same whether the chunks arrive as split or as one read
+//!   (with the buffer kept across STARTTLS for that comparison, since the real driver
+//!   discards it there and a split decides what was "pipelined");
+//! * backend side: at most one `Done`; POP3 and SMTP commands are exactly one CRLF line
+//!   each, so no credential can add a command.
+
+use crate::proto::{
+    self, Action, BackendAction, BackendLogin, BackendPolicy, BackendTls, ClientInfo, Credentials,
+    Limits, ListenerTls, LoginOutcome, Mechanism, PreAuth, Secret, ServerPolicy,
+};
+
+/// The byte that separates chunks (reads) in a fuzz input; followed by `0x00`, it is one
+/// `0xFF` data byte instead.
+pub const SEPARATOR: u8 = 0xFF;
+
+/// Most bytes one event may make a machine send (a greeting, a reply, a login command).
+const MAX_STEP_OUTPUT: usize = 16 * 1024;
+
+/// Splits a fuzz input (without its settings byte) into chunks: `SEPARATOR 0x00` is one
+/// `0xFF` data byte, any other [`SEPARATOR`] ends a chunk. Always at least one chunk;
+/// chunks may be empty (an empty read is harmless and worth exercising).
+pub fn split(data: &[u8]) -> Vec<Vec<u8>> {
+    let mut chunks = vec![Vec::new()];
+    let mut i = 0;
+    while i < data.len() {
+        let b = data[i];
+        i += 1;
+        if b != SEPARATOR {
+            chunks.last_mut().expect("never empty").push(b);
+        } else if data.get(i) == Some(&0) {
+            chunks.last_mut().expect("never empty").push(SEPARATOR);
+            i += 1;
+        } else {
+            chunks.push(Vec::new());
+        }
+    }
+    chunks
+}
+
+/// The inverse of [`split`]: writes each `0xFF` data byte as `SEPARATOR 0x00` and puts
+/// one [`SEPARATOR`] between chunks.
+pub fn join<C: AsRef<[u8]>>(chunks: &[C]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        if i > 0 {
+            out.push(SEPARATOR);
+        }
+        for &b in chunk.as_ref() {
+            out.push(b);
+            if b == SEPARATOR {
+                out.push(0);
+            }
+        }
+    }
+    out
+}
+
+/// The settings byte and the chunks of a protocol fuzz input.
+fn settings_and_chunks(data: &[u8]) -> (u8, Vec<Vec<u8>>) {
+    match data.split_first() {
+        Some((&sel, rest)) => (sel, split(rest)),
+        None => (0, Vec::new()),
+    }
+}
+
+fn refs(chunks: &[Vec<u8>]) -> Vec<&[u8]> {
+    chunks.iter().map(Vec::as_slice).collect()
+}
+
+/// The chunks with the settings byte put back in front of the first one, as the IMAP
+/// fuzz bodies expect.
+fn with_settings(sel: u8, chunks: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut out = chunks.to_vec();
+    match out.first_mut() {
+        Some(first) => first.insert(0, sel),
+        None => out.push(vec![sel]),
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Settings shared by the client-facing targets.
+
+/// Listener TLS mode from the settings byte: `sel % 3` (0 plaintext, 1 STARTTLS,
+/// 2 implicit), as the IMAP fuzz body reads it.
+fn listener_tls(sel: u8) -> ListenerTls {
+    match sel % 3 {
+        0 => ListenerTls::None,
+        1 => ListenerTls::StartTls,
+        _ => ListenerTls::Implicit,
+    }
+}
+
+/// Backend TLS mode from the settings byte: `sel % 3` (0 plaintext, 1 STARTTLS,
+/// 2 implicit).
+fn backend_tls(sel: u8) -> BackendTls {
+    match sel % 3 {
+        0 => BackendTls::None,
+        1 => BackendTls::StartTls,
+        _ => BackendTls::Implicit,
+    }
+}
+
+/// A server policy from the settings byte: TLS mode (`sel % 3`), plaintext auth allowed
+/// (bit 2), and small limits (so that every bound is reached) unless bit 6 asks for the
+/// defaults.
+fn server_policy(sel: u8, small: Limits) -> ServerPolicy {
+    ServerPolicy {
+        tls: listener_tls(sel),
+        allow_plaintext_auth: sel & 0x04 != 0,
+        limits: if sel & 0x40 != 0 {
+            Limits::default()
+        } else {
+            small
+        },
+        hostname: "fuzz.example".into(),
+    }
+}
+
+/// The outcome of the `n`-th login (0-based) of a session: a rotation through every
+/// outcome, starting at `(sel >> 3) % 5`, so that some sessions log in successfully
+/// (and hand leftover bytes to the relay) after some failures.
+fn login_outcome(sel: u8, n: usize) -> LoginOutcome {
+    match ((sel >> 3) as usize + n) % 5 {
+        0 => LoginOutcome::AuthFailed { response: None },
+        1 => LoginOutcome::Unavailable,
+        2 => LoginOutcome::AuthFailed {
+            response: Some("[AUTHENTICATIONFAILED] nope\r\nA1 OK injected".into()),
+        },
+        3 => LoginOutcome::Refused {
+            reason: "no route for this user",
+        },
+        _ => LoginOutcome::Ok {
+            capabilities: Some("IMAP4rev1 IDLE LITERAL+ \r\n* BYE injected".into()),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Generic drivers.
+
+/// What a client-facing session did, as compared across read boundaries.
+#[derive(Debug, PartialEq, Eq)]
+struct ServerTranscript {
+    /// Every action in order (`Send` verbatim, the others as `<...>` markers).
+    log: Vec<u8>,
+    /// Bytes never consumed after a successful login: what the relay sends first
+    /// (empty when the session did not log in).
+    leftover: Vec<u8>,
+}
+
+/// Drives any [`PreAuth`] machine the way `session.rs` does: one buffer, chunks appended
+/// as they arrive, `receive` while it consumes, every action drained after each event,
+/// logins answered by [`login_outcome`], StartTls answered at once (the buffer cleared
+/// first when `discard_on_tls`, as the driver does). Ends with `timed_out` (or
+/// `shutting_down` when bit 7 of `sel` is set) if the session is still open. Asserts the
+/// input contract along the way (see the module docs).
+fn drive_server<M: PreAuth>(
+    mut m: M,
+    sel: u8,
+    limits: &Limits,
+    chunks: &[&[u8]],
+    discard_on_tls: bool,
+) -> ServerTranscript {
+    let max_buffer = limits.max_line + limits.max_literal;
+    let mut run = ServerRun {
+        sel,
+        log: Vec::new(),
+        buf: Vec::new(),
+        closed: false,
+        logins: 0,
+        discard_on_tls,
+    };
+    run.pump(&mut m);
+    for chunk in chunks {
+        // Bytes keep arriving after hand-off or Close: they stay in the buffer (relayed
+        // to the backend, or dropped with the connection).
+        run.buf.extend_from_slice(chunk);
+        while !run.closed && !m.is_authenticated() {
+            let used = m.receive(&run.buf);
+            assert!(
+                used <= run.buf.len(),
+                "consumed {used} of {}",
+                run.buf.len()
+            );
+            run.buf.drain(..used);
+            run.pump(&mut m);
+            if used == 0 {
+                break;
+            }
+        }
+        if !run.closed && !m.is_authenticated() {
+            assert!(
+                run.buf.len() <= max_buffer,
+                "{} bytes buffered without progress (limit {max_buffer})",
+                run.buf.len()
+            );
+        }
+    }
+    if run.closed {
+        assert_eq!(m.receive(&run.buf), 0, "input consumed after Close");
+        assert!(m.poll_action().is_none(), "action after Close");
+    } else if !m.is_authenticated() {
+        run.log.extend_from_slice(b"<end>");
+        if sel & 0x80 != 0 {
+            m.shutting_down();
+        } else {
+            m.timed_out();
+        }
+        run.pump(&mut m);
+        assert!(run.closed, "timed_out / shutting_down must Close");
+    }
+    let _ = m.phase();
+    // Only a hand-off gives the leftover a meaning (the relay sends it to the backend);
+    // a closing machine may swallow what it was given.
+    let leftover = if m.is_authenticated() {
+        run.buf
+    } else {
+        Vec::new()
+    };
+    ServerTranscript {
+        log: run.log,
+        leftover,
+    }
+}
+
+struct ServerRun {
+    sel: u8,
+    log: Vec<u8>,
+    buf: Vec<u8>,
+    closed: bool,
+    logins: usize,
+    discard_on_tls: bool,
+}
+
+impl ServerRun {
+    fn pump<M: PreAuth>(&mut self, m: &mut M) {
+        let mut output = 0;
+        while let Some(action) = m.poll_action() {
+            assert!(!self.closed, "action after Close: {action:?}");
+            assert!(!m.is_authenticated() || matches!(action, Action::Send(_)));
+            match action {
+                Action::Send(bytes) => {
+                    assert!(
+                        bytes.ends_with(b"\r\n"),
+                        "reply not CRLF-terminated: {:?}",
+                        String::from_utf8_lossy(&bytes)
+                    );
+                    output += bytes.len();
+                    assert!(
+                        output <= MAX_STEP_OUTPUT,
+                        "{output} bytes of output in one step"
+                    );
+                    self.log.extend_from_slice(&bytes);
+                }
+                Action::StartTls => {
+                    self.log.extend_from_slice(b"<starttls>");
+                    assert_eq!(m.receive(&self.buf), 0, "consumed during STARTTLS");
+                    assert!(m.poll_action().is_none(), "action during STARTTLS");
+                    if self.discard_on_tls {
+                        self.buf.clear();
+                    }
+                    m.tls_established();
+                }
+                Action::Login(creds) => {
+                    let Credentials {
+                        user,
+                        secret,
+                        mechanism,
+                    } = &creds;
+                    assert!(!user.is_empty(), "empty user name");
+                    assert!(
+                        !user.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')),
+                        "NUL, CR or LF in user name {user:?}"
+                    );
+                    self.log.extend_from_slice(b"<login ");
+                    self.log.extend_from_slice(user.as_bytes());
+                    self.log.push(b' ');
+                    self.log.extend_from_slice(secret.expose());
+                    self.log.push(b' ');
+                    self.log.extend_from_slice(mechanism.as_str().as_bytes());
+                    self.log.push(b'>');
+                    assert_eq!(m.receive(&self.buf), 0, "consumed during login");
+                    assert!(m.poll_action().is_none(), "action after Login");
+                    m.login_done(login_outcome(self.sel, self.logins));
+                    self.logins += 1;
+                }
+                Action::Close => {
+                    self.log.extend_from_slice(b"<close>");
+                    self.closed = true;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `make()`'s machine on `chunks` with the buffer discarded at STARTTLS (as the
+/// driver does), then with it kept, split and joined, and asserts the last two agree.
+fn check_server<M: PreAuth>(make: impl Fn() -> M, sel: u8, limits: &Limits, chunks: &[&[u8]]) {
+    drive_server(make(), sel, limits, chunks, true);
+    let split = drive_server(make(), sel, limits, chunks, false);
+    let whole = chunks.concat();
+    let joined = drive_server(make(), sel, limits, &[&whole], false);
+    if split != joined {
+        panic!(
+            "transcript depends on read boundaries:\n split: {:?}\njoined: {:?}",
+            String::from_utf8_lossy(&split.log),
+            String::from_utf8_lossy(&joined.log)
+        );
+    }
+}
+
+/// What a backend login did, as compared across read boundaries.
+#[derive(Debug, PartialEq, Eq)]
+struct BackendTranscript {
+    log: Vec<u8>,
+    leftover: Vec<u8>,
+}
+
+/// Drives any [`BackendLogin`] machine as `backend/` does. `one_line` asserts that every
+/// `Send` is exactly one CRLF-terminated line (POP3, SMTP; IMAP literals may hold CRLF).
+/// `password` (when given) must never be sent verbatim when it holds CR or LF.
+fn drive_backend<M: BackendLogin>(
+    mut m: M,
+    chunks: &[&[u8]],
+    discard_on_tls: bool,
+    max_buffer: usize,
+    one_line: bool,
+    password: Option<&[u8]>,
+) -> BackendTranscript {
+    let mut log = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut done = false;
+    let pump = |m: &mut M, buf: &mut Vec<u8>, log: &mut Vec<u8>, done: &mut bool| {
+        let mut output = 0;
+        while let Some(action) = m.poll_action() {
+            assert!(!*done, "action after Done: {action:?}");
+            match action {
+                BackendAction::Send(bytes) => {
+                    assert!(bytes.ends_with(b"\r\n"), "command not CRLF-terminated");
+                    output += bytes.len();
+                    assert!(output <= MAX_STEP_OUTPUT, "{output} bytes sent in one step");
+                    if one_line {
+                        let ends = bytes.iter().filter(|b| matches!(b, b'\r' | b'\n')).count();
+                        assert_eq!(ends, 2, "more than one line in one command");
+                    }
+                    if let Some(pw) = password {
+                        if pw.iter().any(|b| matches!(b, b'\r' | b'\n')) && !pw.is_empty() {
+                            assert!(
+                                !bytes.windows(pw.len()).any(|w| w == pw) || !one_line,
+                                "password with a line end sent verbatim"
+                            );
+                        }
+                    }
+                    log.extend_from_slice(&bytes);
+                }
+                BackendAction::StartTls => {
+                    log.extend_from_slice(b"<starttls>");
+                    assert_eq!(m.receive(buf), 0, "consumed during STARTTLS");
+                    if discard_on_tls {
+                        buf.clear();
+                    }
+                    m.tls_established();
+                }
+                BackendAction::Done(result) => {
+                    log.extend_from_slice(format!("<done {result:?}>").as_bytes());
+                    *done = true;
+                }
+            }
+        }
+    };
+    pump(&mut m, &mut buf, &mut log, &mut done);
+    for chunk in chunks {
+        buf.extend_from_slice(chunk);
+        while !done {
+            let used = m.receive(&buf);
+            assert!(used <= buf.len(), "consumed {used} of {}", buf.len());
+            buf.drain(..used);
+            pump(&mut m, &mut buf, &mut log, &mut done);
+            if used == 0 {
+                break;
+            }
+        }
+        if !done {
+            assert!(
+                buf.len() <= max_buffer,
+                "{} bytes buffered without progress",
+                buf.len()
+            );
+        }
+    }
+    if done {
+        assert_eq!(m.receive(&buf), 0, "consumed after Done");
+        assert!(m.poll_action().is_none(), "action after Done");
+    }
+    // After Done the leftover belongs to the client (relayed on LoggedIn); before it,
+    // it is only what the machine has not needed yet.
+    BackendTranscript {
+        log,
+        leftover: if done { buf } else { Vec::new() },
+    }
+}
+
+/// Runs a backend machine with the buffer discarded at STARTTLS, then kept, split and
+/// joined, and asserts the last two agree.
+fn check_backend<M: BackendLogin>(
+    make: impl Fn() -> M,
+    chunks: &[&[u8]],
+    max_buffer: usize,
+    one_line: bool,
+    password: Option<&[u8]>,
+) {
+    drive_backend(make(), chunks, true, max_buffer, one_line, password);
+    let split = drive_backend(make(), chunks, false, max_buffer, one_line, password);
+    let whole = chunks.concat();
+    let joined = drive_backend(make(), &[&whole], false, max_buffer, one_line, password);
+    if split != joined {
+        panic!(
+            "backend transcript depends on read boundaries:\n split: {:?}\njoined: {:?}",
+            String::from_utf8_lossy(&split.log),
+            String::from_utf8_lossy(&joined.log)
+        );
+    }
+}
+
+/// Credentials for the backend targets, picked by `n % 6`: plain ones, a user name with
+/// a space and a password with CRLF (must be refused or encoded, never sent raw), a
+/// password long enough that `AUTH PLAIN <ir>` exceeds 255 octets, NUL and 8-bit bytes,
+/// IMAP specials. Mechanism from `plain`.
+fn backend_credentials(n: u8, plain: bool) -> Option<Credentials> {
+    let (user, password): (&str, Vec<u8>) = match n % 6 {
+        0 => return None,
+        1 => ("joe", b"s3cret".to_vec()),
+        2 => ("jo e", b"p\r\nQUIT".to_vec()),
+        3 => ("joe@example.net", vec![b'x'; 200]),
+        4 => ("j\u{e9}", b"pa\0ss\xc3\xa9\xff".to_vec()),
+        _ => ("jo\"e\\", b"{5}\r\n\"a\\".to_vec()),
+    };
+    Some(Credentials {
+        user: user.into(),
+        secret: Secret::new(password),
+        mechanism: if plain {
+            Mechanism::Plain
+        } else {
+            Mechanism::Login
+        },
+    })
+}
+
+fn backend_policy(sel: u8, forward: bool) -> BackendPolicy {
+    BackendPolicy {
+        tls: backend_tls(sel),
+        forward_client: forward.then(|| ClientInfo {
+            ip: std::net::IpAddr::from([192, 0, 2, 1]),
+            port: 4321,
+        }),
+        helo: "fuzz.example".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Entry points.
+
+/// IMAP client-facing machine. Settings byte: as [`crate::proto::imap::fuzz_server`]
+/// reads it (`% 3` listener TLS, bit 2 plaintext auth, bit 3 Unavailable instead of
+/// AuthFailed), and for the generic driver also `(sel >> 3) % 5` the login outcome
+/// rotation (successful logins included), bit 6 default limits, bit 7 `shutting_down`
+/// instead of `timed_out` at the end.
+pub fn imap_server(data: &[u8]) {
+    let (sel, chunks) = settings_and_chunks(data);
+    let first = with_settings(sel, &chunks);
+    proto::imap::fuzz_server(&refs(&first));
+    let small = Limits {
+        max_line: 200,
+        max_literal: 100,
+        max_auth_failures: 3,
+        max_commands: 40,
+    };
+    let policy = server_policy(sel, small);
+    let limits = policy.limits.clone();
+    check_server(
+        || proto::imap::ServerMachine::new(policy.clone()),
+        sel,
+        &limits,
+        &refs(&chunks),
+    );
+}
+
+/// IMAP backend-facing machine. Settings byte: as [`crate::proto::imap::fuzz_backend`]
+/// reads it (`% 3` backend TLS, bit 2 probe instead of login, bit 3 ID forwarding), and
+/// for the generic driver the same three, plus `1 + (sel >> 4) % 5` the credentials when
+/// not probing (see [`backend_credentials`]).
+pub fn imap_backend(data: &[u8]) {
+    let (sel, chunks) = settings_and_chunks(data);
+    let first = with_settings(sel, &chunks);
+    proto::imap::fuzz_backend(&refs(&first));
+    let creds = if sel & 0x04 != 0 {
+        None
+    } else {
+        backend_credentials(1 + (sel >> 4) % 5, sel & 0x40 != 0)
+    };
+    let policy = backend_policy(sel, sel & 0x08 != 0);
+    check_backend(
+        || proto::imap::BackendMachine::new(policy.clone(), creds.clone()),
+        &refs(&chunks),
+        proto::imap::BACKEND_MAX_LINE + proto::imap::BACKEND_MAX_LITERAL,
+        false,
+        None,
+    );
+}
+
+/// POP3 client-facing machine: [`crate::proto::pop3::fuzz_server`] on the chunks, then
+/// the generic driver with the settings byte read as for [`imap_server`] (the POP3 body
+/// has no settings of its own).
+pub fn pop3_server(data: &[u8]) {
+    let (sel, chunks) = settings_and_chunks(data);
+    let chunks = refs(&chunks);
+    proto::pop3::fuzz_server(&chunks);
+    let small = Limits {
+        max_line: 64,
+        max_literal: 96,
+        max_auth_failures: 3,
+        max_commands: 40,
+    };
+    let policy = server_policy(sel, small);
+    let limits = policy.limits.clone();
+    check_server(
+        || proto::pop3::ServerMachine::new(policy.clone()),
+        sel,
+        &limits,
+        &chunks,
+    );
+}
+
+/// POP3 backend-facing machine (`pop3` has no fuzz body of its own for it). Settings
+/// byte: `% 3` backend TLS, `(sel >> 2) % 6` the credentials (0 = health probe; others
+/// include a user name with a space, a password with CRLF, one that forces `AUTH PLAIN`
+/// without initial response, NUL and 8-bit bytes), bit 5 SASL PLAIN as the client's
+/// mechanism, bit 7 client address forwarding. Every command must be one CRLF line.
+pub fn pop3_backend(data: &[u8]) {
+    let (sel, chunks) = settings_and_chunks(data);
+    let creds = backend_credentials(sel >> 2, sel & 0x20 != 0);
+    let password = creds.as_ref().map(|c| c.secret.expose().to_vec());
+    let policy = backend_policy(sel, sel & 0x80 != 0);
+    check_backend(
+        || proto::pop3::BackendMachine::new(policy.clone(), creds.clone()),
+        &refs(&chunks),
+        64 * 1024,
+        true,
+        password.as_deref(),
+    );
+}
+
+/// SMTP client-facing machine: [`crate::proto::smtp::fuzz_server`] on the chunks, then
+/// the generic driver with the settings byte read as for [`imap_server`].
+pub fn smtp_server(data: &[u8]) {
+    let (sel, chunks) = settings_and_chunks(data);
+    smtp_server_chunks(sel, &refs(&chunks));
+}
+
+fn smtp_server_chunks(sel: u8, chunks: &[&[u8]]) {
+    proto::smtp::fuzz_server(chunks);
+    let small = Limits {
+        max_line: 64,
+        max_literal: 48,
+        max_auth_failures: 3,
+        max_commands: 30,
+    };
+    let policy = server_policy(sel, small);
+    let limits = policy.limits.clone();
+    check_server(
+        || {
+            proto::smtp::ServerMachine::new(
+                policy.clone(),
+                vec![
+                    "SIZE 1000".into(),
+                    "PIPELINING".into(),
+                    "8BITMIME".into(),
+                    "AUTH PLAIN".into(),
+                    "STARTTLS".into(),
+                    "CHUNKING".into(),
+                ],
+            )
+        },
+        sel,
+        &limits,
+        chunks,
+    );
+}
+
+/// What [`smtp_server_alphabet`] maps a byte below 0x80 to: the letters of the verbs and
+/// extensions, base64, address punctuation, digits and line ends (repeated, so that
+/// lines end often).
+pub const SMTP_ALPHABET: &[u8] =
+    b"EHLOSTARTLSAUTHPLAINGMFRCPDQVYBXehlotsa :<>@.=+/-_\r\n\r\n\r\n\n0123456789AGpvZQBzM2NyZXQ";
+
+/// What [`smtp_server_alphabet`] maps a byte of 0x80 or more to: whole words, so that
+/// commands and SASL exchanges form quickly.
+pub const SMTP_WORDS: &[&[u8]] = &[
+    b"EHLO client.example\r\n",
+    b"HELO x\r\n",
+    b"STARTTLS\r\n",
+    b"AUTH PLAIN\r\n",
+    b"AUTH PLAIN AGpvZQBzM2NyZXQ=\r\n",
+    b"AUTH PLAIN ",
+    b"AUTH LOGIN\r\n",
+    b"AUTH LOGIN am9l\r\n",
+    b"am9l\r\n",
+    b"czNjcmV0\r\n",
+    b"AGpvZQBzM2NyZXQ=",
+    b"YWRtaW4Aam9lAHB3\r\n",
+    b"=\r\n",
+    b"*\r\n",
+    b"MAIL FROM:<joe@example.net>\r\n",
+    b"RCPT TO:<you@example.net>\r\n",
+    b"DATA\r\n",
+    b"BDAT 5 LAST\r\n",
+    b"BDAT 3\r\n",
+    b"NOOP\r\n",
+    b"RSET\r\n",
+    b"QUIT\r\n",
+    b"VRFY joe\r\n",
+    b"HELP\r\n",
+    b"\r\n",
+    b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+];
+
+/// The SMTP client-facing target on input mapped into an SMTP alphabet first (the
+/// smtp-proto fuzz pattern): each data byte below 0x80 becomes one [`SMTP_ALPHABET`]
+/// character, each byte from 0x80 one [`SMTP_WORDS`] entry, so random bytes make
+/// near-valid sessions. Settings byte and chunking as for [`smtp_server`]; the mapping
+/// applies to each chunk.
+pub fn smtp_server_alphabet(data: &[u8]) {
+    let (sel, chunks) = settings_and_chunks(data);
+    let mapped: Vec<Vec<u8>> = chunks.iter().map(|c| smtp_map(c)).collect();
+    smtp_server_chunks(sel, &refs(&mapped));
+}
+
+fn smtp_map(chunk: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(chunk.len() * 2);
+    for &b in chunk {
+        if b < 0x80 {
+            out.push(SMTP_ALPHABET[b as usize % SMTP_ALPHABET.len()]);
+        } else {
+            out.extend_from_slice(SMTP_WORDS[(b - 0x80) as usize % SMTP_WORDS.len()]);
+        }
+    }
+    out
+}
+
+/// SMTP backend-facing machine: [`crate::proto::smtp::fuzz_backend`] on the chunks
+/// (every mode), then the generic driver with a mode from the settings byte: `% 3`
+/// backend TLS, `(sel >> 2) % 8`: 0 probe, 1 no-auth (pop-before-smtp), others
+/// [`backend_credentials`]; bit 5 PLAIN as the client's mechanism, bit 7 XCLIENT.
+pub fn smtp_backend(data: &[u8]) {
+    let (sel, chunks) = settings_and_chunks(data);
+    let chunks = refs(&chunks);
+    proto::smtp::fuzz_backend(&chunks);
+    let which = (sel >> 2) % 8;
+    let creds = backend_credentials(which.saturating_sub(1), sel & 0x20 != 0);
+    let password = creds.as_ref().map(|c| c.secret.expose().to_vec());
+    let policy = backend_policy(sel, sel & 0x80 != 0);
+    let mode = move || match (which, &creds) {
+        (0, _) => proto::smtp::BackendMode::Probe,
+        (_, None) => proto::smtp::BackendMode::NoAuth,
+        (_, Some(c)) => proto::smtp::BackendMode::Auth(c.clone()),
+    };
+    check_backend(
+        || proto::smtp::BackendMachine::new(policy.clone(), mode()),
+        &chunks,
+        64 * 1024,
+        true,
+        password.as_deref(),
+    );
+}
+
+/// The configuration loader on arbitrary text (invalid UTF-8 replaced): it must return
+/// a configuration or an error, never panic, and the error must render. No settings
+/// byte, no chunks. Relative paths resolve against the crate's directory, so seeds that
+/// name `certs/*.pem` get past the file checks and reach the later validation.
+pub fn config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file = base.join("fuzz.yaml");
+    match crate::config::Config::from_text(&text, &file, base) {
+        Ok(cfg) => {
+            let _ = format!("{cfg:?}");
+        }
+        Err(e) => {
+            let _ = e.to_string();
+            let _ = format!("{e:?}");
+        }
+    }
+}
+
+/// A fuzz entry point.
+pub type Target = fn(&[u8]);
+
+/// Every entry point by its fuzz target name, for the corpus replay test and tools.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("imap_server", imap_server),
+    ("imap_backend", imap_backend),
+    ("pop3_server", pop3_server),
+    ("pop3_backend", pop3_backend),
+    ("smtp_server", smtp_server),
+    ("smtp_server_alphabet", smtp_server_alphabet),
+    ("smtp_backend", smtp_backend),
+    ("config", config),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_join_round_trip() {
+        assert_eq!(split(b""), vec![Vec::<u8>::new()]);
+        assert_eq!(split(b"ab\xffcd"), vec![b"ab".to_vec(), b"cd".to_vec()]);
+        assert_eq!(split(b"a\xff\x00b"), vec![b"a\xffb".to_vec()]);
+        let empty = Vec::<u8>::new;
+        assert_eq!(split(b"\xff"), vec![empty(), empty()]);
+        assert_eq!(split(b"\xff\xff"), vec![empty(), empty(), empty()]);
+        let chunks = vec![
+            b"x\xff".to_vec(),
+            empty(),
+            b"\xff\x00y".to_vec(),
+            vec![0xff],
+        ];
+        assert_eq!(split(&join(&chunks)), chunks);
+    }
+
+    #[test]
+    fn entry_points_accept_empty_and_tiny_inputs() {
+        for (_, f) in TARGETS {
+            f(b"");
+            f(b"\x00");
+            f(b"\xff");
+            f(b"1\xff\xff\x00\xff");
+        }
+    }
+}
