@@ -103,7 +103,8 @@ cargo build --locked --bins
 failed=()
 
 log "cargo test --locked"
-if ! cargo test --locked; then
+# --show-output: the load test reports the proxy's memory per idle session.
+if ! cargo test --locked -- --show-output; then
     failed+=("cargo test")
 fi
 

@@ -207,10 +207,6 @@ limits: {{ max_connections: 20000, max_connections_per_ip: 20000 }}
 /// Raises this process's soft fd limit to the hard one (the test holds ~16,000 sockets).
 fn raise_own_fd_limit() {
     let pid = std::process::id();
-    let _ = Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg("--nofile=unlimited:")
-        .status();
     let hard = fd_limit();
     let _ = Command::new("prlimit")
         .arg(format!("--pid={pid}"))
