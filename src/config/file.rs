@@ -387,11 +387,13 @@ fn split_path(path: &str) -> Vec<Seg<'_>> {
         if !name.is_empty() && name != "?" {
             out.push(Seg::Key(name));
         }
-        while let Some(close) = rest.find(']') {
-            if let Ok(n) = rest[1..close].parse() {
+        // `[n]` groups only; anything else after a name (odd keys) ends the path here.
+        while let Some(inner) = rest.strip_prefix('[') {
+            let Some(close) = inner.find(']') else { break };
+            if let Ok(n) = inner[..close].parse() {
                 out.push(Seg::Index(n));
             }
-            rest = &rest[close + 1..];
+            rest = &inner[close + 1..];
         }
     }
     out
@@ -482,6 +484,22 @@ routes:
         assert_eq!(locate(SAMPLE, "listeners[0].listen"), Some((2, 35)));
         assert_eq!(locate(SAMPLE, "pools.new.imap.tls"), Some((8, 42)));
         assert_eq!(locate(SAMPLE, "pools.new"), Some((7, 3)));
+    }
+
+    #[test]
+    fn odd_key_paths_do_not_panic() {
+        for path in [
+            "a[1]é]",
+            "é[]",
+            "[",
+            "]",
+            "a[",
+            "a[x]",
+            "a.[2].b",
+            "routes[0]]",
+        ] {
+            let _ = locate(SAMPLE, path);
+        }
     }
 
     #[test]
