@@ -50,7 +50,8 @@ async fn idle_session(addr: std::net::SocketAddr) -> Result<Client, String> {
     let s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
-    let mut c = Client::from_stream(s);
+    // Generous: this test is about losing nothing, not about speed (CI machines may be busy).
+    let mut c = Client::from_stream(s).with_timeout(Duration::from_secs(60));
     let g = c.line().await.ok_or("no greeting")?;
     if !g.starts_with("* OK") {
         return Err(g);
@@ -125,11 +126,11 @@ limits: {{ max_connections: 20000, max_connections_per_ip: 20000 }}
     tokio::time::sleep(Duration::from_millis(300)).await;
     let base_kb = rss_kb(pid);
 
-    // Open the idle sessions, 400 at a time.
+    // Open the idle sessions, 200 at a time.
     let mut idle = Vec::with_capacity(IDLE_SESSIONS);
     let started = Instant::now();
     while idle.len() < IDLE_SESSIONS {
-        let batch: Vec<_> = (0..400.min(IDLE_SESSIONS - idle.len()))
+        let batch: Vec<_> = (0..200.min(IDLE_SESSIONS - idle.len()))
             .map(|_| tokio::spawn(idle_session(addr)))
             .collect();
         for h in batch {
@@ -157,11 +158,11 @@ limits: {{ max_connections: 20000, max_connections_per_ip: 20000 }}
             let (ok, errors) = (ok.clone(), errors.clone());
             tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    match tokio::time::timeout(Duration::from_secs(10), async {
+                    match tokio::time::timeout(Duration::from_secs(60), async {
                         let s = tokio::net::TcpStream::connect(addr)
                             .await
                             .map_err(|e| e.to_string())?;
-                        let mut c = Client::from_stream(s);
+                        let mut c = Client::from_stream(s).with_timeout(Duration::from_secs(30));
                         c.line().await.ok_or("no greeting")?;
                         c.send(b"a LOGIN bob password\r\nb LOGOUT\r\n").await;
                         let r = c.until("b ").await;

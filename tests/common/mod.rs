@@ -113,6 +113,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub struct Client {
     io: Option<Box<dyn Io>>,
     buf: Vec<u8>,
+    timeout: Duration,
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,12 +124,19 @@ impl Client {
         Client {
             io: Some(Box::new(s)),
             buf: Vec::new(),
+            timeout: TIMEOUT,
         }
+    }
+    /// How long `line` waits for the server (default 10 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
     }
     pub fn from_stream(s: TcpStream) -> Client {
         Client {
             io: Some(Box::new(s)),
             buf: Vec::new(),
+            timeout: TIMEOUT,
         }
     }
     pub async fn connect_tls(addr: SocketAddr) -> Client {
@@ -136,6 +144,7 @@ impl Client {
         let mut c = Client {
             io: Some(Box::new(s)),
             buf: Vec::new(),
+            timeout: TIMEOUT,
         };
         c.start_tls().await;
         c
@@ -169,7 +178,7 @@ impl Client {
                 return Some(String::from_utf8_lossy(&line[..p]).into_owned());
             }
             let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(TIMEOUT, self.io.as_mut().unwrap().read(&mut chunk))
+            let n = tokio::time::timeout(self.timeout, self.io.as_mut().unwrap().read(&mut chunk))
                 .await
                 .expect("server answered in time")
                 .unwrap_or(0);
