@@ -302,13 +302,13 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
             }
             let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), backend.stream.shutdown()).await;
-            admin_kick_count(ctx, "shutdown");
+            count_kick(ctx, "shutdown");
         }
         RelayEnd::Kicked(reason) => {
             goodbye(ctx, &mut client, reason).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), backend.stream.shutdown()).await;
             summary.outcome = "kicked";
-            admin_kick_count(ctx, reason.as_str());
+            count_kick(ctx, reason.as_str());
         }
     }
     summary.up = up + extra_up;
@@ -415,7 +415,7 @@ fn session_id() -> u64 {
     SESSION_ID.try_with(|id| *id).unwrap_or(0)
 }
 
-fn admin_kick_count(ctx: &SessionCtx, reason: &'static str) {
+fn count_kick(ctx: &SessionCtx, reason: &'static str) {
     crate::admin::count_kick(ctx.listener.protocol.as_str(), reason);
 }
 

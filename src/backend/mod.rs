@@ -445,23 +445,11 @@ pub async fn login(
                 )
                 .await
             }
-            Auth::Replay(creds) => {
-                let job = Job::Login(creds.clone());
-                attempt(
-                    backends,
-                    snap,
-                    pool,
-                    protocol,
-                    pp,
-                    addr,
-                    job,
-                    client.clone(),
-                    helo,
-                )
-                .await
-            }
-            Auth::Bridge => {
-                let job = Job::SmtpNoAuth;
+            Auth::Replay(_) | Auth::Bridge => {
+                let job = match auth {
+                    Auth::Replay(creds) => Job::Login(creds.clone()),
+                    Auth::Bridge => Job::SmtpNoAuth,
+                };
                 attempt(
                     backends,
                     snap,
