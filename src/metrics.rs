@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub mod handles;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -164,7 +166,9 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; then ours stays unused
             // and /metrics shows nothing, which a test would notice.
-            let _ = metrics::set_global_recorder(recorder);
+            if metrics::set_global_recorder(recorder).is_ok() {
+                handles::recorder_installed();
+            }
             for d in CATALOGUE {
                 match d.kind {
                     _ if SCRAPED.contains(&d.name) => {}

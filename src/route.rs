@@ -33,8 +33,14 @@ pub struct Decision {
     pub stage: Option<String>,
     /// The pool tried when every server of `pool` is unavailable.
     pub fallback: Option<FallbackDecision>,
-    /// When the decision was taken (RFC 3339).
-    pub at: String,
+    /// When the decision was taken (Unix seconds; RFC 3339 when printed or serialized:
+    /// formatted only then, not on every login).
+    #[serde(serialize_with = "serialize_rfc3339")]
+    pub at: i64,
+}
+
+fn serialize_rfc3339<S: serde::Serializer>(at: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::config::rfc3339::format(*at))
 }
 
 /// The fallback part of a decision.
@@ -114,7 +120,7 @@ fn servers_for(
     };
     let pool = cfg.pools.get(pool_name).ok_or_else(missing)?;
     let pp = pool.protocols.get(&protocol).ok_or_else(missing)?;
-    let mut servers: Vec<String> = pp.servers.iter().map(|s| s.to_string()).collect();
+    let mut servers: Vec<String> = pp.servers.iter().map(|s| s.as_str().to_owned()).collect();
     if pool.balance == Balance::UserHash && !servers.is_empty() {
         let start = stable_hash(b"balance", user) % servers.len() as u64;
         servers.rotate_left(start as usize);
@@ -166,7 +172,7 @@ pub fn route(
         bucket,
         stage: stage.map(str::to_string),
         fallback,
-        at: crate::config::rfc3339::format(now),
+        at: now,
     })
 }
 
@@ -198,7 +204,7 @@ impl Decision {
         out.push_str(&format!(
             "stage:    {} (at {})\n",
             self.stage.as_deref().unwrap_or("(top-level routes)"),
-            self.at
+            crate::config::rfc3339::format(self.at)
         ));
         out.push_str(&format!("bucket:   {} (for percent rules)\n", self.bucket));
         out

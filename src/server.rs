@@ -388,3 +388,29 @@ fn normalize_peer(peer: SocketAddr) -> SocketAddr {
         v4 => v4,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+    use crate::proto::ListenerTls;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_from_the_listener() {
+        // Sessions do not set TCP_NODELAY themselves: they rely on Linux copying it from
+        // the listening socket (small replies must not wait for a delayed ACK).
+        let l = Listener {
+            name: "t".into(),
+            protocol: Protocol::Imap,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: ListenerTls::None,
+            allow_plaintext_auth: true,
+            bridge_window: None,
+        };
+        let sock = bind(&l).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = sock.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+}

@@ -74,7 +74,7 @@ fn smtp_extensions(ctx: &SessionCtx) -> Vec<String> {
                 .control
                 .backends
                 .registry
-                .get(&pool.name, Protocol::Smtp, &addr.to_string())
+                .get(&pool.name, Protocol::Smtp, addr.as_str())
                 .capabilities();
             if !caps.is_empty() {
                 lists.push(caps);
@@ -149,13 +149,10 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
     );
     let fut = async move {
         let started = Instant::now();
-        let labels = [
-            ("listener", ctx.listener.name.clone()),
-            ("protocol", ctx.listener.protocol.as_str().to_string()),
-        ];
-        metrics::counter!(m::CONNECTIONS, &labels).increment(1);
-        let _active = GaugeGuard::new(metrics::gauge!(m::CONNECTIONS_ACTIVE, &labels));
-        let _ = tcp.set_nodelay(true);
+        let handles = m::handles::listener(&ctx.listener.name, ctx.listener.protocol);
+        handles.connections.increment(1);
+        let _active = GaugeGuard::new(handles.connections_active.clone());
+        drop(handles);
         let mut summary = Summary {
             outcome: "closed",
             closed_by: "-",
@@ -221,10 +218,8 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     // Hand-off: backend bytes that followed its login reply go to the client, the
     // client's pipelined bytes go to the backend, then the relay takes over.
     summary.outcome = "relayed";
-    let proto_label = ctx.listener.protocol.as_str();
-    let _sessions = GaugeGuard::new(
-        metrics::gauge!(m::SESSIONS_ACTIVE, "pool" => pool.clone(), "protocol" => proto_label),
-    );
+    let pool_metrics = m::handles::pool(&pool, ctx.listener.protocol);
+    let _sessions = GaugeGuard::new(pool_metrics.sessions_active.clone());
     if !backend.leftover.is_empty() && client.write_all(&backend.leftover).await.is_err() {
         summary.outcome = "client_error";
         return;
@@ -287,7 +282,11 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
                     }
                 }
             }
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
+            // TLS: close_notify. Plain TCP: the close when `client` drops sends the FIN; a
+            // shutdown first would only cost a system call per session.
+            if client.is_tls() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
+            }
         }
         RelayEnd::Stopped => {
             summary.outcome = "stopped";
@@ -313,12 +312,11 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     }
     summary.up = up + extra_up;
     summary.down = down + extra_down;
-    metrics::histogram!(m::SESSION_SECONDS, "pool" => pool.clone(), "protocol" => proto_label)
+    pool_metrics
+        .session_seconds
         .record(relay_started.elapsed().as_secs_f64());
-    metrics::counter!(m::BYTES, "pool" => pool.clone(), "protocol" => proto_label, "direction" => "client_to_backend")
-        .increment(summary.up);
-    metrics::counter!(m::BYTES, "pool" => pool, "protocol" => proto_label, "direction" => "backend_to_client")
-        .increment(summary.down);
+    pool_metrics.bytes_up.increment(summary.up);
+    pool_metrics.bytes_down.increment(summary.down);
 }
 
 /// The session's only input buffer before login. Whatever it held is wiped when it is
@@ -721,7 +719,7 @@ async fn login(
     drop(creds);
     span.record("pool", pool.as_str());
     summary.pool = Some(pool.clone());
-    let (label, outcome, conn) = match result {
+    let (result_label, outcome, conn) = match result {
         LoginResult::LoggedIn(c) => {
             span.record("backend", c.server.as_str());
             summary.server = Some(c.server.clone());
@@ -737,7 +735,7 @@ async fn login(
             });
             let caps = c.capabilities.clone();
             (
-                "ok",
+                m::handles::LoginResult::Ok,
                 LoginOutcome::Ok { capabilities: caps },
                 Some((c, pool.clone())),
             )
@@ -745,7 +743,7 @@ async fn login(
         LoginResult::AuthFailed { response, server } => {
             tracing::info!(%server, "login rejected by backend");
             (
-                "auth_failed",
+                m::handles::LoginResult::AuthFailed,
                 LoginOutcome::AuthFailed {
                     response: Some(response),
                 },
@@ -754,13 +752,17 @@ async fn login(
         }
         LoginResult::Unavailable => {
             tracing::warn!("no server of the pool is available");
-            ("backend_unavailable", LoginOutcome::Unavailable, None)
+            (
+                m::handles::LoginResult::BackendUnavailable,
+                LoginOutcome::Unavailable,
+                None,
+            )
         }
     };
-    summary.outcome = label;
-    match label {
-        "ok" => ctx.control.throttle.success(&decision.user),
-        "auth_failed" => {
+    summary.outcome = result_label.as_str();
+    match result_label {
+        m::handles::LoginResult::Ok => ctx.control.throttle.success(&decision.user),
+        m::handles::LoginResult::AuthFailed => {
             // Tarpit: the answer to a failed login comes later and later.
             let delay = ctx.control.throttle.failure(
                 peer.ip(),
@@ -770,17 +772,20 @@ async fn login(
             );
             tokio::time::sleep(delay).await;
         }
-        _ => {}
+        m::handles::LoginResult::BackendUnavailable => {}
     }
-    metrics::histogram!(m::LOGIN_BACKEND_SECONDS, "protocol" => protocol.as_str(), "pool" => pool.clone())
+    let pool_metrics = m::handles::pool(&pool, protocol);
+    pool_metrics
+        .login_backend_seconds
         .record(at_backend.as_secs_f64());
     let at_proxy = started
         .elapsed()
         .saturating_sub(waited)
         .saturating_sub(at_backend);
-    metrics::histogram!(m::LOGIN_PROXY_SECONDS, "protocol" => protocol.as_str())
-        .record(at_proxy.as_secs_f64());
-    metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => pool, "rule" => decision.rule_id.clone(), "result" => label, "tls" => tls_label(client_tls)).increment(1);
+    m::handles::login_proxy_seconds(protocol).record(at_proxy.as_secs_f64());
+    pool_metrics
+        .logins(&decision.rule_id, result_label, client_tls)
+        .increment(1);
     (outcome, conn)
 }
 

@@ -113,7 +113,9 @@ impl ServerState {
 #[derive(Debug)]
 pub struct Registry {
     epoch: Instant,
-    map: Mutex<HashMap<(String, Protocol, String), Arc<ServerState>>>,
+    /// Per pool: its servers' states (a handful: found by a scan, no key allocation on the
+    /// login path).
+    map: Mutex<HashMap<String, Vec<Arc<ServerState>>>>,
 }
 
 impl Default for Registry {
@@ -132,9 +134,17 @@ impl Registry {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.entry((pool.to_string(), protocol, server.to_string()))
-            .or_insert_with(|| Arc::new(ServerState::new(pool, protocol, server, self.epoch)))
-            .clone()
+        let found = map.get(pool).and_then(|states| {
+            states
+                .iter()
+                .find(|s| s.protocol == protocol && s.server == server)
+        });
+        if let Some(state) = found {
+            return state.clone();
+        }
+        let state = Arc::new(ServerState::new(pool, protocol, server, self.epoch));
+        map.entry(pool.to_string()).or_default().push(state.clone());
+        state
     }
 }
 

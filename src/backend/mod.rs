@@ -250,8 +250,8 @@ async fn drive(
     pp: &PoolProtocol,
     addr: &ServerAddr,
 ) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
+    // Read straight into `buf` (no stack chunk: this future lives in every login).
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
     loop {
         while let Some(action) = machine.poll_action() {
             match action {
@@ -285,14 +285,14 @@ async fn drive(
         if buf.len() >= MAX_BACKEND_PENDING {
             return Err(Failure::Protocol);
         }
+        buf.reserve(1024);
         let n = stream
-            .read(&mut chunk)
+            .read_buf(&mut buf)
             .await
             .map_err(|_| Failure::Protocol)?;
         if n == 0 {
             return Err(Failure::Protocol);
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -328,7 +328,8 @@ pub async fn attempt(
             pool.dns_grace,
         )
         .await?;
-        metrics::histogram!(m::BACKEND_CONNECT_SECONDS, "pool" => pool.name.clone(), "protocol" => protocol.as_str(), "server" => addr.to_string())
+        m::handles::pool(&pool.name, protocol)
+            .connect_seconds(addr.as_str())
             .record(connect_started.elapsed().as_secs_f64());
         let stream = if pp.tls == BackendTls::Implicit {
             tls_connect(tcp, snap, &pool.name, protocol, pp, addr).await?
@@ -371,7 +372,7 @@ pub fn try_order<'a>(
             pp.servers
                 .iter()
                 .enumerate()
-                .find(|(_, a)| a.to_string() == *s)
+                .find(|(_, a)| a.as_str() == s.as_str())
         })
         .collect();
     // Stable partition: available servers keep their order and go first; down servers
@@ -381,12 +382,12 @@ pub fn try_order<'a>(
         .flatten();
     let available = |index: usize, a: &ServerAddr| {
         let reg = &backends.registry;
-        reg.get(&pool.name, protocol, &a.to_string())
+        reg.get(&pool.name, protocol, a.as_str())
             .is_available(&pool.health)
             && paired
                 .and_then(|pop| pop.servers.get(index))
                 .is_none_or(|p| {
-                    reg.get(&pool.name, Protocol::Pop3, &p.to_string())
+                    reg.get(&pool.name, Protocol::Pop3, p.as_str())
                         .is_available(&pool.health)
                 })
     };
@@ -426,7 +427,7 @@ pub async fn login(
     let candidates = try_order(backends, pool, protocol, pp, order);
     let total = candidates.len();
     for (n, (index, addr)) in candidates.into_iter().enumerate() {
-        let server = addr.to_string();
+        let server = addr.as_str().to_owned();
         let state = backends.registry.get(pool_name, protocol, &server);
         let pop_check =
             protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp;
@@ -519,7 +520,7 @@ async fn pop_before_smtp(
         .get(&Protocol::Pop3)
         .ok_or(Failure::NoMechanism)?;
     let pop_addr = pop_pp.servers.get(index).ok_or(Failure::NoMechanism)?;
-    let pop_server = pop_addr.to_string();
+    let pop_server = pop_addr.as_str().to_owned();
     let pop_state = backends
         .registry
         .get(&pool.name, Protocol::Pop3, &pop_server);
@@ -616,7 +617,7 @@ pub async fn run_health_checks(
                 let (pool_name, protocol, addr) = (pool.name.clone(), *protocol, addr.clone());
                 tasks.spawn(async move {
                     let Some(pool) = snap.config.pools.get(&pool_name) else { return };
-                    let server = addr.to_string();
+                    let server = addr.as_str().to_owned();
                     let state = backends.registry.get(&pool_name, protocol, &server);
                     loop {
                         match probe(&backends, &snap, pool, protocol, &addr).await {

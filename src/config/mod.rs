@@ -131,15 +131,31 @@ pub struct ServerAddr {
     pub host: Host,
     /// Port.
     pub port: u16,
+    /// `host:port` as printed (`[v6]:port`), made once: it names the server in health
+    /// state, routing decisions and metrics on every login.
+    text: String,
+}
+
+impl ServerAddr {
+    /// An address from its parts.
+    pub fn new(host: Host, port: u16) -> Self {
+        let text = match &host {
+            Host::Ip(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+            Host::Ip(ip) => format!("{ip}:{port}"),
+            Host::Name(n) => format!("{n}:{port}"),
+        };
+        ServerAddr { host, port, text }
+    }
+
+    /// `host:port`, as [`Display`](fmt::Display) prints it.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
 }
 
 impl fmt::Display for ServerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.host {
-            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
-            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
-            Host::Name(n) => write!(f, "{n}:{}", self.port),
-        }
+        f.write_str(&self.text)
     }
 }
 
@@ -147,10 +163,7 @@ impl std::str::FromStr for ServerAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(ServerAddr {
-                host: Host::Ip(sa.ip()),
-                port: sa.port(),
-            });
+            return Ok(ServerAddr::new(Host::Ip(sa.ip()), sa.port()));
         }
         let (host, port) = s
             .rsplit_once(':')
@@ -170,10 +183,7 @@ impl std::str::FromStr for ServerAddr {
         if !valid_name {
             return Err(format!("{s:?}: bad host name"));
         }
-        Ok(ServerAddr {
-            host: Host::Name(host.to_ascii_lowercase()),
-            port,
-        })
+        Ok(ServerAddr::new(Host::Name(host.to_ascii_lowercase()), port))
     }
 }
 
