@@ -38,6 +38,65 @@ pub enum StartError {
     /// The new configuration is invalid.
     #[error("{0}")]
     Config(String),
+    /// The session worker threads could not be started.
+    #[error("cannot start the session workers: {source}")]
+    Workers {
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Session workers: one thread per CPU (or `workers:`), each running a single-threaded
+/// runtime. Every listener has one socket per worker (`SO_REUSEPORT`: the kernel spreads
+/// new connections over them), and a connection stays on the worker that accepted it from
+/// greeting to close. No task moves between threads, no wakeup crosses them, and memory
+/// is freed by the thread that allocated it: what nginx's and HAProxy's per-CPU workers
+/// get, and about a tenth of the CPU a login costs on a work-stealing runtime (see
+/// BENCHMARKS.md). Health checks, reloads and the endpoints stay on the main runtime.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    fn start(configured: usize) -> std::io::Result<Workers> {
+        let n = match configured {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let worker_stop = stop.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("cutover-worker-{i}"))
+                .spawn(move || {
+                    rt.block_on(worker_stop.cancelled());
+                    // Dropping the runtime here ends whatever it still runs (only after
+                    // the drain, or when the proxy is dropped without one).
+                });
+            if let Err(e) = spawned {
+                stop.cancel();
+                return Err(e);
+            }
+        }
+        tracing::debug!(workers = n, "session workers started");
+        Ok(Workers { handles, stop })
+    }
+
+    fn len(&self) -> usize {
+        self.handles.len()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 struct ListenerTask {
@@ -60,6 +119,7 @@ pub struct Running {
     tracker: TaskTracker,
     background: CancellationToken,
     reload_lock: Arc<tokio::sync::Mutex<()>>,
+    workers: Arc<Workers>,
 }
 
 impl Running {
@@ -116,6 +176,9 @@ impl Running {
         if old.config.dns_servers != snap.config.dns_servers {
             tracing::warn!("dns.servers changed: restart required for that part");
         }
+        if old.config.workers != snap.config.workers {
+            tracing::warn!("workers changed: restart required for that part");
+        }
         // Bind what is new or moved.
         let mut fresh = Vec::new();
         {
@@ -132,7 +195,7 @@ impl Running {
         }
         let mut bound = Vec::new();
         for l in &fresh {
-            bound.push((l.clone(), bind(l)?));
+            bound.push((l.clone(), bind(l, self.workers.len())?));
         }
         let moved = self.control.install(snap.clone());
         if self.metrics.is_some() {
@@ -163,17 +226,30 @@ impl Running {
         Ok(moved)
     }
 
-    fn spawn_listener(&self, l: &Listener, sock: TcpListener) -> ListenerTask {
-        let bound = sock.local_addr().unwrap_or(l.listen);
-        tracing::info!(listener = %l.name, protocol = %l.protocol, addr = %bound, tls = ?l.tls, "listening");
+    fn spawn_listener(&self, l: &Listener, socks: Vec<std::net::TcpListener>) -> ListenerTask {
+        let bound = socks
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .unwrap_or(l.listen);
+        tracing::info!(listener = %l.name, protocol = %l.protocol, addr = %bound, tls = ?l.tls, sockets = socks.len(), "listening");
         let stop = self.control.drain.child_token();
-        tokio::spawn(accept_loop(
-            sock,
-            l.clone(),
-            self.control.clone(),
-            self.tracker.clone(),
-            stop.clone(),
-        ));
+        for (sock, worker) in socks.into_iter().zip(self.workers.handles.iter().cycle()) {
+            let (l, control, tracker, stop) = (
+                l.clone(),
+                self.control.clone(),
+                self.tracker.clone(),
+                stop.clone(),
+            );
+            worker.spawn(async move {
+                // Registered with this worker's reactor: its connections stay here.
+                match TcpListener::from_std(sock) {
+                    Ok(sock) => accept_loop(sock, l, control, tracker, stop).await,
+                    Err(e) => {
+                        tracing::error!(listener = %l.name, error = %e, "cannot serve listener socket")
+                    }
+                }
+            });
+        }
         ListenerTask {
             addr: l.listen,
             bound,
@@ -220,31 +296,57 @@ impl Running {
     }
 }
 
-fn bind(l: &Listener) -> Result<TcpListener, StartError> {
+/// Binds a listener: `sockets` listening sockets on one address (with `SO_REUSEPORT` when
+/// more than one), returned deregistered so each can join its worker's reactor.
+fn bind(l: &Listener, sockets: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
     let err = |source| StartError::Bind {
         name: l.name.clone(),
         addr: l.listen,
         source,
     };
-    let sock = if l.listen.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
+    let open = |addr: SocketAddr, reuseport: bool| -> std::io::Result<TcpListener> {
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        sock.set_reuseaddr(true)?;
+        if reuseport {
+            sock.set_reuseport(true)?;
+        }
+        // Inherited by accepted connections: sessions need not set it.
+        sock.set_nodelay(true)?;
+        sock.bind(addr)?;
+        sock.listen(BACKLOG)
+    };
+    if sockets <= 1 {
+        return Ok(vec![open(l.listen, false)
+            .and_then(|s| s.into_std())
+            .map_err(err)?]);
     }
-    .map_err(err)?;
-    sock.set_reuseaddr(true).map_err(err)?;
-    sock.set_nodelay(true).map_err(err)?;
-    sock.bind(l.listen).map_err(err)?;
-    sock.listen(BACKLOG).map_err(err)
+    // SO_REUSEPORT would let this group join a socket another process (of the same user)
+    // listens on, splitting the connections silently. A plain bind first fails on any
+    // listener there; it also fixes the port when the configuration asks for port 0.
+    let addr = {
+        let probe = open(l.listen, false).map_err(err)?;
+        probe.local_addr().map_err(err)?
+    };
+    let mut group = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        group.push(open(addr, true).and_then(|s| s.into_std()).map_err(err)?);
+    }
+    Ok(group)
 }
 
 /// Binds every listener and the metrics and admin endpoints and starts serving.
 pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, StartError> {
     let control = Control::new(snap.clone(), backends);
     let background = CancellationToken::new();
+    let workers =
+        Workers::start(snap.config.workers).map_err(|source| StartError::Workers { source })?;
     let mut sockets = Vec::new();
     for l in &snap.config.listeners {
-        sockets.push((l.clone(), bind(l)?));
+        sockets.push((l.clone(), bind(l, workers.len())?));
     }
     let metrics_addr = match snap.config.metrics {
         Some(addr) => {
@@ -311,6 +413,7 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
         tracker: TaskTracker::new(),
         background,
         reload_lock: Arc::new(tokio::sync::Mutex::new(())),
+        workers: Arc::new(workers),
     };
     if let Ok(mut table) = running.listeners.lock() {
         for (l, sock) in sockets {
@@ -407,10 +510,45 @@ mod tests {
             allow_plaintext_auth: true,
             bridge_window: None,
         };
-        let sock = bind(&l).unwrap();
-        let addr = sock.local_addr().unwrap();
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = sock.accept().await.unwrap();
-        assert!(accepted.nodelay().unwrap());
+        for sockets in [1, 2] {
+            let group = bind(&l, sockets).unwrap();
+            assert_eq!(group.len(), sockets);
+            let sock = TcpListener::from_std(group.into_iter().next().unwrap()).unwrap();
+            let addr = sock.local_addr().unwrap();
+            // With two sockets in the group the kernel may hand the connection to the
+            // other one; connect until this one gets one.
+            let mut clients = Vec::new();
+            let accepted = loop {
+                clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+                if let Ok(Ok((s, _))) =
+                    tokio::time::timeout(Duration::from_millis(50), sock.accept()).await
+                {
+                    break s;
+                }
+            };
+            assert!(accepted.nodelay().unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listener_group_shares_one_port_and_refuses_a_taken_address() {
+        let mut l = Listener {
+            name: "t".into(),
+            protocol: Protocol::Imap,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: ListenerTls::None,
+            allow_plaintext_auth: true,
+            bridge_window: None,
+        };
+        let group = bind(&l, 3).unwrap();
+        let port = group[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(group.iter().all(|s| s.local_addr().unwrap().port() == port));
+        // Another listener (here: a plain one) holds the address: a group must not
+        // join it.
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.listen = other.local_addr().unwrap();
+        assert!(matches!(bind(&l, 2), Err(StartError::Bind { .. })));
+        assert!(matches!(bind(&l, 1), Err(StartError::Bind { .. })));
     }
 }

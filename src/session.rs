@@ -252,6 +252,10 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     match end {
         RelayEnd::Closed | RelayEnd::Error(_) => {
             summary.closed_by = if backend_first { "backend" } else { "client" };
+            if backend_first && matches!(end, RelayEnd::Closed) {
+                // The backend closed and everything it sent was relayed.
+                backend.stream.reset_on_close();
+            }
             if backend_first && !goodbye_asked {
                 // The backend went away with the client still there. If many sessions of
                 // this server end together (it died), spread the closes so the failover

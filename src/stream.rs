@@ -28,6 +28,20 @@ impl<T> Stream<T> {
     }
 }
 
+impl BackendStream {
+    /// Makes the close reset the connection (`SO_LINGER` 0) instead of sending a FIN. For
+    /// a backend that has already closed its side and has been read to the end: it is
+    /// waiting for nothing, and a reset spares it a TIME_WAIT socket and both hosts a
+    /// FIN/ACK exchange per session (what HAProxy's `option nolinger` does).
+    pub fn reset_on_close(&self) {
+        let tcp = match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(t) => t.get_ref().0,
+        };
+        let _ = tcp.set_zero_linger();
+    }
+}
+
 impl ClientStream {
     /// The negotiated TLS version, if any.
     pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {

@@ -47,6 +47,8 @@ pub struct RawConfig {
     pub auth_throttle: Option<RawThrottle>,
     /// DNS for backend host names.
     pub dns: Option<RawDns>,
+    /// Session worker threads (0 or absent: one per CPU).
+    pub workers: Option<usize>,
 }
 
 /// `dns:`

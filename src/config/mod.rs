@@ -406,6 +406,8 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// Most users the stragglers tracker remembers.
     pub stragglers_max_users: usize,
+    /// Session worker threads (0: one per CPU). Read at start only.
+    pub workers: usize,
 }
 
 impl Config {
@@ -968,6 +970,10 @@ impl Config {
                 })?);
             }
         }
+        let workers = raw.workers.unwrap_or(0);
+        if workers > 1024 {
+            return Err(cx.err("workers", format!("{workers} is more than 1024")));
+        }
         let stragglers_max_users = raw
             .stragglers
             .as_ref()
@@ -1046,6 +1052,7 @@ impl Config {
             on_move,
             admin,
             stragglers_max_users,
+            workers,
         })
     }
 }
