@@ -9,9 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cutover::config::{rfc3339, Config, Protocol};
 use cutover::snapshot::Snapshot;
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "cutover",

@@ -25,6 +25,20 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; RELAY_BUF]);
 }
 
+/// A writer that can be told which bytes are its last before the close.
+///
+/// When the backend answers a client's `LOGOUT`/`QUIT` and closes at once, its goodbye and
+/// its EOF usually arrive together; written as they come, the goodbye goes out in one
+/// segment and the close's FIN in another, each acknowledged. A writer that holds the last
+/// bytes back (TCP_CORK) lets the close carry them with the FIN: half the packets at the end
+/// of every session. Writers that cannot just write.
+pub trait FinalWrite: AsyncWrite + Unpin {
+    /// Prepares for a last write: the close that follows sends it.
+    fn hold_for_close(&mut self) {}
+}
+
+impl FinalWrite for tokio::io::DuplexStream {}
+
 #[derive(Debug)]
 struct Direction {
     /// Bytes read but not yet written, and how much of them is written.
@@ -88,10 +102,19 @@ impl Direction {
 }
 
 impl Direction {
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    /// Moves bytes from `r` to `w`. `closing`: `r` is expected to end now (the client said
+    /// goodbye); a read that finds its EOF right behind the data holds the data for the
+    /// close.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        closing: bool,
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        W: FinalWrite,
     {
         if self.done {
             return Poll::Ready(Ok(()));
@@ -132,12 +155,23 @@ impl Direction {
                         Poll::Ready(Err(e))
                     }
                     Poll::Ready(Ok(())) => {
-                        let data = rb.filled();
-                        self.remember_tail(data);
-                        if data.is_empty() {
+                        if rb.filled().is_empty() {
                             self.read_done = true;
                             return Poll::Ready(Ok(()));
                         }
+                        if closing && rb.remaining() > 0 {
+                            // Is the EOF right behind? (Pending costs no system call
+                            // here: the read above left the readiness cleared.)
+                            let before = rb.filled().len();
+                            if let Poll::Ready(Ok(())) = Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                                if rb.filled().len() == before {
+                                    self.read_done = true;
+                                    w.hold_for_close();
+                                }
+                            }
+                        }
+                        let data = rb.filled();
+                        self.remember_tail(data);
                         let mut off = 0;
                         while off < data.len() {
                             match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
@@ -189,8 +223,8 @@ pub struct Relay<'a, C, B> {
 
 impl<'a, C, B> Relay<'a, C, B>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + FinalWrite,
+    B: AsyncRead + FinalWrite,
 {
     /// A relay over two connected streams.
     pub fn new(client: &'a mut C, backend: &'a mut B) -> Self {
@@ -214,8 +248,8 @@ where
         let Some(line) = self.up.last_line() else {
             return false;
         };
-        let upper = line.to_ascii_uppercase();
-        upper == b"QUIT" || upper.ends_with(b" LOGOUT")
+        line.eq_ignore_ascii_case(b"QUIT")
+            || (line.len() > 7 && line[line.len() - 7..].eq_ignore_ascii_case(b" LOGOUT"))
     }
 
     /// Bytes written to the backend so far.
@@ -236,15 +270,16 @@ where
 
 impl<C, B> Future for Relay<'_, C, B>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + FinalWrite,
+    B: AsyncRead + FinalWrite,
 {
     type Output = io::Result<()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let up = this.up.poll(cx, this.client, this.backend);
-        let down = this.down.poll(cx, this.backend, this.client);
+        let up = this.up.poll(cx, this.client, this.backend, false);
+        let closing = this.client_said_goodbye();
+        let down = this.down.poll(cx, this.backend, this.client, closing);
         if this.backend_first.is_none() && (this.up.read_done || this.down.read_done) {
             this.backend_first = Some(this.down.read_done && !this.up.read_done);
         }

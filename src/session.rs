@@ -488,6 +488,10 @@ async fn preauth(
     let max_pending = cfg.limits.max_line + cfg.limits.max_literal + 1024;
     let mut inbuf = InputBuf(Vec::with_capacity(512));
     let mut backend: Option<(Connected, String)> = None;
+    // One waiter on the drain token for the whole pre-auth phase, not one per read.
+    let drain = ctx.control.drain.cancelled();
+    tokio::pin!(drain);
+    let mut drained = false;
     loop {
         // The machine consumes what it can, then says what to do. A machine may queue
         // actions without consuming (e.g. the SMTP bridge leaves MAIL for the backend).
@@ -581,7 +585,7 @@ async fn preauth(
                 }
                 Err(_) => { summary.outcome = "timeout"; sm.timed_out(); }
             },
-            _ = ctx.control.drain.cancelled() => { summary.outcome = "shutdown"; sm.shutting_down(); }
+            _ = &mut drain, if !drained => { drained = true; summary.outcome = "shutdown"; sm.shutting_down(); }
         }
     }
 }
@@ -664,22 +668,25 @@ async fn login(
     let helo = helo.unwrap_or_else(|| cfg.hostname.clone());
     let bridge = creds.mechanism == Mechanism::PreAuthorized;
 
-    let mut attempts = vec![(decision.pool.clone(), decision.servers.clone())];
-    if let Some(f) = &decision.fallback {
-        attempts.push((f.pool.clone(), f.servers.clone()));
-    }
+    let attempts = [
+        Some((decision.pool.as_str(), decision.servers.as_slice())),
+        decision
+            .fallback
+            .as_ref()
+            .map(|f| (f.pool.as_str(), f.servers.as_slice())),
+    ];
     let mut result = LoginResult::Unavailable;
-    let mut pool = decision.pool.clone();
-    for (i, (pool_name, servers)) in attempts.iter().enumerate() {
+    let mut pool = decision.pool.as_str();
+    for (i, (pool_name, servers)) in attempts.into_iter().flatten().enumerate() {
         if i > 0 {
             let reason = match &result {
                 LoginResult::AuthFailed { .. } => "auth_failed",
                 _ => "unavailable",
             };
             tracing::info!(from = %decision.pool, to = %pool_name, reason, "trying the fallback pool");
-            metrics::counter!(m::FALLBACKS, "from" => decision.pool.clone(), "to" => pool_name.clone(), "reason" => reason).increment(1);
+            metrics::counter!(m::FALLBACKS, "from" => decision.pool.clone(), "to" => pool_name.to_string(), "reason" => reason).increment(1);
         }
-        pool = pool_name.clone();
+        pool = pool_name;
         let login_name = match cfg.pools.get(pool_name) {
             Some(p) if p.login_original_name => creds.user.trim().to_string(),
             _ => decision.user.clone(),
@@ -721,8 +728,8 @@ async fn login(
         }
     }
     drop(creds);
-    span.record("pool", pool.as_str());
-    summary.pool = Some(pool.clone());
+    span.record("pool", pool);
+    summary.pool = Some(pool.to_string());
     let (result_label, outcome, conn) = match result {
         LoginResult::LoggedIn(c) => {
             span.record("backend", c.server.as_str());
@@ -730,7 +737,7 @@ async fn login(
             tracing::debug!(server = %c.server, tls = client_tls, "login ok");
             ctx.control.history.record(&Login {
                 user: &decision.user,
-                pool: &pool,
+                pool,
                 protocol,
                 listener: &ctx.listener.name,
                 tls: client_tls,
@@ -741,7 +748,7 @@ async fn login(
             (
                 m::handles::LoginResult::Ok,
                 LoginOutcome::Ok { capabilities: caps },
-                Some((c, pool.clone())),
+                Some((c, pool.to_string())),
             )
         }
         LoginResult::AuthFailed { response, server } => {
@@ -778,7 +785,7 @@ async fn login(
         }
         m::handles::LoginResult::BackendUnavailable => {}
     }
-    let pool_metrics = m::handles::pool(&pool, protocol);
+    let pool_metrics = m::handles::pool(pool, protocol);
     pool_metrics
         .login_backend_seconds
         .record(at_backend.as_secs_f64());

@@ -28,6 +28,19 @@ impl<T> Stream<T> {
     }
 }
 
+impl crate::relay::FinalWrite for ClientStream {
+    /// Plain TCP: TCP_CORK, so the close sends the last bytes and the FIN in one segment
+    /// (the close pushes corked data at once). TLS writes as usual: its close_notify
+    /// follows.
+    fn hold_for_close(&mut self) {
+        if let Stream::Plain(tcp) = self {
+            let _ = socket2::SockRef::from(&*tcp).set_tcp_cork(true);
+        }
+    }
+}
+
+impl crate::relay::FinalWrite for BackendStream {}
+
 impl BackendStream {
     /// Makes the close reset the connection (`SO_LINGER` 0) instead of sending a FIN. For
     /// a backend that has already closed its side and has been read to the end: it is

@@ -322,3 +322,32 @@ async fn metrics_count_logins_by_result() {
     s.proxy.stop().await;
     down.proxy.stop().await;
 }
+
+#[tokio::test]
+async fn logout_gets_the_backend_goodbye_then_the_close_plain_and_tls() {
+    // The backend answers LOGOUT and closes at once: the proxy holds that last answer for
+    // its close (one segment with the FIN on plain TCP). Every byte of it must still
+    // arrive, followed by the close, on both kinds of listener.
+    let s = setup(None, "{ interval: 0s }").await;
+    for tls in [false, true] {
+        let mut c = if tls {
+            Client::connect_tls(s.proxy.addr("imaps")).await
+        } else {
+            Client::connect(s.proxy.addr("plain")).await
+        };
+        c.line().await.unwrap();
+        let r = c.cmd("a1", "LOGIN bob password").await;
+        assert!(r.last().unwrap().starts_with("a1 OK"), "{r:?}");
+        // A pipelined command ahead of the LOGOUT is answered too.
+        c.send(b"a2 NOOP\r\na3 LOGOUT\r\n").await;
+        let r = c.until("a3 ").await;
+        assert!(r.iter().any(|l| l.starts_with("a2 OK")), "{r:?}");
+        assert!(r.iter().any(|l| l.starts_with("* BYE")), "{r:?}");
+        assert!(r.last().unwrap().starts_with("a3 OK"), "{r:?}");
+        assert!(
+            c.closed().await,
+            "the proxy closes after the backend's goodbye"
+        );
+    }
+    s.proxy.stop().await;
+}

@@ -83,7 +83,13 @@ impl History {
             if users.len() >= self.max_users && !users.contains_key(l.user) {
                 evict(&mut users, |v| v.iter().map(|s| s.last).max().unwrap_or(0));
             }
-            let list = users.entry(l.user.to_string()).or_default();
+            // The key is allocated only for a user not seen before.
+            if !users.contains_key(l.user) {
+                users.insert(l.user.to_string(), Vec::new());
+            }
+            let Some(list) = users.get_mut(l.user) else {
+                return;
+            };
             match list.iter_mut().find(|s| {
                 s.pool == l.pool
                     && s.protocol == l.protocol
@@ -105,7 +111,12 @@ impl History {
                 if addrs.len() >= MAX_ADDRESSES && !addrs.contains_key(&l.ip) {
                     evict(&mut addrs, |v| v.1);
                 }
-                addrs.insert(l.ip, (l.user.to_string(), l.now_ms));
+                match addrs.get_mut(&l.ip) {
+                    Some((user, when)) if user == l.user => *when = l.now_ms,
+                    _ => {
+                        addrs.insert(l.ip, (l.user.to_string(), l.now_ms));
+                    }
+                }
             }
         }
     }

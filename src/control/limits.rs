@@ -174,7 +174,10 @@ impl AuthThrottle {
     /// share one address).
     pub fn success(&self, user: &str) {
         if let Ok(mut m) = self.map.lock() {
-            m.remove(&Key::User(user.to_string()));
+            // Usually nothing failed lately: no key to build.
+            if !m.is_empty() {
+                m.remove(&Key::User(user.to_string()));
+            }
         }
     }
 }
