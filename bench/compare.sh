@@ -3,7 +3,7 @@
 # limit), HAProxy in TCP mode and nginx's mail proxy, same workloads, same certificate,
 # same machine, one run. Prints the table and writes BENCHMARKS.md.
 #
-#   bench/compare.sh            # full run (~8-10 minutes on 2 cores)
+#   bench/compare.sh            # full run (~11 minutes on 2 cores)
 #   bench/compare.sh --quick    # short run (~3 minutes), single repetitions
 #
 # Options:
@@ -427,20 +427,25 @@ for kind in plain tls; do
     done
 done
 
+# Latency, throughput and NOOP: like the login rates, REPS runs interleaved across the
+# targets, the median reported (a single run can land on a bad scheduling pattern).
 for kind in plain tls; do
+    for rep in $(seq "$REPS"); do
     for t in "${TARGETS[@]}"; do
-        log "unloaded login latency, $kind: $t"
+        log "unloaded login latency, $kind: $t (run $rep/$REPS)"
         wait_quiet
         # shellcheck disable=SC2046
         out=$(load "$t" login $(${kind}_args "$t") --concurrency 1 --duration $UNLOADED_S)
         echo "$out" >&2
         record "$t" "unloaded_${kind}_p50_ms" "$(echo "$out" | json p50_ms)"
     done
+    done
 done
 
 for kind in plain tls; do
+    for rep in $(seq "$REPS"); do
     for t in "${TARGETS[@]}"; do
-        log "FETCH 1 MiB throughput, $kind: $t"
+        log "FETCH 1 MiB throughput, $kind: $t (run $rep/$REPS)"
         wait_quiet
         # shellcheck disable=SC2046
         out=$(load "$t" throughput $(${kind}_args "$t") --duration $FETCH_S --pipeline 2)
@@ -448,16 +453,19 @@ for kind in plain tls; do
         record "$t" "fetch_${kind}_mbps" "$(echo "$out" | json mbps)"
         record "$t" "fetch_${kind}_cpu_us_per_mb" "$(per_op "$(echo "$out" | json server_cpu_ticks)" "$(echo "$out" | json bytes | awk '{print $1/1e6}')")"
     done
+    done
 done
 
+for rep in $(seq "$REPS"); do
 for t in "${TARGETS[@]}"; do
-    log "NOOP round trip: $t"
+    log "NOOP round trip: $t (run $rep/$REPS)"
     wait_quiet
     # shellcheck disable=SC2046
     out=$(load "$t" noop $(plain_args "$t") --count $NOOP_N --duration 20)
     echo "$out" >&2
     record "$t" noop_p50_us "$(echo "$out" | json p50_us)"
     record "$t" noop_p99_us "$(echo "$out" | json p99_us)"
+done
 done
 
 # Idle memory: each proxy restarted fresh for each measurement, so memory freed by the
@@ -509,13 +517,13 @@ META="$WORK/meta.tsv"
     printf 'setting\tCPU: %s.\n' "$CPU_NOTE"
     printf 'setting\tAddresses: fake backend %s, HAProxy %s, nginx %s, cutover %s; port %s plaintext, %s implicit TLS. The fake backend (`cutover-fake-imap`, tokio, rustls+ring on its TLS port) accepts any login; every proxy relays to its plaintext port.\n' $BACKEND $HAPROXY $NGINX $CUT $PLAIN $TLSP
     printf 'setting\tTLS: one ECDSA P-256 certificate (SAN bench.test) signed by a CA made for the run with openssl, used by every server. Client (`cutover-load`, rustls+ring): TLS 1.3 only, resumption disabled (a full handshake per connection), SNI bench.test, verifies against the CA. Servers keep their defaults otherwise (X25519, AES-256-GCM chosen, session tickets sent as each does by default).\n'
-    printf 'setting\tLogins: %s concurrent loops of connect, [TLS], greeting, `LOGIN`, tagged OK, `LOGOUT`, wait for the server to close; %s s per run, %s run(s) per target interleaved across targets, the median reported. Latency: from connect to the tagged OK of LOGIN. Unloaded latency: one loop for %s s.\n' $CONC $LOGIN_S $REPS $UNLOADED_S
+    printf 'setting\tLogins: %s concurrent loops of connect, [TLS], greeting, `LOGIN`, tagged OK, `LOGOUT`, wait for the server to close; %s s per run, %s run(s) per target interleaved across targets, the median reported. Latency: from connect to the tagged OK of LOGIN. Unloaded latency: one loop for %s s; it, FETCH and NOOP are also run %s time(s) per target, interleaved, the median reported.\n' $CONC $LOGIN_S $REPS $UNLOADED_S $REPS
     printf 'setting\tFETCH: one logged-in session, `SELECT`, then `FETCH 1 BODY[]` with 2 in flight, each answered with a 1 MiB (1,048,576-byte) literal, for %s s; MB/s counts literal bytes (10^6 bytes per MB).\n' $FETCH_S
     printf 'setting\tIdle memory: each proxy restarted, warmed up with 10 login loops for 0.5 s, VmRSS read (nginx: sum of its worker processes), then %s sessions logged in and left in `IDLE` (set up 50 at a time), VmRSS read again 2 s later; (after - before) / sessions. KiB = 1024 bytes.\n' $IDLE_N
     printf 'setting\tNOOP: one logged-in session, 500 round trips of warm-up, then %s, one at a time.\n' $NOOP_N
     printf 'setting\tnginx: mail module (libnginx-mod-mail), `auth_http` to a `location` of the same nginx that returns `Auth-Status: OK`, `Auth-Server`, `Auth-Port` (no external auth service), `worker_processes auto`, `worker_connections 8192`, listen backlog 4096, other settings default (`proxy_buffer`, `ssl_session_tickets`, no TCP_NODELAY: the mail module has no such setting).\n'
     printf 'setting\tHAProxy: `mode tcp`, one frontend with a plaintext bind and an `ssl crt` bind, backlog 4096, maxconn %s, other settings default (16 KiB buffers, no splicing).\n' $HAPROXY_MAXCONN
-    printf 'setting\tcutover: `cutover run --config` with a generated file: a plaintext listener (`allow_plaintext_auth: true`) and an implicit-TLS one, one pool `fake` with the fake backend, `health: { interval: 0s }`, `limits.max_connections(_per_ip): 100000` (every connection comes from 127.0.0.1; the default of 200 per address would refuse the load), one route, the Prometheus endpoint on; `CUTOVER_LOG=warn` (no per-session line, as the nginx mail module writes none at its default error_log level).\n'
+    printf 'setting\tcutover: `cutover run --config` with a generated file: a plaintext listener (`allow_plaintext_auth: true`) and an implicit-TLS one, one pool `fake` with the fake backend, `health: { interval: 0s }`, `limits.max_connections(_per_ip): 100000` (every connection comes from 127.0.0.1; the default of 200 per address would refuse the load), one route, the Prometheus endpoint on, `workers` left at one per CPU (each with its own SO_REUSEPORT socket per listener); `CUTOVER_LOG=warn` (no per-session line, as the nginx mail module writes none at its default error_log level).\n'
 } >"$META"
 
 log "report"
