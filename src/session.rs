@@ -18,7 +18,7 @@ use crate::backend::{self, Connected, LoginResult};
 use crate::config::{rfc3339, Listener, Protocol};
 use crate::control::history::Login;
 use crate::control::holds::HoldOutcome;
-use crate::control::sessions::{Entry, Kick, KickReason};
+use crate::control::sessions::{Entry, Kick, KickReason, Registration};
 use crate::control::Control;
 use crate::metrics as m;
 use crate::proto::{
@@ -197,7 +197,14 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         Stream::Plain(tcp)
     };
     let mut sm = new_machine(ctx, peer);
-    let Some((mut client, mut backend, pending, pool)) =
+    let Some(Handoff {
+        mut client,
+        mut backend,
+        pending,
+        pool,
+        registered: _registered,
+        kick,
+    }) =
         // Boxed: the pre-auth and login futures are large and only needed until login; the
         // session's own future stays small for the hours it may spend relaying.
         Box::pin(preauth(ctx, sm.as_mut(), client, peer, summary)).await
@@ -205,16 +212,6 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         return;
     };
     drop(sm);
-    let kick = Arc::new(Kick::default());
-    let _registered = ctx.control.sessions.register(
-        session_id(),
-        Entry {
-            user: summary.user.clone().unwrap_or_default(),
-            protocol: ctx.listener.protocol,
-            pool: pool.clone(),
-            kick: kick.clone(),
-        },
-    );
     // Hand-off: backend bytes that followed its login reply go to the client, the
     // client's pipelined bytes go to the backend, then the relay takes over.
     summary.outcome = "relayed";
@@ -473,25 +470,43 @@ async fn tls_accept(
     }
 }
 
-type Handoff = (ClientStream, Connected, Vec<u8>, String);
+/// A logged-in session, ready for the relay.
+struct Handoff<'a> {
+    client: ClientStream,
+    backend: Connected,
+    /// Client bytes pipelined behind the login.
+    pending: Vec<u8>,
+    pool: String,
+    /// In the sessions registry from before the client hears its login succeeded, so a
+    /// kick or a move right after the login cannot miss it.
+    registered: Registration<'a>,
+    kick: Arc<Kick>,
+}
 
 /// Runs the pre-auth machine until the client is logged in (returns the hand-off) or the
 /// connection ends (returns None).
-async fn preauth(
-    ctx: &SessionCtx,
+async fn preauth<'a>(
+    ctx: &'a SessionCtx,
     sm: &mut (dyn PreAuth + Send),
     mut client: ClientStream,
     peer: SocketAddr,
     summary: &mut Summary,
-) -> Option<Handoff> {
+) -> Option<Handoff<'a>> {
     let cfg = &ctx.snap.config;
     let max_pending = cfg.limits.max_line + cfg.limits.max_literal + 1024;
     let mut inbuf = InputBuf(Vec::with_capacity(512));
-    let mut backend: Option<(Connected, String)> = None;
+    let mut backend: Option<(Connected, String, Registration<'a>, Arc<Kick>)> = None;
     // One waiter on the drain token for the whole pre-auth phase, not one per read.
     let drain = ctx.control.drain.cancelled();
     tokio::pin!(drain);
     let mut drained = false;
+    // One timer for the phase too, re-armed only when it fires early. A wait for input may
+    // last the pre-auth timeout from when that wait started: time spent logging in (or
+    // held) does not count.
+    let idle = tokio::time::sleep(cfg.timeouts.preauth);
+    tokio::pin!(idle);
+    let mut timed_out = false;
+    let mut wait_started: Option<tokio::time::Instant> = None;
     loop {
         // The machine consumes what it can, then says what to do. A machine may queue
         // actions without consuming (e.g. the SMTP bridge leaves MAIL for the backend).
@@ -539,9 +554,20 @@ async fn preauth(
                     let helo = sm.client_name().map(str::to_owned);
                     let (outcome, conn) =
                         login(ctx, creds, peer, helo, client.is_tls(), summary).await;
-                    if let Some(c) = conn {
-                        backend = Some(c);
+                    if let Some((c, pool)) = conn {
+                        let kick = Arc::new(Kick::default());
+                        let registered = ctx.control.sessions.register(
+                            session_id(),
+                            Entry {
+                                user: summary.user.clone().unwrap_or_default(),
+                                protocol: ctx.listener.protocol,
+                                pool: pool.clone(),
+                                kick: kick.clone(),
+                            },
+                        );
+                        backend = Some((c, pool, registered, kick));
                     }
+                    // Only now does the client hear the outcome.
                     sm.login_done(outcome);
                 }
                 Action::Close => {
@@ -558,8 +584,15 @@ async fn preauth(
             if client.flush().await.is_err() {
                 return None;
             }
-            let (conn, pool) = backend.take()?;
-            return Some((client, conn, inbuf.take(), pool));
+            let (backend, pool, registered, kick) = backend.take()?;
+            return Some(Handoff {
+                client,
+                backend,
+                pending: inbuf.take(),
+                pool,
+                registered,
+                kick,
+            });
         }
         if used > 0 || acted {
             continue;
@@ -574,17 +607,27 @@ async fn preauth(
             Phase::PreAuth | Phase::Continuation => cfg.timeouts.preauth,
         };
         inbuf.reserve(512, max_pending);
+        let started = *wait_started.get_or_insert_with(tokio::time::Instant::now);
         tokio::select! {
-            r = tokio::time::timeout(timeout, client.read_buf(&mut inbuf.0)) => match r {
-                Ok(Ok(0)) => { summary.outcome = "client_closed_preauth"; return None; }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
+            r = client.read_buf(&mut inbuf.0) => match r {
+                Ok(0) => { summary.outcome = "client_closed_preauth"; return None; }
+                Ok(_) => wait_started = None,
+                Err(e) => {
                     tracing::debug!(error = %e, "client read failed");
                     summary.outcome = "client_error";
                     return None;
                 }
-                Err(_) => { summary.outcome = "timeout"; sm.timed_out(); }
             },
+            _ = &mut idle, if !timed_out => {
+                let due = started + timeout;
+                if tokio::time::Instant::now() >= due {
+                    timed_out = true;
+                    summary.outcome = "timeout";
+                    sm.timed_out();
+                } else {
+                    idle.as_mut().reset(due);
+                }
+            }
             _ = &mut drain, if !drained => { drained = true; summary.outcome = "shutdown"; sm.shutting_down(); }
         }
     }

@@ -9,6 +9,7 @@
 pub mod health;
 pub mod resolve;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -195,11 +196,8 @@ pub async fn connect(
     })?;
     let mut last = Failure::Refused;
     for ip in ips {
-        match tokio::time::timeout(timeout, TcpStream::connect((ip, addr.port))).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
+        match tokio::time::timeout(timeout, connect_tcp(SocketAddr::new(ip, addr.port))).await {
+            Ok(Ok(s)) => return Ok(s),
             Ok(Err(e)) => {
                 tracing::debug!(server = %addr, %ip, error = %e, "connect failed");
                 last = Failure::Refused;
@@ -211,6 +209,41 @@ pub async fn connect(
         }
     }
     Err(last)
+}
+
+/// `connect(2)` on a non-blocking socket: under way (`io::ErrorKind::InProgress` is not
+/// stable yet).
+#[cfg(target_os = "linux")]
+const EINPROGRESS: i32 = 115;
+#[cfg(not(target_os = "linux"))]
+const EINPROGRESS: i32 = 36;
+
+/// A TCP connection with TCP_NODELAY, like `TcpStream::connect` but without the
+/// `getsockopt(SO_ERROR)` it makes once connected: the outcome is taken from the readiness
+/// epoll reports (an error or hang-up is a failed connect).
+async fn connect_tcp(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol as IpProto, Socket, Type};
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(IpProto::TCP),
+    )?;
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let tcp = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    let ready = tcp
+        .ready(tokio::io::Interest::WRITABLE | tokio::io::Interest::ERROR)
+        .await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(tcp
+            .take_error()?
+            .unwrap_or_else(|| std::io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(tcp)
 }
 
 async fn tls_connect(
