@@ -498,18 +498,22 @@ mod tests {
     use crate::config::Protocol;
     use crate::proto::ListenerTls;
 
-    #[tokio::test]
-    async fn accepted_connections_have_nodelay_from_the_listener() {
-        // Sessions do not set TCP_NODELAY themselves: they rely on Linux copying it from
-        // the listening socket (small replies must not wait for a delayed ACK).
-        let l = Listener {
+    fn test_listener() -> Listener {
+        Listener {
             name: "t".into(),
             protocol: Protocol::Imap,
             listen: "127.0.0.1:0".parse().unwrap(),
             tls: ListenerTls::None,
             allow_plaintext_auth: true,
             bridge_window: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_from_the_listener() {
+        // Sessions do not set TCP_NODELAY themselves: they rely on Linux copying it from
+        // the listening socket (small replies must not wait for a delayed ACK).
+        let l = test_listener();
         for sockets in [1, 2] {
             let group = bind(&l, sockets).unwrap();
             assert_eq!(group.len(), sockets);
@@ -532,14 +536,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_listener_group_shares_one_port_and_refuses_a_taken_address() {
-        let mut l = Listener {
-            name: "t".into(),
-            protocol: Protocol::Imap,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls: ListenerTls::None,
-            allow_plaintext_auth: true,
-            bridge_window: None,
-        };
+        let mut l = test_listener();
         let group = bind(&l, 3).unwrap();
         let port = group[0].local_addr().unwrap().port();
         assert_ne!(port, 0);

@@ -80,11 +80,11 @@ impl History {
     /// Records a successful login.
     pub fn record(&self, l: &Login<'_>) {
         if let Ok(mut users) = self.users.lock() {
-            if users.len() >= self.max_users && !users.contains_key(l.user) {
-                evict(&mut users, |v| v.iter().map(|s| s.last).max().unwrap_or(0));
-            }
             // The key is allocated only for a user not seen before.
             if !users.contains_key(l.user) {
+                if users.len() >= self.max_users {
+                    evict(&mut users, |v| v.iter().map(|s| s.last).max().unwrap_or(0));
+                }
                 users.insert(l.user.to_string(), Vec::new());
             }
             let Some(list) = users.get_mut(l.user) else {

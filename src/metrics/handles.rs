@@ -62,7 +62,6 @@ impl LoginResult {
 
 /// Per (listener, protocol): connections.
 pub struct ListenerHandles {
-    protocol: Protocol,
     /// `cutover_connections_total`.
     pub connections: Counter,
     /// `cutover_connections_active`.
@@ -117,94 +116,67 @@ impl PoolHandles {
                 row(LoginResult::BackendUnavailable),
             ]
         };
-        let counters = if caching() {
-            let mut map = lock(&self.logins);
-            match map.get(rule) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = Arc::new(make());
-                    map.insert(rule.to_string(), c.clone());
-                    c
-                }
-            }
-        } else {
-            Arc::new(make())
-        };
+        let counters = cached(&self.logins, rule, || Arc::new(make()));
         counters[result.index()][usize::from(tls)].clone()
     }
 
     /// `cutover_backend_connect_seconds{pool, protocol, server}`.
     pub fn connect_seconds(&self, server: &str) -> Histogram {
-        let make = || metrics::histogram!(super::BACKEND_CONNECT_SECONDS, "pool" => self.pool.clone(), "protocol" => self.protocol.as_str(), "server" => server.to_string());
-        if !caching() {
-            return make();
-        }
-        let mut map = lock(&self.connect_seconds);
-        if let Some(h) = map.get(server) {
-            return h.clone();
-        }
-        let h = make();
-        map.insert(server.to_string(), h.clone());
-        h
+        cached(
+            &self.connect_seconds,
+            server,
+            || metrics::histogram!(super::BACKEND_CONNECT_SECONDS, "pool" => self.pool.clone(), "protocol" => self.protocol.as_str(), "server" => server.to_string()),
+        )
     }
 }
 
 #[derive(Default)]
 struct Cache {
-    listeners: Mutex<HashMap<String, Arc<ListenerHandles>>>,
+    /// By protocol, then name (a reload may give a listener name another protocol).
+    listeners: [Mutex<HashMap<String, Arc<ListenerHandles>>>; 3],
     pools: [Mutex<HashMap<String, Arc<PoolHandles>>>; 3],
     proxy_seconds: [std::sync::OnceLock<Histogram>; 3],
 }
 
 static CACHE: LazyLock<Cache> = LazyLock::new(Cache::default);
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
+/// The handle made for `key`, made by `make` the first time (every time while no
+/// recorder is installed).
+fn cached<H: Clone>(map: &Mutex<HashMap<String, H>>, key: &str, make: impl FnOnce() -> H) -> H {
+    if !caching() {
+        return make();
+    }
+    let mut map = match map.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some(h) = map.get(key) {
+        return h.clone();
     }
+    let h = make();
+    map.insert(key.to_string(), h.clone());
+    h
 }
 
 /// The handles of a listener.
 pub fn listener(name: &str, protocol: Protocol) -> Arc<ListenerHandles> {
-    let make = || {
+    cached(&CACHE.listeners[protocol_index(protocol)], name, || {
         let labels = [
             ("listener", name.to_string()),
             ("protocol", protocol.as_str().to_string()),
         ];
         Arc::new(ListenerHandles {
-            protocol,
             connections: metrics::counter!(super::CONNECTIONS, &labels),
             connections_active: metrics::gauge!(super::CONNECTIONS_ACTIVE, &labels),
         })
-    };
-    if !caching() {
-        return make();
-    }
-    let mut map = lock(&CACHE.listeners);
-    match map.get(name) {
-        // A reload may give a listener name another protocol.
-        Some(h) if h.protocol == protocol => h.clone(),
-        _ => {
-            let h = make();
-            map.insert(name.to_string(), h.clone());
-            h
-        }
-    }
+    })
 }
 
 /// The handles of a pool for one protocol.
 pub fn pool(name: &str, protocol: Protocol) -> Arc<PoolHandles> {
-    if !caching() {
-        return Arc::new(PoolHandles::new(name, protocol));
-    }
-    let mut map = lock(&CACHE.pools[protocol_index(protocol)]);
-    if let Some(h) = map.get(name) {
-        return h.clone();
-    }
-    let h = Arc::new(PoolHandles::new(name, protocol));
-    map.insert(name.to_string(), h.clone());
-    h
+    cached(&CACHE.pools[protocol_index(protocol)], name, || {
+        Arc::new(PoolHandles::new(name, protocol))
+    })
 }
 
 /// `cutover_login_proxy_seconds{protocol}`.
