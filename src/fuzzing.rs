@@ -55,6 +55,28 @@ pub const SEPARATOR: u8 = 0xFF;
 /// Most bytes one event may make a machine send (a greeting, a reply, a login command).
 const MAX_STEP_OUTPUT: usize = 16 * 1024;
 
+/// xorshift64*: the deterministic generator behind the pseudo-random inputs the tests
+/// feed the machines (no dependency; a seed gives the same inputs on every run).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+    /// One of `items` (which must not be empty).
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
 /// Splits a fuzz input (without its settings byte) into chunks: `SEPARATOR 0x00` is one
 /// `0xFF` data byte, any other [`SEPARATOR`] ends a chunk. Always at least one chunk;
 /// chunks may be empty (an empty read is harmless and worth exercising).

@@ -13,7 +13,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use cutover::fuzzing::{self, SEPARATOR, TARGETS};
+use cutover::fuzzing::{self, Rng, SEPARATOR, TARGETS};
 
 const DEFAULT_ITERATIONS: usize = 3000;
 /// Base of the pseudo-random streams (each target mixes in its name).
@@ -96,27 +96,12 @@ fn unescape(s: &str) -> Vec<u8> {
     out
 }
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// One input: usually a seed mutated a few times (bytes flipped, inserted or removed,
 /// dictionary words and read boundaries inserted, ranges duplicated, another seed spliced
 /// in, the settings byte changed), sometimes plain random bytes.
 fn generate(rng: &mut Rng, seeds: &[Vec<u8>], dict: &[Vec<u8>]) -> Vec<u8> {
     if seeds.is_empty() || rng.below(10) == 0 {
-        return (0..rng.below(300)).map(|_| rng.next() as u8).collect();
+        return (0..rng.below(300)).map(|_| rng.next_u64() as u8).collect();
     }
     let mut data = seeds[rng.below(seeds.len())].clone();
     for _ in 0..1 + rng.below(8) {
@@ -124,9 +109,9 @@ fn generate(rng: &mut Rng, seeds: &[Vec<u8>], dict: &[Vec<u8>]) -> Vec<u8> {
         match rng.below(10) {
             0 if !data.is_empty() => {
                 let i = rng.below(data.len());
-                data[i] = rng.next() as u8;
+                data[i] = rng.next_u64() as u8;
             }
-            1 => data.insert(at, rng.next() as u8),
+            1 => data.insert(at, rng.next_u64() as u8),
             2 if !data.is_empty() => {
                 let i = rng.below(data.len());
                 let n = 1 + rng.below((data.len() - i).min(16));
@@ -151,7 +136,7 @@ fn generate(rng: &mut Rng, seeds: &[Vec<u8>], dict: &[Vec<u8>]) -> Vec<u8> {
                 data.truncate(at);
                 data.extend_from_slice(&other[from..]);
             }
-            8 if !data.is_empty() => data[0] = rng.next() as u8,
+            8 if !data.is_empty() => data[0] = rng.next_u64() as u8,
             _ => data.truncate(at),
         }
     }

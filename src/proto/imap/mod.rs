@@ -173,37 +173,23 @@ pub fn fuzz_backend(chunks: &[&[u8]]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64: deterministic, no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::fuzzing::Rng;
 
     /// A configuration byte, then protocol lines (some of them damaged) and random
     /// bytes, cut into random chunks.
     fn random_chunks(rng: &mut Rng, dict: &[&[u8]]) -> Vec<Vec<u8>> {
-        let mut input = vec![rng.next() as u8];
+        let mut input = vec![rng.next_u64() as u8];
         for _ in 0..rng.below(16) {
             let start = input.len();
             match rng.below(10) {
-                0 => input.extend((0..rng.below(12)).map(|_| rng.next() as u8)),
+                0 => input.extend((0..rng.below(12)).map(|_| rng.next_u64() as u8)),
                 _ => input.extend_from_slice(dict[rng.below(dict.len())]),
             }
             let added = input.len() - start;
             if added > 0 && rng.below(6) == 0 {
                 let at = start + rng.below(added);
                 match rng.below(3) {
-                    0 => input[at] = rng.next() as u8,
+                    0 => input[at] = rng.next_u64() as u8,
                     1 => input.truncate(at),
                     _ => {
                         input.remove(at);
@@ -315,7 +301,7 @@ mod tests {
             "NO [UNAVAILABLE] later",
             "BAD what",
         ];
-        let mut input = vec![rng.next() as u8];
+        let mut input = vec![rng.next_u64() as u8];
         input.extend_from_slice(GREETINGS[rng.below(GREETINGS.len())]);
         for tag in 1..=5 {
             for _ in 0..rng.below(3) {
@@ -331,7 +317,7 @@ mod tests {
             input.extend_from_slice(reply.as_bytes());
             if rng.below(12) == 0 {
                 let at = 1 + rng.below(input.len() - 1);
-                input[at] = rng.next() as u8;
+                input[at] = rng.next_u64() as u8;
             }
         }
         input.extend_from_slice(b"* 2 EXISTS\r\n");

@@ -315,19 +315,7 @@ mod tests {
         assert_eq!(QUIT, b"QUIT\r\n");
     }
 
-    /// xorshift64*, deterministic, no dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::fuzzing::Rng;
 
     const TOKENS: &[&[u8]] = &[
         b"USER joe\r\n",
@@ -366,7 +354,7 @@ mod tests {
             match rng.below(10) {
                 0 => {
                     for _ in 0..1 + rng.below(8) {
-                        input.push(rng.next() as u8);
+                        input.push(rng.next_u64() as u8);
                     }
                 }
                 1 => input.extend(std::iter::repeat_n(b'A', 40 + rng.below(200))),

@@ -285,29 +285,10 @@ fn run_backend(policy: BackendPolicy, mode: BackendMode, chunks: &[&[u8]]) -> (S
     (log, buf.len())
 }
 
-/// xorshift64*: deterministic, good enough to spread fuzz inputs.
-#[cfg(test)]
-struct Rng(u64);
-
-#[cfg(test)]
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzzing::Rng;
 
     /// Bytes an SMTP client sends: verb letters, digits, base64, punctuation, CR, LF.
     const CLIENT_ALPHABET: &[u8] =
@@ -391,7 +372,7 @@ mod tests {
     ) -> Vec<u8> {
         let len = rng.below(160);
         match kind {
-            0 => (0..len).map(|_| rng.next() as u8).collect(),
+            0 => (0..len).map(|_| rng.next_u64() as u8).collect(),
             1 => (0..len).map(|_| *rng.pick(alphabet)).collect(),
             _ => {
                 let mut out = Vec::new();
