@@ -459,13 +459,7 @@ async fn password_spraying_is_slowed_then_refused_but_other_users_are_not() {
     // The block ends.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut e = Client::connect(proxy.addr("plain")).await;
-    e.line().await;
-    assert!(e
-        .cmd("a", "LOGIN bob password")
-        .await
-        .last()
-        .unwrap()
-        .starts_with("a OK"));
+    e.login_ok("bob").await;
     proxy.stop().await;
 }
 
@@ -479,13 +473,7 @@ async fn drain_says_goodbye_before_login_and_after_the_grace_period() {
     let mut pre = Client::connect(addr).await;
     pre.line().await;
     let mut relayed = Client::connect(addr).await;
-    relayed.line().await;
-    assert!(relayed
-        .cmd("a", "LOGIN bob password")
-        .await
-        .last()
-        .unwrap()
-        .starts_with("a OK"));
+    relayed.login_ok("bob").await;
     relayed.send(b"i IDLE\r\n").await;
     relayed.line().await;
     let stopping = tokio::spawn(proxy.stop());
@@ -518,13 +506,7 @@ async fn a_dying_backend_closes_its_clients_promptly_and_spreads_a_crowd() {
     let mut clients = Vec::new();
     for _ in 0..12 {
         let mut c = Client::connect(crowd_proxy.addr("plain")).await;
-        c.line().await;
-        assert!(c
-            .cmd("a", "LOGIN bob password")
-            .await
-            .last()
-            .unwrap()
-            .starts_with("a OK"));
+        c.login_ok("bob").await;
         clients.push(c);
     }
     let t = Instant::now();
@@ -565,13 +547,7 @@ async fn logouts_are_not_mistaken_for_a_dying_backend() {
     let t = Instant::now();
     for _ in 0..10 {
         let mut c = Client::connect(proxy.addr("plain")).await;
-        c.line().await;
-        assert!(c
-            .cmd("a", "LOGIN bob password")
-            .await
-            .last()
-            .unwrap()
-            .starts_with("a OK"));
+        c.login_ok("bob").await;
         c.send(b"z LOGOUT\r\n").await;
         // The client waits for the server to close, as many do.
         assert!(c.closed().await);

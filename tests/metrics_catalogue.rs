@@ -130,13 +130,7 @@ shutdown: {{ drain_timeout: 1s }}
         .unwrap()
         .starts_with("a OK"));
     let mut c2 = Client::connect_tls(imaps).await;
-    c2.line().await;
-    assert!(c2
-        .cmd("a", "LOGIN bob password")
-        .await
-        .last()
-        .unwrap()
-        .starts_with("a OK"));
+    c2.login_ok("bob").await;
     let mut c3 = Client::connect_tls(imaps).await;
     c3.line().await;
     assert!(c3
@@ -177,13 +171,7 @@ shutdown: {{ drain_timeout: 1s }}
     .unwrap();
     running.reload_from(&path).await.unwrap();
     let mut c5 = Client::connect_tls(imaps).await;
-    c5.line().await;
-    assert!(c5
-        .cmd("a", "LOGIN joeuser password")
-        .await
-        .last()
-        .unwrap()
-        .starts_with("a OK"));
+    c5.login_ok("joeuser").await;
     c5.cmd("z", "LOGOUT").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 

@@ -208,6 +208,12 @@ impl Client {
         self.send(format!("{tag} {command}\r\n").as_bytes()).await;
         self.until(&format!("{tag} ")).await
     }
+    /// Reads the greeting, then `a LOGIN user password`, asserting the tagged OK.
+    pub async fn login_ok(&mut self, user: &str) {
+        self.line().await.expect("a greeting");
+        let r = self.cmd("a", &format!("LOGIN {user} password")).await;
+        assert!(r.last().is_some_and(|l| l.starts_with("a OK")), "{r:?}");
+    }
     /// True if the server closes the connection (EOF) within the timeout.
     pub async fn closed(&mut self) -> bool {
         loop {
