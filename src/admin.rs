@@ -22,7 +22,6 @@ use crate::config::rfc3339;
 use crate::control::sessions::KickReason;
 use crate::control::Control;
 use crate::http::{read_request, respond, Request};
-use crate::metrics as m;
 
 /// Serves the admin endpoint until `stop`.
 pub async fn serve(listener: TcpListener, control: Arc<Control>, stop: CancellationToken) {
@@ -66,11 +65,11 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
     }
     let user = req
         .param("user")
-        .map(|u| crate::route::normalize(&cfg.users, u));
+        .map(|u| crate::config::normalize(&cfg.users, u));
     let json = |v: serde_json::Value| v.to_string() + "\n";
     match (req.method.as_str(), req.path.as_str(), user) {
         ("POST", "/kick", Some(user)) => {
-            let n = control.sessions.kick_user(&user, KickReason::Admin);
+            let n = control.state.kick(&user, KickReason::Admin).await;
             tracing::info!(%user, sessions = n, "admin: kick");
             respond(
                 sock,
@@ -81,7 +80,7 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
             .await;
         }
         ("POST", "/hold", Some(user)) => {
-            let new = control.holds.hold(&user);
+            let new = control.state.hold(&user).await;
             tracing::info!(%user, "admin: hold");
             respond(
                 sock,
@@ -92,7 +91,7 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
             .await;
         }
         ("POST", "/release", Some(user)) => {
-            let was = control.holds.release(&user);
+            let was = control.state.release(&user).await;
             tracing::info!(%user, "admin: release");
             respond(
                 sock,
@@ -110,13 +109,14 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
                 sock,
                 200,
                 "application/json",
-                &json(serde_json::json!({"held": control.holds.list()})),
+                &json(serde_json::json!({"held": control.state.holds().await})),
             )
             .await;
         }
         ("GET", "/sessions", _) => {
             let list: Vec<_> = control
-                .sessions
+                .state
+                .sessions()
                 .snapshot()
                 .into_iter()
                 .map(|(id, e)| serde_json::json!({"id": id, "user": e.user, "protocol": e.protocol.as_str(), "pool": e.pool}))
@@ -136,9 +136,8 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
                 .unwrap_or(24)
                 .clamp(0, 24 * 366);
             let since = rfc3339::now_ms() - hours * 3_600_000;
-            let rows = control
-                .history
-                .stragglers(since, |p| cfg.pools.get(p).is_none_or(|pool| pool.legacy));
+            let is_legacy = |p: &str| cfg.pools.get(p).is_none_or(|pool| pool.legacy);
+            let rows = control.state.stragglers(since, &is_legacy).await;
             match serde_json::to_string(&rows) {
                 Ok(body) => respond(sock, 200, "application/json", &(body + "\n")).await,
                 Err(_) => respond(sock, 500, "text/plain", "error\n").await,
@@ -149,9 +148,4 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
         }
         _ => respond(sock, 404, "text/plain", "not found\n").await,
     }
-}
-
-/// Counts one kicked session.
-pub fn count_kick(protocol: &'static str, reason: &'static str) {
-    metrics::counter!(m::KICKED, "protocol" => protocol, "reason" => reason).increment(1);
 }

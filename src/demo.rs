@@ -351,7 +351,7 @@ async fn imap(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
                     }
                 };
                 match sasl::decode_base64(&ir).ok().and_then(|d| sasl::parse_plain(d).ok()) {
-                    Some(c) if shared.check(&c.user, c.secret.expose()) => {
+                    Some(c) if shared.check(&c.user, c.secret().map_or(&[][..], |s| s.expose())) => {
                         user = Some(c.user.clone());
                         format!("{tag} OK [CAPABILITY {}] Logged in\r\n", caps(true))
                     }
@@ -444,7 +444,9 @@ async fn pop3(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
                     .ok()
                     .and_then(|d| sasl::parse_plain(d).ok())
                 {
-                    Some(c) if shared.check(&c.user, c.secret.expose()) => {
+                    Some(c)
+                        if shared.check(&c.user, c.secret().map_or(&[][..], |s| s.expose())) =>
+                    {
                         authed = true;
                         "+OK Logged in.\r\n".to_string()
                     }
@@ -523,7 +525,12 @@ async fn smtp(shared: &Shared, io: &mut BufReader<Box<dyn Io>>, secure: bool) ->
                     sasl::decode_base64(ir.as_bytes())
                         .ok()
                         .and_then(|d| sasl::parse_plain(d).ok())
-                        .map(|c| (c.user.clone(), c.secret.expose().to_vec()))
+                        .map(|c| {
+                            (
+                                c.user.clone(),
+                                c.secret().map(|s| s.expose().to_vec()).unwrap_or_default(),
+                            )
+                        })
                 } else if mech == "LOGIN" {
                     let _ = send(io, "334 VXNlcm5hbWU6\r\n").await;
                     let u = read_line(io).await.unwrap_or_default();

@@ -26,11 +26,12 @@
 //! # What each protocol target checks
 //! Each calls the protocol module's own fuzz body (which has its own invariants, see
 //! [`crate::proto::imap::fuzz_server`] and the others), then drives the same machine
-//! again with the generic drivers here, which check the [`crate::proto`] input contract
-//! for any [`PreAuth`] or [`BackendLogin`] machine:
+//! again with the generic drivers of [`crate::proto::drive`] set up from the settings
+//! byte; they check the [`crate::proto`] input contract for any [`PreAuth`] or
+//! [`BackendLogin`] machine:
 //! * `receive` never consumes more than it was given, nothing while a login or a TLS
 //!   handshake is pending, and nothing after `Close` / `Done`; no action after them;
-//!   `Login` is the last action until `login_done` (the doc of [`Action::Login`]);
+//!   `Login` is the last action until `login_done` (the doc of [`crate::proto::Action::Login`]);
 //! * every reply is non-empty and ends with CRLF; one step's output is bounded;
 //! * credentials handed out hold a non-empty user name without NUL, CR or LF;
 //! * when no byte is consumed and nothing is pending, the driver's buffer holds at most
@@ -43,17 +44,15 @@
 //! * backend side: at most one `Done`; POP3 and SMTP commands are exactly one CRLF line
 //!   each, so no credential can add a command.
 
+use crate::proto::drive::{self, BackendDriver, ServerDriver};
 use crate::proto::{
-    self, Action, BackendAction, BackendLogin, BackendPolicy, BackendTls, ClientInfo, Credentials,
-    Limits, ListenerTls, LoginOutcome, Mechanism, PreAuth, Secret, ServerPolicy,
+    self, BackendLogin, BackendPolicy, BackendTls, ClientInfo, Credentials, Limits, ListenerTls,
+    LoginOutcome, Mechanism, PreAuth, ServerPolicy,
 };
 
 /// The byte that separates chunks (reads) in a fuzz input; followed by `0x00`, it is one
 /// `0xFF` data byte instead.
 pub const SEPARATOR: u8 = 0xFF;
-
-/// Most bytes one event may make a machine send (a greeting, a reply, a login command).
-const MAX_STEP_OUTPUT: usize = 16 * 1024;
 
 /// xorshift64*: the deterministic generator behind the pseudo-random inputs the tests
 /// feed the machines (no dependency; a seed gives the same inputs on every run).
@@ -198,272 +197,29 @@ fn login_outcome(sel: u8, n: usize) -> LoginOutcome {
 }
 
 // ---------------------------------------------------------------------------------------
-// Generic drivers.
+// The generic drivers of `proto::drive`, set up from the settings byte.
 
-/// What a client-facing session did, as compared across read boundaries.
-#[derive(Debug, PartialEq, Eq)]
-struct ServerTranscript {
-    /// Every action in order (`Send` verbatim, the others as `<...>` markers).
-    log: Vec<u8>,
-    /// Bytes never consumed after a successful login: what the relay sends first
-    /// (empty when the session did not log in).
-    leftover: Vec<u8>,
-}
-
-/// Drives any [`PreAuth`] machine the way `session.rs` does: one buffer, chunks appended
-/// as they arrive, `receive` while it consumes, every action drained after each event,
-/// logins answered by [`login_outcome`], StartTls answered at once (the buffer cleared
-/// first when `discard_on_tls`, as the driver does). Ends with `timed_out` (or
-/// `shutting_down` when bit 7 of `sel` is set) if the session is still open. Asserts the
-/// input contract along the way (see the module docs).
-fn drive_server<M: PreAuth>(
-    mut m: M,
-    sel: u8,
-    limits: &Limits,
-    chunks: &[&[u8]],
-    discard_on_tls: bool,
-) -> ServerTranscript {
-    let max_buffer = limits.max_line + limits.max_literal;
-    let mut run = ServerRun {
-        sel,
-        log: Vec::new(),
-        buf: Vec::new(),
-        closed: false,
-        logins: 0,
-        discard_on_tls,
-    };
-    run.pump(&mut m);
-    for chunk in chunks {
-        // Bytes keep arriving after hand-off or Close: they stay in the buffer (relayed
-        // to the backend, or dropped with the connection).
-        run.buf.extend_from_slice(chunk);
-        while !run.closed && !m.is_authenticated() {
-            let used = m.receive(&run.buf);
-            assert!(
-                used <= run.buf.len(),
-                "consumed {used} of {}",
-                run.buf.len()
-            );
-            run.buf.drain(..used);
-            run.pump(&mut m);
-            if used == 0 {
-                break;
-            }
-        }
-        if !run.closed && !m.is_authenticated() {
-            assert!(
-                run.buf.len() <= max_buffer,
-                "{} bytes buffered without progress (limit {max_buffer})",
-                run.buf.len()
-            );
-        }
-    }
-    if run.closed {
-        assert_eq!(m.receive(&run.buf), 0, "input consumed after Close");
-        assert!(m.poll_action().is_none(), "action after Close");
-    } else if !m.is_authenticated() {
-        run.log.extend_from_slice(b"<end>");
-        if sel & 0x80 != 0 {
-            m.shutting_down();
-        } else {
-            m.timed_out();
-        }
-        run.pump(&mut m);
-        assert!(run.closed, "timed_out / shutting_down must Close");
-    }
-    let _ = m.phase();
-    // Only a hand-off gives the leftover a meaning (the relay sends it to the backend);
-    // a closing machine may swallow what it was given.
-    let leftover = if m.is_authenticated() {
-        run.buf
-    } else {
-        Vec::new()
-    };
-    ServerTranscript {
-        log: run.log,
-        leftover,
-    }
-}
-
-struct ServerRun {
-    sel: u8,
-    log: Vec<u8>,
-    buf: Vec<u8>,
-    closed: bool,
-    logins: usize,
-    discard_on_tls: bool,
-}
-
-impl ServerRun {
-    fn pump<M: PreAuth>(&mut self, m: &mut M) {
-        let mut output = 0;
-        while let Some(action) = m.poll_action() {
-            assert!(!self.closed, "action after Close: {action:?}");
-            assert!(!m.is_authenticated() || matches!(action, Action::Send(_)));
-            match action {
-                Action::Send(bytes) => {
-                    assert!(
-                        bytes.ends_with(b"\r\n"),
-                        "reply not CRLF-terminated: {:?}",
-                        String::from_utf8_lossy(&bytes)
-                    );
-                    output += bytes.len();
-                    assert!(
-                        output <= MAX_STEP_OUTPUT,
-                        "{output} bytes of output in one step"
-                    );
-                    self.log.extend_from_slice(&bytes);
-                }
-                Action::StartTls => {
-                    self.log.extend_from_slice(b"<starttls>");
-                    assert_eq!(m.receive(&self.buf), 0, "consumed during STARTTLS");
-                    assert!(m.poll_action().is_none(), "action during STARTTLS");
-                    if self.discard_on_tls {
-                        self.buf.clear();
-                    }
-                    m.tls_established();
-                }
-                Action::Login(creds) => {
-                    let Credentials {
-                        user,
-                        secret,
-                        mechanism,
-                    } = &creds;
-                    assert!(!user.is_empty(), "empty user name");
-                    assert!(
-                        !user.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')),
-                        "NUL, CR or LF in user name {user:?}"
-                    );
-                    self.log.extend_from_slice(b"<login ");
-                    self.log.extend_from_slice(user.as_bytes());
-                    self.log.push(b' ');
-                    self.log.extend_from_slice(secret.expose());
-                    self.log.push(b' ');
-                    self.log.extend_from_slice(mechanism.as_str().as_bytes());
-                    self.log.push(b'>');
-                    assert_eq!(m.receive(&self.buf), 0, "consumed during login");
-                    assert!(m.poll_action().is_none(), "action after Login");
-                    m.login_done(login_outcome(self.sel, self.logins));
-                    self.logins += 1;
-                }
-                Action::Close => {
-                    self.log.extend_from_slice(b"<close>");
-                    self.closed = true;
-                }
-            }
-        }
-    }
-}
-
-/// Runs `make()`'s machine on `chunks` with the buffer discarded at STARTTLS (as the
-/// driver does), then with it kept, split and joined, and asserts the last two agree.
+/// Drives `make()`'s machine with [`ServerDriver`] as the session does (buffer discarded
+/// at STARTTLS, logins answered by [`login_outcome`], an open session ended with
+/// `timed_out`, or `shutting_down` when bit 7 of `sel` is set), then checks that the
+/// transcript does not depend on the read boundaries.
 fn check_server<M: PreAuth>(make: impl Fn() -> M, sel: u8, limits: &Limits, chunks: &[&[u8]]) {
-    drive_server(make(), sel, limits, chunks, true);
-    let split = drive_server(make(), sel, limits, chunks, false);
-    let whole = chunks.concat();
-    let joined = drive_server(make(), sel, limits, &[&whole], false);
-    if split != joined {
-        panic!(
-            "transcript depends on read boundaries:\n split: {:?}\njoined: {:?}",
-            String::from_utf8_lossy(&split.log),
-            String::from_utf8_lossy(&joined.log)
-        );
-    }
-}
-
-/// What a backend login did, as compared across read boundaries.
-#[derive(Debug, PartialEq, Eq)]
-struct BackendTranscript {
-    log: Vec<u8>,
-    leftover: Vec<u8>,
-}
-
-/// Drives any [`BackendLogin`] machine as `backend/` does. `one_line` asserts that every
-/// `Send` is exactly one CRLF-terminated line (POP3, SMTP; IMAP literals may hold CRLF).
-/// `password` (when given) must never be sent verbatim when it holds CR or LF.
-fn drive_backend<M: BackendLogin>(
-    mut m: M,
-    chunks: &[&[u8]],
-    discard_on_tls: bool,
-    max_buffer: usize,
-    one_line: bool,
-    password: Option<&[u8]>,
-) -> BackendTranscript {
-    let mut log = Vec::new();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut done = false;
-    let pump = |m: &mut M, buf: &mut Vec<u8>, log: &mut Vec<u8>, done: &mut bool| {
-        let mut output = 0;
-        while let Some(action) = m.poll_action() {
-            assert!(!*done, "action after Done: {action:?}");
-            match action {
-                BackendAction::Send(bytes) => {
-                    assert!(bytes.ends_with(b"\r\n"), "command not CRLF-terminated");
-                    output += bytes.len();
-                    assert!(output <= MAX_STEP_OUTPUT, "{output} bytes sent in one step");
-                    if one_line {
-                        let ends = bytes.iter().filter(|b| matches!(b, b'\r' | b'\n')).count();
-                        assert_eq!(ends, 2, "more than one line in one command");
-                    }
-                    if let Some(pw) = password {
-                        if pw.iter().any(|b| matches!(b, b'\r' | b'\n')) && !pw.is_empty() {
-                            assert!(
-                                !bytes.windows(pw.len()).any(|w| w == pw) || !one_line,
-                                "password with a line end sent verbatim"
-                            );
-                        }
-                    }
-                    log.extend_from_slice(&bytes);
-                }
-                BackendAction::StartTls => {
-                    log.extend_from_slice(b"<starttls>");
-                    assert_eq!(m.receive(buf), 0, "consumed during STARTTLS");
-                    if discard_on_tls {
-                        buf.clear();
-                    }
-                    m.tls_established();
-                }
-                BackendAction::Done(result) => {
-                    log.extend_from_slice(format!("<done {result:?}>").as_bytes());
-                    *done = true;
-                }
-            }
-        }
+    let driver = || {
+        let mut logins = 0;
+        ServerDriver::new(make(), move |_| {
+            logins += 1;
+            login_outcome(sel, logins - 1)
+        })
+        .max_buffer(limits.max_line + limits.max_literal)
     };
-    pump(&mut m, &mut buf, &mut log, &mut done);
-    for chunk in chunks {
-        buf.extend_from_slice(chunk);
-        while !done {
-            let used = m.receive(&buf);
-            assert!(used <= buf.len(), "consumed {used} of {}", buf.len());
-            buf.drain(..used);
-            pump(&mut m, &mut buf, &mut log, &mut done);
-            if used == 0 {
-                break;
-            }
-        }
-        if !done {
-            assert!(
-                buf.len() <= max_buffer,
-                "{} bytes buffered without progress",
-                buf.len()
-            );
-        }
-    }
-    if done {
-        assert_eq!(m.receive(&buf), 0, "consumed after Done");
-        assert!(m.poll_action().is_none(), "action after Done");
-    }
-    // After Done the leftover belongs to the client (relayed on LoggedIn); before it,
-    // it is only what the machine has not needed yet.
-    BackendTranscript {
-        log,
-        leftover: if done { buf } else { Vec::new() },
-    }
+    driver().feed_all(chunks).end(sel & 0x80 != 0);
+    drive::assert_split_invariant(driver, chunks);
 }
 
-/// Runs a backend machine with the buffer discarded at STARTTLS, then kept, split and
-/// joined, and asserts the last two agree.
+/// Drives `make()`'s backend machine with [`BackendDriver`] as `backend/` does, then
+/// checks split invariance. `one_line` asserts that every `Send` is exactly one
+/// CRLF-terminated line (POP3, SMTP; IMAP literals may hold CRLF); `password` (when
+/// given) must never be sent verbatim when it holds CR or LF.
 fn check_backend<M: BackendLogin>(
     make: impl Fn() -> M,
     chunks: &[&[u8]],
@@ -471,17 +227,26 @@ fn check_backend<M: BackendLogin>(
     one_line: bool,
     password: Option<&[u8]>,
 ) {
-    drive_backend(make(), chunks, true, max_buffer, one_line, password);
-    let split = drive_backend(make(), chunks, false, max_buffer, one_line, password);
-    let whole = chunks.concat();
-    let joined = drive_backend(make(), &[&whole], false, max_buffer, one_line, password);
-    if split != joined {
-        panic!(
-            "backend transcript depends on read boundaries:\n split: {:?}\njoined: {:?}",
-            String::from_utf8_lossy(&split.log),
-            String::from_utf8_lossy(&joined.log)
-        );
-    }
+    let driver = || {
+        BackendDriver::new(make())
+            .max_buffer(max_buffer)
+            .on_send(move |bytes| {
+                if one_line {
+                    let ends = bytes.iter().filter(|b| matches!(b, b'\r' | b'\n')).count();
+                    assert_eq!(ends, 2, "more than one line in one command");
+                    if let Some(pw) =
+                        password.filter(|pw| pw.iter().any(|b| matches!(b, b'\r' | b'\n')))
+                    {
+                        assert!(
+                            !bytes.windows(pw.len()).any(|w| w == pw),
+                            "password with a line end sent verbatim"
+                        );
+                    }
+                }
+            })
+    };
+    driver().feed_all(chunks);
+    drive::assert_backend_split_invariant(driver, chunks);
 }
 
 /// Credentials for the backend targets, picked by `n % 6`: plain ones, a user name with
@@ -497,15 +262,12 @@ fn backend_credentials(n: u8, plain: bool) -> Option<Credentials> {
         4 => ("j\u{e9}", b"pa\0ss\xc3\xa9\xff".to_vec()),
         _ => ("jo\"e\\", b"{5}\r\n\"a\\".to_vec()),
     };
-    Some(Credentials {
-        user: user.into(),
-        secret: Secret::new(password),
-        mechanism: if plain {
-            Mechanism::Plain
-        } else {
-            Mechanism::Login
-        },
-    })
+    let mechanism = if plain {
+        Mechanism::Plain
+    } else {
+        Mechanism::Login
+    };
+    Some(Credentials::password(user.into(), password, mechanism))
 }
 
 fn backend_policy(sel: u8, forward: bool) -> BackendPolicy {
@@ -601,7 +363,9 @@ pub fn pop3_server(data: &[u8]) {
 pub fn pop3_backend(data: &[u8]) {
     let (sel, chunks) = settings_and_chunks(data);
     let creds = backend_credentials(sel >> 2, sel & 0x20 != 0);
-    let password = creds.as_ref().map(|c| c.secret.expose().to_vec());
+    let password = creds
+        .as_ref()
+        .and_then(|c| c.secret().map(|s| s.expose().to_vec()));
     let policy = backend_policy(sel, sel & 0x80 != 0);
     check_backend(
         || proto::pop3::BackendMachine::new(policy.clone(), creds.clone()),
@@ -711,7 +475,7 @@ fn smtp_map(chunk: &[u8]) -> Vec<u8> {
 
 /// SMTP backend-facing machine: [`crate::proto::smtp::fuzz_backend`] on the chunks
 /// (every mode), then the generic driver with a mode from the settings byte: `% 3`
-/// backend TLS, `(sel >> 2) % 8`: 0 probe, 1 no-auth (pop-before-smtp), others
+/// backend TLS, `(sel >> 2) % 8`: 0 probe, 1 bridged (pop-before-smtp), others
 /// [`backend_credentials`]; bit 5 PLAIN as the client's mechanism, bit 7 XCLIENT.
 pub fn smtp_backend(data: &[u8]) {
     let (sel, chunks) = settings_and_chunks(data);
@@ -719,15 +483,17 @@ pub fn smtp_backend(data: &[u8]) {
     proto::smtp::fuzz_backend(&chunks);
     let which = (sel >> 2) % 8;
     let creds = backend_credentials(which.saturating_sub(1), sel & 0x20 != 0);
-    let password = creds.as_ref().map(|c| c.secret.expose().to_vec());
+    let password = creds
+        .as_ref()
+        .and_then(|c| c.secret().map(|s| s.expose().to_vec()));
     let policy = backend_policy(sel, sel & 0x80 != 0);
-    let mode = move || match (which, &creds) {
-        (0, _) => proto::smtp::BackendMode::Probe,
-        (_, None) => proto::smtp::BackendMode::NoAuth,
-        (_, Some(c)) => proto::smtp::BackendMode::Auth(c.clone()),
+    let creds = match (which, creds) {
+        (0, _) => None,
+        (_, None) => Some(Credentials::bridged("joe".into())),
+        (_, some) => some,
     };
     check_backend(
-        || proto::smtp::BackendMachine::new(policy.clone(), mode()),
+        || proto::smtp::BackendMachine::new(policy.clone(), creds.clone()),
         &chunks,
         64 * 1024,
         true,

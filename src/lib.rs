@@ -29,6 +29,7 @@ pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod login;
 pub mod metrics;
 pub mod proto;
 pub mod relay;

@@ -1,10 +1,18 @@
 //! One client connection: TLS (implicit or STARTTLS), the protocol's pre-auth machine,
-//! the backend login, then the relay.
+//! the login (decided by [`crate::login`]), then the relay.
 //!
 //! The driver owns the only input buffer. The machine consumes whole commands from its
 //! front; whatever is left when the client is authenticated was pipelined behind the
 //! login and goes to the backend first. Anything buffered when STARTTLS is asked for was
 //! sent in plaintext after the command and is discarded, never executed inside TLS.
+//!
+//! # One configuration per session
+//! A session uses the snapshot in force when its connection was accepted, from the
+//! greeting to the close: listener settings, limits, routing, the pool it is relayed to.
+//! A reload never changes a running session's view. A reload (or a stage start) that
+//! lands while a session is logging in is settled right after the login: if the
+//! configuration now in force routes the user elsewhere, the session is moved like every
+//! other session of a moved user (`on_move`), see [`Control::settle`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,31 +22,144 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::backend::{self, Connected, LoginResult};
-use crate::config::{rfc3339, Listener, Protocol};
-use crate::control::history::Login;
-use crate::control::holds::HoldOutcome;
+use crate::backend::Connected;
+use crate::config::{Listener, Protocol};
 use crate::control::sessions::{Entry, Kick, KickReason, Registration};
 use crate::control::Control;
+use crate::login::{self, LoginDone, LoginRequest, Place, Refusal};
 use crate::metrics as m;
-use crate::proto::{
-    self, Action, ClientInfo, Credentials, ListenerTls, LoginOutcome, Mechanism, Phase, PreAuth,
-    ServerPolicy,
-};
+use crate::proto::{self, Action, ListenerTls, PreAuth, ServerPolicy};
 use crate::relay;
-use crate::route;
 use crate::snapshot::Snapshot;
 use crate::stream::{ClientStream, Stream};
 
 /// What a session needs from the process.
 #[derive(Clone)]
 pub struct SessionCtx {
-    /// The configuration in force when the connection was accepted.
+    /// The configuration in force when the connection was accepted: the session's only
+    /// one (see the module documentation).
     pub snap: Arc<Snapshot>,
     /// The listener that accepted it.
     pub listener: Listener,
-    /// Live process state: backends, registry of sessions, holds, history, shutdown.
+    /// Live process state: backends, shared state, shutdown.
     pub control: Arc<Control>,
+}
+
+impl SessionCtx {
+    fn place(&self) -> Place<'_> {
+        Place {
+            snap: &self.snap,
+            listener: &self.listener,
+            control: &self.control,
+        }
+    }
+}
+
+/// How a session ended: the `outcome` of its summary line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Closed before anything else happened.
+    Closed,
+    /// The TLS handshake failed or timed out.
+    TlsFailed,
+    /// Writing to or reading from the client failed.
+    ClientError,
+    /// Writing the client's pipelined bytes to the backend failed.
+    BackendError,
+    /// The machine closed the connection (QUIT, LOGOUT, limits).
+    ClosedPreauth,
+    /// The client closed before logging in.
+    ClientClosedPreauth,
+    /// The client said nothing for the pre-auth timeout.
+    Timeout,
+    /// The proxy started draining before the client logged in.
+    Shutdown,
+    /// The client sent more than a command may hold.
+    InputTooLarge,
+    /// The last login succeeded (and the relay had not started).
+    LoggedIn,
+    /// The last login was rejected by the backend.
+    AuthFailed,
+    /// The last login found no server that could serve.
+    BackendUnavailable,
+    /// The last login was refused by the proxy (throttled, no route).
+    Refused,
+    /// The last login waited for a hold longer than `admin.hold_max_wait`.
+    HeldTooLong,
+    /// Relayed until one side closed.
+    Relayed,
+    /// The relay failed.
+    RelayError,
+    /// Ended by the drain timeout on shutdown.
+    Stopped,
+    /// Ended by a kick (admin, or the user moved).
+    Kicked,
+}
+
+impl SessionEnd {
+    /// The label in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEnd::Closed => "closed",
+            SessionEnd::TlsFailed => "tls_failed",
+            SessionEnd::ClientError => "client_error",
+            SessionEnd::BackendError => "backend_error",
+            SessionEnd::ClosedPreauth => "closed_preauth",
+            SessionEnd::ClientClosedPreauth => "client_closed_preauth",
+            SessionEnd::Timeout => "timeout",
+            SessionEnd::Shutdown => "shutdown",
+            SessionEnd::InputTooLarge => "input_too_large",
+            SessionEnd::LoggedIn => "ok",
+            SessionEnd::AuthFailed => "auth_failed",
+            SessionEnd::BackendUnavailable => "backend_unavailable",
+            SessionEnd::Refused => "refused",
+            SessionEnd::HeldTooLong => "held_too_long",
+            SessionEnd::Relayed => "relayed",
+            SessionEnd::RelayError => "relay_error",
+            SessionEnd::Stopped => "stopped",
+            SessionEnd::Kicked => "kicked",
+        }
+    }
+
+    fn of_login(done: &LoginDone) -> SessionEnd {
+        match done {
+            LoginDone::Served(_) => SessionEnd::LoggedIn,
+            LoginDone::AuthFailed { .. } => SessionEnd::AuthFailed,
+            LoginDone::Unavailable { .. } => SessionEnd::BackendUnavailable,
+            LoginDone::Refused {
+                refusal: Refusal::HeldTooLong,
+                ..
+            } => SessionEnd::HeldTooLong,
+            LoginDone::Refused { .. } => SessionEnd::Refused,
+        }
+    }
+}
+
+/// Which side ended a relayed session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
+/// What the session learned, for its summary line.
+struct Summary {
+    user: Option<String>,
+    pool: Option<String>,
+    server: Option<String>,
+    end: SessionEnd,
+    closed_by: Option<Side>,
+    up: u64,
+    down: u64,
+}
+
+impl Summary {
+    fn login(&mut self, done: &LoginDone) {
+        self.user = Some(done.user().to_string());
+        self.pool = done.pool().map(str::to_string);
+        self.server = done.server().map(str::to_string);
+        self.end = SessionEnd::of_login(done);
+    }
 }
 
 /// Counts a gauge up now and down when dropped, on every path.
@@ -84,7 +205,7 @@ fn smtp_extensions(ctx: &SessionCtx) -> Vec<String> {
     proto::smtp::intersect_extensions(&lists)
 }
 
-fn new_machine(ctx: &SessionCtx, peer: SocketAddr) -> Box<dyn PreAuth + Send> {
+async fn new_machine(ctx: &SessionCtx, peer: SocketAddr) -> Box<dyn PreAuth + Send> {
     let cfg = &ctx.snap.config;
     let policy = ServerPolicy {
         tls: ctx.listener.tls,
@@ -98,12 +219,8 @@ fn new_machine(ctx: &SessionCtx, peer: SocketAddr) -> Box<dyn PreAuth + Send> {
         Protocol::Smtp => {
             let mut sm = proto::smtp::ServerMachine::new(policy, smtp_extensions(ctx));
             if let Some(window) = ctx.listener.bridge_window {
-                let recent = ctx.control.history.recent_login(
-                    peer.ip(),
-                    window.as_millis() as i64,
-                    rfc3339::now_ms(),
-                );
-                if let Some(user) = recent {
+                let state = &ctx.control.state;
+                if let Some(user) = state.bridge_user(peer.ip(), window).await {
                     tracing::debug!(%user, "pop-before-smtp bridge: address authorized by a recent login");
                     sm.preauthorize(user);
                 }
@@ -119,19 +236,6 @@ enum RelayEnd {
     Error(std::io::Error),
     Stopped,
     Kicked(KickReason),
-}
-
-/// What the session learned, for its summary line.
-#[derive(Default)]
-struct Summary {
-    user: Option<String>,
-    pool: Option<String>,
-    server: Option<String>,
-    outcome: &'static str,
-    /// Which side ended a relayed session: client | backend.
-    closed_by: &'static str,
-    up: u64,
-    down: u64,
 }
 
 /// Serves one accepted connection to its end.
@@ -154,18 +258,26 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
         let _active = GaugeGuard::new(handles.connections_active.clone());
         drop(handles);
         let mut summary = Summary {
-            outcome: "closed",
-            closed_by: "-",
-            ..Default::default()
+            user: None,
+            pool: None,
+            server: None,
+            end: SessionEnd::Closed,
+            closed_by: None,
+            up: 0,
+            down: 0,
         };
         serve(&ctx, tcp, peer, &mut summary).await;
         tracing::info!(
-            outcome = summary.outcome,
+            outcome = summary.end.as_str(),
             user = summary.user.as_deref().unwrap_or("-"),
             pool = summary.pool.as_deref().unwrap_or("-"),
             server = summary.server.as_deref().unwrap_or("-"),
             duration_ms = started.elapsed().as_millis() as u64,
-            closed_by = summary.closed_by,
+            closed_by = match summary.closed_by {
+                Some(Side::Client) => "client",
+                Some(Side::Backend) => "backend",
+                None => "-",
+            },
             bytes_up = summary.up,
             bytes_down = summary.down,
             "session end"
@@ -176,53 +288,48 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
 }
 
 async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut Summary) {
-    let cfg = &ctx.snap.config;
-    let handshake_timeout = cfg.timeouts.preauth.min(Duration::from_secs(30));
     let client = if ctx.listener.tls == ListenerTls::Implicit {
-        match Box::pin(tls_accept(
-            ctx,
-            Stream::Plain(tcp),
-            handshake_timeout,
-            "implicit",
-        ))
-        .await
-        {
+        match Box::pin(tls_accept(ctx, Stream::Plain(tcp), "implicit")).await {
             Some(s) => s,
             None => {
-                summary.outcome = "tls_failed";
+                summary.end = SessionEnd::TlsFailed;
                 return;
             }
         }
     } else {
         Stream::Plain(tcp)
     };
-    let mut sm = new_machine(ctx, peer);
-    let Some(Handoff {
+    let mut sm = new_machine(ctx, peer).await;
+    // Boxed: the pre-auth and login futures are large and only needed until login; the
+    // session's own future stays small for the hours it may spend relaying.
+    let handoff = Box::pin(preauth(ctx, sm.as_mut(), client, peer, summary)).await;
+    drop(sm);
+    if let Some(handoff) = handoff {
+        relay_session(ctx, handoff, summary).await;
+    }
+}
+
+/// Hand-off and relay: backend bytes that followed its login reply go to the client, the
+/// client's pipelined bytes go to the backend, then bytes flow both ways until one side
+/// closes, a kick, or the drain deadline.
+async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Summary) {
+    let Handoff {
         mut client,
         mut backend,
         pending,
         pool,
         registered: _registered,
         kick,
-    }) =
-        // Boxed: the pre-auth and login futures are large and only needed until login; the
-        // session's own future stays small for the hours it may spend relaying.
-        Box::pin(preauth(ctx, sm.as_mut(), client, peer, summary)).await
-    else {
-        return;
-    };
-    drop(sm);
-    // Hand-off: backend bytes that followed its login reply go to the client, the
-    // client's pipelined bytes go to the backend, then the relay takes over.
-    summary.outcome = "relayed";
+    } = handoff;
+    summary.end = SessionEnd::Relayed;
     let pool_metrics = m::handles::pool(&pool, ctx.listener.protocol);
     let _sessions = GaugeGuard::new(pool_metrics.sessions_active.clone());
     if !backend.leftover.is_empty() && client.write_all(&backend.leftover).await.is_err() {
-        summary.outcome = "client_error";
+        summary.end = SessionEnd::ClientError;
         return;
     }
     if !pending.is_empty() && backend.stream.write_all(&pending).await.is_err() {
-        summary.outcome = "backend_error";
+        summary.end = SessionEnd::BackendError;
         return;
     }
     let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
@@ -242,46 +349,23 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     let backend_first = relay.backend_ended_first();
     let goodbye_asked = relay.client_said_goodbye();
     drop(relay);
-    if let RelayEnd::Error(e) = &end {
-        tracing::debug!(error = %e, backend_first, "relay ended with an error");
-        summary.outcome = "relay_error";
-    }
     match end {
         RelayEnd::Closed | RelayEnd::Error(_) => {
-            summary.closed_by = if backend_first { "backend" } else { "client" };
+            if let RelayEnd::Error(e) = &end {
+                tracing::debug!(error = %e, backend_first, "relay ended with an error");
+                summary.end = SessionEnd::RelayError;
+            }
+            summary.closed_by = Some(if backend_first {
+                Side::Backend
+            } else {
+                Side::Client
+            });
             if backend_first && matches!(end, RelayEnd::Closed) {
                 // The backend closed and everything it sent was relayed.
                 backend.stream.reset_on_close();
             }
             if backend_first && !goodbye_asked {
-                // The backend went away with the client still there. If many sessions of
-                // this server end together (it died), spread the closes so the failover
-                // host does not take a reconnect storm; a client that closes meanwhile ends
-                // the wait.
-                let spread = ctx
-                    .snap
-                    .config
-                    .pools
-                    .get(&pool)
-                    .map(|p| p.disconnect_spread)
-                    .unwrap_or_default();
-                let delay = ctx.control.disconnects.backend_closed(
-                    &backend.server,
-                    spread,
-                    session_id(),
-                    Instant::now(),
-                );
-                if !delay.is_zero() {
-                    tracing::debug!(
-                        delay_ms = delay.as_millis() as u64,
-                        "backend ended with many sessions: delaying the close"
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = client_gone(&mut client) => {}
-                        _ = ctx.control.hard_stop.cancelled() => {}
-                    }
-                }
+                spread_close(ctx, &pool, &backend, &mut client).await;
             }
             // TLS: close_notify. Plain TCP: the close when `client` drops sends the FIN; a
             // shutdown first would only cost a system call per session.
@@ -290,15 +374,10 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
             }
         }
         RelayEnd::Stopped => {
-            summary.outcome = "stopped";
+            summary.end = SessionEnd::Stopped;
             if ctx.listener.protocol == Protocol::Imap {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    client.write_all(
-                        b"* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n",
-                    ),
-                )
-                .await;
+                let bye = b"* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n";
+                let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(bye)).await;
             }
             let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), backend.stream.shutdown()).await;
@@ -307,7 +386,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         RelayEnd::Kicked(reason) => {
             goodbye(ctx, &mut client, reason).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), backend.stream.shutdown()).await;
-            summary.outcome = "kicked";
+            summary.end = SessionEnd::Kicked;
             count_kick(ctx, reason.as_str());
         }
     }
@@ -318,6 +397,42 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
         .record(relay_started.elapsed().as_secs_f64());
     pool_metrics.bytes_up.increment(summary.up);
     pool_metrics.bytes_down.increment(summary.down);
+}
+
+/// The backend went away with the client still there. If many sessions of this server
+/// end together (it died), the closes are spread so the failover host does not take a
+/// reconnect storm; a client that closes meanwhile ends the wait.
+async fn spread_close(
+    ctx: &SessionCtx,
+    pool: &str,
+    backend: &Connected,
+    client: &mut ClientStream,
+) {
+    let spread = ctx
+        .snap
+        .config
+        .pools
+        .get(pool)
+        .map(|p| p.disconnect_spread)
+        .unwrap_or_default();
+    let delay = ctx.control.disconnects.backend_closed(
+        &backend.server,
+        spread,
+        session_id(),
+        Instant::now(),
+    );
+    if delay.is_zero() {
+        return;
+    }
+    tracing::debug!(
+        delay_ms = delay.as_millis() as u64,
+        "backend ended with many sessions: delaying the close"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = client_gone(client) => {}
+        _ = ctx.control.hard_stop.cancelled() => {}
+    }
 }
 
 /// The session's only input buffer before login. Whatever it held is wiped when it is
@@ -387,14 +502,6 @@ pub async fn refuse(listener: Listener, mut tcp: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.shutdown()).await;
 }
 
-fn tls_label(tls: bool) -> &'static str {
-    if tls {
-        "true"
-    } else {
-        "false"
-    }
-}
-
 /// Resolves when the client closes or resets (its further input is discarded).
 async fn client_gone(client: &mut ClientStream) {
     let mut sink = [0u8; 512];
@@ -415,7 +522,8 @@ fn session_id() -> u64 {
 }
 
 fn count_kick(ctx: &SessionCtx, reason: &'static str) {
-    crate::admin::count_kick(ctx.listener.protocol.as_str(), reason);
+    metrics::counter!(m::KICKED, "protocol" => ctx.listener.protocol.as_str(), "reason" => reason)
+        .increment(1);
 }
 
 /// Tells a kicked client why, where the protocol allows it, then closes. IMAP gets an
@@ -439,12 +547,17 @@ async fn goodbye(ctx: &SessionCtx, client: &mut ClientStream, reason: KickReason
 async fn tls_accept(
     ctx: &SessionCtx,
     client: ClientStream,
-    timeout: Duration,
     mode: &'static str,
 ) -> Option<ClientStream> {
     let Stream::Plain(tcp) = client else {
         return None;
     };
+    let timeout = ctx
+        .snap
+        .config
+        .timeouts
+        .preauth
+        .min(Duration::from_secs(30));
     let cfg = ctx.snap.server_tls.clone()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let count = |result: &'static str, version: &'static str| {
@@ -483,6 +596,24 @@ struct Handoff<'a> {
     kick: Arc<Kick>,
 }
 
+/// A login that succeeded, registered, waiting for the machine to hand over.
+struct LoggedIn<'a> {
+    backend: Connected,
+    pool: String,
+    registered: Registration<'a>,
+    kick: Arc<Kick>,
+}
+
+/// What the pre-auth loop does after an action.
+enum Next<'a> {
+    /// Go on.
+    Continue,
+    /// A login succeeded.
+    LoggedIn(LoggedIn<'a>),
+    /// The session is over (the summary says why).
+    End,
+}
+
 /// Runs the pre-auth machine until the client is logged in (returns the hand-off) or the
 /// connection ends (returns None).
 async fn preauth<'a>(
@@ -495,18 +626,8 @@ async fn preauth<'a>(
     let cfg = &ctx.snap.config;
     let max_pending = cfg.limits.max_line + cfg.limits.max_literal + 1024;
     let mut inbuf = InputBuf(Vec::with_capacity(512));
-    let mut backend: Option<(Connected, String, Registration<'a>, Arc<Kick>)> = None;
-    // One waiter on the drain token for the whole pre-auth phase, not one per read.
-    let drain = ctx.control.drain.cancelled();
-    tokio::pin!(drain);
-    let mut drained = false;
-    // One timer for the phase too, re-armed only when it fires early. A wait for input may
-    // last the pre-auth timeout from when that wait started: time spent logging in (or
-    // held) does not count.
-    let idle = tokio::time::sleep(cfg.timeouts.preauth);
-    tokio::pin!(idle);
-    let mut timed_out = false;
-    let mut wait_started: Option<tokio::time::Instant> = None;
+    let mut logged_in = None;
+    let mut wait = InputWait::new(ctx);
     loop {
         // The machine consumes what it can, then says what to do. A machine may queue
         // actions without consuming (e.g. the SMTP bridge leaves MAIL for the backend).
@@ -515,83 +636,60 @@ async fn preauth<'a>(
         let mut acted = false;
         while let Some(action) = sm.poll_action() {
             acted = true;
-            match action {
-                Action::Send(bytes) => {
-                    if client.write_all(&bytes).await.is_err() {
-                        summary.outcome = "client_error";
-                        return None;
+            let next = match action {
+                Action::Send(bytes) => match client.write_all(&bytes).await {
+                    Ok(()) => Next::Continue,
+                    Err(_) => {
+                        summary.end = SessionEnd::ClientError;
+                        Next::End
                     }
-                }
+                },
                 Action::StartTls => {
-                    if client.flush().await.is_err() {
+                    let Some(tls) = start_tls(ctx, client, &mut inbuf).await else {
+                        summary.end = SessionEnd::TlsFailed;
                         return None;
-                    }
-                    if !inbuf.is_empty() {
-                        // Plaintext pipelined behind STARTTLS: never executed inside TLS.
-                        tracing::debug!(
-                            bytes = inbuf.len(),
-                            "discarding plaintext sent after STARTTLS"
-                        );
-                        inbuf.clear();
-                    }
-                    match tls_accept(
-                        ctx,
-                        client,
-                        cfg.timeouts.preauth.min(Duration::from_secs(30)),
-                        "starttls",
-                    )
-                    .await
-                    {
-                        Some(s) => client = s,
-                        None => {
-                            summary.outcome = "tls_failed";
-                            return None;
-                        }
-                    }
+                    };
+                    client = tls;
                     sm.tls_established();
+                    Next::Continue
                 }
                 Action::Login(creds) => {
                     let helo = sm.client_name().map(str::to_owned);
-                    let (outcome, conn) =
-                        login(ctx, creds, peer, helo, client.is_tls(), summary).await;
-                    if let Some((c, pool)) = conn {
-                        let kick = Arc::new(Kick::default());
-                        let registered = ctx.control.sessions.register(
-                            session_id(),
-                            Entry {
-                                user: summary.user.clone().unwrap_or_default(),
-                                protocol: ctx.listener.protocol,
-                                pool: pool.clone(),
-                                kick: kick.clone(),
-                            },
-                        );
-                        backend = Some((c, pool, registered, kick));
-                    }
-                    // Only now does the client hear the outcome.
-                    sm.login_done(outcome);
+                    let request = LoginRequest {
+                        credentials: creds,
+                        peer,
+                        client_tls: client.is_tls(),
+                        helo: helo.as_deref(),
+                    };
+                    login(ctx, sm, request, summary).await
                 }
                 Action::Close => {
                     let _ = client.flush().await;
                     let _ = client.shutdown().await;
-                    if summary.outcome == "closed" {
-                        summary.outcome = "closed_preauth";
+                    if summary.end == SessionEnd::Closed {
+                        summary.end = SessionEnd::ClosedPreauth;
                     }
-                    return None;
+                    Next::End
                 }
+            };
+            match next {
+                Next::Continue => {}
+                Next::LoggedIn(l) => logged_in = Some(l),
+                Next::End => return None,
             }
         }
         if sm.is_authenticated() {
             if client.flush().await.is_err() {
                 return None;
             }
-            let (backend, pool, registered, kick) = backend.take()?;
+            let l: LoggedIn<'a> = logged_in.take()?;
             return Some(Handoff {
                 client,
-                backend,
+                backend: l.backend,
                 pending: inbuf.take(),
-                pool,
-                registered,
-                kick,
+                pool: l.pool,
+                registered: l.registered,
+                kick: l.kick,
             });
         }
         if used > 0 || acted {
@@ -599,248 +697,160 @@ async fn preauth<'a>(
         }
         if inbuf.len() >= max_pending {
             tracing::debug!("pre-auth input over its bound");
-            summary.outcome = "input_too_large";
+            summary.end = SessionEnd::InputTooLarge;
             metrics::counter!(m::REFUSED, "listener" => ctx.listener.name.clone(), "protocol" => ctx.listener.protocol.as_str(), "reason" => "input_too_large").increment(1);
             return None;
         }
-        let timeout = match sm.phase() {
-            Phase::PreAuth | Phase::Continuation => cfg.timeouts.preauth,
-        };
         inbuf.reserve(512, max_pending);
-        let started = *wait_started.get_or_insert_with(tokio::time::Instant::now);
-        tokio::select! {
-            r = client.read_buf(&mut inbuf.0) => match r {
-                Ok(0) => { summary.outcome = "client_closed_preauth"; return None; }
-                Ok(_) => wait_started = None,
-                Err(e) => {
-                    tracing::debug!(error = %e, "client read failed");
-                    summary.outcome = "client_error";
-                    return None;
-                }
-            },
-            _ = &mut idle, if !timed_out => {
-                let due = started + timeout;
-                if tokio::time::Instant::now() >= due {
-                    timed_out = true;
-                    summary.outcome = "timeout";
-                    sm.timed_out();
-                } else {
-                    idle.as_mut().reset(due);
-                }
+        match wait.input(&mut client, &mut inbuf.0).await {
+            Waited::Input => {}
+            Waited::TimedOut => {
+                summary.end = SessionEnd::Timeout;
+                sm.timed_out();
             }
-            _ = &mut drain, if !drained => { drained = true; summary.outcome = "shutdown"; sm.shutting_down(); }
+            Waited::Draining => {
+                summary.end = SessionEnd::Shutdown;
+                sm.shutting_down();
+            }
+            Waited::Closed(end) => {
+                summary.end = end;
+                return None;
+            }
         }
     }
 }
 
-/// Routes the user and logs in to the chosen pool (or its fallback).
-async fn login(
+/// STARTTLS: flushes the go-ahead, discards what the client pipelined behind the
+/// command in plaintext (never executed inside TLS), and runs the handshake.
+async fn start_tls(
     ctx: &SessionCtx,
-    creds: Credentials,
-    peer: SocketAddr,
-    helo: Option<String>,
-    client_tls: bool,
-    summary: &mut Summary,
-) -> (LoginOutcome, Option<(Connected, String)>) {
-    let protocol = ctx.listener.protocol;
-    let cfg = &ctx.snap.config;
-    let started = Instant::now();
-    let mut waited = Duration::ZERO;
-    let mut at_backend = Duration::ZERO;
-    let user = route::normalize(&cfg.users, &creds.user);
-    // A held user waits (a mailbox is being copied); the route is taken after the wait,
-    // so a release lands the login on the route in force then.
-    if ctx.control.holds.is_held(&user) {
-        let max = cfg
-            .admin
-            .as_ref()
-            .map(|a| a.hold_max_wait)
-            .unwrap_or(Duration::from_secs(120));
-        tracing::info!(%user, "login held");
-        let hold_started = Instant::now();
-        let outcome = ctx.control.holds.wait(&user, max).await;
-        waited = hold_started.elapsed();
-        let label = if outcome == HoldOutcome::Proceed {
-            "released"
-        } else {
-            "timed_out"
-        };
-        metrics::counter!(m::HELD_LOGINS, "result" => label).increment(1);
-        if outcome == HoldOutcome::TimedOut {
-            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "held", "rule" => "none", "result" => "backend_unavailable", "tls" => tls_label(client_tls)).increment(1);
-            return (LoginOutcome::Unavailable, None);
-        }
-    }
-    // Password spraying: a blocked address or user name is refused without asking a
-    // backend.
-    if let Some(left) = ctx
-        .control
-        .throttle
-        .blocked(peer.ip(), &user, Instant::now())
-    {
-        tracing::info!(%user, retry_in_s = left.as_secs(), "login refused: too many failures");
-        metrics::counter!(m::REFUSED, "listener" => ctx.listener.name.clone(), "protocol" => protocol.as_str(), "reason" => "rate_limited").increment(1);
-        metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "throttled", "rule" => "none", "result" => "refused", "tls" => tls_label(client_tls)).increment(1);
-        tokio::time::sleep(cfg.throttle.max_delay).await;
-        return (
-            LoginOutcome::Refused {
-                reason: "Too many failed logins, try again later",
-            },
-            None,
+    mut client: ClientStream,
+    inbuf: &mut InputBuf,
+) -> Option<ClientStream> {
+    client.flush().await.ok()?;
+    if !inbuf.is_empty() {
+        tracing::debug!(
+            bytes = inbuf.len(),
+            "discarding plaintext sent after STARTTLS"
         );
+        inbuf.clear();
     }
-    // Route with the configuration in force now (a reload or stage may have changed it
-    // while the client typed its password).
-    let snap = ctx.control.snapshot();
-    let cfg = &snap.config;
-    let decision = match route::route(cfg, &creds.user, protocol, rfc3339::now()) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "no route");
-            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "none", "rule" => "none", "result" => "refused", "tls" => tls_label(client_tls)).increment(1);
-            return (LoginOutcome::Unavailable, None);
-        }
-    };
-    let span = tracing::Span::current();
-    span.record("user", decision.user.as_str());
-    summary.user = Some(decision.user.clone());
-    let client = Some(ClientInfo {
-        ip: peer.ip(),
-        port: peer.port(),
-    });
-    let helo = helo.unwrap_or_else(|| cfg.hostname.clone());
-    let bridge = creds.mechanism == Mechanism::PreAuthorized;
+    tls_accept(ctx, client, "starttls").await
+}
 
-    let attempts = [
-        Some((decision.pool.as_str(), decision.servers.as_slice())),
-        decision
-            .fallback
-            .as_ref()
-            .map(|f| (f.pool.as_str(), f.servers.as_slice())),
-    ];
-    let mut result = LoginResult::Unavailable;
-    let mut pool = decision.pool.as_str();
-    for (i, (pool_name, servers)) in attempts.into_iter().flatten().enumerate() {
-        if i > 0 {
-            let reason = match &result {
-                LoginResult::AuthFailed { .. } => "auth_failed",
-                _ => "unavailable",
-            };
-            tracing::info!(from = %decision.pool, to = %pool_name, reason, "trying the fallback pool");
-            metrics::counter!(m::FALLBACKS, "from" => decision.pool.clone(), "to" => pool_name.to_string(), "reason" => reason).increment(1);
-        }
-        pool = pool_name;
-        let login_name = match cfg.pools.get(pool_name) {
-            Some(p) if p.login_original_name => creds.user.trim().to_string(),
-            _ => decision.user.clone(),
-        };
-        let backend_creds = Credentials {
-            user: login_name,
-            secret: creds.secret.clone(),
-            mechanism: creds.mechanism,
-        };
-        let auth = if bridge {
-            backend::Auth::Bridge
-        } else {
-            backend::Auth::Replay(&backend_creds)
-        };
-        let backend_started = Instant::now();
-        result = backend::login(
-            &ctx.control.backends,
-            &snap,
-            pool_name,
-            protocol,
-            servers,
-            auth,
-            client.clone(),
-            &helo,
-        )
-        .await;
-        at_backend += backend_started.elapsed();
-        drop(backend_creds);
-        let try_next = match &result {
-            LoginResult::LoggedIn(_) => false,
-            LoginResult::AuthFailed { .. } => decision
-                .fallback
-                .as_ref()
-                .is_some_and(|f| f.on_auth_failure),
-            LoginResult::Unavailable => true,
-        };
-        if !try_next {
-            break;
-        }
-    }
-    drop(creds);
-    span.record("pool", pool);
-    summary.pool = Some(pool.to_string());
-    let (result_label, outcome, conn) = match result {
-        LoginResult::LoggedIn(c) => {
-            span.record("backend", c.server.as_str());
-            summary.server = Some(c.server.clone());
-            tracing::debug!(server = %c.server, tls = client_tls, "login ok");
-            ctx.control.history.record(&Login {
-                user: &decision.user,
-                pool,
+/// Runs the login pipeline for the machine's credentials, registers a served session
+/// before the client hears of it, and tells the machine the outcome.
+async fn login<'a>(
+    ctx: &'a SessionCtx,
+    sm: &mut (dyn PreAuth + Send),
+    request: LoginRequest<'_>,
+    summary: &mut Summary,
+) -> Next<'a> {
+    let done = login::log_in(ctx.place(), request).await;
+    summary.login(&done);
+    let outcome = done.outcome();
+    let next = match done {
+        LoginDone::Served(served) => {
+            let kick = Arc::new(Kick::default());
+            let protocol = ctx.listener.protocol;
+            let entry = Entry {
+                user: served.user.clone(),
                 protocol,
-                listener: &ctx.listener.name,
-                tls: client_tls,
-                ip: peer.ip(),
-                now_ms: rfc3339::now_ms(),
-            });
-            let caps = c.capabilities.clone();
-            (
-                m::handles::LoginResult::Ok,
-                LoginOutcome::Ok { capabilities: caps },
-                Some((c, pool.to_string())),
-            )
-        }
-        LoginResult::AuthFailed { response, server } => {
-            tracing::info!(%server, "login rejected by backend");
-            (
-                m::handles::LoginResult::AuthFailed,
-                LoginOutcome::AuthFailed {
-                    response: Some(response),
-                },
-                None,
-            )
-        }
-        LoginResult::Unavailable => {
-            tracing::warn!("no server of the pool is available");
-            (
-                m::handles::LoginResult::BackendUnavailable,
-                LoginOutcome::Unavailable,
-                None,
-            )
-        }
-    };
-    summary.outcome = result_label.as_str();
-    match result_label {
-        m::handles::LoginResult::Ok => ctx.control.throttle.success(&decision.user),
-        m::handles::LoginResult::AuthFailed => {
-            // Tarpit: the answer to a failed login comes later and later.
-            let delay = ctx.control.throttle.failure(
-                peer.ip(),
-                &decision.user,
-                &cfg.throttle,
-                Instant::now(),
+                pool: served.pool.clone(),
+                kick: kick.clone(),
+            };
+            let registered = ctx.control.state.sessions().register(session_id(), entry);
+            // Registered first: a reload installed from now on finds the session itself.
+            let control = &ctx.control;
+            control.settle(
+                session_id(),
+                &served.user,
+                protocol,
+                &served.pool,
+                &ctx.snap,
             );
-            tokio::time::sleep(delay).await;
+            Next::LoggedIn(LoggedIn {
+                backend: served.backend,
+                pool: served.pool,
+                registered,
+                kick,
+            })
         }
-        m::handles::LoginResult::BackendUnavailable => {}
+        _ => Next::Continue,
+    };
+    // Only now does the client hear the outcome.
+    sm.login_done(outcome);
+    next
+}
+
+/// How a wait for client input ended.
+enum Waited {
+    /// Bytes arrived.
+    Input,
+    /// The pre-auth timeout passed.
+    TimedOut,
+    /// The proxy started draining.
+    Draining,
+    /// The client closed or failed.
+    Closed(SessionEnd),
+}
+
+/// Waits for client input before login, with one timer and one drain waiter for the
+/// whole phase. A wait may last the pre-auth timeout from when it started: time spent
+/// logging in (or held) does not count.
+struct InputWait<'a> {
+    timeout: Duration,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    drain: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFuture<'a>>>,
+    timed_out: bool,
+    drained: bool,
+    started: Option<tokio::time::Instant>,
+}
+
+impl<'a> InputWait<'a> {
+    fn new(ctx: &'a SessionCtx) -> Self {
+        let timeout = ctx.snap.config.timeouts.preauth;
+        InputWait {
+            timeout,
+            idle: Box::pin(tokio::time::sleep(timeout)),
+            drain: Box::pin(ctx.control.drain.cancelled()),
+            timed_out: false,
+            drained: false,
+            started: None,
+        }
     }
-    let pool_metrics = m::handles::pool(pool, protocol);
-    pool_metrics
-        .login_backend_seconds
-        .record(at_backend.as_secs_f64());
-    let at_proxy = started
-        .elapsed()
-        .saturating_sub(waited)
-        .saturating_sub(at_backend);
-    m::handles::login_proxy_seconds(protocol).record(at_proxy.as_secs_f64());
-    pool_metrics
-        .logins(&decision.rule_id, result_label, client_tls)
-        .increment(1);
-    (outcome, conn)
+
+    async fn input(&mut self, client: &mut ClientStream, buf: &mut Vec<u8>) -> Waited {
+        let started = *self.started.get_or_insert_with(tokio::time::Instant::now);
+        loop {
+            tokio::select! {
+                r = client.read_buf(buf) => return match r {
+                    Ok(0) => Waited::Closed(SessionEnd::ClientClosedPreauth),
+                    Ok(_) => {
+                        self.started = None;
+                        Waited::Input
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client read failed");
+                        Waited::Closed(SessionEnd::ClientError)
+                    }
+                },
+                _ = &mut self.idle, if !self.timed_out => {
+                    let due = started + self.timeout;
+                    if tokio::time::Instant::now() >= due {
+                        self.timed_out = true;
+                        return Waited::TimedOut;
+                    }
+                    // Armed for an earlier wait: re-arm for this one.
+                    self.idle.as_mut().reset(due);
+                }
+                _ = &mut self.drain, if !self.drained => {
+                    self.drained = true;
+                    return Waited::Draining;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -97,11 +97,11 @@ async fn routes_by_user_domain_and_percent() {
     // Percent: pick a user in and one out of the 30% bucket; add them to the fakes.
     let inside = (0..)
         .map(|i| format!("p{i}"))
-        .find(|u| cutover::route::bucket(u) < 30)
+        .find(|u| cutover::config::bucket(u) < 30)
         .unwrap();
     let outside = (0..)
         .map(|i| format!("p{i}"))
-        .find(|u| cutover::route::bucket(u) >= 30)
+        .find(|u| cutover::config::bucket(u) >= 30)
         .unwrap();
     for (u, want) in [(inside, "new"), (outside, "green")] {
         let r = served_by(&s.proxy, &u, "password").await.unwrap_err();

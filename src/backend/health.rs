@@ -151,6 +151,6 @@ impl Registry {
 /// How long to wait between probes of one server, with a little per-server jitter so
 /// the probes of many servers do not align.
 pub fn probe_delay(interval: Duration, server: &str) -> Duration {
-    let jitter = crate::route::stable_hash(b"probe", server) % 100;
+    let jitter = crate::config::stable_hash(b"probe", server) % 100;
     interval + interval * jitter as u32 / 1000
 }

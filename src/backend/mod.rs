@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use crate::config::{Pool, PoolProtocol, Protocol, ServerAddr};
 use crate::metrics as m;
 use crate::proto::{
-    self, BackendAction, BackendLogin, BackendPolicy, BackendResult, BackendTls, ClientInfo,
+    self, Auth, BackendAction, BackendLogin, BackendPolicy, BackendResult, BackendTls, ClientInfo,
     Credentials, Unavailable,
 };
 use crate::snapshot::Snapshot;
@@ -83,10 +83,9 @@ impl From<Unavailable> for Failure {
 pub enum Job {
     /// Health probe: greeting and capabilities, then goodbye.
     Probe,
-    /// Log in with these credentials.
+    /// Log in: replay the password, or (SMTP, [`crate::proto::Auth::Bridged`]) open the
+    /// session without AUTH.
     Login(Credentials),
-    /// SMTP to a pop-before-smtp host: greeting and EHLO, no AUTH.
-    SmtpNoAuth,
 }
 
 /// A logged-in backend connection, ready for the relay.
@@ -101,12 +100,22 @@ pub struct Connected {
     pub capabilities: Option<String>,
 }
 
+/// What one attempt on one server came to, when the server answered at all.
+pub struct Attempted {
+    /// The machine's result.
+    pub result: BackendResult,
+    /// The connection.
+    pub stream: BackendStream,
+    /// Bytes the backend sent after the end of the login.
+    pub leftover: Vec<u8>,
+}
+
 /// The result of logging a user in somewhere in a pool.
-pub enum LoginResult {
+pub enum PoolResult {
     /// Logged in.
     LoggedIn(Connected),
     /// The credentials were rejected by `server`.
-    AuthFailed {
+    Rejected {
         /// The backend's text.
         response: String,
         /// Which server said so.
@@ -157,29 +166,14 @@ pub fn new_machine(
     policy: BackendPolicy,
     job: Job,
 ) -> Box<dyn BackendLogin + Send> {
+    let creds = match job {
+        Job::Login(c) => Some(c),
+        Job::Probe => None,
+    };
     match protocol {
-        Protocol::Imap => {
-            let creds = match job {
-                Job::Login(c) => Some(c),
-                Job::Probe | Job::SmtpNoAuth => None,
-            };
-            Box::new(proto::imap::BackendMachine::new(policy, creds))
-        }
-        Protocol::Pop3 => {
-            let creds = match job {
-                Job::Login(c) => Some(c),
-                Job::Probe | Job::SmtpNoAuth => None,
-            };
-            Box::new(proto::pop3::BackendMachine::new(policy, creds))
-        }
-        Protocol::Smtp => {
-            let mode = match job {
-                Job::Probe => proto::smtp::BackendMode::Probe,
-                Job::Login(c) => proto::smtp::BackendMode::Auth(c),
-                Job::SmtpNoAuth => proto::smtp::BackendMode::NoAuth,
-            };
-            Box::new(proto::smtp::BackendMachine::new(policy, mode))
-        }
+        Protocol::Imap => Box::new(proto::imap::BackendMachine::new(policy, creds)),
+        Protocol::Pop3 => Box::new(proto::pop3::BackendMachine::new(policy, creds)),
+        Protocol::Smtp => Box::new(proto::smtp::BackendMachine::new(policy, creds)),
     }
 }
 
@@ -246,361 +240,331 @@ async fn connect_tcp(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(tcp)
 }
 
-async fn tls_connect(
-    tcp: TcpStream,
-    snap: &Snapshot,
-    pool: &str,
-    protocol: Protocol,
-    pp: &PoolProtocol,
-    addr: &ServerAddr,
-) -> Result<BackendStream, Failure> {
-    let cfg = snap
-        .backend_tls
-        .get(&(pool.to_string(), protocol))
-        .ok_or(Failure::Tls)?;
-    let name = crate::tls::backend_name(pp.server_name.as_deref(), addr).map_err(|e| {
-        tracing::warn!(server = %addr, error = %e, "no valid TLS name for backend");
-        Failure::Tls
-    })?;
-    let connector = tokio_rustls::TlsConnector::from(cfg.clone());
-    match connector.connect(name, tcp).await {
-        Ok(t) => Ok(Stream::Tls(Box::new(t))),
-        Err(e) => {
-            tracing::warn!(pool, %protocol, server = %addr, error = %e, "backend TLS handshake failed");
-            Err(Failure::Tls)
-        }
-    }
+/// What logging in to one pool for one protocol needs, whichever of its servers is tried.
+pub struct PoolLogin<'a> {
+    /// Health registry and resolver.
+    pub backends: &'a Backends,
+    /// The configuration in force for this login (TLS client configurations included).
+    pub snap: &'a Snapshot,
+    /// The pool.
+    pub pool: &'a Pool,
+    /// The protocol spoken.
+    pub protocol: Protocol,
+    /// The pool's servers and TLS for that protocol.
+    pub servers: &'a PoolProtocol,
+    /// The client, for backends that are told who it is (`forward_client_address`).
+    pub client: Option<ClientInfo>,
+    /// The name to give in EHLO (SMTP).
+    pub helo: &'a str,
 }
 
-/// Runs a login machine over a connection until it is done.
-#[allow(clippy::too_many_arguments)]
-async fn drive(
-    machine: &mut (dyn BackendLogin + Send),
-    mut stream: BackendStream,
-    snap: &Snapshot,
-    pool: &str,
-    protocol: Protocol,
-    pp: &PoolProtocol,
-    addr: &ServerAddr,
-) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
-    // Read straight into `buf` (no stack chunk: this future lives in every login).
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    loop {
-        while let Some(action) = machine.poll_action() {
-            match action {
-                BackendAction::Send(mut bytes) => {
-                    let written = stream.write_all(&bytes).await;
-                    // May hold the replayed credentials.
-                    proto::wipe(&mut bytes);
-                    written.map_err(|_| Failure::Protocol)?;
-                    stream.flush().await.map_err(|_| Failure::Protocol)?;
-                }
-                BackendAction::StartTls => {
-                    // Whatever the backend sent after its go-ahead arrived in plaintext
-                    // and is not trusted: discard it.
-                    buf.clear();
-                    stream = match stream {
-                        Stream::Plain(tcp) => {
-                            tls_connect(tcp, snap, pool, protocol, pp, addr).await?
-                        }
-                        Stream::Tls(_) => return Err(Failure::Protocol),
-                    };
-                    machine.tls_established();
-                }
-                BackendAction::Done(result) => return Ok((result, stream, buf)),
+impl<'a> PoolLogin<'a> {
+    /// `None` if the snapshot has no pool `pool_name` or it has no servers for
+    /// `protocol`.
+    pub fn new(
+        backends: &'a Backends,
+        snap: &'a Snapshot,
+        pool_name: &str,
+        protocol: Protocol,
+        client: Option<ClientInfo>,
+        helo: &'a str,
+    ) -> Option<PoolLogin<'a>> {
+        let pool = snap.config.pools.get(pool_name)?;
+        Some(PoolLogin {
+            backends,
+            snap,
+            pool,
+            protocol,
+            servers: pool.protocols.get(&protocol)?,
+            client,
+            helo,
+        })
+    }
+
+    /// The same pool for another protocol (pop-before-smtp checks SMTP logins by POP3).
+    fn speaking(&self, protocol: Protocol) -> Option<PoolLogin<'a>> {
+        Some(PoolLogin {
+            protocol,
+            servers: self.pool.protocols.get(&protocol)?,
+            client: self.client.clone(),
+            ..*self
+        })
+    }
+
+    /// One attempt on one server: connect, TLS, machine; bounded by the pool's login
+    /// timeout.
+    pub async fn attempt(&self, addr: &ServerAddr, job: Job) -> Result<Attempted, Failure> {
+        let policy = BackendPolicy {
+            tls: self.servers.tls,
+            forward_client: self
+                .client
+                .clone()
+                .filter(|_| self.pool.forward_client_address),
+            helo: self.helo.to_string(),
+        };
+        let mut machine = new_machine(self.protocol, policy, job);
+        let work = async {
+            let connect_started = std::time::Instant::now();
+            let pool = self.pool;
+            let tcp = connect(
+                &self.backends.resolver,
+                addr,
+                pool.connect_timeout,
+                pool.dns_grace,
+            )
+            .await?;
+            m::handles::pool(&pool.name, self.protocol)
+                .connect_seconds(addr.as_str())
+                .record(connect_started.elapsed().as_secs_f64());
+            let stream = if self.servers.tls == BackendTls::Implicit {
+                self.tls_connect(tcp, addr).await?
+            } else {
+                Stream::Plain(tcp)
+            };
+            self.drive(machine.as_mut(), stream, addr).await
+        };
+        match tokio::time::timeout(self.pool.login_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    async fn tls_connect(
+        &self,
+        tcp: TcpStream,
+        addr: &ServerAddr,
+    ) -> Result<BackendStream, Failure> {
+        let (pool, protocol) = (&self.pool.name, self.protocol);
+        let cfg = self
+            .snap
+            .backend_tls
+            .get(&(pool.clone(), protocol))
+            .ok_or(Failure::Tls)?;
+        let name =
+            crate::tls::backend_name(self.servers.server_name.as_deref(), addr).map_err(|e| {
+                tracing::warn!(server = %addr, error = %e, "no valid TLS name for backend");
+                Failure::Tls
+            })?;
+        let connector = tokio_rustls::TlsConnector::from(cfg.clone());
+        match connector.connect(name, tcp).await {
+            Ok(t) => Ok(Stream::Tls(Box::new(t))),
+            Err(e) => {
+                tracing::warn!(%pool, %protocol, server = %addr, error = %e, "backend TLS handshake failed");
+                Err(Failure::Tls)
             }
         }
-        let used = machine.receive(&buf);
-        if used > 0 {
-            buf.drain(..used.min(buf.len()));
-            continue;
-        }
-        if buf.len() >= MAX_BACKEND_PENDING {
-            return Err(Failure::Protocol);
-        }
-        buf.reserve(1024);
-        let n = stream
-            .read_buf(&mut buf)
-            .await
-            .map_err(|_| Failure::Protocol)?;
-        if n == 0 {
-            return Err(Failure::Protocol);
+    }
+
+    /// Runs a login machine over a connection until it is done.
+    async fn drive(
+        &self,
+        machine: &mut (dyn BackendLogin + Send),
+        mut stream: BackendStream,
+        addr: &ServerAddr,
+    ) -> Result<Attempted, Failure> {
+        // Read straight into `buf` (no stack chunk: this future lives in every login).
+        let mut buf: Vec<u8> = Vec::with_capacity(1024);
+        loop {
+            while let Some(action) = machine.poll_action() {
+                match action {
+                    BackendAction::Send(mut bytes) => {
+                        let written = stream.write_all(&bytes).await;
+                        // May hold the replayed credentials.
+                        proto::wipe(&mut bytes);
+                        written.map_err(|_| Failure::Protocol)?;
+                        stream.flush().await.map_err(|_| Failure::Protocol)?;
+                    }
+                    BackendAction::StartTls => {
+                        // Whatever the backend sent after its go-ahead arrived in
+                        // plaintext and is not trusted: discard it.
+                        buf.clear();
+                        stream = match stream {
+                            Stream::Plain(tcp) => self.tls_connect(tcp, addr).await?,
+                            Stream::Tls(_) => return Err(Failure::Protocol),
+                        };
+                        machine.tls_established();
+                    }
+                    BackendAction::Done(result) => {
+                        return Ok(Attempted {
+                            result,
+                            stream,
+                            leftover: buf,
+                        })
+                    }
+                }
+            }
+            let used = machine.receive(&buf);
+            if used > 0 {
+                buf.drain(..used.min(buf.len()));
+                continue;
+            }
+            if buf.len() >= MAX_BACKEND_PENDING {
+                return Err(Failure::Protocol);
+            }
+            buf.reserve(1024);
+            let n = stream
+                .read_buf(&mut buf)
+                .await
+                .map_err(|_| Failure::Protocol)?;
+            if n == 0 {
+                return Err(Failure::Protocol);
+            }
         }
     }
-}
 
-/// One attempt on one server: connect, TLS, machine; bounded by the pool's login timeout.
-#[allow(clippy::too_many_arguments)]
-pub async fn attempt(
-    backends: &Backends,
-    snap: &Snapshot,
-    pool: &Pool,
-    protocol: Protocol,
-    pp: &PoolProtocol,
-    addr: &ServerAddr,
-    job: Job,
-    client: Option<ClientInfo>,
-    helo: &str,
-) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
-    let policy = BackendPolicy {
-        tls: pp.tls,
-        forward_client: if pool.forward_client_address {
-            client
-        } else {
-            None
-        },
-        helo: helo.to_string(),
-    };
-    let mut machine = new_machine(protocol, policy, job);
-    let work = async {
-        let connect_started = std::time::Instant::now();
-        let tcp = connect(
-            &backends.resolver,
-            addr,
-            pool.connect_timeout,
-            pool.dns_grace,
-        )
-        .await?;
-        m::handles::pool(&pool.name, protocol)
-            .connect_seconds(addr.as_str())
-            .record(connect_started.elapsed().as_secs_f64());
-        let stream = if pp.tls == BackendTls::Implicit {
-            tls_connect(tcp, snap, &pool.name, protocol, pp, addr).await?
-        } else {
-            Stream::Plain(tcp)
+    /// The servers in the decision's order, available ones first (with their index in
+    /// the pool's list).
+    pub fn try_order(&self, order: &[String]) -> Vec<(usize, &'a ServerAddr)> {
+        let (pool, protocol, pp) = (self.pool, self.protocol, self.servers);
+        let mut ordered: Vec<(usize, &ServerAddr)> = order
+            .iter()
+            .filter_map(|s| {
+                pp.servers
+                    .iter()
+                    .enumerate()
+                    .find(|(_, a)| a.as_str() == s.as_str())
+            })
+            .collect();
+        // Stable partition: available servers keep their order and go first; down servers
+        // remain as a last resort, so a pool whose probes are all failing is still tried.
+        let paired = self
+            .checks_by_pop3()
+            .then(|| pool.protocols.get(&Protocol::Pop3))
+            .flatten();
+        let reg = &self.backends.registry;
+        let available = |index: usize, a: &ServerAddr| {
+            reg.get(&pool.name, protocol, a.as_str())
+                .is_available(&pool.health)
+                && paired
+                    .and_then(|pop| pop.servers.get(index))
+                    .is_none_or(|p| {
+                        reg.get(&pool.name, Protocol::Pop3, p.as_str())
+                            .is_available(&pool.health)
+                    })
         };
-        drive(
-            machine.as_mut(),
-            stream,
-            snap,
-            &pool.name,
-            protocol,
-            pp,
-            addr,
-        )
-        .await
-    };
-    match tokio::time::timeout(pool.login_timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(Failure::Timeout),
+        ordered.sort_by_key(|(i, a)| !available(*i, a));
+        ordered
+    }
+
+    /// SMTP to a `pop-before-smtp` pool: passwords are checked by POP3 on the same host.
+    fn checks_by_pop3(&self) -> bool {
+        self.protocol == Protocol::Smtp
+            && self.servers.auth == crate::config::SmtpAuth::PopBeforeSmtp
+    }
+
+    /// Logs in to the first available server of the pool, failing over on unavailability
+    /// only.
+    pub async fn login(&self, order: &[String], creds: &Credentials) -> PoolResult {
+        let (pool_name, protocol) = (self.pool.name.as_str(), self.protocol);
+        let candidates = self.try_order(order);
+        let total = candidates.len();
+        for (n, (index, addr)) in candidates.into_iter().enumerate() {
+            let server = addr.as_str().to_owned();
+            let state = self.backends.registry.get(pool_name, protocol, &server);
+            let result = match &creds.auth {
+                Auth::Password { .. } if self.checks_by_pop3() => {
+                    self.pop_before_smtp(index, addr, creds).await
+                }
+                _ => self.attempt(addr, Job::Login(creds.clone())).await,
+            };
+            // Everything that is not a login or a rejection is this server being
+            // unavailable.
+            let failure = match result {
+                Ok(Attempted {
+                    result: BackendResult::LoggedIn { capabilities },
+                    stream,
+                    leftover,
+                }) => {
+                    state.record_login_success();
+                    return PoolResult::LoggedIn(Connected {
+                        stream,
+                        leftover,
+                        server,
+                        capabilities,
+                    });
+                }
+                Ok(Attempted {
+                    result: BackendResult::AuthFailed { response },
+                    ..
+                }) => {
+                    state.record_login_success(); // it answered: it is up
+                    return PoolResult::Rejected { response, server };
+                }
+                Ok(Attempted {
+                    result: BackendResult::Ready { .. },
+                    ..
+                }) => {
+                    tracing::error!(%server, "backend machine answered a login with a probe result");
+                    Failure::Protocol
+                }
+                Ok(Attempted {
+                    result: BackendResult::Unavailable(u),
+                    ..
+                }) => u.into(),
+                Err(f) => f,
+            };
+            // A paired POP3 check server's failure was counted against that server.
+            if failure != Failure::PairedPop3 {
+                tracing::warn!(pool = pool_name, %protocol, %server, reason = failure.as_str(), "backend unavailable");
+                count_failure(pool_name, protocol, &server, failure);
+                state.record_failure(&self.pool.health);
+            }
+            if n + 1 < total {
+                metrics::counter!(m::FAILOVERS, "pool" => pool_name.to_string(), "protocol" => protocol.as_str())
+                    .increment(1);
+            }
+        }
+        PoolResult::Unavailable
+    }
+
+    /// The legacy hosts' SMTP trusts a recent POP3 login from the proxy's address: verify
+    /// the credentials with a POP3 login on the paired host, then open SMTP there,
+    /// bridged (without AUTH).
+    async fn pop_before_smtp(
+        &self,
+        index: usize,
+        smtp_addr: &ServerAddr,
+        creds: &Credentials,
+    ) -> Result<Attempted, Failure> {
+        let pop = self.speaking(Protocol::Pop3).ok_or(Failure::NoMechanism)?;
+        let pop_addr = pop.servers.servers.get(index).ok_or(Failure::NoMechanism)?;
+        let pool = self.pool;
+        let pop_server = pop_addr.as_str();
+        let pop_state = self
+            .backends
+            .registry
+            .get(&pool.name, Protocol::Pop3, pop_server);
+        let checked = pop.attempt(pop_addr, Job::Login(creds.clone())).await;
+        // A POP3 server that is down is that server's failure, not the SMTP server's.
+        let pop_down = |f: Failure| {
+            tracing::warn!(pool = %pool.name, server = %pop_server, reason = f.as_str(), "pop-before-smtp: POP3 check server unavailable");
+            count_failure(&pool.name, Protocol::Pop3, pop_server, f);
+            pop_state.record_failure(&pool.health);
+            Failure::PairedPop3
+        };
+        let mut checked = match checked {
+            Ok(Attempted {
+                result: BackendResult::Unavailable(u),
+                ..
+            }) => return Err(pop_down(u.into())),
+            Ok(a) => a,
+            Err(f) => return Err(pop_down(f)),
+        };
+        if !matches!(checked.result, BackendResult::LoggedIn { .. }) {
+            checked.leftover = Vec::new();
+            return Ok(checked);
+        }
+        pop_state.record_login_success();
+        let _ = checked.stream.write_all(proto::pop3::QUIT).await;
+        let _ = checked.stream.shutdown().await;
+        let bridged = Credentials::bridged(creds.user.clone());
+        self.attempt(smtp_addr, Job::Login(bridged)).await
     }
 }
 
 fn count_failure(pool: &str, protocol: Protocol, server: &str, f: Failure) {
     metrics::counter!(m::BACKEND_FAILURES, "pool" => pool.to_string(), "protocol" => protocol.as_str(), "server" => server.to_string(), "reason" => f.as_str())
         .increment(1);
-}
-
-/// The servers of `pp` in the decision's order, available ones first.
-pub fn try_order<'a>(
-    backends: &Backends,
-    pool: &Pool,
-    protocol: Protocol,
-    pp: &'a PoolProtocol,
-    order: &[String],
-) -> Vec<(usize, &'a ServerAddr)> {
-    let mut ordered: Vec<(usize, &ServerAddr)> = order
-        .iter()
-        .filter_map(|s| {
-            pp.servers
-                .iter()
-                .enumerate()
-                .find(|(_, a)| a.as_str() == s.as_str())
-        })
-        .collect();
-    // Stable partition: available servers keep their order and go first; down servers
-    // remain as a last resort, so a pool whose probes are all failing is still tried.
-    let paired = (protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp)
-        .then(|| pool.protocols.get(&Protocol::Pop3))
-        .flatten();
-    let available = |index: usize, a: &ServerAddr| {
-        let reg = &backends.registry;
-        reg.get(&pool.name, protocol, a.as_str())
-            .is_available(&pool.health)
-            && paired
-                .and_then(|pop| pop.servers.get(index))
-                .is_none_or(|p| {
-                    reg.get(&pool.name, Protocol::Pop3, p.as_str())
-                        .is_available(&pool.health)
-                })
-    };
-    ordered.sort_by_key(|(i, a)| !available(*i, a));
-    ordered
-}
-
-/// How the backend session is authorized.
-#[derive(Clone, Copy)]
-pub enum Auth<'a> {
-    /// Replay these credentials (or, for `pop-before-smtp` SMTP pools, check them with
-    /// POP3 on the same host first).
-    Replay(&'a Credentials),
-    /// SMTP without AUTH: the pop-before-smtp bridge vouched for the client.
-    Bridge,
-}
-
-/// Logs in to the first available server of the pool, failing over on unavailability
-/// only.
-#[allow(clippy::too_many_arguments)]
-pub async fn login(
-    backends: &Backends,
-    snap: &Snapshot,
-    pool_name: &str,
-    protocol: Protocol,
-    order: &[String],
-    auth: Auth<'_>,
-    client: Option<ClientInfo>,
-    helo: &str,
-) -> LoginResult {
-    let Some(pool) = snap.config.pools.get(pool_name) else {
-        return LoginResult::Unavailable;
-    };
-    let Some(pp) = pool.protocols.get(&protocol) else {
-        return LoginResult::Unavailable;
-    };
-    let candidates = try_order(backends, pool, protocol, pp, order);
-    let total = candidates.len();
-    for (n, (index, addr)) in candidates.into_iter().enumerate() {
-        let server = addr.as_str().to_owned();
-        let state = backends.registry.get(pool_name, protocol, &server);
-        let pop_check =
-            protocol == Protocol::Smtp && pp.auth == crate::config::SmtpAuth::PopBeforeSmtp;
-        let result = match auth {
-            Auth::Replay(creds) if pop_check => {
-                pop_before_smtp(
-                    backends,
-                    snap,
-                    pool,
-                    pp,
-                    index,
-                    addr,
-                    creds,
-                    client.clone(),
-                    helo,
-                )
-                .await
-            }
-            Auth::Replay(_) | Auth::Bridge => {
-                let job = match auth {
-                    Auth::Replay(creds) => Job::Login(creds.clone()),
-                    Auth::Bridge => Job::SmtpNoAuth,
-                };
-                attempt(
-                    backends,
-                    snap,
-                    pool,
-                    protocol,
-                    pp,
-                    addr,
-                    job,
-                    client.clone(),
-                    helo,
-                )
-                .await
-            }
-        };
-        // Everything that is not a login or a rejection is this server being unavailable.
-        let failure = match result {
-            Ok((BackendResult::LoggedIn { capabilities }, stream, leftover)) => {
-                state.record_login_success();
-                return LoginResult::LoggedIn(Connected {
-                    stream,
-                    leftover,
-                    server,
-                    capabilities,
-                });
-            }
-            Ok((BackendResult::AuthFailed { response }, _, _)) => {
-                state.record_login_success(); // it answered: it is up
-                return LoginResult::AuthFailed { response, server };
-            }
-            Ok((BackendResult::Ready { .. }, _, _)) => {
-                tracing::error!(%server, "backend machine answered a login with a probe result");
-                Failure::Protocol
-            }
-            Ok((BackendResult::Unavailable(u), _, _)) => u.into(),
-            Err(f) => f,
-        };
-        // A paired POP3 check server's failure was counted against that server.
-        if failure != Failure::PairedPop3 {
-            tracing::warn!(pool = pool_name, %protocol, %server, reason = failure.as_str(), "backend unavailable");
-            count_failure(pool_name, protocol, &server, failure);
-            state.record_failure(&pool.health);
-        }
-        if n + 1 < total {
-            metrics::counter!(m::FAILOVERS, "pool" => pool_name.to_string(), "protocol" => protocol.as_str())
-                .increment(1);
-        }
-    }
-    LoginResult::Unavailable
-}
-
-/// The legacy hosts' SMTP trusts a recent POP3 login from the proxy's address: verify the
-/// credentials with a POP3 login on the paired host, then open SMTP there without AUTH.
-#[allow(clippy::too_many_arguments)]
-async fn pop_before_smtp(
-    backends: &Backends,
-    snap: &Snapshot,
-    pool: &Pool,
-    smtp_pp: &PoolProtocol,
-    index: usize,
-    smtp_addr: &ServerAddr,
-    creds: &Credentials,
-    client: Option<ClientInfo>,
-    helo: &str,
-) -> Result<(BackendResult, BackendStream, Vec<u8>), Failure> {
-    let pop_pp = pool
-        .protocols
-        .get(&Protocol::Pop3)
-        .ok_or(Failure::NoMechanism)?;
-    let pop_addr = pop_pp.servers.get(index).ok_or(Failure::NoMechanism)?;
-    let pop_server = pop_addr.as_str().to_owned();
-    let pop_state = backends
-        .registry
-        .get(&pool.name, Protocol::Pop3, &pop_server);
-    let checked = attempt(
-        backends,
-        snap,
-        pool,
-        Protocol::Pop3,
-        pop_pp,
-        pop_addr,
-        Job::Login(creds.clone()),
-        client.clone(),
-        helo,
-    )
-    .await;
-    // A POP3 server that is down is that server's failure, not the SMTP server's.
-    let pop_down = |f: Failure| {
-        tracing::warn!(pool = %pool.name, server = %pop_server, reason = f.as_str(), "pop-before-smtp: POP3 check server unavailable");
-        count_failure(&pool.name, Protocol::Pop3, &pop_server, f);
-        pop_state.record_failure(&pool.health);
-        Failure::PairedPop3
-    };
-    let (res, mut pop_stream) = match checked {
-        Ok((BackendResult::Unavailable(u), _, _)) => return Err(pop_down(u.into())),
-        Ok((res, stream, _)) => (res, stream),
-        Err(f) => return Err(pop_down(f)),
-    };
-    match res {
-        BackendResult::LoggedIn { .. } => {
-            pop_state.record_login_success();
-            let _ = pop_stream.write_all(proto::pop3::QUIT).await;
-            let _ = pop_stream.shutdown().await;
-        }
-        other => return Ok((other, pop_stream, Vec::new())),
-    }
-    attempt(
-        backends,
-        snap,
-        pool,
-        Protocol::Smtp,
-        smtp_pp,
-        smtp_addr,
-        Job::SmtpNoAuth,
-        client,
-        helo,
-    )
-    .await
 }
 
 /// Probes one server once (connect, TLS, greeting, capabilities, goodbye).
@@ -611,22 +575,15 @@ pub async fn probe(
     protocol: Protocol,
     addr: &ServerAddr,
 ) -> Result<Vec<String>, Failure> {
-    let pp = pool.protocols.get(&protocol).ok_or(Failure::NoMechanism)?;
-    let (res, mut stream, _) = attempt(
-        backends,
-        snap,
-        pool,
-        protocol,
-        pp,
-        addr,
-        Job::Probe,
-        None,
-        &snap.config.hostname,
-    )
-    .await?;
+    let hostname = &snap.config.hostname;
+    let target = PoolLogin::new(backends, snap, &pool.name, protocol, None, hostname)
+        .ok_or(Failure::NoMechanism)?;
+    let Attempted {
+        result, mut stream, ..
+    } = target.attempt(addr, Job::Probe).await?;
     // Send the machine's goodbye (already written), then close politely.
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-    match res {
+    match result {
         BackendResult::Ready { capabilities } => Ok(capabilities),
         BackendResult::Unavailable(u) => Err(u.into()),
         BackendResult::LoggedIn { .. } | BackendResult::AuthFailed { .. } => Err(Failure::Protocol),

@@ -6,6 +6,7 @@
 //! Errors name the key path and the line ([`ConfigError`]).
 
 pub mod file;
+mod names;
 pub mod rfc3339;
 pub mod userset;
 
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::proto::{BackendTls, Limits, ListenerTls};
+pub use names::{bucket, normalize, stable_hash};
 pub use userset::UserSet;
 
 /// A mail protocol cutover speaks.
@@ -1081,7 +1083,7 @@ fn build_routes(
         } else if r.fallback_on_auth_failure {
             return Err(cx.err(k("fallback_on_auth_failure"), "needs a fallback pool"));
         }
-        let norm = |u: &str| crate::route::normalize(users, u);
+        let norm = |u: &str| normalize(users, u);
         let user_set = if r.users.is_none() && r.users_file.is_none() {
             None
         } else {

@@ -19,7 +19,7 @@ impl fmt::Debug for UserSet {
 }
 
 fn hash(name: &str) -> u64 {
-    crate::route::stable_hash(b"userset", name)
+    crate::config::stable_hash(b"userset", name)
 }
 
 impl UserSet {

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use super::state::Login;
 use crate::config::Protocol;
 
 /// Most client addresses remembered for the bridge.
@@ -47,24 +48,6 @@ pub struct History {
     max_users: usize,
     users: Mutex<HashMap<String, Vec<Seen>>>,
     addresses: Mutex<HashMap<IpAddr, (String, i64)>>,
-}
-
-/// One successful login, as recorded.
-pub struct Login<'a> {
-    /// Normalized user.
-    pub user: &'a str,
-    /// Pool.
-    pub pool: &'a str,
-    /// Protocol.
-    pub protocol: Protocol,
-    /// Listener name.
-    pub listener: &'a str,
-    /// Client used TLS.
-    pub tls: bool,
-    /// Client address.
-    pub ip: IpAddr,
-    /// When (Unix milliseconds).
-    pub now_ms: i64,
 }
 
 impl History {

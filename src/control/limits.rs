@@ -16,19 +16,19 @@ const MAX_KEYS: usize = 100_000;
 
 /// Why a connection was not admitted (the `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum OverLimit {
     /// All listeners together are at `max_connections`.
     MaxConnections,
     /// This address is at `max_connections_per_ip`.
     MaxPerIp,
 }
 
-impl Refusal {
+impl OverLimit {
     /// Label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            Refusal::MaxConnections => "max_connections",
-            Refusal::MaxPerIp => "max_per_ip",
+            OverLimit::MaxConnections => "max_connections",
+            OverLimit::MaxPerIp => "max_per_ip",
         }
     }
 }
@@ -63,20 +63,20 @@ impl Drop for Ticket {
 
 impl Admission {
     /// Admits a connection from `ip` if the limits allow.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ConnLimits) -> Result<Ticket, Refusal> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ConnLimits) -> Result<Ticket, OverLimit> {
         if self.total.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::MaxConnections);
+            return Err(OverLimit::MaxConnections);
         }
         let Ok(mut m) = self.per_ip.lock() else {
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::MaxConnections);
+            return Err(OverLimit::MaxConnections);
         };
         let n = m.entry(ip).or_insert(0);
         if *n >= limits.max_per_ip {
             drop(m);
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::MaxPerIp);
+            return Err(OverLimit::MaxPerIp);
         }
         *n += 1;
         Ok(Ticket {
@@ -230,7 +230,7 @@ impl Disconnects {
             return Duration::ZERO;
         }
         // Spread deterministically by session (no RNG needed): an even spread over the window.
-        let h = crate::route::stable_hash(b"disconnect", &seed.to_string());
+        let h = crate::config::stable_hash(b"disconnect", &seed.to_string());
         let millis = spread.as_millis().max(1) as u64;
         Duration::from_millis(h % millis)
     }
@@ -251,9 +251,12 @@ mod tests {
         let ip2: IpAddr = "10.0.0.2".parse().unwrap();
         let t1 = a.admit(ip1, &limits).unwrap();
         let _t2 = a.admit(ip1, &limits).unwrap();
-        assert_eq!(a.admit(ip1, &limits).unwrap_err(), Refusal::MaxPerIp);
+        assert_eq!(a.admit(ip1, &limits).unwrap_err(), OverLimit::MaxPerIp);
         let _t3 = a.admit(ip2, &limits).unwrap();
-        assert_eq!(a.admit(ip2, &limits).unwrap_err(), Refusal::MaxConnections);
+        assert_eq!(
+            a.admit(ip2, &limits).unwrap_err(),
+            OverLimit::MaxConnections
+        );
         drop(t1);
         let _t4 = a.admit(ip2, &limits).unwrap();
         assert_eq!(a.open(), 3);

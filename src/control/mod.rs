@@ -1,11 +1,14 @@
 //! The proxy's live state, shared by every session: the configuration snapshot in force,
-//! the sessions being relayed (so they can be moved or kicked), held users, and the login
-//! history (stragglers, pop-before-smtp bridge).
+//! backend health, connection admission, and the [`SharedState`] (holds, the failed-login
+//! throttle, the login history, the sessions being relayed) that a fleet of proxies
+//! shares.
 
 pub mod history;
 pub mod holds;
 pub mod limits;
+pub mod memory;
 pub mod sessions;
+pub mod state;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -13,12 +16,19 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backends;
-use crate::config::rfc3339;
+use crate::config::{rfc3339, Config, Protocol};
 use crate::metrics as m;
 use crate::snapshot::Snapshot;
-use history::History;
-use holds::Holds;
-use sessions::{KickReason, Sessions};
+use sessions::KickReason;
+use state::SharedState;
+
+/// Whether `cfg` at `now` sends `user` somewhere else than `pool`.
+fn routed_elsewhere(cfg: &Config, user: &str, protocol: Protocol, pool: &str, now: i64) -> bool {
+    match crate::route::route(cfg, user, protocol, now) {
+        Ok(d) => d.pool != pool,
+        Err(_) => true,
+    }
+}
 
 /// Everything a session may need beyond its own connection.
 #[derive(Debug)]
@@ -26,16 +36,10 @@ pub struct Control {
     snapshot: RwLock<Arc<Snapshot>>,
     /// Backend health and DNS.
     pub backends: Backends,
-    /// Relayed sessions.
-    pub sessions: Sessions,
-    /// Held users.
-    pub holds: Holds,
-    /// Login history.
-    pub history: History,
+    /// Holds, throttle, history and relayed sessions.
+    pub state: Arc<dyn SharedState>,
     /// Open connections.
     pub admission: Arc<limits::Admission>,
-    /// Failed-login throttling.
-    pub throttle: limits::AuthThrottle,
     /// Backend death detector.
     pub disconnects: limits::Disconnects,
     /// Cancelled when the proxy starts draining.
@@ -49,17 +53,23 @@ pub struct Control {
 }
 
 impl Control {
-    /// State for a first snapshot.
+    /// State for a first snapshot, with shared state kept in this process.
     pub fn new(snap: Arc<Snapshot>, backends: Backends) -> Arc<Control> {
-        let history = History::new(snap.config.stragglers_max_users);
+        let state = Arc::new(memory::MemoryState::new(snap.config.stragglers_max_users));
+        Control::with_state(snap, backends, state)
+    }
+
+    /// State for a first snapshot, with the given shared state.
+    pub fn with_state(
+        snap: Arc<Snapshot>,
+        backends: Backends,
+        state: Arc<dyn SharedState>,
+    ) -> Arc<Control> {
         Arc::new(Control {
             snapshot: RwLock::new(snap),
             backends,
-            sessions: Sessions::default(),
-            holds: Holds::default(),
-            history,
+            state,
             admission: Arc::new(limits::Admission::default()),
-            throttle: limits::AuthThrottle::default(),
             disconnects: limits::Disconnects::default(),
             drain: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
@@ -167,15 +177,11 @@ impl Control {
         }
         let now = rfc3339::now();
         let moved: Vec<u64> = self
-            .sessions
+            .state
+            .sessions()
             .snapshot()
             .into_iter()
-            .filter(
-                |(_, e)| match crate::route::route(cfg, &e.user, e.protocol, now) {
-                    Ok(d) => d.pool != e.pool,
-                    Err(_) => true,
-                },
-            )
+            .filter(|(_, e)| routed_elsewhere(cfg, &e.user, e.protocol, &e.pool, now))
             .map(|(id, _)| id)
             .collect();
         if moved.is_empty() {
@@ -187,13 +193,41 @@ impl Control {
             grace_ms = cfg.on_move.grace.as_millis() as u64,
             "users moved to another pool; ending their sessions"
         );
+        self.kick_later(moved, cfg.on_move.grace);
+        n
+    }
+
+    /// A session that just logged in with the configuration `used` (its own, taken at
+    /// accept) and registered itself: if the configuration in force now is another one,
+    /// or another stage has started, and it routes the user to another pool, the session
+    /// is moved like every session of a moved user (`on_move`). A reload or a stage that
+    /// lands while a session is logging in thus never leaves it on the old pool.
+    pub fn settle(
+        self: &Arc<Self>,
+        id: u64,
+        user: &str,
+        protocol: Protocol,
+        pool: &str,
+        used: &Arc<Snapshot>,
+    ) {
+        let now_snap = self.snapshot();
+        let cfg = &now_snap.config;
+        let now = rfc3339::now();
+        let unchanged =
+            Arc::ptr_eq(&now_snap, used) && cfg.routes_at(now).0 == used.config.routes_at(now).0;
+        if unchanged || !cfg.on_move.kick || !routed_elsewhere(cfg, user, protocol, pool, now) {
+            return;
+        }
+        tracing::info!(%user, "the configuration changed during the login; moving the session");
+        self.kick_later(vec![id], cfg.on_move.grace);
+    }
+
+    fn kick_later(self: &Arc<Self>, ids: Vec<u64>, grace: Duration) {
         let me = self.clone();
-        let grace = cfg.on_move.grace;
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            me.sessions.kick_ids(&moved, KickReason::Moved);
+            me.state.sessions().kick_ids(&ids, KickReason::Moved);
         });
-        n
     }
 
     /// Runs the stage clock until drain: at each stage start, moves users whose pool

@@ -37,7 +37,7 @@ fn protocol_index(p: Protocol) -> usize {
 
 /// What a login ended with (the `result` label of `cutover_logins_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoginResult {
+pub enum LoginLabel {
     /// Logged in.
     Ok,
     /// The backend rejected the credentials.
@@ -46,13 +46,13 @@ pub enum LoginResult {
     BackendUnavailable,
 }
 
-impl LoginResult {
+impl LoginLabel {
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            LoginResult::Ok => "ok",
-            LoginResult::AuthFailed => "auth_failed",
-            LoginResult::BackendUnavailable => "backend_unavailable",
+            LoginLabel::Ok => "ok",
+            LoginLabel::AuthFailed => "auth_failed",
+            LoginLabel::BackendUnavailable => "backend_unavailable",
         }
     }
     fn index(self) -> usize {
@@ -106,14 +106,14 @@ impl PoolHandles {
     }
 
     /// `cutover_logins_total{protocol, pool, rule, result, tls}`.
-    pub fn logins(&self, rule: &str, result: LoginResult, tls: bool) -> Counter {
+    pub fn logins(&self, rule: &str, result: LoginLabel, tls: bool) -> Counter {
         let make = || -> LoginCounters {
-            let one = |r: LoginResult, t: bool| metrics::counter!(super::LOGINS, "protocol" => self.protocol.as_str(), "pool" => self.pool.clone(), "rule" => rule.to_string(), "result" => r.as_str(), "tls" => if t { "true" } else { "false" });
+            let one = |r: LoginLabel, t: bool| metrics::counter!(super::LOGINS, "protocol" => self.protocol.as_str(), "pool" => self.pool.clone(), "rule" => rule.to_string(), "result" => r.as_str(), "tls" => if t { "true" } else { "false" });
             let row = |r| [one(r, false), one(r, true)];
             [
-                row(LoginResult::Ok),
-                row(LoginResult::AuthFailed),
-                row(LoginResult::BackendUnavailable),
+                row(LoginLabel::Ok),
+                row(LoginLabel::AuthFailed),
+                row(LoginLabel::BackendUnavailable),
             ]
         };
         let counters = cached(&self.logins, rule, || Arc::new(make()));
@@ -205,9 +205,9 @@ mod tests {
     #[test]
     fn login_results_index_their_row() {
         for (i, r) in [
-            LoginResult::Ok,
-            LoginResult::AuthFailed,
-            LoginResult::BackendUnavailable,
+            LoginLabel::Ok,
+            LoginLabel::AuthFailed,
+            LoginLabel::BackendUnavailable,
         ]
         .iter()
         .enumerate()

@@ -22,10 +22,13 @@
 //! literal), bounded by [`Limits`]. After every call the driver drains `poll_action()`
 //! until it returns `None`, and calls `receive` again while it keeps consuming.
 
+pub mod drive;
 pub mod imap;
+pub mod line;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;
+pub mod text;
 
 use std::fmt;
 
@@ -66,17 +69,15 @@ pub fn wipe(buf: &mut [u8]) {
     std::hint::black_box(buf);
 }
 
-/// How the client authenticated; kept for logs and metrics only, the backend replay picks
-/// its own mechanism from what the backend offers.
+/// The SASL mechanism (or plain command) a client sent its password with. For logs and
+/// metrics only: nothing branches on it, the backend replay picks its own mechanism from
+/// what the backend offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mechanism {
     /// IMAP LOGIN, POP3 USER/PASS, SASL LOGIN.
     Login,
     /// SASL PLAIN (RFC 4616).
     Plain,
-    /// No password: the pop-before-smtp bridge authorized the client by a recent POP3 or
-    /// IMAP login from its address.
-    PreAuthorized,
 }
 
 impl Mechanism {
@@ -85,31 +86,93 @@ impl Mechanism {
         match self {
             Mechanism::Login => "login",
             Mechanism::Plain => "plain",
-            Mechanism::PreAuthorized => "pre-authorized",
         }
     }
 }
 
-/// What a client presented to log in. The user is the authentication identity exactly as
-/// the client sent it (normalization is routing's job); it is valid UTF-8 and contains no
-/// NUL, CR or LF: the machines refuse anything else before it gets here.
+/// How a login is authorized, from the client machine down to the backend machine: one
+/// name for each way, never renamed on the way.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// A password: replayed to the backend (or, for a `pop-before-smtp` SMTP pool,
+    /// verified with a POP3 login on the same host first).
+    Password {
+        /// The password.
+        secret: Secret,
+        /// How the client sent it (logs only).
+        mechanism: Mechanism,
+    },
+    /// No password: pop-before-smtp vouches for the client. Either the SMTP bridge saw a
+    /// recent POP3 or IMAP login from the client's address, or the proxy itself just
+    /// verified the password with POP3 on a legacy host. The backend SMTP session is
+    /// opened without AUTH.
+    Bridged,
+}
+
+/// Who wants to log in, and how. The user is the authentication identity exactly as the
+/// client sent it (normalization is routing's job); it is valid UTF-8 and contains no NUL,
+/// CR or LF: the machines refuse anything else before it gets here.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// Authentication identity as sent by the client.
     pub user: String,
-    /// The password.
-    pub secret: Secret,
-    /// How the client sent them.
-    pub mechanism: Mechanism,
+    /// The password, or the bridge.
+    pub auth: Auth,
+}
+
+impl Credentials {
+    /// A user with a password.
+    pub fn password(user: String, secret: Vec<u8>, mechanism: Mechanism) -> Credentials {
+        Credentials {
+            user,
+            auth: Auth::Password {
+                secret: Secret::new(secret),
+                mechanism,
+            },
+        }
+    }
+
+    /// A user the pop-before-smtp bridge vouches for.
+    pub fn bridged(user: String) -> Credentials {
+        Credentials {
+            user,
+            auth: Auth::Bridged,
+        }
+    }
+
+    /// The password, if this is a password login.
+    pub fn secret(&self) -> Option<&Secret> {
+        match &self.auth {
+            Auth::Password { secret, .. } => Some(secret),
+            Auth::Bridged => None,
+        }
+    }
+
+    /// The same authorization for another name (the backend may get the normalized one).
+    pub fn with_user(&self, user: String) -> Credentials {
+        Credentials {
+            user,
+            auth: self.auth.clone(),
+        }
+    }
+
+    /// How the client logged in, for logs and metrics: `login`, `plain` or `bridged`.
+    pub fn mechanism(&self) -> &'static str {
+        match &self.auth {
+            Auth::Password { mechanism, .. } => mechanism.as_str(),
+            Auth::Bridged => "bridged",
+        }
+    }
 }
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("user", &self.user)
-            .field("secret", &self.secret)
-            .field("mechanism", &self.mechanism)
-            .finish()
+        let mut d = f.debug_struct("Credentials");
+        d.field("user", &self.user);
+        if let Some(secret) = self.secret() {
+            d.field("secret", secret);
+        }
+        d.field("mechanism", &self.mechanism()).finish()
     }
 }
 
@@ -238,15 +301,6 @@ pub enum LoginOutcome {
     },
 }
 
-/// Which timeout the driver should apply while waiting for client input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Before a successful login.
-    PreAuth,
-    /// Inside a SASL exchange or a literal (the client owes us bytes).
-    Continuation,
-}
-
 /// A client-facing pre-authentication machine (one per protocol).
 pub trait PreAuth {
     /// Consumes from the front of `input`, never past the end of the first complete
@@ -263,8 +317,6 @@ pub trait PreAuth {
     fn timed_out(&mut self);
     /// The proxy is shutting down: queue the goodbye and Close.
     fn shutting_down(&mut self);
-    /// Which idle timeout applies now.
-    fn phase(&self) -> Phase;
     /// True once the success reply has been queued: after draining `poll_action` the
     /// driver hands the connection to the relay.
     fn is_authenticated(&self) -> bool;

@@ -1,9 +1,20 @@
-//! SASL helpers shared by the three protocols: base64 and the PLAIN message (RFC 4616).
+//! SASL for the three protocols: base64, the PLAIN message (RFC 4616), and the one
+//! exchange machine ([`Exchange`]) that the IMAP, POP3 and SMTP servers drive, each with
+//! its own wording (`+ ` or `334 `, tags, reply codes).
+//!
+//! # The failure-counting rule
+//! An exchange that ends because of what the client sent — invalid base64, a malformed
+//! PLAIN message, a foreign authorization identity, an unusable user name — is a failed
+//! login attempt ([`Step::Failed`]): it counts towards `max_auth_failures` exactly as a
+//! password the backend rejected, on every protocol (RFC 4954 and RFC 3501 practice: a
+//! malformed exchange is an authentication failure, so a client cannot probe for free).
+//! A cancel (`*`) and a response over the size bound ([`Step::TooBig`]) end the exchange
+//! without counting.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use super::{Credentials, Mechanism, Secret};
+use super::{Credentials, Mechanism};
 
 /// Why a SASL payload was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -18,6 +29,9 @@ pub enum SaslError {
     /// proxy would route by one name and log in as the other.
     #[error("authorization identity differs from authentication identity")]
     ForeignAuthzid,
+    /// A user name that is empty, not UTF-8, or holds NUL, CR or LF (SASL LOGIN).
+    #[error("invalid user name")]
+    InvalidUser,
 }
 
 /// Decodes base64 (whitespace is not allowed, as in IMAP/POP3/SMTP SASL exchanges).
@@ -28,6 +42,16 @@ pub fn decode_base64(input: &[u8]) -> Result<Vec<u8>, SaslError> {
 /// Encodes base64.
 pub fn encode_base64(input: &[u8]) -> String {
     STANDARD.encode(input)
+}
+
+/// Decodes one client response: `=` is the empty response (RFC 4959, 5034 and 4954 for
+/// initial responses; accepted in continuations too, as some clients send it there).
+fn decode_response(response: &[u8]) -> Result<Vec<u8>, SaslError> {
+    if response == b"=" {
+        Ok(Vec::new())
+    } else {
+        decode_base64(response)
+    }
 }
 
 /// Parses a decoded PLAIN message into credentials. An authorization identity is allowed
@@ -50,18 +74,14 @@ fn parse_plain_inner(decoded: &[u8]) -> Result<Credentials, SaslError> {
     if !authz.is_empty() && authz != authc {
         return Err(SaslError::ForeignAuthzid);
     }
-    Ok(Credentials {
-        user,
-        secret: Secret::new(pass.to_vec()),
-        mechanism: Mechanism::Plain,
-    })
+    Ok(Credentials::password(user, pass.to_vec(), Mechanism::Plain))
 }
 
 /// Builds the PLAIN message `NUL user NUL password`, base64 encoded, for a backend.
-/// The intermediate buffer is wiped. Returns `None` if the password contains NUL (PLAIN
-/// cannot carry it).
+/// The intermediate buffer is wiped. Returns `None` if the user or password contains NUL
+/// (PLAIN cannot carry it) or the credentials hold no password.
 pub fn encode_plain(creds: &Credentials) -> Option<String> {
-    let pass = creds.secret.expose();
+    let pass = creds.secret()?.expose();
     if pass.contains(&0) || creds.user.as_bytes().contains(&0) {
         return None;
     }
@@ -83,22 +103,150 @@ pub fn valid_user(raw: &[u8]) -> Option<String> {
     std::str::from_utf8(raw).ok().map(str::to_owned)
 }
 
+/// base64 of `Username:`, the first SASL LOGIN challenge.
+pub const LOGIN_USER_PROMPT: &str = "VXNlcm5hbWU6";
+/// base64 of `Password:`, the second SASL LOGIN challenge.
+pub const LOGIN_PASSWORD_PROMPT: &str = "UGFzc3dvcmQ6";
+
+/// What the exchange asks its protocol server to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send this challenge (base64, possibly empty) in the protocol's continuation form
+    /// (IMAP and POP3 `+ `, SMTP `334 `) and pass the client's next line to
+    /// [`Exchange::respond`].
+    Challenge(&'static str),
+    /// The exchange is complete: log in with these credentials.
+    Done(Credentials),
+    /// The client cancelled with `*`. Not a failed attempt.
+    Cancelled,
+    /// The client's data could not be used: a failed login attempt, counted (see the
+    /// module documentation).
+    Failed(SaslError),
+    /// The decoded response is larger than the bound. Not counted: no credentials were
+    /// presented.
+    TooBig,
+}
+
+/// Where an exchange stands.
+#[derive(Debug)]
+enum Waiting {
+    /// PLAIN: the whole message.
+    Plain,
+    /// LOGIN: the user name.
+    LoginUser,
+    /// LOGIN: the password of this user.
+    LoginPassword(String),
+}
+
+/// One SASL exchange with a client (PLAIN or LOGIN), from the `AUTHENTICATE`/`AUTH`
+/// command to its credentials. Sans-IO and wording-free: the protocol server sends what
+/// each [`Step`] asks for in its own words and feeds back the client's lines. The
+/// exchange is over after any step other than [`Step::Challenge`]: the server drops it.
+#[derive(Debug)]
+pub struct Exchange {
+    waiting: Waiting,
+    /// Largest decoded response accepted.
+    max_decoded: usize,
+}
+
+impl Exchange {
+    /// An exchange for the mechanism named `name` (case-insensitive); `None` if it is not
+    /// one the proxy takes (the server answers with its "unsupported mechanism" reply).
+    pub fn new(name: &[u8], max_decoded: usize) -> Option<Exchange> {
+        let waiting = if name.eq_ignore_ascii_case(b"PLAIN") {
+            Waiting::Plain
+        } else if name.eq_ignore_ascii_case(b"LOGIN") {
+            Waiting::LoginUser
+        } else {
+            return None;
+        };
+        Some(Exchange {
+            waiting,
+            max_decoded,
+        })
+    }
+
+    /// The first step: the client's initial response if it sent one (a `*` there is not
+    /// a cancel, just invalid base64), else the first challenge.
+    pub fn begin(&mut self, initial: Option<&[u8]>) -> Step {
+        match initial {
+            Some(response) => self.answer(response),
+            None => Step::Challenge(self.challenge()),
+        }
+    }
+
+    /// The challenge that asks for what the exchange waits for.
+    fn challenge(&self) -> &'static str {
+        match self.waiting {
+            Waiting::Plain => "",
+            Waiting::LoginUser => LOGIN_USER_PROMPT,
+            Waiting::LoginPassword(_) => LOGIN_PASSWORD_PROMPT,
+        }
+    }
+
+    /// The client's next line (without its terminator). After a step other than
+    /// [`Step::Challenge`] the exchange is over and must be dropped.
+    pub fn respond(&mut self, line: &[u8]) -> Step {
+        if line == b"*" {
+            return Step::Cancelled;
+        }
+        self.answer(line)
+    }
+
+    fn answer(&mut self, response: &[u8]) -> Step {
+        let mut data = match decode_response(response) {
+            Ok(data) => data,
+            Err(e) => return Step::Failed(e),
+        };
+        if data.len() > self.max_decoded {
+            super::wipe(&mut data);
+            return Step::TooBig;
+        }
+        match std::mem::replace(&mut self.waiting, Waiting::Plain) {
+            Waiting::Plain => match parse_plain(data) {
+                Ok(creds) => Step::Done(creds),
+                Err(e) => Step::Failed(e),
+            },
+            Waiting::LoginUser => match valid_user(&data) {
+                Some(user) => {
+                    self.waiting = Waiting::LoginPassword(user);
+                    Step::Challenge(self.challenge())
+                }
+                None => Step::Failed(SaslError::InvalidUser),
+            },
+            // No backend mechanism can carry a NUL in a password.
+            Waiting::LoginPassword(_) if data.contains(&0) => {
+                super::wipe(&mut data);
+                Step::Failed(SaslError::Malformed)
+            }
+            Waiting::LoginPassword(user) => {
+                Step::Done(Credentials::password(user, data, Mechanism::Login))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn creds(step: Step) -> (String, Vec<u8>, &'static str) {
+        let Step::Done(c) = step else {
+            panic!("expected credentials, got {step:?}")
+        };
+        let secret = c.secret().map(|s| s.expose().to_vec()).unwrap_or_default();
+        (c.user.clone(), secret, c.mechanism())
+    }
+
     #[test]
     fn plain_round_trip() {
-        let creds = Credentials {
-            user: "joe".into(),
-            secret: Secret::new(b"s3cret".to_vec()),
-            mechanism: Mechanism::Plain,
-        };
+        let creds = Credentials::password("joe".into(), b"s3cret".to_vec(), Mechanism::Plain);
         let enc = encode_plain(&creds).unwrap();
         assert_eq!(enc, "AGpvZQBzM2NyZXQ=");
         let back = parse_plain(decode_base64(enc.as_bytes()).unwrap()).unwrap();
         assert_eq!(back.user, "joe");
-        assert_eq!(back.secret.expose(), b"s3cret");
+        assert_eq!(back.secret().unwrap().expose(), b"s3cret");
+        assert_eq!(encode_plain(&Credentials::bridged("joe".into())), None);
     }
 
     #[test]
@@ -127,5 +275,300 @@ mod tests {
     fn debug_hides_secret() {
         let creds = parse_plain(b"\0joe\0hunter2".to_vec()).unwrap();
         assert!(!format!("{creds:?}").contains("hunter2"));
+        let step = Exchange::new(b"plain", 100)
+            .unwrap()
+            .begin(Some(b"AGpvZQBodW50ZXIy"));
+        assert!(!format!("{step:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn plain_with_and_without_initial_response() {
+        let mut ex = Exchange::new(b"PLAIN", 100).unwrap();
+        let step = ex.begin(Some(b"AGpvZQBzM2NyZXQ="));
+        assert_eq!(creds(step), ("joe".into(), b"s3cret".to_vec(), "plain"));
+        let mut ex = Exchange::new(b"plain", 100).unwrap();
+        assert_eq!(ex.begin(None), Step::Challenge(""));
+        assert_eq!(
+            creds(ex.respond(b"AGpvZQBzM2NyZXQ=")),
+            ("joe".into(), b"s3cret".to_vec(), "plain")
+        );
+    }
+
+    #[test]
+    fn login_prompts_user_then_password() {
+        let mut ex = Exchange::new(b"LOGIN", 100).unwrap();
+        assert_eq!(ex.begin(None), Step::Challenge(LOGIN_USER_PROMPT));
+        assert_eq!(ex.respond(b"am9l"), Step::Challenge(LOGIN_PASSWORD_PROMPT));
+        assert_eq!(
+            creds(ex.respond(b"czNjcmV0")),
+            ("joe".into(), b"s3cret".to_vec(), "login")
+        );
+        // With the user name as initial response the first challenge is the password.
+        let mut ex = Exchange::new(b"login", 100).unwrap();
+        assert_eq!(
+            ex.begin(Some(b"am9l")),
+            Step::Challenge(LOGIN_PASSWORD_PROMPT)
+        );
+        // `=` is an empty password.
+        assert_eq!(creds(ex.respond(b"=")), ("joe".into(), Vec::new(), "login"));
+    }
+
+    #[test]
+    fn one_failure_rule() {
+        let fail = |name: &[u8], ir: Option<&[u8]>, line: Option<&[u8]>| {
+            let mut ex = Exchange::new(name, 16).unwrap();
+            let step = ex.begin(ir);
+            match (step, line) {
+                (Step::Challenge(_), Some(line)) => ex.respond(line),
+                (step, _) => step,
+            }
+        };
+        // Counted: what the client sent cannot be used.
+        assert_eq!(
+            fail(b"PLAIN", Some(b"!!!"), None),
+            Step::Failed(SaslError::Base64)
+        );
+        assert_eq!(
+            fail(b"PLAIN", None, Some(b"!!!")),
+            Step::Failed(SaslError::Base64)
+        );
+        assert_eq!(
+            fail(b"PLAIN", Some(b"="), None),
+            Step::Failed(SaslError::Malformed)
+        );
+        assert_eq!(
+            fail(b"PLAIN", Some(b"YQBqb2UAcHc="), None),
+            Step::Failed(SaslError::ForeignAuthzid)
+        );
+        assert_eq!(
+            fail(b"LOGIN", None, Some(b"=")),
+            Step::Failed(SaslError::InvalidUser)
+        );
+        assert_eq!(
+            fail(b"LOGIN", None, Some(b"am8KZQ==")),
+            Step::Failed(SaslError::InvalidUser)
+        );
+        let mut ex = Exchange::new(b"LOGIN", 16).unwrap();
+        ex.begin(Some(b"am9l"));
+        assert_eq!(ex.respond(b"cABx"), Step::Failed(SaslError::Malformed));
+        // Not counted: a cancel, and data over the bound.
+        assert_eq!(fail(b"PLAIN", None, Some(b"*")), Step::Cancelled);
+        assert_eq!(fail(b"LOGIN", None, Some(b"*")), Step::Cancelled);
+        let big = encode_base64(&[b'x'; 17]);
+        assert_eq!(fail(b"PLAIN", None, Some(big.as_bytes())), Step::TooBig);
+        // `*` as an initial response is just bad base64.
+        assert_eq!(
+            fail(b"PLAIN", Some(b"*"), None),
+            Step::Failed(SaslError::Base64)
+        );
+        assert!(Exchange::new(b"CRAM-MD5", 16).is_none());
+    }
+}
+
+/// The exchange as the three protocol servers speak it: byte-exact transcripts, the same
+/// whatever the read boundaries, and the one failure-counting rule.
+#[cfg(test)]
+mod servers {
+    use crate::proto::drive::{ServerDriver, Transcript};
+    use crate::proto::{imap, pop3, smtp, Limits, ListenerTls, LoginOutcome, ServerPolicy};
+
+    #[derive(Clone, Copy, Debug)]
+    enum Proto {
+        Imap,
+        Pop3,
+        Smtp,
+    }
+
+    const ALL: [Proto; 3] = [Proto::Imap, Proto::Pop3, Proto::Smtp];
+
+    /// Room for 300 decoded bytes per SASL response.
+    const MAX_DECODED: usize = 300;
+
+    fn policy(max_auth_failures: u32) -> ServerPolicy {
+        ServerPolicy {
+            tls: ListenerTls::Implicit,
+            allow_plaintext_auth: false,
+            limits: Limits {
+                max_auth_failures,
+                max_literal: MAX_DECODED,
+                ..Limits::default()
+            },
+            hostname: "mx.example".into(),
+        }
+    }
+
+    /// `AUTH`/`AUTHENTICATE` as each protocol writes it (IMAP with tag `a`), and what a
+    /// session needs before it (SMTP: EHLO).
+    fn auth_line(p: Proto, mechanism: &str, ir: Option<&str>) -> String {
+        let ir = ir.map(|r| format!(" {r}")).unwrap_or_default();
+        match p {
+            Proto::Imap => format!("a AUTHENTICATE {mechanism}{ir}\r\n"),
+            Proto::Pop3 | Proto::Smtp => format!("AUTH {mechanism}{ir}\r\n"),
+        }
+    }
+
+    /// Runs `input` (split into `chunks`) with logins answered Ok; the transcript without
+    /// the greeting (and EHLO reply). A session left open stays open (no timeout).
+    fn run(p: Proto, max_failures: u32, chunks: &[&[u8]]) -> Transcript {
+        let ok = LoginOutcome::Ok { capabilities: None };
+        let mut t = match p {
+            Proto::Imap => {
+                let m = imap::ServerMachine::new(policy(max_failures));
+                let mut d = ServerDriver::scripted(m, &[], ok);
+                d.take_text();
+                d.feed_all(chunks);
+                d.finish()
+            }
+            Proto::Pop3 => {
+                let m = pop3::ServerMachine::new(policy(max_failures));
+                let mut d = ServerDriver::scripted(m, &[], ok);
+                d.take_text();
+                d.feed_all(chunks);
+                d.finish()
+            }
+            Proto::Smtp => {
+                let m = smtp::ServerMachine::new(policy(max_failures), Vec::new());
+                let mut d = ServerDriver::scripted(m, &[], ok);
+                d.feed(b"EHLO c\r\n");
+                d.take_text();
+                d.feed_all(chunks);
+                d.finish()
+            }
+        };
+        t.left.clear();
+        t
+    }
+
+    /// The transcript of `input`, checked to be the same cut at every byte and fed one
+    /// byte at a time.
+    fn exact(p: Proto, max_failures: u32, input: &str) -> String {
+        let input = input.as_bytes();
+        let whole = run(p, max_failures, &[input]);
+        for cut in 0..=input.len() {
+            let split = run(p, max_failures, &[&input[..cut], &input[cut..]]);
+            assert_eq!(split, whole, "{p:?}: cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(run(p, max_failures, &bytes), whole, "{p:?}: byte by byte");
+        whole.text()
+    }
+
+    #[test]
+    fn plain_and_login_in_each_protocol_s_words() {
+        let cases: [(Proto, &str); 3] = [
+            (Proto::Imap, "+ \r\n+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n"),
+            (Proto::Pop3, "+ \r\n+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n"),
+            (
+                Proto::Smtp,
+                "334 \r\n334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n",
+            ),
+        ];
+        for (p, challenges) in cases {
+            let mut lines = challenges.split_inclusive("\r\n");
+            let (plain, user, pass) = (
+                lines.next().unwrap_or_default(),
+                lines.next().unwrap_or_default(),
+                lines.next().unwrap_or_default(),
+            );
+            let ok = match p {
+                Proto::Imap => "a OK Logged in\r\n",
+                Proto::Pop3 => "+OK Logged in.\r\n",
+                Proto::Smtp => "235 2.7.0 Authentication successful\r\n",
+            };
+            // PLAIN with an initial response.
+            let input = auth_line(p, "PLAIN", Some("AGpvZQBzM2NyZXQ="));
+            assert_eq!(
+                exact(p, 3, &input),
+                format!("<login joe s3cret plain>{ok}"),
+                "{p:?}"
+            );
+            // PLAIN after an empty challenge.
+            let input = auth_line(p, "plain", None) + "AGpvZQBzM2NyZXQ=\r\n";
+            assert_eq!(
+                exact(p, 3, &input),
+                format!("{plain}<login joe s3cret plain>{ok}"),
+                "{p:?}"
+            );
+            // LOGIN: user name, then password.
+            let input = auth_line(p, "LOGIN", None) + "am9l\r\nczNjcmV0\r\n";
+            assert_eq!(
+                exact(p, 3, &input),
+                format!("{user}{pass}<login joe s3cret login>{ok}"),
+                "{p:?}"
+            );
+            // LOGIN with the user name as initial response.
+            let input = auth_line(p, "LOGIN", Some("am9l")) + "czNjcmV0\r\n";
+            assert_eq!(
+                exact(p, 3, &input),
+                format!("{pass}<login joe s3cret login>{ok}"),
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_exchanges_count_as_failed_logins_on_every_protocol() {
+        // Invalid base64, a malformed PLAIN message, a foreign authorization identity:
+        // with max_auth_failures 3, the third closes the connection, on all three.
+        for p in ALL {
+            let input = auth_line(p, "PLAIN", Some("!!!!"))
+                + &auth_line(p, "PLAIN", None)
+                + "=\r\n"
+                + &auth_line(p, "PLAIN", Some("YWRtaW4Aam9lAHB3"))
+                + &auth_line(p, "PLAIN", Some("AGpvZQBzM2NyZXQ="));
+            let out = exact(p, 3, &input);
+            let expected = match p {
+                Proto::Imap => "a BAD Invalid base64 data\r\n+ \r\n\
+                     a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n\
+                     a NO [AUTHORIZATIONFAILED] Authorization identity must be the user's own\r\n\
+                     * BYE Too many authentication failures\r\n<close>"
+                    .to_string(),
+                Proto::Pop3 => "-ERR Invalid base64 data\r\n+ \r\n\
+                     -ERR Malformed PLAIN response\r\n\
+                     -ERR [AUTH] Authorization identity must match the user name\r\n<close>"
+                    .to_string(),
+                Proto::Smtp => "501 5.5.2 Invalid base64 data\r\n334 \r\n\
+                     501 5.5.2 Malformed authentication data\r\n\
+                     535 5.7.8 Authorization identity must match authentication identity\r\n\
+                     421 4.7.0 mx.example Too many authentication failures, closing connection\r\n<close>"
+                    .to_string(),
+            };
+            assert_eq!(out, expected, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_base64_alone_reaches_the_limit_on_every_protocol() {
+        for p in ALL {
+            let input = auth_line(p, "LOGIN", None) + "!!!\r\n";
+            let two = input.repeat(2);
+            let t = run(p, 2, &[two.as_bytes()]);
+            assert!(
+                t.closed,
+                "{p:?}: two invalid exchanges must close at a limit of 2"
+            );
+            let t = run(p, 3, &[two.as_bytes()]);
+            assert!(!t.closed, "{p:?}: only two failures so far");
+        }
+    }
+
+    #[test]
+    fn cancel_and_oversized_data_do_not_count() {
+        for p in ALL {
+            let cancel = auth_line(p, "LOGIN", None) + "*\r\n";
+            let big = super::encode_base64(&[b'x'; MAX_DECODED + 1]);
+            let too_big = auth_line(p, "PLAIN", None) + &big + "\r\n";
+            let good = auth_line(p, "PLAIN", Some("AGpvZQBzM2NyZXQ="));
+            let input = cancel.repeat(4) + &too_big + &too_big + &good;
+            let t = run(p, 2, &[input.as_bytes()]);
+            assert!(!t.closed, "{p:?}: {}", t.text());
+            assert!(t.authenticated, "{p:?}: {}", t.text());
+            let cancelled = match p {
+                Proto::Imap => "a BAD Authentication cancelled\r\n",
+                Proto::Pop3 => "-ERR Authentication cancelled\r\n",
+                Proto::Smtp => "501 5.0.0 Authentication cancelled\r\n",
+            };
+            assert_eq!(t.text().matches(cancelled).count(), 4, "{p:?}");
+        }
     }
 }

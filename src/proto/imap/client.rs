@@ -28,11 +28,10 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::Write as _;
 
-use super::syntax::{
-    find_line, has_cap, is_quotable, line_content, push_quoted, sanitize_text, split_code,
-    split_literal, split_word, LineEnd,
-};
+use super::syntax::{has_cap, is_quotable, push_quoted, split_code, split_literal, split_word};
+use crate::proto::line::{next_line, Line};
 use crate::proto::sasl;
+use crate::proto::text::sanitize;
 use crate::proto::{
     BackendAction, BackendLogin, BackendPolicy, BackendResult, BackendTls, Credentials, Unavailable,
 };
@@ -275,7 +274,7 @@ impl BackendMachine {
                     self.seen_caps = Some(caps);
                 }
             }
-            b"CAPABILITY" => self.seen_caps = Some(sanitize_text(text, MAX_LINE)),
+            b"CAPABILITY" => self.seen_caps = Some(sanitize(text, MAX_LINE)),
             _ => self.untagged_data(rest),
         }
     }
@@ -389,7 +388,7 @@ fn plain_pieces(tag: &str, creds: &Credentials, sasl_ir: bool) -> Option<Pieces>
 /// `AUTHENTICATE LOGIN`: the command, then the user name and the password, each after
 /// the server's `+`. `None` if the credentials hold NUL.
 fn sasl_login_pieces(tag: &str, creds: &Credentials) -> Option<Pieces> {
-    let pass = creds.secret.expose();
+    let pass = creds.secret()?.expose();
     if creds.user.as_bytes().contains(&0) || pass.contains(&0) {
         return None;
     }
@@ -412,7 +411,7 @@ fn sasl_login_pieces(tag: &str, creds: &Credentials) -> Option<Pieces> {
 /// holds NUL, which no IMAP string can carry.
 fn login_pieces(tag: &str, creds: &Credentials, plus: bool, minus: bool) -> Option<Pieces> {
     let user = creds.user.as_bytes();
-    let pass = creds.secret.expose();
+    let pass = creds.secret()?.expose();
     if user.contains(&0) || pass.contains(&0) {
         return None;
     }
@@ -448,7 +447,7 @@ fn login_pieces(tag: &str, creds: &Credentials, plus: bool, minus: bool) -> Opti
 fn code_caps(text: &[u8]) -> Option<String> {
     match split_code(text) {
         (Some(code), _) if code.name.eq_ignore_ascii_case(b"CAPABILITY") => {
-            Some(sanitize_text(code.args, MAX_LINE))
+            Some(sanitize(code.args, MAX_LINE))
         }
         _ => None,
     }
@@ -472,7 +471,7 @@ fn no_response(text: &[u8]) -> Option<String> {
             out.push_str("] ");
         }
     }
-    let rest = sanitize_text(rest, MAX_RESPONSE_TEXT);
+    let rest = sanitize(rest, MAX_RESPONSE_TEXT);
     out.push_str(if rest.is_empty() {
         "Authentication failed."
     } else {
@@ -498,9 +497,9 @@ impl BackendLogin for BackendMachine {
                 pos += take;
                 continue;
             }
-            match find_line(rest, MAX_LINE) {
-                LineEnd::Incomplete => return pos,
-                LineEnd::TooLong => {
+            match next_line(rest, MAX_LINE) {
+                Line::Incomplete => return pos,
+                Line::TooLong => {
                     let why = match self.state {
                         State::Greeting => Unavailable::Greeting,
                         _ => Unavailable::Protocol,
@@ -508,9 +507,9 @@ impl BackendLogin for BackendMachine {
                     self.unavailable(why);
                     return pos;
                 }
-                LineEnd::Complete(n) => {
-                    pos += n;
-                    self.line(line_content(&rest[..n]));
+                Line::Complete { content, len } => {
+                    pos += len;
+                    self.line(content);
                 }
             }
         }
@@ -540,11 +539,7 @@ mod tests {
     use crate::proto::{Action, ClientInfo, ListenerTls, Mechanism, PreAuth, Secret, ServerPolicy};
 
     fn creds(user: &str, pass: &[u8]) -> Credentials {
-        Credentials {
-            user: user.into(),
-            secret: Secret::new(pass.to_vec()),
-            mechanism: Mechanism::Login,
-        }
+        Credentials::password(user.into(), pass.to_vec(), Mechanism::Login)
     }
 
     fn joe() -> Option<Credentials> {
@@ -922,7 +917,11 @@ mod tests {
                         Err(e) => panic!("{caps} {user:?} {pass:?}: {e}"),
                     };
                     assert_eq!(got.user, c.user, "{caps}");
-                    assert_eq!(got.secret.expose(), c.secret.expose(), "{caps} {user:?}");
+                    assert_eq!(
+                        got.secret().map(Secret::expose),
+                        c.secret().map(Secret::expose),
+                        "{caps} {user:?}"
+                    );
                 }
             }
         }

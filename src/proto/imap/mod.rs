@@ -1,7 +1,8 @@
 //! IMAP before login, sans-IO: the client-facing [`ServerMachine`] and the
 //! backend-facing [`BackendMachine`].
 //!
-//! * `syntax`: framing (lines, literal markers), the token reader, tags, quoting;
+//! * `syntax`: literal markers, the token reader, tags, quoting (lines are framed by
+//!   [`crate::proto::line`]);
 //! * `server`: [`ServerMachine`], the not-authenticated state as a server would speak it;
 //! * `client`: [`BackendMachine`], greeting, STARTTLS, capabilities, ID and the login
 //!   replay towards one backend.
@@ -18,24 +19,24 @@ pub use client::{
 };
 pub use server::ServerMachine;
 
+use super::drive::{BackendDriver, ServerDriver};
 use super::{
-    Action, BackendAction, BackendLogin, BackendPolicy, BackendTls, ClientInfo, Credentials,
-    Limits, ListenerTls, LoginOutcome, Mechanism, PreAuth, Secret, ServerPolicy,
+    BackendPolicy, BackendTls, ClientInfo, Credentials, Limits, ListenerTls, LoginOutcome,
+    Mechanism, ServerPolicy,
 };
 
 /// Most bytes the fuzz drivers accept from one drain of a machine's actions.
 const FUZZ_MAX_OUTPUT: usize = 4096;
 
-/// Drives a [`ServerMachine`] with `chunks` arriving one after the other, as the session
-/// driver would: one input buffer, `receive` while it consumes, every action drained.
-/// `Login` is answered with `AuthFailed` (or `Unavailable`), `StartTls` with `tls_established` (input
-/// pipelined before the handshake is discarded, as the driver refuses it). The first
-/// byte is not input: it picks the listener's TLS mode, whether plaintext auth is
-/// allowed, and the login outcome. Limits are small so that every bound is reached.
+/// Fuzz body for the client-facing machine: feeds `chunks` to a [`ServerMachine`] through
+/// the generic driver ([`super::drive`], which checks the input contract), STARTTLS
+/// discarding what was pipelined behind it, as the session does. The first byte is not
+/// input: it picks the listener's TLS mode (`% 3`), whether plaintext auth is allowed
+/// (bit 2), and the login outcome (bit 3: `Unavailable` instead of `AuthFailed`). Limits
+/// are small so that every bound is reached.
 ///
-/// Panics if an invariant breaks: more consumed than given, output of one step over
-/// `FUZZ_MAX_OUTPUT` (4096) bytes, input consumed while a login or handshake is pending, a
-/// login with an invalid user or a password with NUL.
+/// Panics if an invariant breaks: the driver's, output of one step over
+/// `FUZZ_MAX_OUTPUT` (4096) bytes, or a login whose password holds NUL.
 pub fn fuzz_server(chunks: &[&[u8]]) {
     let sel = chunks.first().and_then(|c| c.first()).copied().unwrap_or(0);
     let limits = Limits {
@@ -54,66 +55,31 @@ pub fn fuzz_server(chunks: &[&[u8]]) {
         limits: limits.clone(),
         hostname: "fuzz.example".into(),
     };
-    let mut m = ServerMachine::new(policy);
-    let mut buf: Vec<u8> = Vec::new();
+    let answer = |creds: &Credentials| {
+        assert!(!creds.secret().is_some_and(|s| s.expose().contains(&0)));
+        match sel & 8 {
+            0 => LoginOutcome::AuthFailed { response: None },
+            _ => LoginOutcome::Unavailable,
+        }
+    };
+    let mut d = ServerDriver::new(ServerMachine::new(policy), answer)
+        .max_step_output(FUZZ_MAX_OUTPUT)
+        .max_buffer(limits.max_line + limits.max_literal);
     for (i, chunk) in chunks.iter().enumerate() {
-        let chunk = if i == 0 {
+        d.feed(if i == 0 {
             chunk.get(1..).unwrap_or_default()
         } else {
             chunk
-        };
-        buf.extend_from_slice(chunk);
-        loop {
-            let mut output = 0;
-            while let Some(action) = m.poll_action() {
-                match action {
-                    Action::Send(bytes) => output += bytes.len(),
-                    Action::StartTls => {
-                        assert_eq!(m.receive(&buf), 0, "consumed during STARTTLS");
-                        buf.clear();
-                        m.tls_established();
-                    }
-                    Action::Login(creds) => {
-                        assert_eq!(m.receive(&buf), 0, "consumed during login");
-                        assert!(crate::proto::sasl::valid_user(creds.user.as_bytes()).is_some());
-                        assert!(!creds.secret.expose().contains(&0));
-                        m.login_done(match sel & 8 {
-                            0 => LoginOutcome::AuthFailed { response: None },
-                            _ => LoginOutcome::Unavailable,
-                        });
-                    }
-                    Action::Close => return,
-                }
-            }
-            assert!(
-                output <= FUZZ_MAX_OUTPUT,
-                "{output} bytes of output in one step"
-            );
-            if m.is_authenticated() {
-                return;
-            }
-            let used = m.receive(&buf);
-            assert!(used <= buf.len(), "consumed {used} of {}", buf.len());
-            if used == 0 {
-                assert_eq!(m.poll_action(), None, "action without progress");
-                break;
-            }
-            buf.drain(..used);
-        }
-        // The driver gives up on a buffer that big without progress.
-        if buf.len() > limits.max_line + limits.max_literal {
-            return;
-        }
+        });
     }
 }
 
-/// Drives a [`BackendMachine`] with `chunks` from a fake backend, as the backend driver
-/// would. The first byte is not input: it picks the TLS mode, probe or login, and ID
-/// forwarding. The password holds bytes that need a literal. `StartTls` discards the buffer and reports
-/// the handshake done.
+/// Drives a [`BackendMachine`] with `chunks` from a fake backend through the generic
+/// driver, as `backend/` would. The first byte is not input: it picks the TLS mode, probe
+/// or login, and ID forwarding. The password holds bytes that need a literal.
 ///
-/// Panics if an invariant breaks: more consumed than given, a command over
-/// `FUZZ_MAX_OUTPUT` (4096) bytes, input consumed after `Done` or during a handshake.
+/// Panics if an invariant breaks: the driver's, or a command over `FUZZ_MAX_OUTPUT`
+/// (4096) bytes.
 pub fn fuzz_backend(chunks: &[&[u8]]) {
     let sel = chunks.first().and_then(|c| c.first()).copied().unwrap_or(0);
     let policy = BackendPolicy {
@@ -128,45 +94,22 @@ pub fn fuzz_backend(chunks: &[&[u8]]) {
         }),
         helo: "fuzz.example".into(),
     };
-    let creds = (sel & 4 == 0).then(|| Credentials {
-        user: "jo\"e".into(),
-        secret: Secret::new(b"p\r\n{5}\xc3\xa9".to_vec()),
-        mechanism: Mechanism::Login,
+    let creds = (sel & 4 == 0).then(|| {
+        Credentials::password(
+            "jo\"e".into(),
+            b"p\r\n{5}\xc3\xa9".to_vec(),
+            Mechanism::Login,
+        )
     });
-    let mut m = BackendMachine::new(policy, creds);
-    let mut buf: Vec<u8> = Vec::new();
+    let mut d = BackendDriver::new(BackendMachine::new(policy, creds))
+        .on_send(|bytes| assert!(bytes.len() <= FUZZ_MAX_OUTPUT))
+        .max_buffer(BACKEND_MAX_LINE + BACKEND_MAX_LITERAL);
     for (i, chunk) in chunks.iter().enumerate() {
-        let chunk = if i == 0 {
+        d.feed(if i == 0 {
             chunk.get(1..).unwrap_or_default()
         } else {
             chunk
-        };
-        buf.extend_from_slice(chunk);
-        loop {
-            while let Some(action) = m.poll_action() {
-                match action {
-                    BackendAction::Send(bytes) => assert!(bytes.len() <= FUZZ_MAX_OUTPUT),
-                    BackendAction::StartTls => {
-                        assert_eq!(m.receive(&buf), 0, "consumed during STARTTLS");
-                        buf.clear();
-                        m.tls_established();
-                    }
-                    BackendAction::Done(_) => {
-                        assert_eq!(m.receive(&buf), 0, "consumed after Done");
-                        return;
-                    }
-                }
-            }
-            let used = m.receive(&buf);
-            assert!(used <= buf.len(), "consumed {used} of {}", buf.len());
-            if used == 0 {
-                break;
-            }
-            buf.drain(..used);
-        }
-        if buf.len() > BACKEND_MAX_LINE + BACKEND_MAX_LITERAL {
-            return;
-        }
+        });
     }
 }
 

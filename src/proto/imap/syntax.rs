@@ -35,39 +35,6 @@ pub(crate) fn is_valid_tag(tag: &[u8]) -> bool {
         && tag.iter().all(|&b| is_astring_char(b) && b != b'+')
 }
 
-/// Where the first line of some input ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LineEnd {
-    /// A complete line of this many bytes, LF included.
-    Complete(usize),
-    /// No LF yet, and fewer bytes than the budget: wait for more.
-    Incomplete,
-    /// No LF within the budget: the line is too long.
-    TooLong,
-}
-
-/// Finds the end of the first line of `input`, which may be at most `budget` bytes long
-/// (terminator included). Only the first `budget` bytes are ever looked at. Empty input
-/// is always incomplete, whatever the budget.
-pub(crate) fn find_line(input: &[u8], budget: usize) -> LineEnd {
-    if input.is_empty() {
-        return LineEnd::Incomplete;
-    }
-    let window = &input[..input.len().min(budget)];
-    match window.iter().position(|&b| b == b'\n') {
-        Some(i) => LineEnd::Complete(i + 1),
-        None if input.len() >= budget => LineEnd::TooLong,
-        None => LineEnd::Incomplete,
-    }
-}
-
-/// A line without its terminator: the LF and, if present, the CR before it. A bare LF is
-/// accepted as a terminator, as most servers do.
-pub(crate) fn line_content(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
 /// A literal announced at the end of a line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LiteralSpec {
@@ -315,33 +282,6 @@ pub(crate) fn has_cap(caps: &str, name: &str) -> bool {
     caps.split(' ').any(|c| c.eq_ignore_ascii_case(name))
 }
 
-/// Makes peer-provided text safe to put in one of our response lines: invalid UTF-8 is
-/// replaced, control characters (CR and LF included) become spaces, runs of spaces are
-/// collapsed, the ends trimmed, and the result cut to at most `max` bytes on a character
-/// boundary.
-pub(crate) fn sanitize_text(raw: &[u8], max: usize) -> String {
-    let text = String::from_utf8_lossy(raw);
-    let mut out = String::with_capacity(text.len().min(max));
-    let mut space = false;
-    for c in text.chars() {
-        let c = if c.is_control() { ' ' } else { c };
-        if c == ' ' {
-            space = !out.is_empty();
-            continue;
-        }
-        let extra = usize::from(space) + c.len_utf8();
-        if out.len() + extra > max {
-            break;
-        }
-        if space {
-            out.push(' ');
-            space = false;
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,21 +314,6 @@ mod tests {
         assert!(!is_valid_tag("é".as_bytes()));
         assert!(is_valid_tag(&[b'x'; MAX_TAG_LEN]));
         assert!(!is_valid_tag(&[b'x'; MAX_TAG_LEN + 1]));
-    }
-
-    #[test]
-    fn lines() {
-        assert_eq!(find_line(b"abc\r\nx", 10), LineEnd::Complete(5));
-        assert_eq!(find_line(b"abc\nx", 10), LineEnd::Complete(4));
-        assert_eq!(find_line(b"abc", 10), LineEnd::Incomplete);
-        assert_eq!(find_line(b"abcd\r\n", 6), LineEnd::Complete(6));
-        assert_eq!(find_line(b"abcde\r\n", 6), LineEnd::TooLong);
-        assert_eq!(find_line(b"abcdef", 6), LineEnd::TooLong);
-        assert_eq!(find_line(b"", 0), LineEnd::Incomplete);
-        assert_eq!(find_line(b"x", 0), LineEnd::TooLong);
-        assert_eq!(line_content(b"ab\r\n"), b"ab");
-        assert_eq!(line_content(b"ab\n"), b"ab");
-        assert_eq!(line_content(b"ab\r\r\n"), b"ab\r");
     }
 
     #[test]
@@ -513,9 +438,6 @@ mod tests {
         assert_eq!(rest, b"ok");
         assert!(split_code(b"[OOPS no close").0.is_none());
         assert!(split_code(b"plain").0.is_none());
-        assert_eq!(sanitize_text(b"a\r\nb\x00  c ", 100), "a b c");
-        assert_eq!(sanitize_text("ééé".as_bytes(), 5), "éé");
-        assert_eq!(sanitize_text(b"\xffx", 100), "\u{fffd}x");
         assert!(has_cap("IMAP4rev1 auth=plain", "AUTH=PLAIN"));
         assert!(!has_cap("IMAP4rev1 AUTH=PLAINX", "AUTH=PLAIN"));
     }

@@ -3,8 +3,10 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use super::{code_is, next_line, resp_code, sanitize, Line, QUIT};
+use super::{code_is, resp_code, MAX_TEXT, QUIT};
+use crate::proto::line::{next_line, Line};
 use crate::proto::sasl;
+use crate::proto::text::sanitize;
 use crate::proto::{
     BackendAction, BackendLogin, BackendPolicy, BackendResult, BackendTls, Credentials, Secret,
     Unavailable,
@@ -97,7 +99,7 @@ fn status(line: &[u8]) -> Status<'_> {
 /// failure (fail over); anything else, `[AUTH]`, `[IN-USE]`, `[LOGIN-DELAY]`, `[SYS/PERM]`
 /// or no code, is a rejection of this login, never a reason to try another server.
 fn rejected(text: &[u8]) -> BackendResult {
-    let text = sanitize(text);
+    let text = sanitize(text, MAX_TEXT);
     match resp_code(&text) {
         Some(code) if code_is(code, "SYS/TEMP") => {
             BackendResult::Unavailable(Unavailable::Protocol)
@@ -222,7 +224,10 @@ impl BackendMachine {
     }
 
     fn start_user(&mut self, creds: Credentials) {
-        let password = creds.secret.expose();
+        let Some(password) = creds.secret().map(Secret::expose) else {
+            // A bridged login has no password to replay.
+            return self.finish(BackendResult::Unavailable(Unavailable::NoMechanism));
+        };
         if !user_safe(&creds.user) || password.iter().any(|b| matches!(b, 0 | b'\r' | b'\n')) {
             return self.finish(BackendResult::AuthFailed {
                 response: "[AUTH] The user name or password cannot be sent to this server".into(),
@@ -237,7 +242,7 @@ impl BackendMachine {
         let Some(creds) = self.creds.take() else {
             return self.finish(BackendResult::Unavailable(Unavailable::Protocol));
         };
-        let password = creds.secret.expose();
+        let password = creds.secret().map(Secret::expose).unwrap_or_default();
         let mut line = Vec::with_capacity(password.len() + 7);
         line.extend_from_slice(b"PASS ");
         line.extend_from_slice(password);
@@ -306,7 +311,7 @@ impl BackendMachine {
         if full {
             return self.finish(BackendResult::Unavailable(Unavailable::Protocol));
         }
-        let text = sanitize(line);
+        let text = sanitize(line, MAX_TEXT);
         if let Some(caps) = self.caps.as_mut() {
             caps.push(text);
         }
@@ -324,8 +329,8 @@ impl BackendLogin for BackendMachine {
                 self.finish(BackendResult::Unavailable(Unavailable::Protocol));
                 0
             }
-            Line::Complete { line, len } => {
-                self.line(line);
+            Line::Complete { content, len } => {
+                self.line(content);
                 len
             }
         }
@@ -371,11 +376,11 @@ mod tests {
     }
 
     fn creds(user: &str, password: &[u8]) -> Option<Credentials> {
-        Some(Credentials {
-            user: user.into(),
-            secret: Secret::new(password.to_vec()),
-            mechanism: Mechanism::Login,
-        })
+        Some(Credentials::password(
+            user.into(),
+            password.to_vec(),
+            Mechanism::Login,
+        ))
     }
 
     /// Plays a backend conversation: `server` holds what the backend says, in the chunks it

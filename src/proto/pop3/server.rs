@@ -2,10 +2,12 @@
 
 use std::collections::VecDeque;
 
-use super::{code_is, next_line, resp_code, sanitize, Line};
-use crate::proto::sasl::{self, SaslError};
+use super::{code_is, resp_code, MAX_TEXT};
+use crate::proto::line::{next_line, Line};
+use crate::proto::sasl::{self, SaslError, Step};
+use crate::proto::text::sanitize;
 use crate::proto::{
-    Action, Credentials, ListenerTls, LoginOutcome, Mechanism, Phase, PreAuth, Secret, ServerPolicy,
+    Action, Credentials, ListenerTls, LoginOutcome, Mechanism, PreAuth, ServerPolicy,
 };
 
 /// Room for `AUTH <mechanism> ` in front of an initial response (SASL mechanism names are
@@ -52,16 +54,12 @@ pub struct ServerMachine {
     actions: VecDeque<Action>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 enum State {
     /// Waiting for a command line.
     Command,
-    /// `+ ` sent after `AUTH PLAIN`: waiting for the PLAIN message.
-    SaslPlain,
-    /// `+ VXNlcm5hbWU6` sent: waiting for the user name.
-    SaslLoginUser,
-    /// `+ UGFzc3dvcmQ6` sent: waiting for the password of this user.
-    SaslLoginPass { user: String },
+    /// A challenge of this SASL exchange was sent: waiting for the client's response.
+    Sasl(sasl::Exchange),
     /// Action::Login emitted; nothing is read until `login_done`.
     WaitLogin,
     /// Action::StartTls emitted; nothing is read until `tls_established`.
@@ -76,7 +74,7 @@ impl ServerMachine {
     /// A machine for one client connection; the greeting is queued at once.
     pub fn new(policy: ServerPolicy) -> Self {
         let tls_active = policy.tls == ListenerTls::Implicit;
-        let host = sanitize(policy.hostname.as_bytes());
+        let host = sanitize(policy.hostname.as_bytes(), MAX_TEXT);
         let host = if host.is_empty() { "localhost" } else { &host };
         let greeting = format!("+OK {host} cutover POP3 ready.\r\n");
         let mut machine = ServerMachine {
@@ -246,11 +244,11 @@ impl ServerMachine {
             self.user = Some(user);
             return self.send("-ERR Syntax error\r\n");
         };
-        self.login(Credentials {
+        self.login(Credentials::password(
             user,
-            secret: Secret::new(password.to_vec()),
-            mechanism: Mechanism::Login,
-        });
+            password.to_vec(),
+            Mechanism::Login,
+        ));
     }
 
     fn auth_cmd(&mut self, arg: Option<&[u8]>) {
@@ -269,101 +267,32 @@ impl ServerMachine {
         if extra.is_some() {
             return self.send("-ERR Syntax error\r\n");
         }
-        if mechanism.eq_ignore_ascii_case(b"PLAIN") {
-            match initial {
-                Some(response) => self.sasl_plain(response),
-                None => {
-                    self.send("+ \r\n");
-                    self.state = State::SaslPlain;
-                }
-            }
-        } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
-            match initial {
-                Some(response) => self.sasl_login_user(response),
-                None => {
-                    self.send("+ VXNlcm5hbWU6\r\n");
-                    self.state = State::SaslLoginUser;
-                }
-            }
-        } else {
-            self.send("-ERR Unsupported authentication mechanism\r\n");
-        }
-    }
-
-    /// A SASL response line (or an initial response); `*` cancels the exchange.
-    fn sasl_response(&mut self, line: &[u8]) {
-        let state = std::mem::replace(&mut self.state, State::Command);
-        match state {
-            State::SaslPlain => self.sasl_plain(line),
-            State::SaslLoginUser => self.sasl_login_user(line),
-            State::SaslLoginPass { user } => self.sasl_login_pass(user, line),
-            other => self.state = other,
-        }
-    }
-
-    fn sasl_plain(&mut self, response: &[u8]) {
-        if response == b"*" {
-            return self.cancel();
-        }
-        let decoded = match decode(response) {
-            Ok(decoded) => decoded,
-            Err(_) => return self.fail("-ERR Invalid base64 data\r\n"),
+        let max = self.policy.limits.max_literal;
+        let Some(mut exchange) = sasl::Exchange::new(mechanism, max) else {
+            return self.send("-ERR Unsupported authentication mechanism\r\n");
         };
-        match sasl::parse_plain(decoded) {
-            Ok(creds) => self.login(creds),
-            Err(SaslError::ForeignAuthzid) => {
+        let step = exchange.begin(initial);
+        self.sasl_step(exchange, step);
+    }
+
+    /// Says what the shared SASL exchange asks for, in POP3's words (RFC 5034).
+    fn sasl_step(&mut self, exchange: sasl::Exchange, step: Step) {
+        self.state = State::Command;
+        match step {
+            Step::Challenge(challenge) => {
+                self.send(format!("+ {challenge}\r\n"));
+                self.state = State::Sasl(exchange);
+            }
+            Step::Done(creds) => self.login(creds),
+            Step::Cancelled => self.send("-ERR Authentication cancelled\r\n"),
+            Step::TooBig => self.send("-ERR Authentication data too large\r\n"),
+            Step::Failed(SaslError::Base64) => self.fail("-ERR Invalid base64 data\r\n"),
+            Step::Failed(SaslError::ForeignAuthzid) => {
                 self.fail("-ERR [AUTH] Authorization identity must match the user name\r\n")
             }
-            Err(SaslError::Base64 | SaslError::Malformed) => {
-                self.fail("-ERR Malformed PLAIN response\r\n")
-            }
+            Step::Failed(SaslError::Malformed) => self.fail("-ERR Malformed PLAIN response\r\n"),
+            Step::Failed(SaslError::InvalidUser) => self.fail("-ERR Invalid user name\r\n"),
         }
-    }
-
-    fn sasl_login_user(&mut self, response: &[u8]) {
-        if response == b"*" {
-            return self.cancel();
-        }
-        let decoded = match decode(response) {
-            Ok(decoded) => decoded,
-            Err(_) => return self.fail("-ERR Invalid base64 data\r\n"),
-        };
-        match sasl::valid_user(&decoded) {
-            Some(user) => {
-                self.send("+ UGFzc3dvcmQ6\r\n");
-                self.state = State::SaslLoginPass { user };
-            }
-            None => self.fail("-ERR Invalid user name\r\n"),
-        }
-    }
-
-    fn sasl_login_pass(&mut self, user: String, response: &[u8]) {
-        if response == b"*" {
-            return self.cancel();
-        }
-        match decode(response) {
-            Ok(password) => self.login(Credentials {
-                user,
-                secret: Secret::new(password),
-                mechanism: Mechanism::Login,
-            }),
-            Err(_) => self.fail("-ERR Invalid base64 data\r\n"),
-        }
-    }
-
-    fn cancel(&mut self) {
-        self.state = State::Command;
-        self.send("-ERR Authentication cancelled\r\n");
-    }
-}
-
-/// Decodes a SASL response; `=` is the empty response (RFC 5034 for initial responses,
-/// accepted in continuations too, as some clients send it there).
-fn decode(response: &[u8]) -> Result<Vec<u8>, SaslError> {
-    if response == b"=" {
-        Ok(Vec::new())
-    } else {
-        sasl::decode_base64(response)
     }
 }
 
@@ -380,7 +309,7 @@ fn trim_spaces(mut s: &[u8]) -> &[u8] {
 /// The client's reply to a backend rejection: the backend's text with its response code,
 /// or `[AUTH]` in front when it had none.
 fn rejection(response: Option<&str>) -> String {
-    let text = sanitize(response.unwrap_or_default().as_bytes());
+    let text = sanitize(response.unwrap_or_default().as_bytes(), MAX_TEXT);
     if text.is_empty() {
         "-ERR [AUTH] Authentication failed.\r\n".to_owned()
     } else if resp_code(&text).is_some() {
@@ -392,11 +321,7 @@ fn rejection(response: Option<&str>) -> String {
 
 impl PreAuth for ServerMachine {
     fn receive(&mut self, input: &[u8]) -> usize {
-        let reading = matches!(
-            self.state,
-            State::Command | State::SaslPlain | State::SaslLoginUser | State::SaslLoginPass { .. }
-        );
-        if !reading {
+        if !matches!(self.state, State::Command | State::Sasl(_)) {
             return 0;
         }
         let limit = self.line_limit(input);
@@ -408,11 +333,13 @@ impl PreAuth for ServerMachine {
                 // however the input was split. Nothing is read after Close anyway.
                 limit
             }
-            Line::Complete { line, len } => {
-                if self.state == State::Command {
-                    self.command(line);
-                } else {
-                    self.sasl_response(line);
+            Line::Complete { content, len } => {
+                match std::mem::replace(&mut self.state, State::Command) {
+                    State::Sasl(mut exchange) => {
+                        let step = exchange.respond(content);
+                        self.sasl_step(exchange, step);
+                    }
+                    _ => self.command(content),
                 }
                 len
             }
@@ -424,7 +351,7 @@ impl PreAuth for ServerMachine {
     }
 
     fn tls_established(&mut self) {
-        if self.state == State::WaitTls {
+        if matches!(self.state, State::WaitTls) {
             self.tls_active = true;
             self.user = None;
             self.state = State::Command;
@@ -432,7 +359,7 @@ impl PreAuth for ServerMachine {
     }
 
     fn login_done(&mut self, outcome: LoginOutcome) {
-        if self.state != State::WaitLogin {
+        if !matches!(self.state, State::WaitLogin) {
             return;
         }
         match outcome {
@@ -442,7 +369,7 @@ impl PreAuth for ServerMachine {
             }
             LoginOutcome::AuthFailed { response } => self.fail(&rejection(response.as_deref())),
             LoginOutcome::Refused { reason } => {
-                let reason = sanitize(reason.as_bytes());
+                let reason = sanitize(reason.as_bytes(), MAX_TEXT);
                 let reply = match resp_code(&reason) {
                     Some(code) if code_is(code, "AUTH") => format!("-ERR {reason}\r\n"),
                     _ => format!("-ERR [AUTH] {reason}\r\n"),
@@ -468,26 +395,17 @@ impl PreAuth for ServerMachine {
         }
     }
 
-    fn phase(&self) -> Phase {
-        match self.state {
-            State::SaslPlain | State::SaslLoginUser | State::SaslLoginPass { .. } => {
-                Phase::Continuation
-            }
-            _ => Phase::PreAuth,
-        }
-    }
-
     fn is_authenticated(&self) -> bool {
-        self.state == State::Authenticated
+        matches!(self.state, State::Authenticated)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::drive_server;
+    use super::super::checked;
     use super::*;
+    use crate::proto::drive::ServerDriver;
     use crate::proto::Limits;
-    use std::collections::VecDeque;
 
     const GREETING: &str = "+OK mail.example cutover POP3 ready.\r\n";
     const CAPA_TLS: &str = "+OK Capability list follows\r\nCAPA\r\nUSER\r\nSASL PLAIN LOGIN\r\n\
@@ -516,13 +434,15 @@ mod tests {
 
     /// Runs `chunks` with scripted login outcomes (then AuthFailed once they run out).
     fn run(p: ServerPolicy, chunks: &[&[u8]], outcomes: &[LoginOutcome]) -> (String, Vec<u8>) {
-        let mut queue: VecDeque<LoginOutcome> = outcomes.iter().cloned().collect();
-        let mut answer = |_: &Credentials| {
-            queue
-                .pop_front()
-                .unwrap_or(LoginOutcome::AuthFailed { response: None })
-        };
-        drive_server(p, chunks, &mut answer, true)
+        let failed = LoginOutcome::AuthFailed { response: None };
+        let mut d = checked(ServerDriver::scripted(
+            ServerMachine::new(p),
+            outcomes,
+            failed,
+        ));
+        d.feed_all(chunks);
+        let t = d.finish();
+        (t.text(), t.left)
     }
 
     fn ok() -> LoginOutcome {
@@ -551,7 +471,6 @@ mod tests {
         assert_eq!(t, format!("{GREETING}{CAPA_TLS}"));
         assert!(rest.is_empty());
         let m = ServerMachine::new(implicit());
-        assert_eq!(m.phase(), Phase::PreAuth);
         assert!(!m.is_authenticated());
     }
 
@@ -563,7 +482,7 @@ mod tests {
         assert_eq!(
             drain(&mut m),
             vec![Action::Send(
-                b"+OK evil  -ERR x cutover POP3 ready.\r\n".to_vec()
+                b"+OK evil -ERR x cutover POP3 ready.\r\n".to_vec()
             )]
         );
     }
@@ -673,8 +592,8 @@ mod tests {
             panic!("expected a Login, got {actions:?}");
         };
         assert_eq!(creds.user, "joe");
-        assert_eq!(creds.secret.expose(), b"s3cret");
-        assert_eq!(creds.mechanism, Mechanism::Login);
+        assert_eq!(creds.secret().unwrap().expose(), b"s3cret");
+        assert_eq!(creds.mechanism(), "login");
         // Pipelined commands stay for the backend.
         assert_eq!(m.receive(&input[13..]), 0);
         assert!(!m.is_authenticated());
@@ -763,9 +682,7 @@ mod tests {
         let mut m = ServerMachine::new(implicit());
         drain(&mut m);
         m.receive(b"AUTH PLAIN\r\n");
-        assert_eq!(m.phase(), Phase::Continuation);
         m.receive(format!("{PLAIN_JOE}\r\n").as_bytes());
-        assert_eq!(m.phase(), Phase::PreAuth);
     }
 
     #[test]
@@ -787,7 +704,7 @@ mod tests {
             t,
             format!(
                 "{GREETING}+ \r\n-ERR Authentication cancelled\r\n\
-                 -ERR Authentication cancelled\r\n{CAPA_TLS}"
+                 -ERR Invalid base64 data\r\n{CAPA_TLS}"
             )
         );
     }
@@ -860,9 +777,7 @@ mod tests {
         let mut m = ServerMachine::new(implicit());
         drain(&mut m);
         m.receive(b"AUTH LOGIN\r\n");
-        assert_eq!(m.phase(), Phase::Continuation);
         m.receive(b"am9l\r\n");
-        assert_eq!(m.phase(), Phase::Continuation);
     }
 
     #[test]
@@ -1015,7 +930,7 @@ mod tests {
         assert_eq!(
             t,
             format!(
-                "{GREETING}+OK\r\n<login joe a login>-ERR [IN-USE] Mailbox  locked\r\n\
+                "{GREETING}+OK\r\n<login joe a login>-ERR [IN-USE] Mailbox locked\r\n\
                  +OK\r\n<login joe b login>-ERR [SYS/TEMP] Server unavailable, try again later\r\n\
                  -ERR USER first\r\n+OK\r\n<login joe d login>+OK Logged in.\r\n"
             )
@@ -1047,7 +962,7 @@ mod tests {
         );
         assert_eq!(
             rejection(Some("x\r\n+OK injected")),
-            "-ERR [AUTH] x  +OK injected\r\n"
+            "-ERR [AUTH] x +OK injected\r\n"
         );
         let long = "y".repeat(5000);
         assert!(rejection(Some(&long)).len() < 300);

@@ -7,11 +7,11 @@ use std::net::IpAddr;
 
 use super::normalize_keyword;
 use super::reply::{parse_reply, Reply};
-use super::sanitize_text;
 use crate::proto::sasl::{encode_base64, encode_plain};
+use crate::proto::text::sanitize;
 use crate::proto::{
     wipe, BackendAction, BackendLogin, BackendPolicy, BackendResult, BackendTls, ClientInfo,
-    Credentials, Unavailable,
+    Credentials, Secret, Unavailable,
 };
 
 /// Longest backend text kept for [`BackendResult::AuthFailed`].
@@ -19,24 +19,16 @@ const MAX_FAILURE_TEXT: usize = 200;
 /// Longest EHLO name sent (a domain has at most 255 octets).
 const MAX_HELO: usize = 255;
 
-/// What a [`BackendMachine`] is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendMode {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
     /// Health probe: greeting, EHLO (and STARTTLS + EHLO when required), then `QUIT` and
     /// [`BackendResult::Ready`] with the EHLO keywords.
     Probe,
-    /// Log in with these credentials (AUTH PLAIN or LOGIN).
-    Auth(Credentials),
-    /// Legacy pop-before-smtp hosts: greeting and EHLO (HELO if EHLO is refused), then
-    /// hand over without AUTH; the driver has already checked the password over POP3.
-    NoAuth,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Probe,
+    /// Log in with the password (AUTH PLAIN or LOGIN).
     Auth,
-    NoAuth,
+    /// [`crate::proto::Auth::Bridged`]: greeting and EHLO (HELO if EHLO is refused), then
+    /// hand over without AUTH (pop-before-smtp vouched for the user).
+    Bridged,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,13 +56,13 @@ enum Step {
 ///     |                |              yes: STARTTLS --220--> AwaitTls --tls_established--> Ehlo
 ///  4xx/5xx/garbage     | 5xx          (no STARTTLS keyword / not 220: Unavailable(Tls))
 ///  Unavailable(        v
-///   Greeting)     Helo (NoAuth, Probe only; Auth: NoMechanism; TLS pending: Tls)
+///   Greeting)     Helo (Bridged, Probe only; Auth: NoMechanism; TLS pending: Tls)
 ///                      |
 ///      [forward_client and XCLIENT ... ADDR offered, not Probe, not done yet?]
 ///        yes: XCLIENT --220--> Ehlo (again)   (other replies: go on without it)
 ///                      |
 ///      Probe:  QUIT, Done(Ready{EHLO keywords})
-///      NoAuth: Done(LoggedIn)
+///      Bridged: Done(LoggedIn)
 ///      Auth:   AuthPlain --235--> Done(LoggedIn)
 ///              LoginUser --334--> LoginPassword --334--> LoginFinal --235--> Done(LoggedIn)
 /// ```
@@ -84,7 +76,7 @@ enum Step {
 ///   or an overlong reply.
 /// * **EHLO**: `250` lines after the first are the keywords: keyword upper-cased,
 ///   parameters kept (single-spaced), lines with control characters dropped. A `5xx`
-///   means an old server: `HELO` is tried in NoAuth and Probe modes (no keywords then);
+///   means an old server: `HELO` is tried in Bridged and Probe modes (no keywords then);
 ///   in Auth mode there can be no AUTH without EHLO, so `Unavailable(NoMechanism)`; with
 ///   STARTTLS still required, `Unavailable(Tls)`. A `4xx` is `Unavailable(Protocol)`.
 /// * **AUTH**: PLAIN with an initial response is preferred (one round trip); LOGIN is used
@@ -145,11 +137,13 @@ impl BackendMachine {
     ///
     /// `policy.helo` is used as given when it is one word of printable ASCII of at most
     /// 255 bytes; otherwise its printable characters are kept (`localhost` if none are).
-    pub fn new(policy: BackendPolicy, mode: BackendMode) -> BackendMachine {
-        let (kind, creds) = match mode {
-            BackendMode::Probe => (Kind::Probe, None),
-            BackendMode::Auth(c) => (Kind::Auth, Some(c)),
-            BackendMode::NoAuth => (Kind::NoAuth, None),
+    /// Without credentials it is a health probe; bridged credentials open the session
+    /// without AUTH.
+    pub fn new(policy: BackendPolicy, creds: Option<Credentials>) -> BackendMachine {
+        let (kind, creds) = match creds {
+            None => (Kind::Probe, None),
+            Some(c) if c.secret().is_none() => (Kind::Bridged, None),
+            Some(c) => (Kind::Auth, Some(c)),
         };
         let mut helo: String = policy
             .helo
@@ -175,7 +169,7 @@ impl BackendMachine {
 
     /// The keywords of the backend's last EHLO reply (keyword upper-cased, parameters
     /// kept, e.g. `SIZE 10240000`, `AUTH PLAIN LOGIN`); empty before it or after a HELO
-    /// fallback. Useful to the driver in NoAuth and Auth modes.
+    /// fallback. Useful to the driver after bridged and password logins.
     pub fn extensions(&self) -> &[String] {
         &self.keywords
     }
@@ -329,7 +323,8 @@ impl BackendMachine {
                     self.fail(Unavailable::Protocol);
                     return;
                 };
-                self.send_secret("", encode_base64(creds.secret.expose()));
+                let password = creds.secret().map(Secret::expose).unwrap_or_default();
+                self.send_secret("", encode_base64(password));
                 self.step = Step::LoginFinal;
             }
             Step::AuthPlain | Step::LoginUser | Step::LoginPassword | Step::LoginFinal => {
@@ -363,7 +358,7 @@ impl BackendMachine {
                 let capabilities = self.keywords.clone();
                 self.quit_with(BackendResult::Ready { capabilities });
             }
-            Kind::NoAuth => self.finish(BackendResult::LoggedIn { capabilities: None }),
+            Kind::Bridged => self.finish(BackendResult::LoggedIn { capabilities: None }),
             Kind::Auth => self.start_auth(),
         }
     }
@@ -420,7 +415,7 @@ impl BackendMachine {
             504 | 534 | 538 => self.quit_with(unavailable(Unavailable::NoMechanism)),
             500..=503 => self.fail(Unavailable::Protocol),
             505..=533 | 535..=537 | 539..=599 => {
-                let mut response = sanitize_text(&reply.text(), MAX_FAILURE_TEXT);
+                let mut response = sanitize(reply.text().as_bytes(), MAX_FAILURE_TEXT);
                 if response.is_empty() {
                     response = "Authentication failed".to_owned();
                 }
@@ -473,7 +468,7 @@ impl BackendLogin for BackendMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Mechanism, Secret};
+    use crate::proto::Mechanism;
     use std::net::Ipv6Addr;
 
     fn policy(tls: BackendTls) -> BackendPolicy {
@@ -485,15 +480,11 @@ mod tests {
     }
 
     fn creds(user: &str, pass: &[u8]) -> Credentials {
-        Credentials {
-            user: user.into(),
-            secret: Secret::new(pass.to_vec()),
-            mechanism: Mechanism::Plain,
-        }
+        Credentials::password(user.into(), pass.to_vec(), Mechanism::Plain)
     }
 
-    fn joe() -> BackendMode {
-        BackendMode::Auth(creds("joe", b"s3cret"))
+    fn joe() -> Option<Credentials> {
+        Some(creds("joe", b"s3cret"))
     }
 
     /// Feeds `input` the way the driver does (receive while it consumes, actions drained
@@ -584,7 +575,7 @@ mod tests {
         let (_, log) = step(&mut m, b"250-mx\r\n250 AUTH LOGIN plain\r\n");
         assert_eq!(log, "C: AUTH PLAIN AGpvZQBzM2NyZXQ=\r\n");
 
-        let mode = BackendMode::Auth(creds("joe", b"a\0b"));
+        let mode = Some(creds("joe", b"a\0b"));
         let mut m = BackendMachine::new(policy(BackendTls::None), mode);
         step(&mut m, b"220 mx\r\n");
         let (_, log) = step(&mut m, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n");
@@ -593,7 +584,7 @@ mod tests {
         let (_, log) = step(&mut m, b"334 x\r\n");
         assert_eq!(log, "C: YQBi\r\n");
 
-        let mode = BackendMode::Auth(creds("joe", b"a\0b"));
+        let mode = Some(creds("joe", b"a\0b"));
         let mut m = BackendMachine::new(policy(BackendTls::None), mode);
         step(&mut m, b"220 mx\r\n");
         let (_, log) = step(&mut m, b"250-mx\r\n250 AUTH PLAIN\r\n");
@@ -626,7 +617,7 @@ mod tests {
             (
                 b"535 5.7.8 Error: authentication failed: \x01bad\r\n",
                 BackendResult::AuthFailed {
-                    response: "5.7.8 Error: authentication failed:  bad".into(),
+                    response: "5.7.8 Error: authentication failed: bad".into(),
                 },
                 true,
             ),
@@ -720,7 +711,7 @@ mod tests {
             );
             assert_eq!(m.receive(b"220 ok\r\n"), 0, "done");
         }
-        let mut m = BackendMachine::new(policy(BackendTls::None), BackendMode::Probe);
+        let mut m = BackendMachine::new(policy(BackendTls::None), None);
         let long = vec![b'2'; 5000];
         assert_eq!(
             step(&mut m, &long).1,
@@ -780,7 +771,7 @@ mod tests {
             "C: QUIT\r\n".to_owned() + &done(unavailable(Unavailable::Tls))
         );
 
-        let mut m = BackendMachine::new(policy(BackendTls::StartTls), BackendMode::Probe);
+        let mut m = BackendMachine::new(policy(BackendTls::StartTls), None);
         step(&mut m, b"220 mx\r\n");
         step(&mut m, b"250-mx\r\n250 STARTTLS\r\n");
         let (_, log) = step(&mut m, b"454 4.7.0 TLS not available\r\n");
@@ -790,7 +781,10 @@ mod tests {
         );
 
         // EHLO refused while TLS is still required: no HELO fallback can give TLS.
-        let mut m = BackendMachine::new(policy(BackendTls::StartTls), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(
+            policy(BackendTls::StartTls),
+            Some(Credentials::bridged("joe".into())),
+        );
         step(&mut m, b"220 mx\r\n");
         let (_, log) = step(&mut m, b"502 5.5.1 EHLO not supported\r\n");
         assert_eq!(
@@ -799,14 +793,17 @@ mod tests {
         );
 
         // Implicit TLS: no STARTTLS needed even if not offered.
-        let mut m = BackendMachine::new(policy(BackendTls::Implicit), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(
+            policy(BackendTls::Implicit),
+            Some(Credentials::bridged("joe".into())),
+        );
         step(&mut m, b"220 mx\r\n");
         assert_eq!(step(&mut m, b"250 mx\r\n").1, logged_in());
     }
 
     #[test]
     fn probe() {
-        let mut m = BackendMachine::new(policy(BackendTls::StartTls), BackendMode::Probe);
+        let mut m = BackendMachine::new(policy(BackendTls::StartTls), None);
         step(&mut m, GREETING);
         step(&mut m, b"250-mx\r\n250-SIZE 100\r\n250 STARTTLS\r\n");
         let (_, log) = step(&mut m, b"220 go\r\n");
@@ -832,7 +829,7 @@ mod tests {
             ip: "192.0.2.7".parse().unwrap(),
             port: 4321,
         });
-        let mut m = BackendMachine::new(p, BackendMode::Probe);
+        let mut m = BackendMachine::new(p, None);
         step(&mut m, b"220 mx\r\n");
         let (_, log) = step(&mut m, b"500 5.5.1 what\r\n");
         assert_eq!(log, "C: HELO client.example\r\n");
@@ -848,7 +845,10 @@ mod tests {
 
     #[test]
     fn no_auth_mode() {
-        let mut m = BackendMachine::new(policy(BackendTls::None), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(
+            policy(BackendTls::None),
+            Some(Credentials::bridged("joe".into())),
+        );
         step(&mut m, b"220 legacy.example ESMTP\r\n");
         let input = b"250-legacy\r\n250 SIZE 5000000\r\n220 something for the client\r\n";
         let (n, log) = step(&mut m, input);
@@ -859,14 +859,20 @@ mod tests {
 
     #[test]
     fn helo_fallback() {
-        let mut m = BackendMachine::new(policy(BackendTls::None), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(
+            policy(BackendTls::None),
+            Some(Credentials::bridged("joe".into())),
+        );
         step(&mut m, b"220 old host\r\n");
         let (_, log) = step(&mut m, b"502 Command not implemented\r\n");
         assert_eq!(log, "C: HELO client.example\r\n");
         assert_eq!(step(&mut m, b"250 old host\r\n").1, logged_in());
         assert!(m.extensions().is_empty());
 
-        let mut m = BackendMachine::new(policy(BackendTls::None), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(
+            policy(BackendTls::None),
+            Some(Credentials::bridged("joe".into())),
+        );
         step(&mut m, b"220 old host\r\n");
         step(&mut m, b"500 what\r\n");
         assert_eq!(
@@ -883,7 +889,10 @@ mod tests {
         );
 
         // A temporary EHLO failure is not an old host.
-        let mut m = BackendMachine::new(policy(BackendTls::None), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(
+            policy(BackendTls::None),
+            Some(Credentials::bridged("joe".into())),
+        );
         step(&mut m, b"220 host\r\n");
         assert_eq!(
             step(&mut m, b"451 later\r\n").1,
@@ -898,7 +907,7 @@ mod tests {
             ip: "2001:db8::7".parse().unwrap(),
             port: 4321,
         });
-        let mut m = BackendMachine::new(p.clone(), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(p.clone(), Some(Credentials::bridged("joe".into())));
         step(&mut m, b"220 mx\r\n");
         let (_, log) = step(&mut m, b"250-mx\r\n250 XCLIENT NAME addr PORT HELO\r\n");
         assert_eq!(log, "C: XCLIENT ADDR=IPV6:2001:db8::7 PORT=4321\r\n");
@@ -921,7 +930,7 @@ mod tests {
         assert_eq!(log, "C: AUTH PLAIN AGpvZQBzM2NyZXQ=\r\n");
 
         // XCLIENT without ADDR, or no XCLIENT: skipped.
-        let mut m = BackendMachine::new(p.clone(), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(p.clone(), Some(Credentials::bridged("joe".into())));
         step(&mut m, b"220 mx\r\n");
         assert_eq!(
             step(&mut m, b"250-mx\r\n250 XCLIENT NAME\r\n").1,
@@ -929,7 +938,7 @@ mod tests {
         );
 
         // 421 to XCLIENT: gone.
-        let mut m = BackendMachine::new(p, BackendMode::NoAuth);
+        let mut m = BackendMachine::new(p, Some(Credentials::bridged("joe".into())));
         step(&mut m, b"220 mx\r\n");
         step(&mut m, b"250-mx\r\n250 XCLIENT ADDR\r\n");
         assert_eq!(
@@ -946,7 +955,7 @@ mod tests {
             b"250-mx\r\n250 AUTH LOGIN\r\n",
         ] {
             for (user, pass) in [("joe", &nasty[..]), ("joe\r\nRSET", b"pw")] {
-                let mode = BackendMode::Auth(creds(user, pass));
+                let mode = Some(creds(user, pass));
                 let mut m = BackendMachine::new(policy(BackendTls::None), mode);
                 let mut sent = Vec::new();
                 for reply in [
@@ -984,16 +993,16 @@ mod tests {
     fn helo_name_is_sanitized() {
         let mut p = policy(BackendTls::None);
         p.helo = "bad name\r\nRSET".into();
-        let mut m = BackendMachine::new(p.clone(), BackendMode::NoAuth);
+        let mut m = BackendMachine::new(p.clone(), Some(Credentials::bridged("joe".into())));
         assert_eq!(step(&mut m, b"220 mx\r\n").1, "C: EHLO badnameRSET\r\n");
         p.helo = "\r\n".into();
-        let mut m = BackendMachine::new(p, BackendMode::NoAuth);
+        let mut m = BackendMachine::new(p, Some(Credentials::bridged("joe".into())));
         assert_eq!(step(&mut m, b"220 mx\r\n").1, "C: EHLO localhost\r\n");
     }
 
     #[test]
     fn no_secret_in_debug() {
-        let mode = BackendMode::Auth(creds("joe", b"hunter2"));
+        let mode = Some(creds("joe", b"hunter2"));
         assert!(!format!("{mode:?}").contains("hunter2"));
         let mut m = BackendMachine::new(policy(BackendTls::None), mode.clone());
         step(&mut m, b"220 mx\r\n");

@@ -3,10 +3,13 @@
 //! below runs them on a few thousand inputs from a deterministic generator, so CI covers
 //! them without a fuzzing toolchain.
 
-use super::{BackendMachine, BackendMode, ServerMachine};
+use super::{BackendMachine, ServerMachine};
+use crate::proto::drive::{
+    assert_backend_split_invariant, assert_split_invariant, BackendDriver, Consumed, ServerDriver,
+};
 use crate::proto::{
-    Action, BackendAction, BackendLogin, BackendPolicy, BackendResult, BackendTls, ClientInfo,
-    Credentials, Limits, ListenerTls, LoginOutcome, Mechanism, PreAuth, Secret, ServerPolicy,
+    BackendPolicy, BackendTls, ClientInfo, Credentials, Limits, ListenerTls, LoginOutcome,
+    Mechanism, PreAuth, ServerPolicy,
 };
 
 fn server_policies() -> Vec<ServerPolicy> {
@@ -41,15 +44,6 @@ fn server_policies() -> Vec<ServerPolicy> {
     ]
 }
 
-/// One thing the machine did, as the transcript records it.
-#[derive(Debug, PartialEq, Eq)]
-enum Event {
-    Send(Vec<u8>),
-    StartTls,
-    Login(String, Vec<u8>, Mechanism),
-    Close,
-}
-
 /// Checks that `bytes` is one or more well-formed reply lines: `ddd` then `-` (more lines
 /// of the same reply follow) or space, printable ASCII, CRLF.
 fn check_reply(bytes: &[u8]) {
@@ -70,11 +64,14 @@ fn check_reply(bytes: &[u8]) {
     }
 }
 
-/// Runs one server session the way the driver does, except that STARTTLS keeps the
-/// buffer (so the transcript cannot depend on read boundaries), and checks invariants.
-fn run_server(policy: ServerPolicy, chunks: &[&[u8]]) -> (Vec<Event>, Vec<u8>) {
-    let max_commands = policy.limits.max_commands;
-    let mut sm = ServerMachine::new(
+/// The generic driver ([`crate::proto::drive`]) with SMTP's own checks: well-formed
+/// replies, at most one reply per command (and a few for the greeting and limits), one
+/// login per AUTH at most, a clean client name, and nothing consumed past the end of the
+/// first line outside the documented discard states. Logins fail (now and then
+/// Unavailable).
+fn driver<'a>(policy: ServerPolicy) -> ServerDriver<'a, ServerMachine> {
+    let max_commands = policy.limits.max_commands as usize;
+    let machine = ServerMachine::new(
         policy,
         vec![
             "SIZE 1000".into(),
@@ -83,139 +80,75 @@ fn run_server(policy: ServerPolicy, chunks: &[&[u8]]) -> (Vec<Event>, Vec<u8>) {
             "XCLIENT ADDR".into(),
         ],
     );
-    let mut events = Vec::new();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut closed = false;
-    let mut logins = 0u32;
-    let mut calls = 0usize;
-
-    let mut drain = |sm: &mut ServerMachine, events: &mut Vec<Event>, closed: &mut bool| {
-        while let Some(action) = sm.poll_action() {
-            assert!(!*closed, "action after Close: {action:?}");
-            assert!(!sm.is_authenticated(), "logins are always refused here");
-            match action {
-                Action::Send(bytes) => {
-                    check_reply(&bytes);
-                    events.push(Event::Send(bytes));
-                }
-                Action::StartTls => {
-                    assert!(!sm.is_tls_active());
-                    assert_eq!(sm.receive(b"NOOP\r\n"), 0, "consumed before the handshake");
-                    events.push(Event::StartTls);
-                    sm.tls_established();
-                    assert!(sm.is_tls_active());
-                    assert_eq!(sm.client_name(), None);
-                }
-                Action::Login(creds) => {
-                    let Credentials {
-                        user,
-                        secret,
-                        mechanism,
-                    } = creds;
-                    assert!(!user.is_empty());
-                    assert!(!user.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')));
-                    assert_eq!(sm.receive(b"NOOP\r\n"), 0, "consumed during login");
-                    logins += 1;
-                    assert!(logins <= max_commands, "a login per AUTH command at most");
-                    events.push(Event::Login(user, secret.expose().to_vec(), mechanism));
-                    let outcome = if logins % 4 == 0 {
-                        LoginOutcome::Unavailable
-                    } else {
-                        LoginOutcome::AuthFailed { response: None }
-                    };
-                    sm.login_done(outcome);
-                }
-                Action::Close => {
-                    *closed = true;
-                    events.push(Event::Close);
-                }
-            }
+    let mut logins = 0;
+    let mut replies = 0;
+    let mut was_discarding = false;
+    ServerDriver::new(machine, move |_| {
+        logins += 1;
+        assert!(logins <= max_commands, "a login per AUTH command at most");
+        if logins % 4 == 0 {
+            LoginOutcome::Unavailable
+        } else {
+            LoginOutcome::AuthFailed { response: None }
         }
+    })
+    .on_send(move |sm: &ServerMachine, bytes| {
+        check_reply(bytes);
+        replies += 1;
+        assert!(
+            replies <= (max_commands + 2) * 3 + 2,
+            "more replies than commands allow"
+        );
+        assert!(!sm.is_authenticated(), "logins are always refused here");
+    })
+    .on_consumed(move |sm: &ServerMachine, c: Consumed<'_>| {
+        if !was_discarding && !sm.is_discarding() {
+            // Never past the end of the first line: an LF may only end what was eaten.
+            let n = c.bytes.len();
+            let lfs = c.bytes.iter().filter(|b| **b == b'\n').count();
+            assert!(
+                lfs == 0 || (lfs == 1 && c.bytes[n - 1] == b'\n'),
+                "consumed past a line end"
+            );
+            assert!(lfs == 1 || c.left.is_empty(), "partial line consumed");
+        }
+        was_discarding = sm.is_discarding();
         if let Some(name) = sm.client_name() {
             assert!(!name.is_empty() && name.len() <= 255);
             assert!(name.bytes().all(|b| b.is_ascii_graphic()));
         }
-    };
-
-    drain(&mut sm, &mut events, &mut closed);
-    for chunk in chunks {
-        buf.extend_from_slice(chunk);
-        while !closed {
-            let discarding = sm.is_discarding();
-            let n = sm.receive(&buf);
-            calls += 1;
-            assert!(n <= buf.len(), "consumed more than given");
-            assert!(calls <= 1_000_000, "no progress bound");
-            if n > 0 && !discarding && !sm.is_discarding() {
-                // Never past the end of the first line: an LF may only end what was eaten.
-                let eaten = &buf[..n];
-                let lfs = eaten.iter().filter(|b| **b == b'\n').count();
-                assert!(
-                    lfs == 0 || (lfs == 1 && eaten[n - 1] == b'\n'),
-                    "consumed past a line end"
-                );
-                assert!(lfs == 1 || n == buf.len(), "partial line consumed");
-            }
-            buf.drain(..n);
-            drain(&mut sm, &mut events, &mut closed);
-            if n == 0 {
-                break;
-            }
-        }
-    }
-    let commands = events
-        .iter()
-        .filter(|e| matches!(e, Event::Send(_)))
-        .count();
-    assert!(
-        commands <= (max_commands as usize + 2) * 3 + 2,
-        "more replies than commands allow"
-    );
-    // What is left unread after the machine closed on its own is never used (the driver
-    // closes the connection), and how much of it there is may depend on the reads.
-    let leftover = if closed { Vec::new() } else { buf };
-    if !closed {
-        sm.timed_out();
-        drain(&mut sm, &mut events, &mut closed);
-        assert!(closed, "timed_out must close");
-    }
-    assert_eq!(sm.receive(b"NOOP\r\n"), 0, "consumed after Close");
-    (events, leftover)
+    })
 }
 
-/// Drives a [`ServerMachine`] through `chunks` (each appended to a driver-like buffer,
-/// `receive` called while it consumes), answering every Login with a failure (now and
-/// then Unavailable) and every StartTls with `tls_established`, under three policies
-/// (STARTTLS listener with small limits, implicit TLS, plaintext with plaintext auth).
-///
-/// Asserts: nothing is consumed past the end of the first line (outside the documented
-/// discard states) or beyond the input; nothing is consumed while a login or handshake
-/// is pending or after Close; no action follows Close; every reply is well-formed
-/// printable ASCII; logins carry a clean user name; the client name is clean; the
-/// transcript is the same when the chunks are fed as one.
+/// Drives a [`ServerMachine`] through `chunks` under three policies (STARTTLS listener
+/// with small limits, implicit TLS, plaintext with plaintext auth) with [`driver`]'s
+/// checks, and asserts the transcript is the same when the chunks are fed as one.
 pub fn fuzz_server(chunks: &[&[u8]]) {
-    let whole = chunks.concat();
     for policy in server_policies() {
-        let split = run_server(policy.clone(), chunks);
-        let joined = run_server(policy, &[&whole]);
-        assert_eq!(split, joined, "transcript depends on read boundaries");
+        assert_split_invariant(|| driver(policy.clone()), chunks);
     }
 }
 
-/// Drives a [`BackendMachine`] in each mode (and with STARTTLS required, XCLIENT on)
-/// through `chunks` as backend output, calling `tls_established` on StartTls.
+/// Drives a [`BackendMachine`] in each mode (probe, bridged, password; with STARTTLS
+/// required, XCLIENT on) through `chunks` as backend output.
 ///
-/// Asserts: consumption never exceeds the input and stops once Done; exactly one Done at
-/// most, nothing after it; every Send is one CRLF-terminated line; the password never
-/// appears in clear in what is sent; the transcript does not depend on read boundaries.
+/// Asserts what the generic driver does, and: every Send is one CRLF-terminated line; the
+/// password never appears in clear in what is sent; the transcript does not depend on
+/// read boundaries.
 pub fn fuzz_backend(chunks: &[&[u8]]) {
-    let whole = chunks.concat();
-    for (tls, mode) in [
-        (BackendTls::None, BackendMode::Probe),
-        (BackendTls::StartTls, BackendMode::Probe),
-        (BackendTls::None, BackendMode::NoAuth),
-        (BackendTls::None, auth_mode()),
-        (BackendTls::StartTls, auth_mode()),
+    let password = || {
+        Some(Credentials::password(
+            "joe".into(),
+            FUZZ_PASSWORD.to_vec(),
+            Mechanism::Plain,
+        ))
+    };
+    for (tls, creds) in [
+        (BackendTls::None, None),
+        (BackendTls::StartTls, None),
+        (BackendTls::None, Some(Credentials::bridged("joe".into()))),
+        (BackendTls::None, password()),
+        (BackendTls::StartTls, password()),
     ] {
         let policy = BackendPolicy {
             tls,
@@ -225,65 +158,22 @@ pub fn fuzz_backend(chunks: &[&[u8]]) {
             }),
             helo: "client.example".into(),
         };
-        let split = run_backend(policy.clone(), mode.clone(), chunks);
-        let joined = run_backend(policy, mode, &[&whole]);
-        assert_eq!(split, joined, "transcript depends on read boundaries");
+        let make = || {
+            BackendDriver::new(BackendMachine::new(policy.clone(), creds.clone())).on_send(
+                |bytes| {
+                    let ends = bytes.iter().filter(|b| matches!(b, b'\r' | b'\n')).count();
+                    assert_eq!(ends, 2, "one line per Send");
+                    assert!(!bytes
+                        .windows(FUZZ_PASSWORD.len())
+                        .any(|w| w == FUZZ_PASSWORD));
+                },
+            )
+        };
+        assert_backend_split_invariant(make, chunks);
     }
 }
 
 const FUZZ_PASSWORD: &[u8] = b"pa\r\nss";
-
-fn auth_mode() -> BackendMode {
-    BackendMode::Auth(Credentials {
-        user: "joe".into(),
-        secret: Secret::new(FUZZ_PASSWORD.to_vec()),
-        mechanism: Mechanism::Plain,
-    })
-}
-
-fn run_backend(policy: BackendPolicy, mode: BackendMode, chunks: &[&[u8]]) -> (String, usize) {
-    let mut m = BackendMachine::new(policy, mode);
-    let mut log = String::new();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut done: Option<BackendResult> = None;
-    for chunk in chunks {
-        buf.extend_from_slice(chunk);
-        loop {
-            let n = m.receive(&buf);
-            assert!(n <= buf.len());
-            if done.is_some() {
-                assert_eq!(n, 0, "consumed after Done");
-            }
-            buf.drain(..n);
-            while let Some(action) = m.poll_action() {
-                assert!(done.is_none(), "action after Done: {action:?}");
-                match action {
-                    BackendAction::Send(bytes) => {
-                        assert!(bytes.ends_with(b"\r\n"));
-                        let ends = bytes.iter().filter(|b| matches!(b, b'\r' | b'\n')).count();
-                        assert_eq!(ends, 2, "one line per Send");
-                        assert!(!bytes
-                            .windows(FUZZ_PASSWORD.len())
-                            .any(|w| w == FUZZ_PASSWORD));
-                        log.push_str(&String::from_utf8_lossy(&bytes));
-                    }
-                    BackendAction::StartTls => {
-                        log.push_str("[TLS]");
-                        m.tls_established();
-                    }
-                    BackendAction::Done(result) => {
-                        log.push_str(&format!("[{result:?}]"));
-                        done = Some(result);
-                    }
-                }
-            }
-            if n == 0 {
-                break;
-            }
-        }
-    }
-    (log, buf.len())
-}
 
 #[cfg(test)]
 mod tests {
@@ -429,15 +319,10 @@ mod tests {
         for _ in 0..300 {
             let data = input(&mut rng, 2, CLIENT_ALPHABET, CLIENT_PREFIXES, CLIENT_TOKENS);
             for policy in server_policies() {
-                let (events, _) = run_server(policy, &[&data]);
-                logins += events
-                    .iter()
-                    .filter(|e| matches!(e, Event::Login(..)))
-                    .count();
-                tls += events
-                    .iter()
-                    .filter(|e| matches!(e, Event::StartTls))
-                    .count();
+                let mut d = driver(policy);
+                d.feed(&data);
+                logins += d.transcript().logins.len();
+                tls += d.transcript().starttls;
             }
         }
         assert!(logins > 100, "{logins}");

@@ -23,7 +23,7 @@
 //! # Files
 //! * `server.rs`: [`ServerMachine`] (client side); its state diagram and the choices made
 //!   where the RFCs leave one are in the type's documentation;
-//! * `client.rs`: [`BackendMachine`] and [`BackendMode`] (backend side), likewise;
+//! * `client.rs`: [`BackendMachine`] (backend side), likewise;
 //! * `reply.rs`: the bounded multi-line reply parser used by the backend side;
 //! * `fuzz.rs`: [`fuzz_server`] and [`fuzz_backend`], invariant-checking fuzz bodies that
 //!   a stable test runs on thousands of deterministic inputs.
@@ -33,7 +33,7 @@ mod fuzz;
 mod reply;
 mod server;
 
-pub use client::{BackendMachine, BackendMode};
+pub use client::BackendMachine;
 pub use fuzz::{fuzz_backend, fuzz_server};
 pub use server::ServerMachine;
 
@@ -143,23 +143,6 @@ pub fn intersect_extensions<L: AsRef<[String]>>(lists: &[L]) -> Vec<String> {
     out
 }
 
-/// Makes peer-supplied text safe to put in a reply line: printable ASCII only (anything
-/// else becomes a space), trimmed, at most `max` bytes.
-pub(crate) fn sanitize_text(text: &str, max: usize) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| {
-            if c == ' ' || c.is_ascii_graphic() {
-                c
-            } else {
-                ' '
-            }
-        })
-        .collect();
-    out.truncate(max);
-    out.trim().to_owned()
-}
-
 /// If `text` starts with an enhanced status code (RFC 3463 `class.subject.detail`, then a
 /// space or the end), its class digit and the length of the code.
 pub(crate) fn enhanced_code(text: &str) -> Option<(u8, usize)> {
@@ -249,8 +232,6 @@ mod tests {
 
     #[test]
     fn text_helpers() {
-        assert_eq!(sanitize_text(" a\r\nb\u{e9}c ", 100), "a  b c");
-        assert_eq!(sanitize_text("abcdef", 3), "abc");
         assert_eq!(enhanced_code("5.7.8 Error"), Some((5, 5)));
         assert_eq!(enhanced_code("4.7.0"), Some((4, 5)));
         assert_eq!(enhanced_code("5.7.80 x"), Some((5, 6)));

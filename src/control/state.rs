@@ -1,0 +1,82 @@
+//! The state that proxies in a fleet must share, behind one interface: holds, the
+//! failed-login throttle, the login history (the pop-before-smtp bridge and the
+//! stragglers report) and the sessions being relayed (so they can be kicked).
+//!
+//! [`MemoryState`](super::memory::MemoryState) keeps it in this process, which is all a
+//! single proxy needs. A fleet puts it in a shared store by implementing [`SharedState`]
+//! once more; nothing above this interface changes. Every method returns a boxed future so
+//! that an implementation may ask the network, with a deadline of its own: the login path
+//! must never wait on shared state longer than its budget, and an implementation that
+//! cannot reach its store answers from local state instead of failing the login.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::config::{Protocol, Throttle};
+
+use super::history::Straggler;
+use super::holds::HoldOutcome;
+use super::sessions::{KickReason, Sessions};
+
+/// A future some shared state answers with.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One successful login, as the history records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Login<'a> {
+    /// Normalized user.
+    pub user: &'a str,
+    /// Pool that served it.
+    pub pool: &'a str,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Listener name.
+    pub listener: &'a str,
+    /// The client used TLS.
+    pub tls: bool,
+    /// The client's address.
+    pub ip: IpAddr,
+    /// When (Unix milliseconds).
+    pub now_ms: i64,
+}
+
+/// Everything a login, the admin endpoint and the stragglers report ask of shared state.
+pub trait SharedState: Send + Sync + std::fmt::Debug {
+    /// Holds `user`'s new logins; false if already held.
+    fn hold<'a>(&'a self, user: &'a str) -> Pending<'a, bool>;
+    /// Releases `user`: waiting logins go on. False if the user was not held.
+    fn release<'a>(&'a self, user: &'a str) -> Pending<'a, bool>;
+    /// Held users, sorted.
+    fn holds(&self) -> Pending<'_, Vec<String>>;
+    /// If `user` is held, waits until released or `max` has passed; `None` if not held.
+    fn wait_if_held<'a>(&'a self, user: &'a str, max: Duration)
+        -> Pending<'a, Option<HoldOutcome>>;
+
+    /// If `ip` or `user` is blocked for too many failed logins, for how much longer.
+    fn blocked<'a>(&'a self, ip: IpAddr, user: &'a str) -> Pending<'a, Option<Duration>>;
+    /// Counts a failed login of `user` from `ip`; returns the tarpit delay before the
+    /// client hears of it.
+    fn failed<'a>(&'a self, ip: IpAddr, user: &'a str, cfg: &'a Throttle) -> Pending<'a, Duration>;
+    /// A successful login clears the user's failures (not the address's).
+    fn succeeded<'a>(&'a self, user: &'a str) -> Pending<'a, ()>;
+
+    /// Records a successful login (stragglers report; POP3 and IMAP logins also open the
+    /// pop-before-smtp window of the client's address).
+    fn logged_in<'a>(&'a self, login: Login<'a>) -> Pending<'a, ()>;
+    /// The user who logged in by POP3 or IMAP from `ip` within `window`, if any.
+    fn bridge_user(&self, ip: IpAddr, window: Duration) -> Pending<'_, Option<String>>;
+    /// Users seen since `since_ms` on a legacy pool (per `is_legacy`) or without TLS.
+    fn stragglers<'a>(
+        &'a self,
+        since_ms: i64,
+        is_legacy: &'a (dyn Fn(&str) -> bool + Sync),
+    ) -> Pending<'a, Vec<Straggler>>;
+
+    /// The relayed sessions of this process: where a session registers itself and where
+    /// its kick handle lives.
+    fn sessions(&self) -> &Sessions;
+    /// Ends every relayed session of `user`; returns how many.
+    fn kick<'a>(&'a self, user: &'a str, reason: KickReason) -> Pending<'a, usize>;
+}

@@ -1,0 +1,428 @@
+//! The login pipeline: where a login is decided, and everything it can come to.
+//!
+//! A client machine has read credentials; [`log_in`] takes them, with the session's one
+//! configuration snapshot, and runs the operator's model of a login top to bottom:
+//!
+//! 1. **hold**: a held user waits (a mailbox is being copied), up to `admin.hold_max_wait`;
+//! 2. **throttle**: an address or user name over its failed-login budget is refused
+//!    without asking a backend;
+//! 3. **route**: the pure routing decision ([`crate::route`]) picks the pool, its servers
+//!    in try order and the fallback pool;
+//! 4. **pools**: the pool's servers are tried in order, failing over on unavailability
+//!    only ([`crate::backend`]); the fallback pool follows when the route says so;
+//! 5. **after**: a success is written to the history (stragglers, the pop-before-smtp
+//!    window) and clears the user's failures; a rejection is counted and tarpitted.
+//!
+//! It returns one [`LoginDone`], and records `cutover_logins_total` and the login
+//! latencies once, from that value. Holds, throttles and the history live behind
+//! [`SharedState`](crate::control::state::SharedState), so a fleet of proxies can share
+//! them without changing anything here.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Connected, PoolLogin, PoolResult};
+use crate::config::{self, rfc3339, Listener};
+use crate::control::holds::HoldOutcome;
+use crate::control::state::Login;
+use crate::control::Control;
+use crate::metrics::{self as m, handles::LoginLabel};
+use crate::proto::{ClientInfo, Credentials, LoginOutcome};
+use crate::route::{self, Decision};
+use crate::snapshot::Snapshot;
+
+/// Where a login happens: the session's snapshot, its listener, the process state.
+#[derive(Clone, Copy)]
+pub struct Place<'a> {
+    /// The configuration the session uses from accept to close.
+    pub snap: &'a Snapshot,
+    /// The listener that accepted the connection.
+    pub listener: &'a Listener,
+    /// Live state: backends, shared state.
+    pub control: &'a Control,
+}
+
+/// One login to decide.
+pub struct LoginRequest<'a> {
+    /// What the client presented.
+    pub credentials: Credentials,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The client speaks TLS.
+    pub client_tls: bool,
+    /// The client's own name (SMTP EHLO), for the backend's EHLO.
+    pub helo: Option<&'a str>,
+}
+
+/// Who is at fault when a login does not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The client: the backend rejected its credentials.
+    Client,
+    /// The backends: no server of the pool (or the fallback) could serve.
+    Backend,
+    /// The proxy's own policy or configuration: throttled, no route.
+    Proxy,
+    /// The operator: the user was held longer than `admin.hold_max_wait`.
+    Operator,
+}
+
+/// Why the proxy refused a login without a backend's word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many failed logins from this address or for this user.
+    Throttled,
+    /// No route matches the user (the configuration has no default route).
+    NoRoute,
+    /// Held by the operator past `admin.hold_max_wait`.
+    HeldTooLong,
+}
+
+/// A login that succeeded: the backend connection, ready for the relay.
+pub struct Served {
+    /// The normalized user name.
+    pub user: String,
+    /// The pool that serves the session.
+    pub pool: String,
+    /// The logged-in backend connection.
+    pub backend: Connected,
+}
+
+/// Everything a login can come to.
+pub enum LoginDone {
+    /// Logged in.
+    Served(Served),
+    /// The backend rejected the credentials: never failed over.
+    AuthFailed {
+        /// The normalized user name.
+        user: String,
+        /// The pool whose server said so.
+        pool: String,
+        /// The server that said so.
+        server: String,
+        /// Its text, response code included.
+        response: String,
+    },
+    /// No server could serve: failover and fallback exhausted.
+    Unavailable {
+        /// The normalized user name.
+        user: String,
+        /// The last pool tried.
+        pool: String,
+    },
+    /// The proxy said no.
+    Refused {
+        /// The normalized user name.
+        user: String,
+        /// Why.
+        refusal: Refusal,
+    },
+}
+
+impl LoginDone {
+    /// Who is at fault; `None` for a success.
+    pub fn fault(&self) -> Option<Fault> {
+        match self {
+            LoginDone::Served(_) => None,
+            LoginDone::AuthFailed { .. } => Some(Fault::Client),
+            LoginDone::Unavailable { .. } => Some(Fault::Backend),
+            LoginDone::Refused {
+                refusal: Refusal::HeldTooLong,
+                ..
+            } => Some(Fault::Operator),
+            LoginDone::Refused { .. } => Some(Fault::Proxy),
+        }
+    }
+
+    /// The normalized user name.
+    pub fn user(&self) -> &str {
+        match self {
+            LoginDone::Served(s) => &s.user,
+            LoginDone::AuthFailed { user, .. }
+            | LoginDone::Unavailable { user, .. }
+            | LoginDone::Refused { user, .. } => user,
+        }
+    }
+
+    /// The pool that served or refused, once routing ran.
+    pub fn pool(&self) -> Option<&str> {
+        match self {
+            LoginDone::Served(s) => Some(&s.pool),
+            LoginDone::AuthFailed { pool, .. } | LoginDone::Unavailable { pool, .. } => Some(pool),
+            LoginDone::Refused { .. } => None,
+        }
+    }
+
+    /// The server that served or rejected.
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            LoginDone::Served(s) => Some(&s.backend.server),
+            LoginDone::AuthFailed { server, .. } => Some(server),
+            _ => None,
+        }
+    }
+
+    /// What the client machine is told.
+    pub fn outcome(&self) -> LoginOutcome {
+        match self {
+            LoginDone::Served(s) => LoginOutcome::Ok {
+                capabilities: s.backend.capabilities.clone(),
+            },
+            LoginDone::AuthFailed { response, .. } => LoginOutcome::AuthFailed {
+                response: Some(response.clone()),
+            },
+            LoginDone::Refused {
+                refusal: Refusal::Throttled,
+                ..
+            } => LoginOutcome::Refused {
+                reason: "Too many failed logins, try again later",
+            },
+            LoginDone::Unavailable { .. } | LoginDone::Refused { .. } => LoginOutcome::Unavailable,
+        }
+    }
+
+    /// The `result` label of `cutover_logins_total` under the pool's own series; `None`
+    /// for refusals, which are counted under a pseudo-pool (`held`, `throttled`, `none`)
+    /// where they happen.
+    pub fn label(&self) -> Option<LoginLabel> {
+        match self {
+            LoginDone::Served(_) => Some(LoginLabel::Ok),
+            LoginDone::AuthFailed { .. } => Some(LoginLabel::AuthFailed),
+            LoginDone::Unavailable { .. } => Some(LoginLabel::BackendUnavailable),
+            LoginDone::Refused { .. } => None,
+        }
+    }
+}
+
+/// Decides one login. See the module documentation for the steps.
+pub async fn log_in(at: Place<'_>, req: LoginRequest<'_>) -> LoginDone {
+    let cfg = &at.snap.config;
+    let started = Instant::now();
+    let user = config::normalize(&cfg.users, &req.credentials.user);
+    let waited = match wait_if_held(at, &user, req.client_tls).await {
+        Ok(waited) => waited,
+        Err(refusal) => return LoginDone::Refused { user, refusal },
+    };
+    if throttled(at, &user, req.peer).await {
+        metrics::counter!(m::LOGINS, "protocol" => at.listener.protocol.as_str(), "pool" => "throttled", "rule" => "none", "result" => "refused", "tls" => tls_label(req.client_tls)).increment(1);
+        tokio::time::sleep(cfg.throttle.max_delay).await;
+        return LoginDone::Refused {
+            user,
+            refusal: Refusal::Throttled,
+        };
+    }
+    let protocol = at.listener.protocol;
+    let decision = match route::route(cfg, &req.credentials.user, protocol, rfc3339::now()) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "no route");
+            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "none", "rule" => "none", "result" => "refused", "tls" => tls_label(req.client_tls)).increment(1);
+            return LoginDone::Refused {
+                user,
+                refusal: Refusal::NoRoute,
+            };
+        }
+    };
+    tracing::Span::current().record("user", decision.user.as_str());
+    let (result, pool, at_backend) = try_pools(at, &decision, &req).await;
+    let done = settle(at, &req, decision.user.clone(), pool, result).await;
+    let at_proxy = started
+        .elapsed()
+        .saturating_sub(waited)
+        .saturating_sub(at_backend);
+    record(at, &done, &decision, req.client_tls, at_backend, at_proxy);
+    done
+}
+
+/// Step 1: waits while the user is held. `Ok(how long)`, or the refusal when the wait
+/// outlasted `admin.hold_max_wait`. The route is taken after the wait, so a release lands
+/// the login on the route in force then.
+async fn wait_if_held(at: Place<'_>, user: &str, client_tls: bool) -> Result<Duration, Refusal> {
+    let cfg = &at.snap.config;
+    let max = cfg
+        .admin
+        .as_ref()
+        .map_or(Duration::from_secs(120), |a| a.hold_max_wait);
+    let started = Instant::now();
+    let Some(outcome) = at.control.state.wait_if_held(user, max).await else {
+        return Ok(Duration::ZERO);
+    };
+    tracing::info!(%user, "login held");
+    let released = outcome == HoldOutcome::Proceed;
+    let label = if released { "released" } else { "timed_out" };
+    metrics::counter!(m::HELD_LOGINS, "result" => label).increment(1);
+    if released {
+        return Ok(started.elapsed());
+    }
+    metrics::counter!(m::LOGINS, "protocol" => at.listener.protocol.as_str(), "pool" => "held", "rule" => "none", "result" => "backend_unavailable", "tls" => tls_label(client_tls)).increment(1);
+    Err(Refusal::HeldTooLong)
+}
+
+/// Step 2: password spraying. True when the address or the user name is blocked (counted
+/// as a refused connection attempt).
+async fn throttled(at: Place<'_>, user: &str, peer: SocketAddr) -> bool {
+    let Some(left) = at.control.state.blocked(peer.ip(), user).await else {
+        return false;
+    };
+    tracing::info!(%user, retry_in_s = left.as_secs(), "login refused: too many failures");
+    let listener = at.listener;
+    metrics::counter!(m::REFUSED, "listener" => listener.name.clone(), "protocol" => listener.protocol.as_str(), "reason" => "rate_limited").increment(1);
+    true
+}
+
+/// Step 4: the decision's pool, then its fallback when the route says so. Returns the
+/// last result, the pool it came from, and the time spent at backends.
+async fn try_pools<'d>(
+    at: Place<'_>,
+    decision: &'d Decision,
+    req: &LoginRequest<'_>,
+) -> (PoolResult, &'d str, Duration) {
+    let cfg = &at.snap.config;
+    let client = ClientInfo {
+        ip: req.peer.ip(),
+        port: req.peer.port(),
+    };
+    let helo = req.helo.unwrap_or(&cfg.hostname);
+    let pools = [
+        Some((decision.pool.as_str(), decision.servers.as_slice())),
+        decision
+            .fallback
+            .as_ref()
+            .map(|f| (f.pool.as_str(), f.servers.as_slice())),
+    ];
+    let mut result = PoolResult::Unavailable;
+    let mut pool = decision.pool.as_str();
+    let mut at_backend = Duration::ZERO;
+    for (i, (pool_name, servers)) in pools.into_iter().flatten().enumerate() {
+        if i > 0 {
+            let reason = match &result {
+                PoolResult::Rejected { .. } => "auth_failed",
+                _ => "unavailable",
+            };
+            tracing::info!(from = %decision.pool, to = %pool_name, reason, "trying the fallback pool");
+            metrics::counter!(m::FALLBACKS, "from" => decision.pool.clone(), "to" => pool_name.to_string(), "reason" => reason).increment(1);
+        }
+        pool = pool_name;
+        let Some(target) = PoolLogin::new(
+            &at.control.backends,
+            at.snap,
+            pool_name,
+            at.listener.protocol,
+            Some(client.clone()),
+            helo,
+        ) else {
+            result = PoolResult::Unavailable;
+            continue;
+        };
+        // The backend gets the normalized name unless the pool asks for the original.
+        let name = if target.pool.login_original_name {
+            req.credentials.user.trim().to_string()
+        } else {
+            decision.user.clone()
+        };
+        let backend_started = Instant::now();
+        result = target
+            .login(servers, &req.credentials.with_user(name))
+            .await;
+        at_backend += backend_started.elapsed();
+        let try_next = match &result {
+            PoolResult::LoggedIn(_) => false,
+            PoolResult::Rejected { .. } => decision
+                .fallback
+                .as_ref()
+                .is_some_and(|f| f.on_auth_failure),
+            PoolResult::Unavailable => true,
+        };
+        if !try_next {
+            break;
+        }
+    }
+    (result, pool, at_backend)
+}
+
+/// Step 5: what follows a backend's answer: history and a clean slate on success, the
+/// tarpit on a rejection.
+async fn settle(
+    at: Place<'_>,
+    req: &LoginRequest<'_>,
+    user: String,
+    pool: &str,
+    result: PoolResult,
+) -> LoginDone {
+    let span = tracing::Span::current();
+    span.record("pool", pool);
+    let state = &at.control.state;
+    match result {
+        PoolResult::LoggedIn(backend) => {
+            span.record("backend", backend.server.as_str());
+            tracing::debug!(server = %backend.server, tls = req.client_tls, "login ok");
+            let login = Login {
+                user: &user,
+                pool,
+                protocol: at.listener.protocol,
+                listener: &at.listener.name,
+                tls: req.client_tls,
+                ip: req.peer.ip(),
+                now_ms: rfc3339::now_ms(),
+            };
+            state.logged_in(login).await;
+            state.succeeded(&user).await;
+            LoginDone::Served(Served {
+                user,
+                pool: pool.to_string(),
+                backend,
+            })
+        }
+        PoolResult::Rejected { response, server } => {
+            tracing::info!(%server, "login rejected by backend");
+            // Tarpit: the answer to a failed login comes later and later.
+            let throttle = &at.snap.config.throttle;
+            let delay = state.failed(req.peer.ip(), &user, throttle).await;
+            tokio::time::sleep(delay).await;
+            LoginDone::AuthFailed {
+                user,
+                pool: pool.to_string(),
+                server,
+                response,
+            }
+        }
+        PoolResult::Unavailable => {
+            tracing::warn!("no server of the pool is available");
+            LoginDone::Unavailable {
+                user,
+                pool: pool.to_string(),
+            }
+        }
+    }
+}
+
+/// Step 6: the login metrics, once, from the typed result.
+fn record(
+    at: Place<'_>,
+    done: &LoginDone,
+    decision: &Decision,
+    client_tls: bool,
+    at_backend: Duration,
+    at_proxy: Duration,
+) {
+    let protocol = at.listener.protocol;
+    let (Some(label), Some(pool)) = (done.label(), done.pool()) else {
+        return;
+    };
+    let handles = m::handles::pool(pool, protocol);
+    handles
+        .login_backend_seconds
+        .record(at_backend.as_secs_f64());
+    m::handles::login_proxy_seconds(protocol).record(at_proxy.as_secs_f64());
+    handles
+        .logins(&decision.rule_id, label, client_tls)
+        .increment(1);
+}
+
+fn tls_label(tls: bool) -> &'static str {
+    if tls {
+        "true"
+    } else {
+        "false"
+    }
+}
