@@ -18,7 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PACKAGES=(
     dovecot-imapd dovecot-pop3d dovecot-submissiond   # backends (brings dovecot-core)
     python3-aiosmtpd python3-pytest                   # SMTP sinks, test runner
-    swaks curl openssl                                # real clients
+    swaks libnet-ssleay-perl curl openssl             # real clients (swaks needs Net::SSLeay for TLS)
     prometheus                                        # promtool, to lint /metrics
 )
 # Services that these packages may start system-wide; ours run from tests/e2e.

@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backends;
-use crate::config::{Config, Listener};
+use crate::config::{Config, ConfigError, Listener};
 use crate::control::Control;
 use crate::metrics as m;
 use crate::session::{self, SessionCtx};
 use crate::snapshot::Snapshot;
+use crate::tls::TlsError;
 
 /// Listen backlog: tokio's default of 128 makes a burst of a few hundred connects wait for
 /// SYN retransmits (a 1 s stall each).
@@ -35,9 +36,20 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-    /// The new configuration is invalid.
-    #[error("{0}")]
-    Config(String),
+    /// The configuration file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The configuration's certificates, keys or CA bundles cannot be used.
+    #[error("{file}: {source}")]
+    Tls {
+        /// The configuration file.
+        file: std::path::PathBuf,
+        /// Why.
+        source: TlsError,
+    },
+    /// A table of the running proxy was poisoned by a panic elsewhere.
+    #[error("the {0} table is poisoned")]
+    Poisoned(&'static str),
     /// The session worker threads could not be started.
     #[error("cannot start the session workers: {source}")]
     Workers {
@@ -140,9 +152,11 @@ impl Running {
     /// configuration stays in force. Counted in `cutover_config_reloads_total`.
     pub async fn reload_from(&self, path: &Path) -> Result<usize, StartError> {
         let result = async {
-            let config = Config::load(path).map_err(|e| StartError::Config(e.to_string()))?;
-            let snap = Snapshot::build(config)
-                .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+            let config = Config::load(path)?;
+            let snap = Snapshot::build(config).map_err(|source| StartError::Tls {
+                file: path.to_path_buf(),
+                source,
+            })?;
             self.apply(Arc::new(snap)).await
         }
         .await;
@@ -185,7 +199,7 @@ impl Running {
             let current = self
                 .listeners
                 .lock()
-                .map_err(|_| StartError::Config("listener table poisoned".into()))?;
+                .map_err(|_| StartError::Poisoned("listener"))?;
             for l in &snap.config.listeners {
                 match current.get(&l.name) {
                     Some(t) if t.addr == l.listen => {}
@@ -205,7 +219,7 @@ impl Running {
             let mut current = self
                 .listeners
                 .lock()
-                .map_err(|_| StartError::Config("listener table poisoned".into()))?;
+                .map_err(|_| StartError::Poisoned("listener"))?;
             current.retain(|name, task| {
                 let keep = snap
                     .config

@@ -349,6 +349,43 @@ async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Sum
     let backend_first = relay.backend_ended_first();
     let goodbye_asked = relay.client_said_goodbye();
     drop(relay);
+    let ends = Ends {
+        backend_first,
+        goodbye_asked,
+    };
+    finish_relay(ctx, end, ends, &pool, &mut client, &mut backend, summary).await;
+    summary.up = up + extra_up;
+    summary.down = down + extra_down;
+    pool_metrics
+        .session_seconds
+        .record(relay_started.elapsed().as_secs_f64());
+    pool_metrics.bytes_up.increment(summary.up);
+    pool_metrics.bytes_down.increment(summary.down);
+}
+
+/// What the relay saw of how it ended.
+struct Ends {
+    /// The backend's side ended first.
+    backend_first: bool,
+    /// The client said LOGOUT/QUIT before the end.
+    goodbye_asked: bool,
+}
+
+/// Closes both sides the way the end calls for: a backend that went away is relayed as a
+/// close (spread when many go at once), a drain deadline and a kick get their goodbye.
+async fn finish_relay(
+    ctx: &SessionCtx,
+    end: RelayEnd,
+    ends: Ends,
+    pool: &str,
+    client: &mut ClientStream,
+    backend: &mut Connected,
+    summary: &mut Summary,
+) {
+    let Ends {
+        backend_first,
+        goodbye_asked,
+    } = ends;
     match end {
         RelayEnd::Closed | RelayEnd::Error(_) => {
             if let RelayEnd::Error(e) = &end {
@@ -365,7 +402,7 @@ async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Sum
                 backend.stream.reset_on_close();
             }
             if backend_first && !goodbye_asked {
-                spread_close(ctx, &pool, &backend, &mut client).await;
+                spread_close(ctx, pool, backend, client).await;
             }
             // TLS: close_notify. Plain TCP: the close when `client` drops sends the FIN; a
             // shutdown first would only cost a system call per session.
@@ -384,19 +421,12 @@ async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Sum
             count_kick(ctx, "shutdown");
         }
         RelayEnd::Kicked(reason) => {
-            goodbye(ctx, &mut client, reason).await;
+            goodbye(ctx, client, reason).await;
             let _ = tokio::time::timeout(Duration::from_secs(5), backend.stream.shutdown()).await;
             summary.end = SessionEnd::Kicked;
             count_kick(ctx, reason.as_str());
         }
     }
-    summary.up = up + extra_up;
-    summary.down = down + extra_down;
-    pool_metrics
-        .session_seconds
-        .record(relay_started.elapsed().as_secs_f64());
-    pool_metrics.bytes_up.increment(summary.up);
-    pool_metrics.bytes_down.increment(summary.down);
 }
 
 /// The backend went away with the client still there. If many sessions of this server
@@ -637,13 +667,6 @@ async fn preauth<'a>(
         while let Some(action) = sm.poll_action() {
             acted = true;
             let next = match action {
-                Action::Send(bytes) => match client.write_all(&bytes).await {
-                    Ok(()) => Next::Continue,
-                    Err(_) => {
-                        summary.end = SessionEnd::ClientError;
-                        Next::End
-                    }
-                },
                 Action::StartTls => {
                     let Some(tls) = start_tls(ctx, client, &mut inbuf).await else {
                         summary.end = SessionEnd::TlsFailed;
@@ -653,24 +676,7 @@ async fn preauth<'a>(
                     sm.tls_established();
                     Next::Continue
                 }
-                Action::Login(creds) => {
-                    let helo = sm.client_name().map(str::to_owned);
-                    let request = LoginRequest {
-                        credentials: creds,
-                        peer,
-                        client_tls: client.is_tls(),
-                        helo: helo.as_deref(),
-                    };
-                    login(ctx, sm, request, summary).await
-                }
-                Action::Close => {
-                    let _ = client.flush().await;
-                    let _ = client.shutdown().await;
-                    if summary.end == SessionEnd::Closed {
-                        summary.end = SessionEnd::ClosedPreauth;
-                    }
-                    Next::End
-                }
+                other => act(ctx, sm, &mut client, other, peer, summary).await,
             };
             match next {
                 Next::Continue => {}
@@ -717,6 +723,46 @@ async fn preauth<'a>(
                 return None;
             }
         }
+    }
+}
+
+/// Does what the machine asked for, other than STARTTLS.
+async fn act<'a>(
+    ctx: &'a SessionCtx,
+    sm: &mut (dyn PreAuth + Send),
+    client: &mut ClientStream,
+    action: Action,
+    peer: SocketAddr,
+    summary: &mut Summary,
+) -> Next<'a> {
+    match action {
+        Action::Send(bytes) => {
+            if client.write_all(&bytes).await.is_ok() {
+                return Next::Continue;
+            }
+            summary.end = SessionEnd::ClientError;
+            Next::End
+        }
+        Action::Login(creds) => {
+            let helo = sm.client_name().map(str::to_owned);
+            let request = LoginRequest {
+                credentials: creds,
+                peer,
+                client_tls: client.is_tls(),
+                helo: helo.as_deref(),
+            };
+            login(ctx, sm, request, summary).await
+        }
+        Action::Close => {
+            let _ = client.flush().await;
+            let _ = client.shutdown().await;
+            if summary.end == SessionEnd::Closed {
+                summary.end = SessionEnd::ClosedPreauth;
+            }
+            Next::End
+        }
+        // Handled by the caller, which owns the plaintext stream it replaces.
+        Action::StartTls => Next::End,
     }
 }
 

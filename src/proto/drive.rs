@@ -250,6 +250,69 @@ impl<'a, M: PreAuth> ServerDriver<'a, M> {
         }
     }
 
+    /// STARTTLS asked for: nothing may be consumed meanwhile; the held input is handled
+    /// as configured. False when the driver closed the session instead.
+    fn start_tls(&mut self) -> bool {
+        self.t.starttls += 1;
+        self.mark("<starttls>");
+        assert_eq!(
+            self.machine.receive(&self.buf),
+            0,
+            "consumed during STARTTLS"
+        );
+        assert!(
+            self.machine.poll_action().is_none(),
+            "action during STARTTLS"
+        );
+        if !self.buf.is_empty() {
+            match self.tls_input {
+                TlsInput::Keep => {}
+                TlsInput::Discard => {
+                    self.mark(&format!("<discard {}>", self.buf.len()));
+                    self.buf.clear();
+                }
+                TlsInput::Refuse => {
+                    self.t
+                        .out
+                        .extend_from_slice(b"<plaintext after STARTTLS: closed>");
+                    self.t.closed = true;
+                    return false;
+                }
+            }
+        }
+        self.machine.tls_established();
+        true
+    }
+
+    /// A login asked for: checked, recorded, answered.
+    fn login(&mut self, creds: &Credentials) {
+        let user = &creds.user;
+        assert!(!user.is_empty(), "empty user name");
+        assert!(
+            !user.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')),
+            "NUL, CR or LF in user name {user:?}"
+        );
+        let secret = creds
+            .secret()
+            .map(|s| s.expose().to_vec())
+            .unwrap_or_default();
+        if self.markers {
+            let marker = format!(
+                "<login {user} {} {}>",
+                String::from_utf8_lossy(&secret),
+                creds.mechanism()
+            );
+            self.t.out.extend_from_slice(marker.as_bytes());
+        }
+        self.t
+            .logins
+            .push((user.clone(), secret, creds.mechanism()));
+        assert_eq!(self.machine.receive(&self.buf), 0, "consumed during login");
+        assert!(self.machine.poll_action().is_none(), "action after Login");
+        let outcome = (self.login)(creds);
+        self.machine.login_done(outcome);
+    }
+
     fn pump(&mut self) {
         let mut output = 0;
         while let Some(action) = self.machine.poll_action() {
@@ -276,62 +339,11 @@ impl<'a, M: PreAuth> ServerDriver<'a, M> {
                     self.t.out.extend_from_slice(&bytes);
                 }
                 Action::StartTls => {
-                    self.t.starttls += 1;
-                    self.mark("<starttls>");
-                    assert_eq!(
-                        self.machine.receive(&self.buf),
-                        0,
-                        "consumed during STARTTLS"
-                    );
-                    assert!(
-                        self.machine.poll_action().is_none(),
-                        "action during STARTTLS"
-                    );
-                    if !self.buf.is_empty() {
-                        match self.tls_input {
-                            TlsInput::Keep => {}
-                            TlsInput::Discard => {
-                                self.mark(&format!("<discard {}>", self.buf.len()));
-                                self.buf.clear();
-                            }
-                            TlsInput::Refuse => {
-                                self.t
-                                    .out
-                                    .extend_from_slice(b"<plaintext after STARTTLS: closed>");
-                                self.t.closed = true;
-                                return;
-                            }
-                        }
+                    if !self.start_tls() {
+                        return;
                     }
-                    self.machine.tls_established();
                 }
-                Action::Login(creds) => {
-                    let user = &creds.user;
-                    assert!(!user.is_empty(), "empty user name");
-                    assert!(
-                        !user.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')),
-                        "NUL, CR or LF in user name {user:?}"
-                    );
-                    let secret = creds
-                        .secret()
-                        .map(|s| s.expose().to_vec())
-                        .unwrap_or_default();
-                    if self.markers {
-                        let marker = format!(
-                            "<login {user} {} {}>",
-                            String::from_utf8_lossy(&secret),
-                            creds.mechanism()
-                        );
-                        self.t.out.extend_from_slice(marker.as_bytes());
-                    }
-                    self.t
-                        .logins
-                        .push((user.clone(), secret, creds.mechanism()));
-                    assert_eq!(self.machine.receive(&self.buf), 0, "consumed during login");
-                    assert!(self.machine.poll_action().is_none(), "action after Login");
-                    let outcome = (self.login)(&creds);
-                    self.machine.login_done(outcome);
-                }
+                Action::Login(creds) => self.login(&creds),
                 Action::Close => {
                     self.mark("<close>");
                     self.t.closed = true;
