@@ -5,7 +5,8 @@
 #
 #   1. installs the Debian packages the end-to-end tests need, if missing
 #      (and makes sure no system-wide dovecot/prometheus is left running),
-#   2. cargo build --locked --bins, then cargo test --locked,
+#   2. cargo build --locked --bins, a check that the sans-IO layers (src/proto,
+#      src/route.rs, src/config) use no tokio, then cargo test --locked,
 #   3. /usr/bin/python3 -m pytest -q tests/e2e with CUTOVER_BIN=target/debug/cutover,
 #   4. fuzz/run.sh: every fuzz target for a few seconds (FUZZ_SECONDS, default 8).
 #
@@ -101,6 +102,13 @@ log "cargo build --locked --bins"
 cargo build --locked --bins
 
 failed=()
+
+log "layering: src/proto, src/route.rs and src/config use no tokio (they are sans-IO)"
+if grep -rnwE 'tokio|tokio_util|tokio_rustls' src/proto src/route.rs src/config --include='*.rs' \
+        | grep -vE '^[^:]+:[0-9]+:\s*//'; then
+    echo "the lines above use tokio in a layer that must not"
+    failed+=("layering")
+fi
 
 log "cargo test --locked"
 # --show-output: the load test reports the proxy's memory per idle session.

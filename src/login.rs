@@ -243,12 +243,13 @@ async fn wait_if_held(at: Place<'_>, user: &str, client_tls: bool) -> Result<Dur
         .admin
         .as_ref()
         .map_or(Duration::from_secs(120), |a| a.hold_max_wait);
-    let started = Instant::now();
-    let Some(outcome) = at.control.state.wait_if_held(user, max).await else {
+    let state = &at.control.state;
+    if !state.is_held(user).await {
         return Ok(Duration::ZERO);
-    };
+    }
     tracing::info!(%user, "login held");
-    let released = outcome == HoldOutcome::Proceed;
+    let started = Instant::now();
+    let released = state.wait_release(user, max).await == HoldOutcome::Proceed;
     let label = if released { "released" } else { "timed_out" };
     metrics::counter!(m::HELD_LOGINS, "result" => label).increment(1);
     if released {

@@ -51,15 +51,12 @@ impl SharedState for MemoryState {
         ready(self.holds.list())
     }
 
-    fn wait_if_held<'a>(
-        &'a self,
-        user: &'a str,
-        max: Duration,
-    ) -> Pending<'a, Option<HoldOutcome>> {
-        if !self.holds.is_held(user) {
-            return ready(None);
-        }
-        Box::pin(async move { Some(self.holds.wait(user, max).await) })
+    fn is_held<'a>(&'a self, user: &'a str) -> Pending<'a, bool> {
+        ready(self.holds.is_held(user))
+    }
+
+    fn wait_release<'a>(&'a self, user: &'a str, max: Duration) -> Pending<'a, HoldOutcome> {
+        Box::pin(self.holds.wait(user, max))
     }
 
     fn blocked<'a>(&'a self, ip: IpAddr, user: &'a str) -> Pending<'a, Option<Duration>> {

@@ -50,9 +50,10 @@ pub trait SharedState: Send + Sync + std::fmt::Debug {
     fn release<'a>(&'a self, user: &'a str) -> Pending<'a, bool>;
     /// Held users, sorted.
     fn holds(&self) -> Pending<'_, Vec<String>>;
-    /// If `user` is held, waits until released or `max` has passed; `None` if not held.
-    fn wait_if_held<'a>(&'a self, user: &'a str, max: Duration)
-        -> Pending<'a, Option<HoldOutcome>>;
+    /// Whether `user`'s logins are held now.
+    fn is_held<'a>(&'a self, user: &'a str) -> Pending<'a, bool>;
+    /// Waits while `user` is held, at most `max`.
+    fn wait_release<'a>(&'a self, user: &'a str, max: Duration) -> Pending<'a, HoldOutcome>;
 
     /// If `ip` or `user` is blocked for too many failed logins, for how much longer.
     fn blocked<'a>(&'a self, ip: IpAddr, user: &'a str) -> Pending<'a, Option<Duration>>;
