@@ -1,7 +1,7 @@
 //! The login pipeline: where a login is decided, and everything it can come to.
 //!
-//! A client machine has read credentials; [`log_in`] takes them, with the session's one
-//! configuration snapshot, and runs the operator's model of a login top to bottom:
+//! A client machine has read credentials; [`log_in`] takes them and runs the operator's
+//! model of a login top to bottom:
 //!
 //! 1. **hold**: a held user waits (a mailbox is being copied), up to `admin.hold_max_wait`;
 //! 2. **throttle**: an address or user name over its failed-login budget is refused
@@ -14,11 +14,19 @@
 //!    window) and clears the user's failures; a rejection is counted and tarpitted.
 //!
 //! It returns one [`LoginDone`], and records `cutover_logins_total` and the login
-//! latencies once, from that value. Holds, throttles and the history live behind
+//! latencies once, from that value.
+//!
+//! # Which configuration
+//! Steps 1 and 2 use the session's own snapshot (taken when the connection was accepted).
+//! Step 3 takes the snapshot in force at that moment, once: after any hold, so a release
+//! lands the login on the routes in force then (the mailbox move recipe: hold, kick, copy,
+//! change the routes, release). Steps 4 and 5 use that same snapshot, and a served session
+//! keeps it ([`Served::snap`]) to its end. Holds, throttles and the history live behind
 //! [`SharedState`](crate::control::state::SharedState), so a fleet of proxies can share
 //! them without changing anything here.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Connected, PoolLogin, PoolResult};
@@ -34,7 +42,7 @@ use crate::snapshot::Snapshot;
 /// Where a login happens: the session's snapshot, its listener, the process state.
 #[derive(Clone, Copy)]
 pub struct Place<'a> {
-    /// The configuration the session uses from accept to close.
+    /// The session's configuration, taken at accept (holds and throttle read it).
     pub snap: &'a Snapshot,
     /// The listener that accepted the connection.
     pub listener: &'a Listener,
@@ -80,6 +88,8 @@ pub enum Refusal {
 
 /// A login that succeeded: the backend connection, ready for the relay.
 pub struct Served {
+    /// The configuration it was routed with: the session's from now on.
+    pub snap: Arc<Snapshot>,
     /// The normalized user name.
     pub user: String,
     /// The pool that serves the session.
@@ -196,23 +206,28 @@ impl LoginDone {
 
 /// Decides one login. See the module documentation for the steps.
 pub async fn log_in(at: Place<'_>, req: LoginRequest<'_>) -> LoginDone {
-    let cfg = &at.snap.config;
     let started = Instant::now();
-    let user = config::normalize(&cfg.users, &req.credentials.user);
+    let user = config::normalize(&at.snap.config.users, &req.credentials.user);
     let waited = match wait_if_held(at, &user, req.client_tls).await {
         Ok(waited) => waited,
         Err(refusal) => return LoginDone::Refused { user, refusal },
     };
-    if throttled(at, &user, req.peer).await {
-        metrics::counter!(m::LOGINS, "protocol" => at.listener.protocol.as_str(), "pool" => "throttled", "rule" => "none", "result" => "refused", "tls" => tls_label(req.client_tls)).increment(1);
-        tokio::time::sleep(cfg.throttle.max_delay).await;
+    if throttled(at, &user, &req).await {
         return LoginDone::Refused {
             user,
             refusal: Refusal::Throttled,
         };
     }
+    // The configuration in force now routes this login (see the module documentation).
+    let snap = at.control.snapshot();
+    let at = Place { snap: &snap, ..at };
     let protocol = at.listener.protocol;
-    let decision = match route::route(cfg, &req.credentials.user, protocol, rfc3339::now()) {
+    let decision = match route::route(
+        &snap.config,
+        &req.credentials.user,
+        protocol,
+        rfc3339::now(),
+    ) {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "no route");
@@ -225,7 +240,7 @@ pub async fn log_in(at: Place<'_>, req: LoginRequest<'_>) -> LoginDone {
     };
     tracing::Span::current().record("user", decision.user.as_str());
     let (result, pool, at_backend) = try_pools(at, &decision, &req).await;
-    let done = settle(at, &req, decision.user.clone(), pool, result).await;
+    let done = after_backend(at, &req, decision.user.clone(), pool, result, &snap).await;
     let at_proxy = started
         .elapsed()
         .saturating_sub(waited)
@@ -259,15 +274,17 @@ async fn wait_if_held(at: Place<'_>, user: &str, client_tls: bool) -> Result<Dur
     Err(Refusal::HeldTooLong)
 }
 
-/// Step 2: password spraying. True when the address or the user name is blocked (counted
-/// as a refused connection attempt).
-async fn throttled(at: Place<'_>, user: &str, peer: SocketAddr) -> bool {
-    let Some(left) = at.control.state.blocked(peer.ip(), user).await else {
+/// Step 2: password spraying. True when the address or the user name is blocked: the
+/// refusal is counted, and answered only after the longest tarpit delay.
+async fn throttled(at: Place<'_>, user: &str, req: &LoginRequest<'_>) -> bool {
+    let Some(left) = at.control.state.blocked(req.peer.ip(), user).await else {
         return false;
     };
     tracing::info!(%user, retry_in_s = left.as_secs(), "login refused: too many failures");
-    let listener = at.listener;
-    metrics::counter!(m::REFUSED, "listener" => listener.name.clone(), "protocol" => listener.protocol.as_str(), "reason" => "rate_limited").increment(1);
+    let (name, protocol) = (at.listener.name.clone(), at.listener.protocol.as_str());
+    metrics::counter!(m::REFUSED, "listener" => name, "protocol" => protocol, "reason" => "rate_limited").increment(1);
+    metrics::counter!(m::LOGINS, "protocol" => protocol, "pool" => "throttled", "rule" => "none", "result" => "refused", "tls" => tls_label(req.client_tls)).increment(1);
+    tokio::time::sleep(at.snap.config.throttle.max_delay).await;
     true
 }
 
@@ -343,12 +360,13 @@ async fn try_pools<'d>(
 
 /// Step 5: what follows a backend's answer: history and a clean slate on success, the
 /// tarpit on a rejection.
-async fn settle(
+async fn after_backend(
     at: Place<'_>,
     req: &LoginRequest<'_>,
     user: String,
     pool: &str,
     result: PoolResult,
+    snap: &Arc<Snapshot>,
 ) -> LoginDone {
     let span = tracing::Span::current();
     span.record("pool", pool);
@@ -369,6 +387,7 @@ async fn settle(
             state.logged_in(login).await;
             state.succeeded(&user).await;
             LoginDone::Served(Served {
+                snap: Arc::clone(snap),
                 user,
                 pool: pool.to_string(),
                 backend,

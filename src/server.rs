@@ -455,7 +455,8 @@ async fn accept_loop(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(10);
-                // The configuration in force at accept time serves the whole session.
+                // The configuration in force at accept time serves the session until its
+                // login routes it (see `session`: which configuration a session uses).
                 let snap = control.snapshot();
                 // Its current settings; a listener just removed by a reload (this loop is
                 // about to stop) still serves what it accepted with its last settings.

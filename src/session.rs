@@ -6,11 +6,13 @@
 //! login and goes to the backend first. Anything buffered when STARTTLS is asked for was
 //! sent in plaintext after the command and is discarded, never executed inside TLS.
 //!
-//! # One configuration per session
-//! A session uses the snapshot in force when its connection was accepted, from the
-//! greeting to the close: listener settings, limits, routing, the pool it is relayed to.
-//! A reload never changes a running session's view. A reload (or a stage start) that
-//! lands while a session is logging in is settled right after the login: if the
+//! # Which configuration a session uses
+//! One snapshot at a time, each taken once. Before login: the one in force when the
+//! connection was accepted (listener settings, limits, TLS, holds and throttle). The login
+//! pipeline takes the one in force when it routes (after any hold, see [`crate::login`]),
+//! and a served session keeps that one to its end (the pool it is relayed in). A reload
+//! never changes a running session's view. A reload (or a stage start) that lands between
+//! the routing and the session's registration is settled right after it: if the
 //! configuration now in force routes the user elsewhere, the session is moved like every
 //! other session of a moved user (`on_move`), see [`Control::settle`].
 
@@ -36,8 +38,8 @@ use crate::stream::{ClientStream, Stream};
 /// What a session needs from the process.
 #[derive(Clone)]
 pub struct SessionCtx {
-    /// The configuration in force when the connection was accepted: the session's only
-    /// one (see the module documentation).
+    /// The configuration in force when the connection was accepted (see the module
+    /// documentation for when the session moves to another one).
     pub snap: Arc<Snapshot>,
     /// The listener that accepted it.
     pub listener: Listener,
@@ -314,6 +316,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
 /// closes, a kick, or the drain deadline.
 async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Summary) {
     let Handoff {
+        snap,
         mut client,
         mut backend,
         pending,
@@ -353,7 +356,19 @@ async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Sum
         backend_first,
         goodbye_asked,
     };
-    finish_relay(ctx, end, ends, &pool, &mut client, &mut backend, summary).await;
+    let pool_cfg = snap.config.pools.get(&pool);
+    let spread = pool_cfg.map(|p| p.disconnect_spread).unwrap_or_default();
+    // Boxed: only needed at the end; the session's own future stays small while it relays.
+    Box::pin(finish_relay(
+        ctx,
+        end,
+        ends,
+        spread,
+        &mut client,
+        &mut backend,
+        summary,
+    ))
+    .await;
     summary.up = up + extra_up;
     summary.down = down + extra_down;
     pool_metrics
@@ -377,7 +392,7 @@ async fn finish_relay(
     ctx: &SessionCtx,
     end: RelayEnd,
     ends: Ends,
-    pool: &str,
+    spread: Duration,
     client: &mut ClientStream,
     backend: &mut Connected,
     summary: &mut Summary,
@@ -402,7 +417,7 @@ async fn finish_relay(
                 backend.stream.reset_on_close();
             }
             if backend_first && !goodbye_asked {
-                spread_close(ctx, pool, backend, client).await;
+                spread_close(ctx, spread, backend, client).await;
             }
             // TLS: close_notify. Plain TCP: the close when `client` drops sends the FIN; a
             // shutdown first would only cost a system call per session.
@@ -434,17 +449,10 @@ async fn finish_relay(
 /// reconnect storm; a client that closes meanwhile ends the wait.
 async fn spread_close(
     ctx: &SessionCtx,
-    pool: &str,
+    spread: Duration,
     backend: &Connected,
     client: &mut ClientStream,
 ) {
-    let spread = ctx
-        .snap
-        .config
-        .pools
-        .get(pool)
-        .map(|p| p.disconnect_spread)
-        .unwrap_or_default();
     let delay = ctx.control.disconnects.backend_closed(
         &backend.server,
         spread,
@@ -615,6 +623,8 @@ async fn tls_accept(
 
 /// A logged-in session, ready for the relay.
 struct Handoff<'a> {
+    /// The configuration the login was routed with.
+    snap: Arc<Snapshot>,
     client: ClientStream,
     backend: Connected,
     /// Client bytes pipelined behind the login.
@@ -628,6 +638,8 @@ struct Handoff<'a> {
 
 /// A login that succeeded, registered, waiting for the machine to hand over.
 struct LoggedIn<'a> {
+    /// The configuration the login was routed with: the session's from now on.
+    snap: Arc<Snapshot>,
     backend: Connected,
     pool: String,
     registered: Registration<'a>,
@@ -690,6 +702,7 @@ async fn preauth<'a>(
             }
             let l: LoggedIn<'a> = logged_in.take()?;
             return Some(Handoff {
+                snap: l.snap,
                 client,
                 backend: l.backend,
                 pending: inbuf.take(),
@@ -813,9 +826,10 @@ async fn login<'a>(
                 &served.user,
                 protocol,
                 &served.pool,
-                &ctx.snap,
+                &served.snap,
             );
             Next::LoggedIn(LoggedIn {
+                snap: served.snap,
                 backend: served.backend,
                 pool: served.pool,
                 registered,

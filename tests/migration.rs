@@ -368,6 +368,47 @@ async fn hold_release_and_kick_through_the_admin_endpoint() {
     running.shutdown().await;
 }
 
+/// The mailbox move recipe: hold, change the routes, release. A login that connected
+/// (and waited) under the old configuration is routed by the one in force when its hold
+/// ends, so it lands on the new pool, and is not moved again afterwards.
+#[tokio::test]
+async fn a_login_held_across_a_reload_lands_on_the_routes_in_force_at_release() {
+    let w = world().await;
+    let (running, path) = w
+        .start(&w.yaml("routes:\n  - { pool: legacy }\n", ""))
+        .await;
+    let addr = running.addr("imap").unwrap();
+    assert_eq!(admin(&running, "POST", "/hold?user=bob").await.0, 200);
+    let mut c = Client::connect(addr).await;
+    c.line().await;
+    let waiting = tokio::spawn(async move {
+        let r = c.cmd("a1", "LOGIN bob password").await;
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "held login must wait");
+    std::fs::write(
+        &path,
+        w.yaml(
+            "routes:\n  - { users: [bob], pool: new }\n  - { pool: legacy }\n",
+            "",
+        ),
+    )
+    .unwrap();
+    running.reload_from(&path).await.unwrap();
+    assert_eq!(admin(&running, "POST", "/release?user=bob").await.0, 200);
+    let (mut c, r) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("released")
+        .unwrap();
+    assert!(r.last().unwrap().starts_with("a1 OK"), "{r:?}");
+    assert_eq!(subject(&mut c).await, "Subject: hello from new");
+    // Routed by the configuration in force: nothing to settle, no kick (grace is 0s).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(c.cmd("n", "NOOP").await.last().unwrap().starts_with("n OK"));
+    running.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_held_login_times_out_with_a_temporary_failure() {
     let w = world().await;

@@ -123,13 +123,12 @@ mod tests {
         assert!(!s.hold("joe").await);
         assert_eq!(s.holds().await, ["joe"]);
         let max = Duration::from_millis(10);
-        assert_eq!(
-            s.wait_if_held("joe", max).await,
-            Some(HoldOutcome::TimedOut)
-        );
-        assert_eq!(s.wait_if_held("ann", max).await, None);
+        assert!(s.is_held("joe").await);
+        assert!(!s.is_held("ann").await);
+        assert_eq!(s.wait_release("joe", max).await, HoldOutcome::TimedOut);
+        assert_eq!(s.wait_release("ann", max).await, HoldOutcome::Proceed);
         assert!(s.release("joe").await);
-        assert_eq!(s.wait_if_held("joe", max).await, None);
+        assert!(!s.is_held("joe").await);
 
         let ip = IpAddr::from([192, 0, 2, 7]);
         let cfg = Throttle {

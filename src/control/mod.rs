@@ -197,11 +197,12 @@ impl Control {
         n
     }
 
-    /// A session that just logged in with the configuration `used` (its own, taken at
-    /// accept) and registered itself: if the configuration in force now is another one,
-    /// or another stage has started, and it routes the user to another pool, the session
-    /// is moved like every session of a moved user (`on_move`). A reload or a stage that
-    /// lands while a session is logging in thus never leaves it on the old pool.
+    /// A session that just logged in, routed with the configuration `used`, and
+    /// registered itself: if the configuration in force now is another one, or another
+    /// stage has started, and it routes the user to another pool, the session is moved
+    /// like every session of a moved user (`on_move`). A reload or a stage that lands
+    /// between a login's routing and its registration thus never leaves it on the old
+    /// pool.
     pub fn settle(
         self: &Arc<Self>,
         id: u64,

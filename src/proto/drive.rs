@@ -468,7 +468,7 @@ impl<'a, M: BackendLogin> BackendDriver<'a, M> {
         self
     }
 
-    /// Everything sent, with `<starttls>` and `<done RESULT>` markers.
+    /// Everything sent, with `<starttls>` and `<discard N>` markers.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&self.log).into_owned()
     }
@@ -504,16 +504,14 @@ impl<'a, M: BackendLogin> BackendDriver<'a, M> {
                         0,
                         "consumed during STARTTLS"
                     );
-                    if self.discard_on_tls {
+                    if self.discard_on_tls && !self.buf.is_empty() {
+                        let marker = format!("<discard {}>", self.buf.len());
+                        self.log.extend_from_slice(marker.as_bytes());
                         self.buf.clear();
                     }
                     self.machine.tls_established();
                 }
-                BackendAction::Done(result) => {
-                    self.log
-                        .extend_from_slice(format!("<done {result:?}>").as_bytes());
-                    self.result = Some(result);
-                }
+                BackendAction::Done(result) => self.result = Some(result),
             }
         }
     }
@@ -537,7 +535,7 @@ pub fn assert_backend_split_invariant<'a, M: BackendLogin>(
         }
     };
     assert!(
-        split.log == joined.log && left(&split) == left(&joined),
+        split.log == joined.log && split.result == joined.result && left(&split) == left(&joined),
         "backend transcript depends on read boundaries:\n split: {:?}\njoined: {:?}",
         split.log(),
         joined.log()

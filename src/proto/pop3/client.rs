@@ -365,6 +365,7 @@ impl fmt::Debug for BackendMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::drive::BackendDriver;
     use crate::proto::{ClientInfo, Mechanism};
 
     fn policy(tls: BackendTls) -> BackendPolicy {
@@ -383,71 +384,25 @@ mod tests {
         ))
     }
 
-    /// Plays a backend conversation: `server` holds what the backend says, in the chunks it
-    /// arrives in. Returns what the proxy sent (with `<starttls>`, `<discard N>` markers)
-    /// followed by the result, and the bytes left in the buffer after Done.
+    /// A backend conversation as the generic driver played it: what the proxy sent (with
+    /// `<starttls>`, `<discard N>` markers) and the result.
     struct Run {
-        machine: BackendMachine,
-        buf: Vec<u8>,
         sent: String,
         done: Option<BackendResult>,
+        /// Bytes left unconsumed (after Done: the client's).
+        buf: Vec<u8>,
     }
 
-    impl Run {
-        fn new(tls: BackendTls, creds: Option<Credentials>) -> Self {
-            Run {
-                machine: BackendMachine::new(policy(tls), creds),
-                buf: Vec::new(),
-                sent: String::new(),
-                done: None,
-            }
-        }
-
-        fn feed(&mut self, chunk: &[u8]) -> &mut Self {
-            self.buf.extend_from_slice(chunk);
-            while self.done.is_none() {
-                let used = self.machine.receive(&self.buf);
-                assert!(used <= self.buf.len());
-                let consumed: Vec<u8> = self.buf.drain(..used).collect();
-                if used > 0 {
-                    assert_eq!(consumed.iter().position(|&b| b == b'\n'), Some(used - 1));
-                }
-                self.pump();
-                if used == 0 {
-                    break;
-                }
-            }
-            self
-        }
-
-        fn pump(&mut self) {
-            while let Some(action) = self.machine.poll_action() {
-                assert!(self.done.is_none(), "action after Done");
-                match action {
-                    BackendAction::Send(bytes) => {
-                        self.sent.push_str(&String::from_utf8_lossy(&bytes))
-                    }
-                    BackendAction::StartTls => {
-                        assert_eq!(self.machine.receive(&self.buf), 0);
-                        self.sent.push_str("<starttls>");
-                        if !self.buf.is_empty() {
-                            self.sent.push_str(&format!("<discard {}>", self.buf.len()));
-                            self.buf.clear();
-                        }
-                        self.machine.tls_established();
-                    }
-                    BackendAction::Done(result) => self.done = Some(result),
-                }
-            }
-        }
-    }
-
+    /// Plays a backend conversation: `server` holds what the backend says, in the chunks it
+    /// arrives in.
     fn run(tls: BackendTls, creds: Option<Credentials>, server: &[&[u8]]) -> Run {
-        let mut r = Run::new(tls, creds);
-        for chunk in server {
-            r.feed(chunk);
+        let mut d = BackendDriver::new(BackendMachine::new(policy(tls), creds));
+        d.feed_all(server);
+        Run {
+            sent: d.log(),
+            done: d.result().cloned(),
+            buf: d.left().to_vec(),
         }
-        r
     }
 
     const CAPA_PLAIN: &[u8] =
@@ -695,10 +650,8 @@ mod tests {
             &[b"+OK\r\n", CAPA_USER, b"+OK\r\n+OK\r\n.\r\n-ERR x\r\n"],
         );
         assert_eq!(r.done, logged_in());
+        // The driver checked that nothing is consumed and nothing asked for after Done.
         assert_eq!(r.buf, b".\r\n-ERR x\r\n");
-        let mut m = r.machine;
-        assert_eq!(m.receive(b".\r\n"), 0);
-        assert!(m.poll_action().is_none());
     }
 
     #[test]
@@ -984,15 +937,15 @@ mod tests {
             } else {
                 None
             };
-            let mut r = Run::new(tls, c);
+            let mut d = BackendDriver::new(BackendMachine::new(policy(tls), c));
             for _ in 0..(x % 12) {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 let piece = pieces[(x % pieces.len() as u64) as usize];
-                r.feed(piece);
+                d.feed(piece);
             }
-            assert!(r.buf.len() <= 12 * 20);
+            assert!(d.left().len() <= 12 * 20);
         }
     }
 }
