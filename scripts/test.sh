@@ -112,7 +112,7 @@ fi
 
 log "cargo test --locked"
 # --show-output: the load test reports the proxy's memory per idle session.
-if ! cargo test --locked -- --show-output; then
+if ! cargo test --locked --no-fail-fast -- --show-output; then
     failed+=("cargo test")
 fi
 

@@ -511,10 +511,20 @@ async fn a_dying_backend_closes_its_clients_promptly_and_spreads_a_crowd() {
     }
     let t = Instant::now();
     backend.stop();
+    // Each client watched on its own: which sessions get the prompt closes depends on
+    // their order and ids, not on the order of this list.
+    let watchers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                assert!(c.closed().await);
+                t.elapsed()
+            })
+        })
+        .collect();
     let mut closed_at = Vec::new();
-    for mut c in clients {
-        assert!(c.closed().await);
-        closed_at.push(t.elapsed());
+    for w in watchers {
+        closed_at.push(w.await.unwrap());
     }
     closed_at.sort();
     assert!(
