@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::rfc3339;
+use crate::config::{rfc3339, Config};
 use crate::control::sessions::KickReason;
 use crate::control::Control;
 use crate::http::{read_request, respond, Request};
@@ -63,71 +63,47 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
             return;
         }
     }
+    let (status, body) = answer(control, cfg, &req).await;
+    let content_type = match status {
+        200 => "application/json",
+        _ => "text/plain",
+    };
+    respond(sock, status, content_type, &body).await;
+}
+
+/// The status and body for one authorized request: JSON on success, text otherwise.
+async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String) {
     let user = req
         .param("user")
         .map(|u| crate::config::normalize(&cfg.users, u));
-    let json = |v: serde_json::Value| v.to_string() + "\n";
+    let json = |v: serde_json::Value| (200, v.to_string() + "\n");
+    let state = &control.state;
     match (req.method.as_str(), req.path.as_str(), user) {
         ("POST", "/kick", Some(user)) => {
-            let n = control.state.kick(&user, KickReason::Admin).await;
+            let n = state.kick(&user, KickReason::Admin).await;
             tracing::info!(%user, sessions = n, "admin: kick");
-            respond(
-                sock,
-                200,
-                "application/json",
-                &json(serde_json::json!({"user": user, "kicked": n})),
-            )
-            .await;
+            json(serde_json::json!({"user": user, "kicked": n}))
         }
         ("POST", "/hold", Some(user)) => {
-            let new = control.state.hold(&user).await;
+            let new = state.hold(&user).await;
             tracing::info!(%user, "admin: hold");
-            respond(
-                sock,
-                200,
-                "application/json",
-                &json(serde_json::json!({"user": user, "held": true, "already": !new})),
-            )
-            .await;
+            json(serde_json::json!({"user": user, "held": true, "already": !new}))
         }
         ("POST", "/release", Some(user)) => {
-            let was = control.state.release(&user).await;
+            let was = state.release(&user).await;
             tracing::info!(%user, "admin: release");
-            respond(
-                sock,
-                200,
-                "application/json",
-                &json(serde_json::json!({"user": user, "released": was})),
-            )
-            .await;
+            json(serde_json::json!({"user": user, "released": was}))
         }
-        ("POST", "/kick" | "/hold" | "/release", None) => {
-            respond(sock, 400, "text/plain", "missing ?user=NAME\n").await;
-        }
-        ("GET", "/holds", _) => {
-            respond(
-                sock,
-                200,
-                "application/json",
-                &json(serde_json::json!({"held": control.state.holds().await})),
-            )
-            .await;
-        }
+        ("POST", "/kick" | "/hold" | "/release", None) => (400, "missing ?user=NAME\n".to_string()),
+        ("GET", "/holds", _) => json(serde_json::json!({"held": state.holds().await})),
         ("GET", "/sessions", _) => {
-            let list: Vec<_> = control
-                .state
+            let list: Vec<_> = state
                 .sessions()
                 .snapshot()
                 .into_iter()
                 .map(|(id, e)| serde_json::json!({"id": id, "user": e.user, "protocol": e.protocol.as_str(), "pool": e.pool}))
                 .collect();
-            respond(
-                sock,
-                200,
-                "application/json",
-                &json(serde_json::Value::Array(list)),
-            )
-            .await;
+            json(serde_json::Value::Array(list))
         }
         ("GET", "/stragglers", _) => {
             let hours: i64 = req
@@ -137,15 +113,15 @@ async fn handle(sock: &mut TcpStream, control: &Control, req: Request) {
                 .clamp(0, 24 * 366);
             let since = rfc3339::now_ms() - hours * 3_600_000;
             let is_legacy = |p: &str| cfg.pools.get(p).is_none_or(|pool| pool.legacy);
-            let rows = control.state.stragglers(since, &is_legacy).await;
+            let rows = state.stragglers(since, &is_legacy).await;
             match serde_json::to_string(&rows) {
-                Ok(body) => respond(sock, 200, "application/json", &(body + "\n")).await,
-                Err(_) => respond(sock, 500, "text/plain", "error\n").await,
+                Ok(body) => (200, body + "\n"),
+                Err(_) => (500, "error\n".to_string()),
             }
         }
         (_, "/kick" | "/hold" | "/release" | "/holds" | "/sessions" | "/stragglers", _) => {
-            respond(sock, 405, "text/plain", "method not allowed\n").await;
+            (405, "method not allowed\n".to_string())
         }
-        _ => respond(sock, 404, "text/plain", "not found\n").await,
+        _ => (404, "not found\n".to_string()),
     }
 }

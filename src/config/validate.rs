@@ -268,31 +268,7 @@ fn pool(cx: &Ctx<'_>, name: &str, p: &RawPool) -> Result<Pool, ConfigError> {
     if login_timeout < connect_timeout {
         return Err(cx.err(k("login_timeout"), "must be at least connect_timeout"));
     }
-    let mut protocols = BTreeMap::new();
-    for (proto, pp) in [
-        (Protocol::Imap, &p.imap),
-        (Protocol::Pop3, &p.pop3),
-        (Protocol::Smtp, &p.smtp),
-    ] {
-        if let Some(pp) = pp {
-            protocols.insert(proto, pool_protocol(cx, name, proto, pp)?);
-        }
-    }
-    if let Some(smtp) = protocols.get(&Protocol::Smtp) {
-        let pop_servers = protocols.get(&Protocol::Pop3).map(|p| p.servers.len());
-        if smtp.auth == SmtpAuth::PopBeforeSmtp && pop_servers != Some(smtp.servers.len()) {
-            return Err(cx.err(
-                k("smtp.auth"),
-                "pop-before-smtp needs a pop3 entry with one server per smtp server (same hosts, same order)",
-            ));
-        }
-    }
-    if protocols.is_empty() {
-        return Err(cx.err(
-            format!("pools.{name}"),
-            "pool has no imap, pop3 or smtp servers",
-        ));
-    }
+    let protocols = pool_protocols(cx, name, p)?;
     let login_original_name = match p.login_name.as_deref() {
         None | Some("normalized") => false,
         Some("original") => true,
@@ -320,6 +296,41 @@ fn pool(cx: &Ctx<'_>, name: &str, p: &RawPool) -> Result<Pool, ConfigError> {
         legacy: p.legacy.unwrap_or(name == "legacy"),
         protocols,
     })
+}
+
+/// A pool's servers per protocol: at least one protocol, and a `pop-before-smtp` SMTP
+/// entry paired server by server with a POP3 one.
+fn pool_protocols(
+    cx: &Ctx<'_>,
+    name: &str,
+    p: &RawPool,
+) -> Result<BTreeMap<Protocol, PoolProtocol>, ConfigError> {
+    let mut protocols = BTreeMap::new();
+    for (proto, pp) in [
+        (Protocol::Imap, &p.imap),
+        (Protocol::Pop3, &p.pop3),
+        (Protocol::Smtp, &p.smtp),
+    ] {
+        if let Some(pp) = pp {
+            protocols.insert(proto, pool_protocol(cx, name, proto, pp)?);
+        }
+    }
+    if let Some(smtp) = protocols.get(&Protocol::Smtp) {
+        let pop_servers = protocols.get(&Protocol::Pop3).map(|p| p.servers.len());
+        if smtp.auth == SmtpAuth::PopBeforeSmtp && pop_servers != Some(smtp.servers.len()) {
+            return Err(cx.err(
+                format!("pools.{name}.smtp.auth"),
+                "pop-before-smtp needs a pop3 entry with one server per smtp server (same hosts, same order)",
+            ));
+        }
+    }
+    if protocols.is_empty() {
+        return Err(cx.err(
+            format!("pools.{name}"),
+            "pool has no imap, pop3 or smtp servers",
+        ));
+    }
+    Ok(protocols)
 }
 
 fn health(cx: &Ctx<'_>, name: &str, p: &RawPool) -> Result<Health, ConfigError> {
