@@ -25,7 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 export RUSTC_BOOTSTRAP=1
 CARGO_FUZZ_VERSION=0.13.2
 
-all_targets="imap_server imap_backend pop3_server pop3_backend smtp_server smtp_server_alphabet smtp_backend config"
+all_targets="imap_server imap_backend pop3_server pop3_backend smtp_server smtp_server_alphabet smtp_backend config proxy_header"
 targets="${FUZZ_TARGETS:-$all_targets}"
 
 started=$(date +%s)
@@ -48,6 +48,7 @@ dict_for() {
     pop3_*) echo dict/pop3.dict ;;
     smtp_*) echo dict/smtp.dict ;;
     config) echo dict/yaml.dict ;;
+    proxy_*) echo dict/proxy.dict ;;
     esac
 }
 

@@ -101,7 +101,7 @@ async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String)
                 .sessions()
                 .snapshot()
                 .into_iter()
-                .map(|(id, e)| serde_json::json!({"id": id, "user": e.user, "protocol": e.protocol.as_str(), "pool": e.pool}))
+                .map(|(id, e)| serde_json::json!({"id": id, "user": e.user, "protocol": e.protocol.as_str(), "pool": e.pool, "client": e.client.to_string(), "instance": cfg.instance_name}))
                 .collect();
             json(serde_json::Value::Array(list))
         }

@@ -520,6 +520,38 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// The PROXY protocol header parser ([`crate::proto::proxy`]) on arbitrary bytes, as the
+/// front of a connection from a load balancer. No settings byte, no chunks. Checks: a
+/// header never claims more bytes than it was given nor more than the bounds; every
+/// shorter prefix of a header asks for more bytes (so a header split over reads is read
+/// whole, and nothing is taken for something else); "more" always means more than given;
+/// a header's addresses written as v2 parse back to the same addresses.
+pub fn proxy_header(data: &[u8]) {
+    use crate::proto::proxy::{self, Parsed};
+    match proxy::parse(data) {
+        Parsed::Header(h) => {
+            assert!(h.len <= data.len() && h.len <= proxy::MAX_V2, "{h:?}");
+            for cut in 0..h.len {
+                assert!(
+                    matches!(proxy::parse(&data[..cut]), Parsed::NeedMore(_)),
+                    "a prefix of {cut} bytes of a {}-byte header",
+                    h.len
+                );
+            }
+            if let (Some(client), Some(destination)) = (h.client, h.destination) {
+                let again = proxy::v2_header(client, destination);
+                let Parsed::Header(back) = proxy::parse(&again) else {
+                    panic!("re-encoded header does not parse");
+                };
+                assert_eq!((back.client, back.destination), (h.client, h.destination));
+            }
+        }
+        Parsed::NeedMore(n) => assert!(n > data.len(), "asks for {n} with {}", data.len()),
+        Parsed::NotProxy | Parsed::Invalid(_) => {}
+    }
+    let _ = proxy::screen(data);
+}
+
 /// A fuzz entry point.
 pub type Target = fn(&[u8]);
 
@@ -533,6 +565,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("smtp_server_alphabet", smtp_server_alphabet),
     ("smtp_backend", smtp_backend),
     ("config", config),
+    ("proxy_header", proxy_header),
 ];
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

@@ -7,13 +7,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backends;
-use crate::config::{Config, ConfigError, Listener};
+use crate::config::{Config, ConfigError, Listener, ProxyMode};
 use crate::control::Control;
+use crate::front::{self, Origin};
 use crate::metrics as m;
 use crate::session::{self, SessionCtx};
 use crate::snapshot::Snapshot;
@@ -468,23 +469,30 @@ async fn accept_loop(
                     .cloned()
                     .unwrap_or_else(|| own.clone());
                 let peer = normalize_peer(peer);
-                match control.admission.admit(peer.ip(), &snap.config.conn_limits) {
-                    Ok(ticket) => {
-                        let ctx = SessionCtx {
-                            snap,
-                            listener,
-                            control: control.clone(),
-                        };
-                        tracker.spawn(async move {
-                            session::run(ctx, tcp, peer).await;
-                            drop(ticket);
-                        });
-                    }
-                    Err(refusal) => {
-                        metrics::counter!(m::REFUSED, "listener" => listener.name.clone(), "protocol" => listener.protocol.as_str(), "reason" => refusal.as_str()).increment(1);
-                        tracing::debug!(listener = %listener.name, %peer, reason = refusal.as_str(), "connection refused");
-                        tokio::spawn(session::refuse(listener, tcp));
-                    }
+                let ctx = SessionCtx {
+                    snap,
+                    listener,
+                    control: control.clone(),
+                };
+                if ctx.listener.proxy_protocol == ProxyMode::Off {
+                    admit_and_serve(ctx, tcp, Origin::direct(peer), &tracker);
+                } else {
+                    // The balancer's header comes first: admission is by the client's
+                    // address it names.
+                    let tracker_for_session = tracker.clone();
+                    tracker.spawn(async move {
+                        let mut tcp = tcp;
+                        let settings = &ctx.snap.config.proxy_protocol;
+                        let mode = ctx.listener.proxy_protocol;
+                        match front::origin(&mut tcp, peer, mode, settings).await {
+                            Ok(origin) => admit_and_serve(ctx, tcp, origin, &tracker_for_session),
+                            Err(refusal) => {
+                                let l = &ctx.listener;
+                                metrics::counter!(m::REFUSED, "listener" => l.name.clone(), "protocol" => l.protocol.as_str(), "reason" => refusal.as_str()).increment(1);
+                                tracing::debug!(listener = %l.name, %peer, reason = refusal.as_str(), "connection refused at its PROXY header");
+                            }
+                        }
+                    });
                 }
             }
             Err(e) => {
@@ -493,6 +501,26 @@ async fn accept_loop(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Admits a connection by its client's address and serves it, or turns it away in
+/// protocol when a connection limit is reached.
+fn admit_and_serve(ctx: SessionCtx, tcp: TcpStream, origin: Origin, tracker: &TaskTracker) {
+    let limits = &ctx.snap.config.conn_limits;
+    match ctx.control.admission.admit(origin.client.ip(), limits) {
+        Ok(ticket) => {
+            tracker.spawn(async move {
+                session::run(ctx, tcp, origin).await;
+                drop(ticket);
+            });
+        }
+        Err(refusal) => {
+            let l = &ctx.listener;
+            metrics::counter!(m::REFUSED, "listener" => l.name.clone(), "protocol" => l.protocol.as_str(), "reason" => refusal.as_str()).increment(1);
+            tracing::debug!(listener = %l.name, peer = %origin.client, reason = refusal.as_str(), "connection refused");
+            tokio::spawn(session::refuse(ctx.listener, tcp));
         }
     }
 }
@@ -521,6 +549,7 @@ mod tests {
             tls: ListenerTls::None,
             allow_plaintext_auth: true,
             bridge_window: None,
+            proxy_protocol: crate::config::ProxyMode::Off,
         }
     }
 

@@ -25,12 +25,13 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::backend::Connected;
-use crate::config::{Listener, Protocol};
+use crate::config::{Listener, Protocol, ProxyMode};
 use crate::control::sessions::{Entry, Kick, KickReason, Registration};
 use crate::control::Control;
+use crate::front::{FrontRefusal, Origin};
 use crate::login::{self, LoginDone, LoginRequest, Place, Refusal};
 use crate::metrics as m;
-use crate::proto::{self, Action, ListenerTls, PreAuth, ServerPolicy};
+use crate::proto::{self, proxy, Action, ListenerTls, PreAuth, ServerPolicy};
 use crate::relay;
 use crate::snapshot::Snapshot;
 use crate::stream::{ClientStream, Stream};
@@ -241,18 +242,26 @@ enum RelayEnd {
 }
 
 /// Serves one accepted connection to its end.
-pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
+pub async fn run(ctx: SessionCtx, tcp: TcpStream, origin: Origin) {
     let id = new_id();
+    let peer = origin.client;
     let span = tracing::info_span!(
         "session",
         id,
         listener = %ctx.listener.name,
         proto = ctx.listener.protocol.as_str(),
         %peer,
+        via = tracing::field::Empty,
         user = tracing::field::Empty,
         pool = tracing::field::Empty,
         backend = tracing::field::Empty,
     );
+    if let Some(via) = &origin.via {
+        span.record("via", tracing::field::display(via.balancer));
+        if via.client_tls.is_some() || via.authority.is_some() {
+            tracing::debug!(parent: &span, client_tls = via.client_tls.as_deref(), authority = via.authority.as_deref(), "the balancer's view of the client");
+        }
+    }
     let fut = async move {
         let started = Instant::now();
         let handles = m::handles::listener(&ctx.listener.name, ctx.listener.protocol);
@@ -268,7 +277,7 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
             up: 0,
             down: 0,
         };
-        serve(&ctx, tcp, peer, &mut summary).await;
+        serve(&ctx, tcp, &origin, &mut summary).await;
         tracing::info!(
             outcome = summary.end.as_str(),
             user = summary.user.as_deref().unwrap_or("-"),
@@ -289,7 +298,8 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, peer: SocketAddr) {
     SESSION_ID.scope(id, fut).await
 }
 
-async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut Summary) {
+async fn serve(ctx: &SessionCtx, tcp: TcpStream, origin: &Origin, summary: &mut Summary) {
+    let peer = origin.client;
     let client = if ctx.listener.tls == ListenerTls::Implicit {
         match Box::pin(tls_accept(ctx, Stream::Plain(tcp), "implicit")).await {
             Some(s) => s,
@@ -304,7 +314,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, peer: SocketAddr, summary: &mut
     let mut sm = new_machine(ctx, peer).await;
     // Boxed: the pre-auth and login futures are large and only needed until login; the
     // session's own future stays small for the hours it may spend relaying.
-    let handoff = Box::pin(preauth(ctx, sm.as_mut(), client, peer, summary)).await;
+    let handoff = Box::pin(preauth(ctx, sm.as_mut(), client, origin, summary)).await;
     drop(sm);
     if let Some(handoff) = handoff {
         relay_session(ctx, handoff, summary).await;
@@ -662,18 +672,35 @@ async fn preauth<'a>(
     ctx: &'a SessionCtx,
     sm: &mut (dyn PreAuth + Send),
     mut client: ClientStream,
-    peer: SocketAddr,
+    origin: &Origin,
     summary: &mut Summary,
 ) -> Option<Handoff<'a>> {
+    let peer = origin.client;
     let cfg = &ctx.snap.config;
     let max_pending = cfg.limits.max_line + cfg.limits.max_literal + 1024;
     let mut inbuf = InputBuf(Vec::with_capacity(512));
     let mut logged_in = None;
     let mut wait = InputWait::new(ctx);
+    // On a listener that takes PROXY headers, a client that was not relayed by a trusted
+    // balancer must not send one: it would be claiming someone else's address.
+    let mut screen = ctx.listener.proxy_protocol != ProxyMode::Off && origin.via.is_none();
     loop {
+        if screen && !inbuf.is_empty() {
+            match proxy::screen(&inbuf.0) {
+                Some(true) => {
+                    tracing::info!("PROXY header from an untrusted address: closing");
+                    let l = &ctx.listener;
+                    metrics::counter!(m::REFUSED, "listener" => l.name.clone(), "protocol" => l.protocol.as_str(), "reason" => FrontRefusal::Untrusted.as_str()).increment(1);
+                    summary.end = SessionEnd::Refused;
+                    return None;
+                }
+                Some(false) => screen = false,
+                None => {}
+            }
+        }
         // The machine consumes what it can, then says what to do. A machine may queue
         // actions without consuming (e.g. the SMTP bridge leaves MAIL for the backend).
-        let used = sm.receive(&inbuf.0);
+        let used = if screen { 0 } else { sm.receive(&inbuf.0) };
         inbuf.consume(used);
         let mut acted = false;
         while let Some(action) = sm.poll_action() {
@@ -805,6 +832,7 @@ async fn login<'a>(
     request: LoginRequest<'_>,
     summary: &mut Summary,
 ) -> Next<'a> {
+    let request_peer = request.peer;
     let done = login::log_in(ctx.place(), request).await;
     summary.login(&done);
     let outcome = done.outcome();
@@ -816,6 +844,7 @@ async fn login<'a>(
                 user: served.user.clone(),
                 protocol,
                 pool: served.pool.clone(),
+                client: request_peer,
                 kick: kick.clone(),
             };
             let registered = ctx.control.state.sessions().register(session_id(), entry);

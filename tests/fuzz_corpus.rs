@@ -57,6 +57,7 @@ fn dictionary(target: &str) -> Vec<Vec<u8>> {
         Some("imap") => "imap",
         Some("pop3") => "pop3",
         Some("smtp") => "smtp",
+        Some("proxy") => "proxy",
         _ => "yaml",
     };
     let path = fuzz_dir().join("dict").join(format!("{name}.dict"));

@@ -316,6 +316,10 @@ impl<'a> PoolLogin<'a> {
             m::handles::pool(&pool.name, self.protocol)
                 .connect_seconds(addr.as_str())
                 .record(connect_started.elapsed().as_secs_f64());
+            let mut tcp = tcp;
+            if pool.proxy_protocol {
+                self.send_proxy_header(&mut tcp).await?;
+            }
             let stream = if self.servers.tls == BackendTls::Implicit {
                 self.tls_connect(tcp, addr).await?
             } else {
@@ -327,6 +331,18 @@ impl<'a> PoolLogin<'a> {
             Ok(r) => r,
             Err(_) => Err(Failure::Timeout),
         }
+    }
+
+    /// A PROXY protocol v2 header first: the client's address for a login, `LOCAL` for a
+    /// health probe (no client), so that a backend that requires one never drops either.
+    async fn send_proxy_header(&self, tcp: &mut TcpStream) -> Result<(), Failure> {
+        let header = match (&self.client, tcp.peer_addr()) {
+            (Some(c), Ok(backend)) => {
+                proto::proxy::v2_header(SocketAddr::new(c.ip, c.port), backend)
+            }
+            _ => proto::proxy::v2_local(),
+        };
+        tcp.write_all(&header).await.map_err(|_| Failure::Refused)
     }
 
     async fn tls_connect(

@@ -49,6 +49,55 @@ pub struct RawConfig {
     pub dns: Option<RawDns>,
     /// Session worker threads (0 or absent: one per CPU).
     pub workers: Option<usize>,
+    /// This proxy's name in a fleet (default: the host name).
+    pub instance_name: Option<String>,
+    /// PROXY protocol settings shared by the listeners that accept it.
+    pub proxy_protocol: Option<RawProxyProtocol>,
+    /// Shared state for a fleet of proxies.
+    pub state: Option<RawState>,
+}
+
+/// `proxy_protocol:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxyProtocol {
+    /// Networks (CIDR) allowed to send PROXY headers.
+    #[serde(default)]
+    pub trusted: Vec<String>,
+    /// Longest wait for a header.
+    pub timeout: Option<String>,
+}
+
+/// `state:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    /// Redis (or Valkey).
+    pub redis: Option<RawRedis>,
+}
+
+/// `state.redis:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    /// One server: `redis://host:6379/0` (or `rediss://` for TLS).
+    pub url: Option<String>,
+    /// A file holding the URL (it may carry a password).
+    pub url_file: Option<String>,
+    /// A Redis Cluster instead.
+    pub cluster: Option<RawRedisCluster>,
+    /// Prefix of every key and channel (default `cutover:`).
+    pub key_prefix: Option<String>,
+    /// Deadline of every call (default 50ms).
+    pub timeout: Option<String>,
+}
+
+/// `state.redis.cluster:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisCluster {
+    /// Seed nodes.
+    pub nodes: Vec<String>,
 }
 
 /// `dns:`
@@ -140,6 +189,8 @@ pub struct RawListener {
     pub relay: Option<String>,
     /// With `relay: pop-before-smtp`: how recent the POP3/IMAP login must be.
     pub window: Option<String>,
+    /// off | optional | required: connections start with a PROXY protocol header.
+    pub proxy_protocol: Option<String>,
 }
 
 /// One pool.
@@ -161,6 +212,8 @@ pub struct RawPool {
     /// Tell backends the client's address (IMAP ID, SMTP XCLIENT).
     #[serde(default)]
     pub forward_client_address: bool,
+    /// `v2`: send backends a PROXY protocol v2 header.
+    pub proxy_protocol: Option<String>,
     /// normalized | original: which user name the backend receives.
     pub login_name: Option<String>,
     /// Counts as a legacy pool for the stragglers report (default: named "legacy").

@@ -95,6 +95,133 @@ pub enum ConfigError {
     },
 }
 
+/// Whether a listener's connections start with a PROXY protocol header (v1 or v2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyMode {
+    /// No header: the connection's address is the client's.
+    #[default]
+    Off,
+    /// From a trusted network, a header is read if one comes (within the header timeout);
+    /// other sources are served directly and must not send one.
+    Optional,
+    /// Every connection comes from a trusted network and starts with a header; any other
+    /// is closed.
+    Required,
+}
+
+/// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`; a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` is inside the network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a network like 10.0.0.0/8 or ::1/128");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// `proxy_protocol:`: who may send PROXY headers, and how long one may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    /// Networks whose connections may carry a header (the load balancers).
+    pub trusted: Vec<IpNet>,
+    /// Longest wait for a header (and, in `optional` mode, for its first byte).
+    pub timeout: Duration,
+}
+
+impl ProxyProtocol {
+    /// Whether a connection from `ip` may carry a header.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(ip))
+    }
+}
+
+/// `state.redis:`: shared state for a fleet of proxies.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisState {
+    /// `redis://` (or `rediss://`) URLs: one server, or the seed nodes of a cluster.
+    pub urls: Vec<String>,
+    /// The URLs are the nodes of a Redis Cluster.
+    pub cluster: bool,
+    /// Prefix of every key (and channel) cutover uses.
+    pub key_prefix: String,
+    /// Deadline of every call; past it the login path goes on with local state.
+    pub timeout: Duration,
+}
+
+/// The URLs may carry a password: `Debug` shows only where they point.
+impl fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hosts: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisState")
+            .field("urls", &hosts)
+            .field("cluster", &self.cluster)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// A URL without its user information (`redis://:secret@host:6379/0` shows as
+/// `redis://***@host:6379/0`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".into();
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_string(),
+    }
+}
+
 /// A client-facing listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
@@ -110,6 +237,8 @@ pub struct Listener {
     pub allow_plaintext_auth: bool,
     /// SMTP: the pop-before-smtp bridge window, if this listener is a bridge.
     pub bridge_window: Option<Duration>,
+    /// Whether connections start with a PROXY protocol header from a load balancer.
+    pub proxy_protocol: ProxyMode,
 }
 
 /// How servers of a pool are ordered for one user.
@@ -247,6 +376,9 @@ pub struct Pool {
     pub health: Health,
     /// Tell backends the client's address.
     pub forward_client_address: bool,
+    /// Send each connection a PROXY protocol v2 header with the client's address (health
+    /// probes send a `LOCAL` one).
+    pub proxy_protocol: bool,
     /// Spread of client disconnects when a server with many sessions dies.
     pub disconnect_spread: Duration,
     /// How long past their TTL the last resolved addresses stay usable if DNS fails.
@@ -414,6 +546,12 @@ pub struct Config {
     pub stragglers_max_users: usize,
     /// Session worker threads (0: one per CPU). Read at start only.
     pub workers: usize,
+    /// This proxy's name in a fleet (logs, admin API, metric labels).
+    pub instance_name: String,
+    /// PROXY protocol on client listeners.
+    pub proxy_protocol: ProxyProtocol,
+    /// Shared state in Redis (None: in this process only).
+    pub redis: Option<RedisState>,
 }
 
 impl Config {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use super::file::{self, RawConfig, RawListener, RawPool, RawPoolProtocol, RawRoute};
 use super::{
     normalize, parse_duration, rfc3339, Admin, Balance, CertFiles, Config, ConfigError, ConnLimits,
-    Health, Listener, Matcher, OnMove, Pool, PoolProtocol, Protocol, Route, ServerAddr, SmtpAuth,
-    Stage, Throttle, Timeouts, UserSet, Users,
+    Health, IpNet, Listener, Matcher, OnMove, Pool, PoolProtocol, Protocol, ProxyMode,
+    ProxyProtocol, RedisState, Route, ServerAddr, SmtpAuth, Stage, Throttle, Timeouts, UserSet,
+    Users,
 };
 use crate::proto::{BackendTls, Limits, ListenerTls};
 
@@ -93,6 +94,10 @@ pub(super) fn config(text: &str, file: &Path, base: &Path) -> Result<Config, Con
     })?;
     let certificates = certificates(&cx, &raw)?;
     let listeners = listeners(&cx, &raw, !certificates.is_empty())?;
+    let listeners_using_proxy: Vec<usize> = (listeners.iter().enumerate())
+        .filter(|(_, l)| l.proxy_protocol != ProxyMode::Off)
+        .map(|(i, _)| i)
+        .collect();
     let pools = pools(&cx, &raw)?;
     let users = users(&raw);
     let routes = routes(&cx, &raw.routes, "routes", &pools, &users)?;
@@ -125,6 +130,9 @@ pub(super) fn config(text: &str, file: &Path, base: &Path) -> Result<Config, Con
             .and_then(|s| s.max_users)
             .unwrap_or(1_000_000),
         workers: workers(&cx, &raw)?,
+        proxy_protocol: proxy_protocol(&cx, &raw, &listeners_using_proxy)?,
+        instance_name: instance_name(&cx, &raw)?,
+        redis: redis(&cx, &raw)?,
     })
 }
 
@@ -223,6 +231,17 @@ fn listener(
             ))
         }
     };
+    let proxy_protocol = match l.proxy_protocol.as_deref().unwrap_or("off") {
+        "off" => ProxyMode::Off,
+        "optional" => ProxyMode::Optional,
+        "required" => ProxyMode::Required,
+        other => {
+            return Err(cx.err(
+                k("proxy_protocol"),
+                format!("{other:?}: expected off, optional or required"),
+            ))
+        }
+    };
     Ok(Listener {
         name: l.name.clone(),
         protocol,
@@ -230,6 +249,7 @@ fn listener(
         tls,
         allow_plaintext_auth: l.allow_plaintext_auth,
         bridge_window,
+        proxy_protocol,
     })
 }
 
@@ -279,8 +299,19 @@ fn pool(cx: &Ctx<'_>, name: &str, p: &RawPool) -> Result<Pool, ConfigError> {
             ))
         }
     };
+    let proxy_protocol = match p.proxy_protocol.as_deref() {
+        None | Some("off") => false,
+        Some("v2") => true,
+        Some(other) => {
+            return Err(cx.err(
+                k("proxy_protocol"),
+                format!("{other:?}: expected v2 or off"),
+            ))
+        }
+    };
     Ok(Pool {
         name: name.to_string(),
+        proxy_protocol,
         balance,
         connect_timeout,
         login_timeout,
@@ -579,6 +610,109 @@ fn dns_servers(cx: &Ctx<'_>, raw: &RawConfig) -> Result<Vec<SocketAddr>, ConfigE
         .enumerate()
         .map(|(i, srv)| cx.socket_addr(format!("dns.servers[{i}]"), srv))
         .collect()
+}
+
+/// `proxy_protocol:`. A listener that accepts headers needs at least one trusted
+/// network: without one, anyone could claim any address.
+fn proxy_protocol(
+    cx: &Ctx<'_>,
+    raw: &RawConfig,
+    listeners_using_it: &[usize],
+) -> Result<ProxyProtocol, ConfigError> {
+    let raw_pp = raw.proxy_protocol.as_ref();
+    let trusted = raw_pp
+        .map(|p| p.trusted.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, net)| {
+            net.parse::<IpNet>()
+                .map_err(|e| cx.err(format!("proxy_protocol.trusted[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let (Some(&i), true) = (listeners_using_it.first(), trusted.is_empty()) {
+        return Err(cx.err(
+            format!("listeners[{i}].proxy_protocol"),
+            "needs at least one network in proxy_protocol.trusted",
+        ));
+    }
+    let timeout = cx.duration(
+        "proxy_protocol.timeout",
+        &raw_pp.and_then(|p| p.timeout.clone()),
+        Duration::from_secs(3),
+    )?;
+    if timeout.is_zero() {
+        return Err(cx.err("proxy_protocol.timeout", "must be more than 0"));
+    }
+    Ok(ProxyProtocol { trusted, timeout })
+}
+
+/// `instance_name:`, by default the machine's host name.
+fn instance_name(cx: &Ctx<'_>, raw: &RawConfig) -> Result<String, ConfigError> {
+    let name = match &raw.instance_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+    };
+    let name = if name.is_empty() && raw.instance_name.is_none() {
+        "cutover".to_string()
+    } else {
+        name
+    };
+    let valid = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(valid) {
+        return Err(cx.err(
+            "instance_name",
+            "must be 1 to 64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    Ok(name)
+}
+
+/// `state.redis:`: one URL (inline or from a file) or a cluster's nodes.
+fn redis(cx: &Ctx<'_>, raw: &RawConfig) -> Result<Option<RedisState>, ConfigError> {
+    let Some(r) = raw.state.as_ref().and_then(|s| s.redis.as_ref()) else {
+        return Ok(None);
+    };
+    let from_file = match &r.url_file {
+        Some(f) => {
+            let path = cx.existing("state.redis.url_file".into(), f)?;
+            let url = std::fs::read_to_string(&path)
+                .map_err(|e| cx.err("state.redis.url_file", format!("{}: {e}", path.display())))?;
+            Some(url.trim().to_string())
+        }
+        None => None,
+    };
+    let (urls, cluster, key) = match (&r.url, from_file, &r.cluster) {
+        (Some(u), None, None) => (vec![u.clone()], false, "state.redis.url"),
+        (None, Some(u), None) => (vec![u], false, "state.redis.url_file"),
+        (None, None, Some(c)) if !c.nodes.is_empty() => {
+            (c.nodes.clone(), true, "state.redis.cluster.nodes")
+        }
+        _ => {
+            return Err(cx.err(
+                "state.redis",
+                "give exactly one of url, url_file or cluster: { nodes: [...] }",
+            ))
+        }
+    };
+    for u in &urls {
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            return Err(cx.err(key, "a Redis URL starts with redis:// or rediss://"));
+        }
+    }
+    let timeout = cx.duration("state.redis.timeout", &r.timeout, Duration::from_millis(50))?;
+    if timeout.is_zero() {
+        return Err(cx.err("state.redis.timeout", "must be more than 0"));
+    }
+    Ok(Some(RedisState {
+        urls,
+        cluster,
+        key_prefix: r.key_prefix.clone().unwrap_or_else(|| "cutover:".into()),
+        timeout,
+    }))
 }
 
 fn workers(cx: &Ctx<'_>, raw: &RawConfig) -> Result<usize, ConfigError> {

@@ -60,6 +60,8 @@ pub struct Entry {
     pub protocol: Protocol,
     /// Pool serving it.
     pub pool: String,
+    /// The client's address (the PROXY header's when a balancer relayed the connection).
+    pub client: std::net::SocketAddr,
     /// The kick handle.
     pub kick: Arc<Kick>,
 }

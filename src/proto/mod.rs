@@ -26,6 +26,7 @@ pub mod drive;
 pub mod imap;
 pub mod line;
 pub mod pop3;
+pub mod proxy;
 pub mod sasl;
 pub mod smtp;
 pub mod text;
