@@ -21,9 +21,10 @@ PACKAGES=(
     python3-aiosmtpd python3-pytest                   # SMTP sinks, test runner
     swaks libnet-ssleay-perl curl openssl             # real clients (swaks needs Net::SSLeay for TLS)
     prometheus                                        # promtool, to lint /metrics
+    redis-server haproxy                              # fleet: shared state, front balancer
 )
 # Services that these packages may start system-wide; ours run from tests/e2e.
-SERVICES=(dovecot prometheus prometheus-node-exporter)
+SERVICES=(dovecot prometheus prometheus-node-exporter redis-server haproxy)
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi

@@ -82,7 +82,12 @@ async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String)
         ("POST", "/kick", Some(user)) => {
             let n = state.kick(&user, KickReason::Admin).await;
             tracing::info!(%user, sessions = n, "admin: kick");
-            json(serde_json::json!({"user": user, "kicked": n}))
+            if state.is_shared() {
+                // `kicked` counts this proxy's sessions; the others end theirs.
+                json(serde_json::json!({"user": user, "kicked": n, "fleet": true}))
+            } else {
+                json(serde_json::json!({"user": user, "kicked": n}))
+            }
         }
         ("POST", "/hold", Some(user)) => {
             let new = state.hold(&user).await;
@@ -96,15 +101,10 @@ async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String)
         }
         ("POST", "/kick" | "/hold" | "/release", None) => (400, "missing ?user=NAME\n".to_string()),
         ("GET", "/holds", _) => json(serde_json::json!({"held": state.holds().await})),
-        ("GET", "/sessions", _) => {
-            let list: Vec<_> = state
-                .sessions()
-                .snapshot()
-                .into_iter()
-                .map(|(id, e)| serde_json::json!({"id": id, "user": e.user, "protocol": e.protocol.as_str(), "pool": e.pool, "client": e.client.to_string(), "instance": cfg.instance_name}))
-                .collect();
-            json(serde_json::Value::Array(list))
-        }
+        ("GET", "/sessions", _) => match serde_json::to_string(&state.session_list().await) {
+            Ok(body) => (200, body + "\n"),
+            Err(_) => (500, "error\n".to_string()),
+        },
         ("GET", "/stragglers", _) => {
             let hours: i64 = req
                 .param("hours")

@@ -69,6 +69,10 @@ pub const PROCESS_MAX_FDS: &str = "process_max_fds";
 pub const POOL_INFO: &str = "cutover_pool_info";
 /// 1 if the last configuration reload succeeded (or none was tried), else 0.
 pub const RELOAD_SUCCESS: &str = "cutover_config_last_reload_successful";
+/// Whether the shared state store (Redis) answers.
+pub const STATE_UP: &str = "cutover_state_backend_up";
+/// Calls to the shared state store that failed or were late.
+pub const STATE_ERRORS: &str = "cutover_state_errors_total";
 
 /// The kind of a metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +133,8 @@ pub const CATALOGUE: &[Def] = &[
     Def { name: PROCESS_MAX_FDS, kind: Kind::Gauge, labels: &[], help: "The most file descriptors the process may open." },
     Def { name: POOL_INFO, kind: Kind::Gauge, labels: &["pool", "legacy"], help: "Always 1 per configured pool; legacy says whether the stragglers report counts it as legacy." },
     Def { name: RELOAD_SUCCESS, kind: Kind::Gauge, labels: &[], help: "1 if the last configuration reload succeeded (or none was tried), else 0." },
+    Def { name: STATE_UP, kind: Kind::Gauge, labels: &["instance_name"], help: "1 while the shared state store (state.redis) answers; absent without one." },
+    Def { name: STATE_ERRORS, kind: Kind::Counter, labels: &["op"], help: "Calls to the shared state store that failed or were late (answered from local state instead)." },
 ];
 
 /// Latency buckets (seconds) for the login and connect histograms.
@@ -192,12 +198,24 @@ pub fn prime(cfg: &crate::config::Config) {
         metrics::counter!(CONNECTIONS, "listener" => l.name.clone(), "protocol" => p).absolute(0);
         metrics::gauge!(CONNECTIONS_ACTIVE, "listener" => l.name.clone(), "protocol" => p)
             .increment(0.0);
-        for reason in [
+        let proxied = l.proxy_protocol != crate::config::ProxyMode::Off;
+        let front: &[&str] = if proxied {
+            &[
+                "proxy_untrusted",
+                "proxy_missing",
+                "proxy_invalid",
+                "proxy_timeout",
+            ]
+        } else {
+            &[]
+        };
+        let limits = [
             "max_connections",
             "max_per_ip",
             "input_too_large",
             "rate_limited",
-        ] {
+        ];
+        for &reason in limits.iter().chain(front) {
             metrics::counter!(REFUSED, "listener" => l.name.clone(), "protocol" => p, "reason" => reason).increment(0);
         }
     }
@@ -282,6 +300,7 @@ pub const SCRAPED: &[&str] = &[
     BUILD_INFO,
     POOL_INFO,
     RELOAD_SUCCESS,
+    STATE_UP,
     PROCESS_RSS,
     PROCESS_FDS,
     PROCESS_MAX_FDS,

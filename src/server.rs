@@ -194,6 +194,11 @@ impl Running {
         if old.config.workers != snap.config.workers {
             tracing::warn!("workers changed: restart required for that part");
         }
+        if old.config.redis != snap.config.redis
+            || old.config.instance_name != snap.config.instance_name
+        {
+            tracing::warn!("state.redis or instance_name changed: restart required for that part");
+        }
         // Bind what is new or moved.
         let mut fresh = Vec::new();
         {

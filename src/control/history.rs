@@ -26,6 +26,8 @@ struct Seen {
 /// One line of the stragglers report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Straggler {
+    /// The proxy that saw the login (`instance_name`).
+    pub instance: String,
     /// Normalized user.
     pub user: String,
     /// Pool that served the login.
@@ -128,6 +130,7 @@ impl History {
                 }
                 if !why.is_empty() {
                     out.push(Straggler {
+                        instance: String::new(),
                         user: user.clone(),
                         pool: s.pool.clone(),
                         protocol: s.protocol.as_str(),
@@ -146,6 +149,11 @@ impl History {
                 .then(a.listener.cmp(&b.listener))
         });
         out
+    }
+
+    /// Most users remembered.
+    pub fn max_users(&self) -> usize {
+        self.max_users
     }
 
     /// Users remembered.

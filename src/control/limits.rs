@@ -161,13 +161,24 @@ impl AuthThrottle {
             }
             worst = worst.max(f.count);
         }
-        if worst == 0 {
-            return Duration::ZERO;
+        tarpit(cfg, worst)
+    }
+
+    /// Blocks `ip` (or `user`) until `until`, as another proxy of the fleet decided.
+    pub fn block(&self, ip: Option<IpAddr>, user: Option<&str>, until: Instant) {
+        let Ok(mut m) = self.map.lock() else { return };
+        let keys = ip
+            .map(Key::Ip)
+            .into_iter()
+            .chain(user.map(|u| Key::User(u.to_string())));
+        for key in keys {
+            let f = m.entry(key).or_insert(Failures {
+                since: until,
+                count: 0,
+                blocked_until: None,
+            });
+            f.blocked_until = Some(f.blocked_until.map_or(until, |u| u.max(until)));
         }
-        let factor = 1u32
-            .checked_shl(worst.saturating_sub(1).min(16))
-            .unwrap_or(u32::MAX);
-        cfg.delay.saturating_mul(factor).min(cfg.max_delay)
     }
 
     /// A successful login clears the user's failures (not the address's: many users may
@@ -180,6 +191,18 @@ impl AuthThrottle {
             }
         }
     }
+}
+
+/// How long to wait before answering a failed login when the worst of its counters (the
+/// address's, the user's) stands at `worst`: `delay`, doubling per failure, capped.
+pub fn tarpit(cfg: &Throttle, worst: u32) -> Duration {
+    if worst == 0 {
+        return Duration::ZERO;
+    }
+    let factor = 1u32
+        .checked_shl(worst.saturating_sub(1).min(16))
+        .unwrap_or(u32::MAX);
+    cfg.delay.saturating_mul(factor).min(cfg.max_delay)
 }
 
 /// Notices when many sessions of one backend server end from the backend's side at once

@@ -10,12 +10,13 @@ use crate::config::{rfc3339, Throttle};
 use super::history::{History, Straggler};
 use super::holds::{HoldOutcome, Holds};
 use super::limits::AuthThrottle;
-use super::sessions::{KickReason, Sessions};
-use super::state::{Login, Pending, SharedState};
+use super::sessions::{Entry, KickReason, Sessions};
+use super::state::{Login, Pending, SessionRow, SharedState};
 
 /// Shared state for a single proxy.
 #[derive(Debug)]
 pub struct MemoryState {
+    instance: String,
     holds: Holds,
     throttle: AuthThrottle,
     history: History,
@@ -23,14 +24,33 @@ pub struct MemoryState {
 }
 
 impl MemoryState {
-    /// Empty state; the history remembers at most `max_users` users.
-    pub fn new(max_users: usize) -> Self {
+    /// Empty state of the proxy named `instance`; the history remembers at most
+    /// `max_users` users.
+    pub fn new(instance: &str, max_users: usize) -> Self {
         MemoryState {
+            instance: instance.to_string(),
             holds: Holds::default(),
             throttle: AuthThrottle::default(),
             history: History::new(max_users),
             sessions: Sessions::default(),
         }
+    }
+}
+
+impl MemoryState {
+    /// The holds table (a fleet mirrors its holds here).
+    pub fn holds_table(&self) -> &Holds {
+        &self.holds
+    }
+
+    /// The failed-login throttle (a fleet mirrors its blocks here).
+    pub fn throttle(&self) -> &AuthThrottle {
+        &self.throttle
+    }
+
+    /// Most users the history remembers.
+    pub fn max_users(&self) -> usize {
+        self.history.max_users()
     }
 }
 
@@ -87,7 +107,11 @@ impl SharedState for MemoryState {
         since_ms: i64,
         is_legacy: &'a (dyn Fn(&str) -> bool + Sync),
     ) -> Pending<'a, Vec<Straggler>> {
-        ready(self.history.stragglers(since_ms, is_legacy))
+        let mut rows = self.history.stragglers(since_ms, is_legacy);
+        for r in &mut rows {
+            r.instance.clone_from(&self.instance);
+        }
+        ready(rows)
     }
 
     fn sessions(&self) -> &Sessions {
@@ -96,6 +120,29 @@ impl SharedState for MemoryState {
 
     fn kick<'a>(&'a self, user: &'a str, reason: KickReason) -> Pending<'a, usize> {
         ready(self.sessions.kick_user(user, reason))
+    }
+
+    fn session_list(&self) -> Pending<'_, Vec<SessionRow>> {
+        let mut rows: Vec<SessionRow> = self
+            .sessions
+            .snapshot()
+            .into_iter()
+            .map(|(id, e)| session_row(&self.instance, id, &e))
+            .collect();
+        rows.sort_by_key(|r| r.id);
+        ready(rows)
+    }
+}
+
+/// A session as listed.
+pub fn session_row(instance: &str, id: u64, e: &Entry) -> SessionRow {
+    SessionRow {
+        instance: instance.to_string(),
+        id,
+        user: e.user.clone(),
+        protocol: e.protocol.as_str().to_string(),
+        pool: e.pool.clone(),
+        client: e.client.to_string(),
     }
 }
 
@@ -118,7 +165,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_interface_reaches_every_table() {
-        let s = MemoryState::new(10);
+        let s = MemoryState::new("proxy-a", 10);
         assert!(s.hold("joe").await);
         assert!(!s.hold("joe").await);
         assert_eq!(s.holds().await, ["joe"]);
@@ -160,6 +207,7 @@ mod tests {
         let legacy = |_: &str| true;
         let rows = s.stragglers(0, &legacy).await;
         assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.instance == "proxy-a"));
         assert_eq!(s.kick("ann", KickReason::Admin).await, 0);
     }
 }

@@ -7,6 +7,7 @@ pub mod history;
 pub mod holds;
 pub mod limits;
 pub mod memory;
+pub mod redis;
 pub mod sessions;
 pub mod state;
 
@@ -53,9 +54,15 @@ pub struct Control {
 }
 
 impl Control {
-    /// State for a first snapshot, with shared state kept in this process.
+    /// State for a first snapshot: shared state in Redis with `state.redis` (connected in
+    /// the background; a runtime is needed), else in this process.
     pub fn new(snap: Arc<Snapshot>, backends: Backends) -> Arc<Control> {
-        let state = Arc::new(memory::MemoryState::new(snap.config.stragglers_max_users));
+        let cfg = &snap.config;
+        let (name, max_users) = (cfg.instance_name.as_str(), cfg.stragglers_max_users);
+        let state: Arc<dyn SharedState> = match &cfg.redis {
+            Some(settings) => redis::RedisState::start(settings, name, max_users),
+            None => Arc::new(memory::MemoryState::new(name, max_users)),
+        };
         Control::with_state(snap, backends, state)
     }
 
@@ -158,6 +165,11 @@ impl Control {
                     *not_after as f64,
                 );
             }
+        }
+        if let Some(up) = self.state.store_up() {
+            t.family(m::STATE_UP);
+            let labels = [("instance_name", cfg.instance_name.as_str())];
+            t.sample(m::STATE_UP, &labels, f64::from(u8::from(up)));
         }
         t.family(m::RELOAD_SUCCESS);
         let ok = self

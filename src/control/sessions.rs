@@ -66,10 +66,22 @@ pub struct Entry {
     pub kick: Arc<Kick>,
 }
 
+/// Told of every session that starts or ends (a fleet keeps its listing in shared state).
+pub type Observer = Box<dyn Fn(u64, Option<&Entry>) + Send + Sync>;
+
 /// Every relayed session by id.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<u64, Entry>>,
+    observer: std::sync::OnceLock<Observer>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("len", &self.len())
+            .finish()
+    }
 }
 
 /// Removes its session from the registry when dropped.
@@ -83,16 +95,28 @@ impl Drop for Registration<'_> {
         if let Ok(mut m) = self.sessions.map.lock() {
             m.remove(&self.id);
         }
+        if let Some(observe) = self.sessions.observer.get() {
+            observe(self.id, None);
+        }
     }
 }
 
 impl Sessions {
     /// Registers a relayed session; it stays registered while the guard lives.
     pub fn register(&self, id: u64, entry: Entry) -> Registration<'_> {
+        if let Some(observe) = self.observer.get() {
+            observe(id, Some(&entry));
+        }
         if let Ok(mut m) = self.map.lock() {
             m.insert(id, entry);
         }
         Registration { sessions: self, id }
+    }
+
+    /// Sets the observer told of every session that starts (`Some(entry)`) or ends
+    /// (`None`). Only the first call takes effect.
+    pub fn observe(&self, observer: Observer) {
+        let _ = self.observer.set(observer);
     }
 
     /// A copy of every entry (for move checks and reports).

@@ -14,6 +14,8 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{Protocol, Throttle};
 
 use super::history::Straggler;
@@ -40,6 +42,23 @@ pub struct Login<'a> {
     pub ip: IpAddr,
     /// When (Unix milliseconds).
     pub now_ms: i64,
+}
+
+/// One relayed session in a listing (`GET /sessions`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRow {
+    /// The proxy relaying it (`instance_name`).
+    pub instance: String,
+    /// The session id (unique per proxy).
+    pub id: u64,
+    /// Normalized user.
+    pub user: String,
+    /// Protocol.
+    pub protocol: String,
+    /// Pool serving it.
+    pub pool: String,
+    /// The client's address.
+    pub client: String,
 }
 
 /// Everything a login, the admin endpoint and the stragglers report ask of shared state.
@@ -78,6 +97,17 @@ pub trait SharedState: Send + Sync + std::fmt::Debug {
     /// The relayed sessions of this process: where a session registers itself and where
     /// its kick handle lives.
     fn sessions(&self) -> &Sessions;
-    /// Ends every relayed session of `user`; returns how many.
+    /// Ends every relayed session of `user` (on every proxy of a fleet); returns how many
+    /// this proxy ended.
     fn kick<'a>(&'a self, user: &'a str, reason: KickReason) -> Pending<'a, usize>;
+    /// The relayed sessions (of every proxy of a fleet), sorted by instance and id.
+    fn session_list(&self) -> Pending<'_, Vec<SessionRow>>;
+    /// Whether the shared store is reachable: `None` when the state is this process's own.
+    fn store_up(&self) -> Option<bool> {
+        None
+    }
+    /// Whether changes reach the other proxies of a fleet (admin replies say so).
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
