@@ -22,6 +22,7 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: std::path::PathBuf,
+    cluster: bool,
 }
 
 impl Redis {
@@ -45,6 +46,7 @@ impl Redis {
             child: None,
             port,
             dir,
+            cluster: false,
         };
         r.spawn();
         Some(r)
@@ -54,6 +56,7 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--cluster-enabled", if self.cluster { "yes" } else { "no" }])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -87,6 +90,67 @@ impl Drop for Redis {
     }
 }
 
+/// A throw-away Redis Cluster of three masters on loopback, made with
+/// `redis-cli --cluster create`.
+struct Cluster {
+    nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    fn start() -> Option<Cluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let mut r = Redis::start()?;
+            r.kill();
+            r.cluster = true;
+            r.spawn();
+            nodes.push(r);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+        assert!(created.success(), "redis-cli --cluster create failed");
+        // Every node must agree the cluster is up before it serves.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for r in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &r.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli runs");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cluster did not come up");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Some(Cluster { nodes })
+    }
+
+    fn state(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|r| format!("\"{}\"", r.url().trim_end_matches("/0")))
+            .collect();
+        format!(
+            "{{ cluster: {{ nodes: [{}] }}, key_prefix: \"c{}:\", timeout: 300ms }}",
+            nodes.join(", "),
+            self.nodes[0].port
+        )
+    }
+}
+
 struct Backends {
     imap: FakeBackend,
     pop3: FakeBackend,
@@ -101,8 +165,17 @@ async fn backends() -> Backends {
     }
 }
 
+/// `state.redis` for a single server.
+fn single(redis: &Redis) -> String {
+    format!(
+        "{{ url: \"{}\", key_prefix: \"t{}:\", timeout: 200ms }}",
+        redis.url(),
+        redis.port
+    )
+}
+
 /// One proxy of the fleet: same configuration but its name.
-async fn proxy(name: &str, redis: &Redis, b: &Backends, extra: &str) -> Proxy {
+async fn proxy(name: &str, state: &str, b: &Backends, extra: &str) -> Proxy {
     let yaml = format!(
         r#"
 instance_name: {name}
@@ -122,14 +195,12 @@ admin: {{ listen: "127.0.0.1:0", hold_max_wait: 10s }}
 metrics: {{ listen: "127.0.0.1:0" }}
 shutdown: {{ drain_timeout: 1s }}
 state:
-  redis: {{ url: "{url}", key_prefix: "t{port}:", timeout: 200ms }}
+  redis: {state}
 {extra}
 "#,
         imap = b.imap.addr,
         pop3 = b.pop3.addr,
         smtp = b.smtp.addr,
-        url = redis.url(),
-        port = redis.port,
     );
     let p = Proxy::start(&yaml).await;
     // Connected and subscribed: the store answers and a hold reaches this proxy.
@@ -173,8 +244,8 @@ async fn holds_kicks_and_sessions_act_on_every_proxy() {
     let Some(redis) = Redis::start() else { return };
     let b = backends().await;
     let (pa, pb) = (
-        proxy("proxy-a", &redis, &b, "").await,
-        proxy("proxy-b", &redis, &b, "").await,
+        proxy("proxy-a", &single(&redis), &b, "").await,
+        proxy("proxy-b", &single(&redis), &b, "").await,
     );
     // A hold sent to A makes a login arriving on B wait...
     assert!(admin(&pa, "POST", "/hold?user=bob")
@@ -222,11 +293,42 @@ async fn holds_kicks_and_sessions_act_on_every_proxy() {
 #[tokio::test]
 async fn the_bridge_and_the_throttle_span_the_fleet() {
     let Some(redis) = Redis::start() else { return };
+    bridge_and_throttle(&single(&redis)).await;
+}
+
+#[tokio::test]
+async fn a_redis_cluster_serves_the_fleet_too() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let state = cluster.state();
+    bridge_and_throttle(&state).await;
+    let b = backends().await;
+    let (pa, pb) = (
+        proxy("proxy-a", &state, &b, "").await,
+        proxy("proxy-b", &state, &b, "").await,
+    );
+    assert!(admin(&pa, "POST", "/hold?user=bob")
+        .await
+        .contains("\"held\":true"));
+    let addr_b = pb.addr("imap");
+    let waiting = tokio::spawn(async move { imap_login(addr_b, "bob", "password").await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!waiting.is_finished(), "held on B by a hold sent to A");
+    admin(&pb, "POST", "/release?user=bob").await;
+    let (_, ok) = waiting.await.unwrap();
+    assert!(ok.starts_with("a OK"), "{ok}");
+    pa.stop().await;
+    pb.stop().await;
+}
+
+/// The bridge and the throttle across two proxies sharing `state`.
+async fn bridge_and_throttle(state: &str) {
     let b = backends().await;
     let extra = "auth_throttle: { user_failures: 3, ip_failures: 0, delay: 10ms, max_delay: 20ms }";
     let (pa, pb) = (
-        proxy("proxy-a", &redis, &b, extra).await,
-        proxy("proxy-b", &redis, &b, extra).await,
+        proxy("proxy-a", state, &b, extra).await,
+        proxy("proxy-b", state, &b, extra).await,
     );
     // A POP3 login through A opens the window for SMTP arriving on B.
     let mut p = Client::connect(pa.addr("pop3")).await;
@@ -279,8 +381,8 @@ async fn losing_redis_degrades_sharing_and_its_return_resumes_it() {
     };
     let b = backends().await;
     let (pa, pb) = (
-        proxy("proxy-a", &redis, &b, "").await,
-        proxy("proxy-b", &redis, &b, "").await,
+        proxy("proxy-a", &single(&redis), &b, "").await,
+        proxy("proxy-b", &single(&redis), &b, "").await,
     );
     redis.kill();
     // Logins go on, on local state; the gauge says the store is down.

@@ -2,7 +2,7 @@
 //! Cluster). The second implementation of the interface: nothing above it changed.
 //!
 //! # What lives where
-//! * **Holds**: a key per held user and one set listing them; every proxy keeps a local
+//! * **Holds**: a set of the held users; every proxy keeps a local
 //!   mirror, updated by a message on the control channel (pub/sub) and re-read whole
 //!   whenever the subscription (re)connects, so a login checks its hold without a round
 //!   trip and a proxy that was cut off catches up.
@@ -18,8 +18,9 @@
 //! * **Sessions**: each proxy's relayed sessions in a hash of its own, listed together
 //!   with those of every proxy whose heartbeat is alive. A kick is a control message.
 //!
-//! Keys carry the user (or address) as a hash tag (`cutover:{bob}:hold`), so a Redis
-//! Cluster keeps one user's keys on one shard and no command spans two.
+//! Keys about one user (or client address) carry it as a hash tag (`cutover:{bob}:fails`,
+//! `cutover:{ip:192.0.2.7}:bridge`), keys about the fleet share the tag `{fleet}`: a Redis
+//! Cluster spreads users over its shards, and no command or pipeline spans two.
 //!
 //! # Failures
 //! Every call has the configured deadline. A call that fails or is late is answered from
@@ -154,12 +155,15 @@ impl RedisState {
         format!("ip:{ip}")
     }
 
+    /// A key about the whole fleet. They share one hash tag, so that a Redis Cluster
+    /// keeps them on one shard and a pipeline over them never spans two.
     fn global(&self, what: &str) -> String {
-        format!("{}{what}", self.settings.key_prefix)
+        format!("{}{{fleet}}:{what}", self.settings.key_prefix)
     }
 
+    /// The control channel (pub/sub messages reach every node of a cluster).
     fn channel(&self) -> String {
-        self.global("control")
+        format!("{}control", self.settings.key_prefix)
     }
 
     fn conn(&self) -> Option<Conn> {
@@ -354,40 +358,26 @@ impl SharedState for RedisState {
     fn hold<'a>(&'a self, user: &'a str) -> Pending<'a, bool> {
         Box::pin(async move {
             let fresh = self.local.holds_table().hold(user);
-            let (key, set) = (self.key(user, "hold"), self.global("holds"));
-            let instance = self.instance.clone();
-            let stored = self
-                .call("hold", |mut c| async move {
-                    redis::pipe()
-                        .set(key, instance)
-                        .ignore()
-                        .sadd(set, user)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
+            let set = self.global("holds");
+            let added: Option<i64> = self
+                .call("hold", |mut c| async move { c.sadd(set, user).await })
                 .await;
-            if stored.is_some() {
+            if added.is_some() {
                 self.publish("hold", &[user]).await;
             }
-            fresh
+            fresh && added != Some(0)
         })
     }
 
     fn release<'a>(&'a self, user: &'a str) -> Pending<'a, bool> {
         Box::pin(async move {
             let was = self.local.holds_table().release(user);
-            let (key, set) = (self.key(user, "hold"), self.global("holds"));
-            let removed: Option<(i64, i64)> = self
-                .call("release", |mut c| async move {
-                    redis::pipe()
-                        .del(key)
-                        .srem(set, user)
-                        .query_async(&mut c)
-                        .await
-                })
+            let set = self.global("holds");
+            let removed: Option<i64> = self
+                .call("release", |mut c| async move { c.srem(set, user).await })
                 .await;
             self.publish("release", &[user]).await;
-            was || removed.is_some_and(|(k, s)| k > 0 || s > 0)
+            was || removed.is_some_and(|n| n > 0)
         })
     }
 
@@ -450,17 +440,20 @@ impl SharedState for RedisState {
     }
 
     fn logged_in<'a>(&'a self, login: Login<'a>) -> Pending<'a, ()> {
-        let mut pipe = redis::pipe();
         if login.protocol != Protocol::Smtp {
             let key = self.key(&Self::ip_tag(login.ip), "bridge");
             let value = format!("{}\t{}", login.user, login.now_ms);
-            pipe.cmd("SET")
+            let mut bridge = redis::pipe();
+            bridge
+                .cmd("SET")
                 .arg(key)
                 .arg(value)
                 .arg("PX")
                 .arg(BRIDGE_TTL_MS)
                 .ignore();
+            self.send(bridge);
         }
+        let mut pipe = redis::pipe();
         let seen = [
             login.user,
             login.pool,
