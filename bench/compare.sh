@@ -14,7 +14,10 @@
 #   --no-install   do not apt-get install missing packages
 #   --no-build     use the release binaries already built
 #   --keep         keep the temporary directory (configs, logs, raw results)
-#   --only LIST    comma-separated targets to measure (direct,haproxy,nginx,cutover)
+#   --only LIST    comma-separated targets to measure (direct,haproxy,nginx,cutover); the
+#                  fleet section (bench/fleet.py: three cutovers sharing a redis-server,
+#                  control propagation, login rate with state.redis) runs with cutover
+#   --no-fleet     skip the fleet section
 #   --cutover BIN  measure this cutover binary (e.g. an experimental build) instead of
 #                  target/release/cutover
 #
@@ -32,6 +35,7 @@ BUILD=1
 KEEP=0
 ONLY="direct,haproxy,nginx,cutover"
 CUTOVER_BIN=""
+FLEET=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -42,6 +46,7 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1 ;;
         --only) ONLY="$2"; shift ;;
         --cutover) CUTOVER_BIN=$(realpath "$2"); shift ;;
+        --no-fleet) FLEET=0 ;;
         -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
@@ -49,9 +54,9 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$MODE" = quick ]; then
-    REPS=1; LOGIN_S=3; UNLOADED_S=2; FETCH_S=2; IDLE_N=500; NOOP_N=3000
+    REPS=1; LOGIN_S=3; UNLOADED_S=2; FETCH_S=2; IDLE_N=500; NOOP_N=3000; FLEET_TRIALS=50
 else
-    REPS=3; LOGIN_S=10; UNLOADED_S=3; FETCH_S=5; IDLE_N=2000; NOOP_N=20000
+    REPS=3; LOGIN_S=10; UNLOADED_S=3; FETCH_S=5; IDLE_N=2000; NOOP_N=20000; FLEET_TRIALS=200
 fi
 CONC=200
 NPROC=$(nproc)
@@ -79,6 +84,7 @@ if [ "$INSTALL" = 1 ]; then
     command -v openssl >/dev/null || need+=(openssl)
     command -v taskset >/dev/null || need+=(util-linux)
     command -v pgrep >/dev/null || need+=(procps)
+    command -v redis-server >/dev/null || need+=(redis-server)
     if [ ${#need[@]} -gt 0 ]; then
         log "installing ${need[*]}"
         apt-get update -qq
@@ -495,6 +501,19 @@ for t in "${TARGETS[@]}"; do
     done
 done
 
+# Fleet: three cutovers sharing a redis-server (bench/fleet.py).
+FLEET_MD="$WORK/fleet.md"
+if [ "$FLEET" = 1 ] && [[ ",$ONLY," == *",cutover,"* ]]; then
+    log "fleet: control propagation ($FLEET_TRIALS trials) and logins with state.redis"
+    wait_quiet
+    if ! python3 "$ROOT/bench/fleet.py" --cutover "$CUTOVER" --load "$LOAD" \
+            --backend "$BACKEND:$PLAIN" --out "$FLEET_MD" --trials "$FLEET_TRIALS" \
+            --login-s "$LOGIN_S" >&2 2>>"$WORK/fleet.log"; then
+        warn "bench/fleet.py failed (see $WORK/fleet.log)"
+        printf '## Fleet\n\nn/a: bench/fleet.py failed in this run.\n' >"$FLEET_MD"
+    fi
+fi
+
 # --- report ------------------------------------------------------------------------------
 ELAPSED=$(( $(date +%s) - STARTED ))
 META="$WORK/meta.tsv"
@@ -528,5 +547,17 @@ META="$WORK/meta.tsv"
 
 log "report"
 "$LOAD" report --results "$RESULTS" --meta "$META" --out "$OUT"
+if [ -s "$FLEET_MD" ]; then
+    # The fleet section goes before the findings (kept across runs by the report writer).
+    python3 - "$OUT" "$FLEET_MD" <<'PY'
+import re, sys
+out, fleet = sys.argv[1], open(sys.argv[2]).read().rstrip() + "\n\n"
+text = open(out).read()
+text = re.sub(r"\n## Fleet\n.*?(?=\n## )", "\n", text, flags=re.S)
+at = text.find("\n## Findings")
+text = text + "\n" + fleet if at < 0 else text[:at + 1] + fleet + text[at + 1:]
+open(out, "w").write(text)
+PY
+fi
 FAILED=0
 echo "raw results: $RESULTS (kept only with --keep)" >&2

@@ -8,7 +8,7 @@
 //! | `POST /kick?user=U` | end U's relayed sessions now (IMAP: `* BYE` first) |
 //! | `POST /hold?user=U` | U's new logins wait (up to `admin.hold_max_wait`) |
 //! | `POST /release?user=U` | waiting and new logins of U go to the route in force |
-//! | `GET /holds` | held users |
+//! | `GET /holds` | held users (of the fleet, with shared state); `?scope=local`: the holds this proxy enforces now |
 //! | `GET /sessions` | relayed sessions (user, protocol, pool) |
 //! | `GET /stragglers?hours=N` | users seen on a legacy pool or without TLS in the last N hours (JSON) |
 
@@ -100,6 +100,9 @@ async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String)
             json(serde_json::json!({"user": user, "released": was}))
         }
         ("POST", "/kick" | "/hold" | "/release", None) => (400, "missing ?user=NAME\n".to_string()),
+        ("GET", "/holds", _) if req.param("scope") == Some("local") => {
+            json(serde_json::json!({"held": state.holds_enforced()}))
+        }
         ("GET", "/holds", _) => json(serde_json::json!({"held": state.holds().await})),
         ("GET", "/sessions", _) => match serde_json::to_string(&state.session_list().await) {
             Ok(body) => (200, body + "\n"),

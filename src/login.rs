@@ -381,6 +381,7 @@ async fn after_backend(
                 protocol: at.listener.protocol,
                 listener: &at.listener.name,
                 tls: req.client_tls,
+                legacy: snap.config.pools.get(pool).is_none_or(|p| p.legacy),
                 ip: req.peer.ip(),
                 now_ms: rfc3339::now_ms(),
             };

@@ -17,11 +17,17 @@ use cutover::demo::FakeBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A throw-away redis-server on 127.0.0.1 and a free port.
+/// Where the test Redis servers listen: an address of their own, so that picking a free
+/// port for one never races with the proxies' listeners on 127.0.0.1.
+const REDIS_IP: &str = "127.0.0.55";
+
+/// A throw-away redis-server on [`REDIS_IP`] and a free port.
 struct Redis {
     child: Option<Child>,
+    ip: &'static str,
     port: u16,
     dir: std::path::PathBuf,
+    /// Cluster mode (its bus listens on port + 10000).
     cluster: bool,
 }
 
@@ -35,15 +41,12 @@ impl Redis {
             eprintln!("redis-server is not installed: skipping (scripts/test.sh installs it)");
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
+        let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("cutover-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
         let mut r = Redis {
             child: None,
+            ip: REDIS_IP,
             port,
             dir,
             cluster: false,
@@ -54,7 +57,7 @@ impl Redis {
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", self.ip, "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--cluster-enabled", if self.cluster { "yes" } else { "no" }])
             .arg("--dir")
@@ -65,7 +68,7 @@ impl Redis {
             .expect("redis-server starts");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect((self.ip, self.port)).is_err() {
             assert!(Instant::now() < deadline, "redis-server did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -79,8 +82,33 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis://{}:{}/0", self.ip, self.port)
     }
+}
+
+/// A port nobody listens on now, on [`REDIS_IP`].
+fn free_port() -> Option<u16> {
+    Some(
+        std::net::TcpListener::bind((REDIS_IP, 0))
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port(),
+    )
+}
+
+/// A port below 45000 that is free, with port + 10000 free too.
+fn free_port_pair() -> Option<u16> {
+    let seed = u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
+    for i in 0..2000u64 {
+        let port =
+            20000 + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % 25000) as u16;
+        let free = |p: u16| std::net::TcpListener::bind((REDIS_IP, p)).is_ok();
+        if free(port) && free(port + 10000) {
+            return Some(port);
+        }
+    }
+    None
 }
 
 impl Drop for Redis {
@@ -102,29 +130,46 @@ impl Cluster {
         for _ in 0..3 {
             let mut r = Redis::start()?;
             r.kill();
+            // A cluster's nodes find each other by the address they see: 127.0.0.1 (the
+            // one their bus connections come from). The bus listens on port + 10000
+            // (`redis-cli --cluster create` knows no other): both below the ephemeral range
+            // the proxies' listeners draw from.
+            r.ip = "127.0.0.1";
+            r.port = free_port_pair()?;
             r.cluster = true;
             r.spawn();
             nodes.push(r);
         }
         let addrs: Vec<String> = nodes
             .iter()
-            .map(|r| format!("127.0.0.1:{}", r.port))
+            .map(|r| format!("{}:{}", r.ip, r.port))
             .collect();
-        let created = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status()
+            .spawn()
             .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let created = loop {
+            if let Some(status) = create.try_wait().ok()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = create.kill();
+                panic!("redis-cli --cluster create did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(created.success(), "redis-cli --cluster create failed");
         // Every node must agree the cluster is up before it serves.
         let deadline = Instant::now() + Duration::from_secs(20);
         for r in &nodes {
             loop {
                 let info = Command::new("redis-cli")
-                    .args(["-p", &r.port.to_string(), "cluster", "info"])
+                    .args(["-h", r.ip, "-p", &r.port.to_string(), "cluster", "info"])
                     .output()
                     .expect("redis-cli runs");
                 if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
@@ -222,6 +267,32 @@ async fn wait_until_up(p: &Proxy) {
     }
 }
 
+/// Until a hold sent to each proxy is enforced by the other (both are subscribed).
+async fn wait_until_sharing(a: &Proxy, b: &Proxy) {
+    for (from, to) in [(a, b), (b, a)] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        admin(from, "POST", "/hold?user=readiness-probe").await;
+        while !admin(to, "GET", "/holds?scope=local")
+            .await
+            .contains("readiness-probe")
+        {
+            assert!(Instant::now() < deadline, "the proxies never shared a hold");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        admin(from, "POST", "/release?user=readiness-probe").await;
+        while admin(to, "GET", "/holds?scope=local")
+            .await
+            .contains("readiness-probe")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the release never reached the other proxy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 async fn admin(p: &Proxy, method: &str, path: &str) -> String {
     let addr = p.running.as_ref().unwrap().admin.unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -247,6 +318,7 @@ async fn holds_kicks_and_sessions_act_on_every_proxy() {
         proxy("proxy-a", &single(&redis), &b, "").await,
         proxy("proxy-b", &single(&redis), &b, "").await,
     );
+    wait_until_sharing(&pa, &pb).await;
     // A hold sent to A makes a login arriving on B wait...
     assert!(admin(&pa, "POST", "/hold?user=bob")
         .await
@@ -308,6 +380,7 @@ async fn a_redis_cluster_serves_the_fleet_too() {
         proxy("proxy-a", &state, &b, "").await,
         proxy("proxy-b", &state, &b, "").await,
     );
+    wait_until_sharing(&pa, &pb).await;
     assert!(admin(&pa, "POST", "/hold?user=bob")
         .await
         .contains("\"held\":true"));
@@ -330,6 +403,7 @@ async fn bridge_and_throttle(state: &str) {
         proxy("proxy-a", state, &b, extra).await,
         proxy("proxy-b", state, &b, extra).await,
     );
+    wait_until_sharing(&pa, &pb).await;
     // A POP3 login through A opens the window for SMTP arriving on B.
     let mut p = Client::connect(pa.addr("pop3")).await;
     p.line().await;
@@ -347,6 +421,16 @@ async fn bridge_and_throttle(state: &str) {
     s.send(b"MAIL FROM:<bob@example.net>\r\n").await;
     let reply = s.line().await.unwrap();
     assert!(reply.starts_with("250"), "bridged on B: {reply}");
+    // Two failures on A, a success on B: B clears the fleet-wide count (so three more
+    // are needed below).
+    for _ in 0..2 {
+        let (_, r) = imap_login(pa.addr("imap"), "carol", "wrong").await;
+        assert!(r.starts_with("a NO [AUTHENTICATIONFAILED]"), "{r}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, r) = imap_login(pb.addr("imap"), "carol", "password").await;
+    assert!(r.starts_with("a OK"), "{r}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
     // Failed logins spread over A and B block at exactly 3.
     for (i, proxy) in [&pa, &pb, &pa].into_iter().enumerate() {
         let (_, r) = imap_login(proxy.addr("imap"), "carol", "wrong").await;
@@ -384,6 +468,7 @@ async fn losing_redis_degrades_sharing_and_its_return_resumes_it() {
         proxy("proxy-a", &single(&redis), &b, "").await,
         proxy("proxy-b", &single(&redis), &b, "").await,
     );
+    wait_until_sharing(&pa, &pb).await;
     redis.kill();
     // Logins go on, on local state; the gauge says the store is down.
     let started = Instant::now();
@@ -411,7 +496,7 @@ async fn losing_redis_degrades_sharing_and_its_return_resumes_it() {
     redis.spawn();
     wait_until_up(&pa).await;
     wait_until_up(&pb).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until_sharing(&pa, &pb).await;
     assert!(admin(&pa, "POST", "/hold?user=alice")
         .await
         .contains("\"held\":true"));

@@ -192,6 +192,7 @@ mod tests {
             protocol,
             listener: "imap",
             tls,
+            legacy: pool == "legacy",
             ip: "127.0.0.7".parse().unwrap(),
             now_ms,
         }

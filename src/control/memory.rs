@@ -71,6 +71,10 @@ impl SharedState for MemoryState {
         ready(self.holds.list())
     }
 
+    fn holds_enforced(&self) -> Vec<String> {
+        self.holds.list()
+    }
+
     fn is_held<'a>(&'a self, user: &'a str) -> Pending<'a, bool> {
         ready(self.holds.is_held(user))
     }
@@ -158,6 +162,7 @@ mod tests {
             protocol,
             listener: "l",
             tls: true,
+            legacy: true,
             ip: IpAddr::from(ip),
             now_ms: rfc3339::now_ms(),
         }

@@ -95,10 +95,34 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
-/// A write that needs no answer.
-enum Write {
-    Pipeline(redis::Pipeline),
+/// A write that needs no answer: one command, and the hash tag of its key (`None`: a
+/// fleet key), so that a batch bound for a cluster is split by shard.
+struct Write {
+    tag: Option<String>,
+    cmds: Vec<redis::Cmd>,
+    merge: Merge,
 }
+
+/// How writes waiting in the same batch combine.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Merge {
+    /// Sent as it is.
+    No,
+    /// Replaces an earlier write with the same name (the last value wins).
+    Last(String),
+    /// A session's entry in the listing; a session that starts and ends within one batch
+    /// sends nothing.
+    SessionStarted(u64),
+    /// A session's removal from the listing.
+    SessionEnded(u64),
+    /// The whole listing rewritten: no session start or end in its batch is dropped.
+    Snapshot,
+}
+
+/// Most writes taken into one batch.
+const BATCH: usize = 2048;
+/// How long a write waits for others to join its batch.
+const BATCH_DELAY: Duration = Duration::from_millis(10);
 
 /// Shared state in Redis, with this process's state underneath as mirror and fallback.
 pub struct RedisState {
@@ -108,6 +132,42 @@ pub struct RedisState {
     conn: RwLock<Option<Conn>>,
     up: AtomicBool,
     queue: mpsc::Sender<Write>,
+    /// Users with failed logins counted in the fleet lately: only their successes need
+    /// to clear a counter in Redis.
+    failing: Failing,
+}
+
+/// Users with failures counted in the fleet, each forgotten after an hour (longer than
+/// any sensible counting window: a stale entry only costs one needless `DEL`).
+#[derive(Default)]
+struct Failing {
+    users: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+}
+
+/// How long a user stays in [`Failing`].
+const FAILING_FOR: Duration = Duration::from_secs(3600);
+
+impl Failing {
+    fn add(&self, user: &str) {
+        if let Ok(mut m) = self.users.lock() {
+            let now = Instant::now();
+            if m.len() >= 100_000 {
+                m.retain(|_, until| *until > now);
+            }
+            m.insert(user.to_string(), now + FAILING_FOR);
+        }
+    }
+
+    /// Whether `user` had failures (and forgets them).
+    fn remove(&self, user: &str) -> bool {
+        let Ok(mut m) = self.users.lock() else {
+            return true;
+        };
+        if m.is_empty() {
+            return false;
+        }
+        m.remove(user).is_some_and(|until| until > Instant::now())
+    }
 }
 
 impl std::fmt::Debug for RedisState {
@@ -133,6 +193,7 @@ impl RedisState {
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
             queue,
+            failing: Failing::default(),
         });
         let observer = Arc::downgrade(&me);
         me.local.sessions().observe(Box::new(move |id, entry| {
@@ -206,8 +267,20 @@ impl RedisState {
     }
 
     /// Queues a write that needs no answer.
-    fn send(&self, pipe: redis::Pipeline) {
-        if self.queue.try_send(Write::Pipeline(pipe)).is_err() {
+    fn send(&self, tag: Option<&str>, cmd: redis::Cmd) {
+        self.send_merging(tag, cmd, Merge::No);
+    }
+
+    fn send_merging(&self, tag: Option<&str>, cmd: redis::Cmd, merge: Merge) {
+        self.enqueue(Write {
+            tag: tag.map(str::to_string),
+            cmds: vec![cmd],
+            merge,
+        });
+    }
+
+    fn enqueue(&self, write: Write) {
+        if self.queue.try_send(write).is_err() {
             metrics::counter!(m::STATE_ERRORS, "op" => "queue_full").increment(1);
         }
     }
@@ -226,18 +299,15 @@ impl RedisState {
 
     fn session_changed(&self, id: u64, entry: Option<&super::sessions::Entry>) {
         let key = self.global(&format!("sessions:{}", self.instance));
-        let mut pipe = redis::pipe();
-        match entry {
+        let (cmd, merge) = match entry {
             Some(e) => {
                 let row = session_row(&self.instance, id, e);
                 let json = serde_json::to_string(&row).unwrap_or_default();
-                pipe.hset(&key, id, json);
+                (redis::Cmd::hset(&key, id, json), Merge::SessionStarted(id))
             }
-            None => {
-                pipe.hdel(&key, id);
-            }
-        }
-        self.send(pipe);
+            None => (redis::Cmd::hdel(&key, id), Merge::SessionEnded(id)),
+        };
+        self.send_merging(None, cmd, merge);
     }
 
     /// Applies a control message from another proxy to the local mirror.
@@ -271,6 +341,10 @@ impl RedisState {
                 );
             }
             "block" => self.apply_block(arg, parts.next()),
+            "failed" => self.failing.add(arg),
+            "cleared" => {
+                self.failing.remove(arg);
+            }
             _ => {}
         }
     }
@@ -293,12 +367,34 @@ impl RedisState {
         }
     }
 
+    /// Rewrites this proxy's entries in the session listing from its registry: after the
+    /// store was unreachable (or restarted empty) the listing is whole again. Taken and
+    /// queued under the registry's lock, so that a session starting or ending meanwhile
+    /// is written after it, in order.
+    fn resync_sessions(&self) {
+        let key = self.global(&format!("sessions:{}", self.instance));
+        self.local.sessions().with_entries(|entries| {
+            let mut cmds = vec![redis::Cmd::del(&key)];
+            for (id, e) in entries {
+                let row = session_row(&self.instance, *id, e);
+                let json = serde_json::to_string(&row).unwrap_or_default();
+                cmds.push(redis::Cmd::hset(&key, id, json));
+            }
+            self.enqueue(Write {
+                tag: None,
+                cmds,
+                merge: Merge::Snapshot,
+            });
+        });
+    }
+
     /// After a (re)connection: the holds and blocks in force fleet-wide.
-    async fn resync(&self) {
+    async fn resync(&self) -> bool {
         let holds_key = self.global("holds");
         let held: Option<Vec<String>> = self
             .call("resync", |mut c| async move { c.smembers(holds_key).await })
             .await;
+        let synced = held.is_some();
         if let Some(held) = held {
             let table = self.local.holds_table();
             for user in table.list() {
@@ -317,6 +413,7 @@ impl RedisState {
         for (what, until) in blocks.unwrap_or_default() {
             self.apply_block(&what, Some(&until.to_string()));
         }
+        synced
     }
 
     /// Counts one failure under `key` (fleet-wide); its count, or `None` if the store
@@ -393,6 +490,10 @@ impl SharedState for RedisState {
         })
     }
 
+    fn holds_enforced(&self) -> Vec<String> {
+        self.local.holds_table().list()
+    }
+
     fn is_held<'a>(&'a self, user: &'a str) -> Pending<'a, bool> {
         self.local.is_held(user)
     }
@@ -416,6 +517,12 @@ impl SharedState for RedisState {
                 if limit == 0 {
                     continue;
                 }
+                if let Some(user) = what.strip_prefix("user:") {
+                    // Every proxy learns the user has a counter: a success anywhere clears it.
+                    self.failing.add(user);
+                    let payload = [self.instance.as_str(), "failed", user].join("\t");
+                    self.send(None, redis::Cmd::publish(self.channel(), payload));
+                }
                 let Some(count) = self
                     .count_failure(self.key(&tag, "fails"), cfg.window)
                     .await
@@ -433,42 +540,39 @@ impl SharedState for RedisState {
     }
 
     fn succeeded<'a>(&'a self, user: &'a str) -> Pending<'a, ()> {
-        let mut pipe = redis::pipe();
-        pipe.del(self.key(user, "fails"));
-        self.send(pipe);
+        // Only a user with failures counted somewhere in the fleet has a counter to clear:
+        // most logins send nothing.
+        if self.failing.remove(user) {
+            self.send(Some(user), redis::Cmd::del(self.key(user, "fails")));
+            let payload = [self.instance.as_str(), "cleared", user].join("\t");
+            self.send(None, redis::Cmd::publish(self.channel(), payload));
+        }
         self.local.succeeded(user)
     }
 
     fn logged_in<'a>(&'a self, login: Login<'a>) -> Pending<'a, ()> {
         if login.protocol != Protocol::Smtp {
-            let key = self.key(&Self::ip_tag(login.ip), "bridge");
+            let tag = Self::ip_tag(login.ip);
             let value = format!("{}\t{}", login.user, login.now_ms);
-            let mut bridge = redis::pipe();
-            bridge
-                .cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(BRIDGE_TTL_MS)
-                .ignore();
-            self.send(bridge);
+            let key = self.key(&tag, "bridge");
+            let mut set = redis::cmd("SET");
+            set.arg(&key).arg(value).arg("PX").arg(BRIDGE_TTL_MS);
+            self.send_merging(Some(&tag), set, Merge::Last(key));
         }
-        let mut pipe = redis::pipe();
-        let seen = [
-            login.user,
-            login.pool,
-            login.protocol.as_str(),
-            login.listener,
-            if login.tls { "tls" } else { "plain" },
-            &self.instance,
-        ]
-        .join("\t");
-        let stragglers = self.global("seen");
-        pipe.zadd(&stragglers, seen, login.now_ms).ignore();
-        // Bounded: the oldest beyond the limit go.
-        let keep = self.local.max_users() as isize;
-        pipe.zremrangebyrank(&stragglers, 0, -keep - 1).ignore();
-        self.send(pipe);
+        // Only what the stragglers report can list: a legacy pool, or no TLS.
+        if login.legacy || !login.tls {
+            let seen = [
+                login.user,
+                login.pool,
+                login.protocol.as_str(),
+                login.listener,
+                if login.tls { "tls" } else { "plain" },
+                &self.instance,
+            ]
+            .join("\t");
+            let zadd = redis::Cmd::zadd(self.global("seen"), &seen, login.now_ms);
+            self.send_merging(None, zadd, Merge::Last(seen));
+        }
         self.local.logged_in(login)
     }
 
@@ -661,14 +765,79 @@ async fn connect(me: std::sync::Weak<RedisState>) {
 
 /// Sends the writes that need no answer, in order, each within the deadline.
 async fn write_queue(me: std::sync::Weak<RedisState>, mut rx: mpsc::Receiver<Write>) {
-    while let Some(Write::Pipeline(pipe)) = rx.recv().await {
+    while let Some(first) = rx.recv().await {
+        // A moment for more to come: they go in the same round trip, and a session that
+        // ends meanwhile, or a value written again, costs Redis nothing.
+        tokio::time::sleep(BATCH_DELAY).await;
         let Some(state) = me.upgrade() else { return };
-        state
-            .call("write", |mut c| async move {
-                pipe.query_async::<()>(&mut c).await
-            })
-            .await;
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        // One pipeline per shard for a cluster (its pipelines may not span two).
+        let mut pipes: std::collections::BTreeMap<Option<String>, redis::Pipeline> =
+            std::collections::BTreeMap::new();
+        for w in merged(batch) {
+            let tag = if state.settings.cluster { w.tag } else { None };
+            let pipe = pipes.entry(tag).or_default();
+            for cmd in w.cmds {
+                pipe.add_command(cmd).ignore();
+            }
+        }
+        for pipe in pipes.into_values() {
+            state
+                .call("write", |mut c| async move {
+                    pipe.query_async::<()>(&mut c).await
+                })
+                .await;
+        }
     }
+}
+
+/// The writes of a batch that still matter, in order: a value overwritten later in the
+/// batch is not sent, nor a session that started and ended within it.
+fn merged(batch: Vec<Write>) -> Vec<Write> {
+    use std::collections::{HashMap, HashSet};
+    let ended: HashSet<u64> = batch
+        .iter()
+        .filter_map(|w| match w.merge {
+            Merge::SessionEnded(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    // A snapshot in the batch lists what was alive when it was taken: keep every start
+    // and end around it.
+    let snapshot = batch.iter().any(|w| w.merge == Merge::Snapshot);
+    let started: HashSet<u64> = batch
+        .iter()
+        .filter_map(|w| match w.merge {
+            Merge::SessionStarted(id) if ended.contains(&id) && !snapshot => Some(id),
+            _ => None,
+        })
+        .collect();
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    for (i, w) in batch.iter().enumerate() {
+        if let Merge::Last(name) = &w.merge {
+            last.insert(name, i);
+        }
+    }
+    let keep: Vec<bool> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, w)| match &w.merge {
+            Merge::No | Merge::Snapshot => true,
+            Merge::Last(name) => last.get(name.as_str()) == Some(&i),
+            Merge::SessionStarted(id) | Merge::SessionEnded(id) => !started.contains(id),
+        })
+        .collect();
+    batch
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(w, k)| k.then_some(w))
+        .collect()
 }
 
 /// Listens to the control channel, on one server (cluster: on any node, since a
@@ -710,40 +879,88 @@ async fn subscribe(me: std::sync::Weak<RedisState>) {
     }
 }
 
-/// Says this proxy is alive (its sessions are listed), and checks the store.
+/// Says this proxy is alive (its sessions are listed), and checks the store. Whenever the
+/// store answers again after it did not (or for the first time), this proxy's view and
+/// the store's are made whole: the holds and blocks are read again, and its session
+/// listing is rewritten (a Redis that restarted empty has none).
 async fn heartbeat(me: std::sync::Weak<RedisState>) {
-    let mut first = true;
+    let mut synced = false;
     loop {
         let Some(state) = me.upgrade() else { return };
         let (instances, alive) = (
             state.global("instances"),
             state.global(&format!("alive:{}", state.instance)),
         );
-        let sessions = state.global(&format!("sessions:{}", state.instance));
         let instance = state.instance.clone();
-        let fresh = first;
+        let (seen, keep) = (state.global("seen"), state.local.max_users() as isize);
         let ok = state
             .call("heartbeat", |mut c| async move {
-                let mut pipe = redis::pipe();
-                pipe.sadd(instances, &instance)
+                redis::pipe()
+                    .sadd(instances, &instance)
                     .ignore()
                     .cmd("SET")
                     .arg(alive)
                     .arg(1)
                     .arg("PX")
                     .arg(HEARTBEAT_TTL_MS)
-                    .ignore();
-                if fresh {
-                    // A restarted proxy starts with no sessions.
-                    pipe.del(sessions).ignore();
-                }
-                pipe.query_async::<()>(&mut c).await
+                    .ignore()
+                    // The stragglers set stays bounded: the oldest beyond the limit go.
+                    .zremrangebyrank(seen, 0, -keep - 1)
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await
             })
-            .await;
-        if ok.is_some() {
-            first = false;
+            .await
+            .is_some();
+        if !ok {
+            synced = false;
+        } else if !synced {
+            state.resync_sessions();
+            synced = state.resync().await;
         }
         drop(state);
-        tokio::time::sleep(HEARTBEAT).await;
+        tokio::time::sleep(if ok && synced {
+            HEARTBEAT
+        } else {
+            HEARTBEAT / 4
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(merge: Merge, n: i64) -> Write {
+        Write {
+            tag: None,
+            cmds: vec![redis::Cmd::set("k", n)],
+            merge,
+        }
+    }
+
+    fn values(batch: Vec<Write>) -> Vec<String> {
+        merged(batch)
+            .into_iter()
+            .map(|w| String::from_utf8_lossy(&w.cmds[0].get_packed_command()).into_owned())
+            .map(|c| c.rsplit("\r\n").nth(1).unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_sends_what_still_matters() {
+        let batch = vec![
+            w(Merge::SessionStarted(1), 1),
+            w(Merge::Last("bridge:a".into()), 2),
+            w(Merge::SessionStarted(2), 3),
+            w(Merge::No, 4),
+            w(Merge::Last("bridge:a".into()), 5),
+            w(Merge::SessionEnded(1), 6),
+            w(Merge::SessionEnded(3), 7),
+        ];
+        // Session 1 came and went: nothing; bridge:a: its last value; session 2 starts,
+        // session 3 (started in an earlier batch) ends.
+        assert_eq!(values(batch), ["3", "4", "5", "7"]);
     }
 }

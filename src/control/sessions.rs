@@ -104,13 +104,24 @@ impl Drop for Registration<'_> {
 impl Sessions {
     /// Registers a relayed session; it stays registered while the guard lives.
     pub fn register(&self, id: u64, entry: Entry) -> Registration<'_> {
-        if let Some(observe) = self.observer.get() {
-            observe(id, Some(&entry));
-        }
+        // In the map first, then told: an observer that reads the map meanwhile (a
+        // listing being rewritten) sees it, and the news comes after.
+        let told = self.observer.get().map(|_| entry.clone());
         if let Ok(mut m) = self.map.lock() {
             m.insert(id, entry);
         }
+        if let (Some(observe), Some(entry)) = (self.observer.get(), told) {
+            observe(id, Some(&entry));
+        }
         Registration { sessions: self, id }
+    }
+
+    /// Runs `f` on every entry, holding the registry's lock (no session starts or ends
+    /// meanwhile).
+    pub fn with_entries(&self, f: impl FnOnce(&HashMap<u64, Entry>)) {
+        if let Ok(m) = self.map.lock() {
+            f(&m);
+        }
     }
 
     /// Sets the observer told of every session that starts (`Some(entry)`) or ends

@@ -38,6 +38,8 @@ pub struct Login<'a> {
     pub listener: &'a str,
     /// The client used TLS.
     pub tls: bool,
+    /// The pool counts as legacy (the stragglers report lists its users).
+    pub legacy: bool,
     /// The client's address.
     pub ip: IpAddr,
     /// When (Unix milliseconds).
@@ -67,8 +69,10 @@ pub trait SharedState: Send + Sync + std::fmt::Debug {
     fn hold<'a>(&'a self, user: &'a str) -> Pending<'a, bool>;
     /// Releases `user`: waiting logins go on. False if the user was not held.
     fn release<'a>(&'a self, user: &'a str) -> Pending<'a, bool>;
-    /// Held users, sorted.
+    /// Held users, sorted (of the whole fleet when shared).
     fn holds(&self) -> Pending<'_, Vec<String>>;
+    /// The holds this proxy enforces right now (its local mirror in a fleet), sorted.
+    fn holds_enforced(&self) -> Vec<String>;
     /// Whether `user`'s logins are held now.
     fn is_held<'a>(&'a self, user: &'a str) -> Pending<'a, bool>;
     /// Waits while `user` is held, at most `max`.
