@@ -5,7 +5,9 @@
 //!
 //! * [`server`]: listeners (one socket per worker thread, `SO_REUSEPORT`), accept loops,
 //!   admission (connection limits), reloads and the drain. Each accepted connection
-//!   becomes a [`session`] with the configuration snapshot in force at accept.
+//!   becomes a [`session`] with the configuration snapshot in force at accept; on a
+//!   listener behind a load balancer, [`front`] first reads the PROXY protocol header
+//!   (parsed by [`proto::proxy`]) that names the client.
 //! * [`session`]: the driver of one connection: TLS ([`tls`], [`stream`]), pumping
 //!   bytes through the protocol's pre-auth machine, the hand-off and the relay
 //!   ([`relay`]). It decides nothing about logins.
@@ -26,7 +28,7 @@
 //! * [`control`]: the process's live state: the snapshot in force, backend health,
 //!   admission, moving users, and the [`control::state::SharedState`] a fleet shares
 //!   (holds, throttle, login history, relayed sessions), kept in memory by
-//!   [`control::memory::MemoryState`].
+//!   [`control::memory::MemoryState`] or in Redis by [`control::redis::RedisState`].
 //! * [`config`]: the validated configuration (types in `config`, one validation function
 //!   per section in `config/validate.rs`, the YAML shape in [`config::file`], user-name
 //!   normalization and the stable hash); [`snapshot`]: a configuration with its derived

@@ -307,8 +307,8 @@ fn stragglers(config: &Path, hours: u32, json: bool) -> ExitCode {
     }
     let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
     println!(
-        "{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} why",
-        "user", "pool", "proto", "listener", "tls", "last seen"
+        "{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} {:<16} why",
+        "user", "pool", "proto", "listener", "tls", "last seen", "proxy"
     );
     for r in &rows {
         let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
@@ -327,13 +327,14 @@ fn stragglers(config: &Path, hours: u32, json: bool) -> ExitCode {
             .map(|b| if b { "yes" } else { "no" })
             .unwrap_or("-");
         println!(
-            "{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} {}",
+            "{:<24} {:<10} {:<6} {:<14} {:<5} {:<22} {:<16} {}",
             s("user"),
             s("pool"),
             s("protocol"),
             s("listener"),
             tls,
             s("last_seen"),
+            s("instance"),
             why.join(",")
         );
     }

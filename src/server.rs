@@ -344,15 +344,22 @@ fn bind(l: &Listener, sockets: usize) -> Result<Vec<std::net::TcpListener>, Star
             .and_then(|s| s.into_std())
             .map_err(err)?]);
     }
-    // SO_REUSEPORT would let this group join a socket another process (of the same user)
-    // listens on, splitting the connections silently. A plain bind first fails on any
-    // listener there; it also fixes the port when the configuration asks for port 0.
-    let addr = {
+    let mut group = Vec::with_capacity(sockets);
+    let addr = if l.listen.port() == 0 {
+        // Port 0: the kernel picks a port nobody uses; the first socket holds it while
+        // the others join, so nothing else can take it in between.
+        let first = open(l.listen, true).map_err(err)?;
+        let addr = first.local_addr().map_err(err)?;
+        group.push(first.into_std().map_err(err)?);
+        addr
+    } else {
+        // SO_REUSEPORT would let this group join a socket another process (of the same
+        // user) listens on, splitting the connections silently. A plain bind first fails
+        // on any listener there.
         let probe = open(l.listen, false).map_err(err)?;
         probe.local_addr().map_err(err)?
     };
-    let mut group = Vec::with_capacity(sockets);
-    for _ in 0..sockets {
+    while group.len() < sockets {
         group.push(open(addr, true).and_then(|s| s.into_std()).map_err(err)?);
     }
     Ok(group)

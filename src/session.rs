@@ -248,6 +248,7 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, origin: Origin) {
     let span = tracing::info_span!(
         "session",
         id,
+        instance = %ctx.snap.config.instance_name,
         listener = %ctx.listener.name,
         proto = ctx.listener.protocol.as_str(),
         %peer,

@@ -97,13 +97,13 @@ fn free_port() -> Option<u16> {
     )
 }
 
-/// A port below 45000 that is free, with port + 10000 free too.
+/// A port on 127.0.0.1 in 20000..22768 that is free, with port + 10000 free too (both
+/// below the ephemeral range the proxies' listeners draw from).
 fn free_port_pair() -> Option<u16> {
-    let seed = u64::from(std::process::id()) ^ Instant::now().elapsed().as_nanos() as u64;
-    for i in 0..2000u64 {
-        let port =
-            20000 + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % 25000) as u16;
-        let free = |p: u16| std::net::TcpListener::bind((REDIS_IP, p)).is_ok();
+    let seed = u64::from(std::process::id()).wrapping_mul(2_654_435_761);
+    for i in 0..2768u64 {
+        let port = 20000 + (seed.wrapping_add(i * 7919) % 2768) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(port) && free(port + 10000) {
             return Some(port);
         }

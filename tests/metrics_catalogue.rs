@@ -99,6 +99,9 @@ metrics: {{ listen: "127.0.0.1:0" }}
 admin: {{ listen: "127.0.0.1:0", hold_max_wait: 200ms }}
 on_move: {{ action: kick, grace: 0s }}
 shutdown: {{ drain_timeout: 1s }}
+# Shared state whose Redis is gone: the proxy serves on local state and says so.
+state:
+  redis: {{ url: "redis://{dead}/0", timeout: 50ms }}
 "#,
             c = c.display(),
             new = new_addr,
