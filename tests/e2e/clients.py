@@ -8,6 +8,7 @@ import email.policy
 import imaplib
 import poplib
 import re
+import smtplib
 import socket
 import subprocess
 import time
@@ -263,6 +264,52 @@ def b64(data):
     return base64.b64encode(data).decode()
 
 
+def read_until_eof(r, timeout):
+    """Read lines of a RawIMAP ``r`` until the server closes (bounded). Returns
+    [(time.time(), line)]. A reset or a timeout is a failure, not an EOF."""
+    deadline = time.monotonic() + timeout
+    lines = []
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no EOF within {timeout}s; got {lines!r}\n{r.dump()}"
+        r.sock.settimeout(left)
+        try:
+            line = r.readline()
+        except ConnectionResetError as e:
+            raise AssertionError(f"connection reset instead of a clean close: {e}; {lines!r}") from e
+        except ConnectionError:  # RawIMAP.readline: clean EOF
+            return lines
+        except (TimeoutError, OSError) as e:
+            if isinstance(e, TimeoutError) or "timed out" in str(e):
+                raise AssertionError(f"no EOF within {timeout}s; got {lines!r}\n{r.dump()}") from e
+            raise
+        lines.append((time.time(), line))
+
+
+# --------------------------------------------------------------------------
+# SMTP
+# --------------------------------------------------------------------------
+
+
+def smtp_mail_code(s, ctx, mail_from="bob@example.net"):
+    """On a freshly connected smtplib.SMTP ``s``: EHLO, STARTTLS, EHLO and MAIL FROM
+    without AUTH (a pop-before-smtp bridge listener decides by the client address);
+    returns the MAIL reply (code, text). Nothing is sent: RSET, QUIT (closed anyway)."""
+    try:
+        s.ehlo()
+        s.starttls(context=ctx)
+        s.ehlo()
+        code, msg = s.mail(mail_from)
+        if code == 250:
+            s.rset()
+        return code, msg
+    finally:
+        try:
+            s.quit()
+        except smtplib.SMTPException:
+            s.close()
+
+
 # --------------------------------------------------------------------------
 # external tools
 # --------------------------------------------------------------------------
@@ -352,17 +399,23 @@ def scrape_metrics(host, port):
         return r.read().decode("utf-8", "replace")
 
 
-def metric_sum(text, name, **labels):
-    """Sum of every sample of ``name`` whose labels include ``labels`` (0 if none)."""
-    total = 0.0
+def metric_values(text, name, **labels):
+    """The values of every sample of ``name`` whose labels include ``labels``, in the
+    order of the text ([] if none: the series does not exist)."""
+    out = []
     for line in text.splitlines():
         m = _SAMPLE.match(line)
         if not m or m["name"] != name:
             continue
         have = {x["k"]: x["v"] for x in _LABEL.finditer(m["labels"] or "")}
         if all(have.get(k) == str(v) for k, v in labels.items()):
-            total += float(m["value"])
-    return total
+            out.append(float(m["value"]))
+    return out
+
+
+def metric_sum(text, name, **labels):
+    """Sum of every sample of ``name`` whose labels include ``labels`` (0 if none)."""
+    return sum(metric_values(text, name, **labels), 0.0)
 
 
 def wait_for(predicate, timeout, interval=0.25, what="condition"):

@@ -3,11 +3,12 @@ real ``redis-server``, behind a real HAProxy in TCP mode, in front of a Dovecot 
 takes PROXY headers. Every process is a :class:`harness.ManagedProcess` with its own
 config file and log under the session's temp dir (``Env.root``)::
 
-    fleet-redis/                 redis.log (redis-server --save "" --appendonly no --dir here)
+    fleet-redis/                 redis.log (harness.Redis: redis-server --save "" --appendonly no)
     fleet-haproxy/               haproxy.cfg, haproxy.log (one tcplog line per connection)
     fleet-proxy-a/ -b/ -c/ (-d/) routes.yaml and proxy.log of each cutover instance
     new-imap-pop3-submission/    the PROXY-protocol Dovecot (dovecot.conf, dovecot.log)
-    fleet-prometheus/            prometheus.yml, data/, prometheus.log (one test only)
+    fleet-prometheus/            harness.Prometheus: prometheus.yml, data/, prometheus.log
+                                 (one test only; made by test_fleet.py)
 
 Addresses (loopback only)::
 
@@ -32,30 +33,25 @@ green/mauve (harness.Servers), unchanged.
 """
 
 import json
-import shutil
-import signal
 import socket
 import struct
-import subprocess
-import urllib.error
-import urllib.parse
-import urllib.request
 
+import clients
 import harness
 from harness import GREEN_IP, LEGACY_SMTP_PORT, MAUVE_IP, NEW_IP, NEW_SINK_PORT, NEW_USERS
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 HAPROXY = "/usr/sbin/haproxy"
-PROMETHEUS = "/usr/bin/prometheus"
 
+#: the fleet's harness.Redis (test_observability.py's is on another address)
 REDIS_IP = "127.0.0.1"
 REDIS_PORT = 16379
 KEY_PREFIX = "cutover:"
 
 HAPROXY_IP = "127.0.0.20"
+#: the harness.Prometheus of test g (scrapes the three proxies' metrics as this job)
 PROM_IP = HAPROXY_IP
 PROM_PORT = 19090
+PROM_JOB = "cutover-fleet"
 
 #: instance_name -> address of the three proxies behind HAProxy
 FLEET = {"proxy-a": "127.0.0.21", "proxy-b": "127.0.0.22", "proxy-c": "127.0.0.23"}
@@ -95,51 +91,6 @@ def proxy_v2_header(src, dst):
     return (PROXY_V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", 12)
             + socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
             + struct.pack("!HH", src[1], dst[1]))
-
-
-# --------------------------------------------------------------------------
-# Redis
-# --------------------------------------------------------------------------
-
-
-class Redis(harness.ManagedProcess):
-    """``redis-server`` on REDIS_IP:REDIS_PORT without persistence (an empty store at
-    every start). ``kill()`` is a SIGKILL; ``start()`` again uses the same port."""
-
-    def __init__(self, env, ip=REDIS_IP, port=REDIS_PORT):
-        self.ip = ip
-        self.port = port
-        self.dir = env.root / "fleet-redis"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(
-            "redis", [REDIS_SERVER, "--bind", ip, "--port", port, "--save", "",
-                      "--appendonly", "no", "--daemonize", "no", "--dir", self.dir,
-                      "--logfile", ""],
-            [(ip, port)], self.dir / "redis.log", cwd=str(self.dir))
-
-    @property
-    def url(self):
-        return f"redis://{self.ip}:{self.port}/0"
-
-    def kill(self):
-        """SIGKILL: no shutdown, no goodbye to the clients; the port closes at once."""
-        proc = self.proc
-        assert proc is not None and proc.poll() is None, "redis is not running"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(harness.STOP_TIMEOUT)
-        self.proc = None
-        harness.wait_until(lambda: not harness.port_open(self.ip, self.port),
-                           harness.STOP_TIMEOUT, what="the killed redis to close its port")
-        with open(self.log_path, "ab") as log:
-            log.write(b"--- SIGKILLed by the test\n")
-
-    def cli(self, *args):
-        """``redis-cli -h IP -p PORT ARGS...``: its output (stripped); raises on failure."""
-        cp = subprocess.run([REDIS_CLI, "-h", self.ip, "-p", str(self.port), *map(str, args)],
-                            stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
-        if cp.returncode != 0:
-            raise RuntimeError(f"redis-cli {args}: rc={cp.returncode} {cp.stderr!r}")
-        return cp.stdout.decode("utf-8", "replace").strip()
 
 
 # --------------------------------------------------------------------------
@@ -304,17 +255,12 @@ class FleetProxy(harness.Proxy):
     # -- HTTP endpoints --------------------------------------------------------
 
     def metrics(self):
-        with urllib.request.urlopen(f"http://{self.ip}:{METRICS_PORT}/metrics", timeout=5) as r:
-            return r.read().decode("utf-8", "replace")
+        """GET /metrics of this proxy, as text."""
+        return clients.scrape_metrics(self.ip, METRICS_PORT)
 
     def admin(self, method, path):
         """An admin request; (status, decoded JSON or text)."""
-        req = urllib.request.Request(f"http://{self.ip}:{ADMIN_PORT}{path}", method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                status, body = r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            status, body = e.code, e.read().decode()
+        status, body = harness.http_request(f"http://{self.ip}:{ADMIN_PORT}{path}", method=method)
         try:
             return status, json.loads(body)
         except ValueError:
@@ -324,42 +270,6 @@ class FleetProxy(harness.Proxy):
         status, body = self.admin(method, path)
         assert status == 200, f"{self.instance}: {method} {path} -> {status} {body!r}"
         return body
-
-
-# --------------------------------------------------------------------------
-# Prometheus over the fleet
-# --------------------------------------------------------------------------
-
-
-class Prometheus(harness.ManagedProcess):
-    """/usr/bin/prometheus scraping ``targets`` (ip:port list) every second as job
-    "cutover-fleet" and evaluating ``rule_files`` every second; a fresh TSDB."""
-
-    def __init__(self, env, targets, rule_files=()):
-        self.dir = env.root / "fleet-prometheus"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.dir / "prometheus.yml"
-        rules = "".join(f"  - {json.dumps(str(r))}\n" for r in rule_files)
-        self.config_path.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
-            + (f"rule_files:\n{rules}" if rules else "")
-            + "scrape_configs:\n  - job_name: cutover-fleet\n    static_configs:\n"
-            + f"      - targets: {json.dumps(list(targets))}\n", encoding="utf-8")
-        super().__init__(
-            "prometheus",
-            [PROMETHEUS, f"--config.file={self.config_path}",
-             f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address={PROM_IP}:{PROM_PORT}", "--log.level=info"],
-            [(PROM_IP, PROM_PORT)], self.dir / "prometheus.log", cwd=str(self.dir))
-
-    def query(self, expr):
-        """The result list of an instant query (raises on an error answer)."""
-        url = f"http://{PROM_IP}:{PROM_PORT}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=10) as r:
-            ans = json.loads(r.read())
-        assert ans.get("status") == "success", ans
-        return ans["data"]["result"]
-
 
 
 # --------------------------------------------------------------------------
@@ -376,7 +286,7 @@ class Fleet:
     def __init__(self, env, binary):
         self.env = env
         self.binary = binary
-        self.redis = Redis(env)
+        self.redis = harness.Redis(env, REDIS_IP, REDIS_PORT, "fleet-redis")
         self.dovecot = ProxyProtocolDovecot(env, "new", FLEET_DOVECOT_IP,
                                             ["imap", "pop3", "submission"], tls=True,
                                             relay=(NEW_IP, NEW_SINK_PORT))

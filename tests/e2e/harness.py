@@ -10,6 +10,8 @@ Layout of the session's temporary directory (``Env.root``)::
     <host>-<svc>/                one Dovecot instance: dovecot.conf, run/, state/, dovecot.log
     <host>-sink/                 one SMTP sink: msgs/ (one .eml per message), sink.log
     proxy/                       routes.yaml and proxy.log
+    <name>/ (Redis)              redis.log of a redis-server (e.g. fleet-redis/, obs-redis/)
+    <name>/ (Prometheus)         prometheus.yml, data/, prometheus.log of a Prometheus
 
 Only loopback addresses are ever used.
 """
@@ -17,6 +19,7 @@ Only loopback addresses are ever used.
 import contextlib
 import email
 import email.policy
+import json
 import os
 import pwd
 import re
@@ -27,6 +30,9 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +41,9 @@ MAKE_CERTS = REPO / "certs" / "make-demo-certs.sh"
 SINK_SCRIPT = HERE / "smtp_sink.py"
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+PROMETHEUS = "/usr/bin/prometheus"
 
 # --------------------------------------------------------------------------
 # users and hosts
@@ -76,6 +85,8 @@ ADMIN_PORT = 19899  # admin endpoint, only in configs that add `admin:` (not the
 
 START_TIMEOUT = 20.0  # seconds for a server to open its ports
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+PROM_BOUND = 45.0  # seconds for Prometheus to be ready / to have scraped something
+HTTP_TIMEOUT = 10.0  # seconds for one HTTP request to a helper server (Prometheus)
 
 
 def seed_subject(host):
@@ -134,6 +145,17 @@ def group_alive(pgid):
         if fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+def http_request(url, method=None, data=None, timeout=HTTP_TIMEOUT):
+    """One HTTP request (GET, or POST with ``data``, or ``method``): (status, body text),
+    also for 4xx/5xx answers, which raise nothing here."""
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace")
 
 
 def mail_ids():
@@ -641,6 +663,132 @@ class Servers:
 
 
 # --------------------------------------------------------------------------
+# shared state and monitoring: Redis, Prometheus
+# --------------------------------------------------------------------------
+
+
+class Redis(ManagedProcess):
+    """``redis-server`` on ``ip:port`` without persistence (an empty store at every
+    start), its log in env.root/<dirname>/redis.log. ``kill()`` is a SIGKILL;
+    ``start()`` again uses the same port. Give every user its own address (and
+    dirname): test_fleet.py's is 127.0.0.1:16379, test_observability.py's 127.0.0.40."""
+
+    def __init__(self, env, ip, port, dirname="redis"):
+        self.ip = ip
+        self.port = port
+        self.dir = env.root / dirname
+        self.dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            dirname, [REDIS_SERVER, "--bind", ip, "--port", port, "--save", "",
+                      "--appendonly", "no", "--daemonize", "no", "--dir", self.dir,
+                      "--logfile", ""],
+            [(ip, port)], self.dir / "redis.log", cwd=str(self.dir))
+
+    @property
+    def url(self):
+        return f"redis://{self.ip}:{self.port}/0"
+
+    def kill(self):
+        """SIGKILL: no shutdown, no goodbye to the clients; the port closes at once."""
+        proc = self.proc
+        assert proc is not None and proc.poll() is None, f"{self.name} is not running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(STOP_TIMEOUT)
+        self.proc = None
+        wait_until(lambda: not port_open(self.ip, self.port), STOP_TIMEOUT,
+                   what=f"the killed {self.name} to close its port")
+        with open(self.log_path, "ab") as log:
+            log.write(b"--- SIGKILLed by the test\n")
+
+    def cli(self, *args):
+        """``redis-cli -h IP -p PORT ARGS...``: its output (stripped); raises on failure."""
+        cp = subprocess.run([REDIS_CLI, "-h", self.ip, "-p", str(self.port), *map(str, args)],
+                            stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+        if cp.returncode != 0:
+            raise RuntimeError(f"redis-cli {args}: rc={cp.returncode} {cp.stderr!r}")
+        return cp.stdout.decode("utf-8", "replace").strip()
+
+
+class Prometheus(ManagedProcess):
+    """/usr/bin/prometheus on ``ip:port`` scraping ``targets`` ("ip:port" list) as job
+    ``job`` every second and evaluating ``rule_files`` every second; a fresh TSDB and
+    prometheus.yml / prometheus.log under ``root``.
+
+    ``query(expr)`` is the whole /api/v1/query answer (also an error answer);
+    ``series(expr)`` its result list (an error answer fails); ``value(expr)`` the value
+    of a one-series (or scalar) answer, else None."""
+
+    def __init__(self, root, targets, *, job, ip, port, rule_files=()):
+        self.dir = Path(root)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ip = ip
+        self.port = port
+        self.job = job
+        self.config_path = self.dir / "prometheus.yml"
+        rules = "".join(f"  - {json.dumps(str(r))}\n" for r in rule_files)
+        self.config_path.write_text(
+            "global:\n"
+            "  scrape_interval: 1s\n"
+            "  scrape_timeout: 1s\n"
+            "  evaluation_interval: 1s\n"
+            + (f"rule_files:\n{rules}" if rules else "")
+            + "scrape_configs:\n"
+            f"  - job_name: {json.dumps(job)}\n"
+            "    static_configs:\n"
+            f"      - targets: {json.dumps(list(targets))}\n",
+            encoding="utf-8")
+        super().__init__(
+            "prometheus",
+            [PROMETHEUS, f"--config.file={self.config_path}",
+             f"--storage.tsdb.path={self.dir / 'data'}",
+             f"--web.listen-address={ip}:{port}", "--log.level=info"],
+            [(ip, port)], self.dir / "prometheus.log", cwd=str(self.dir))
+
+    @property
+    def url(self):
+        return f"http://{self.ip}:{self.port}"
+
+    def api(self, path, **params):
+        """GET/POST an /api/v1 endpoint; returns the decoded JSON body, also for
+        Prometheus' 4xx answers (bad_data etc.), which carry {"status": "error"}."""
+        data = urllib.parse.urlencode(params).encode() if params else None
+        status, body = http_request(f"{self.url}{path}", data=data)
+        try:
+            return json.loads(body)
+        except ValueError:
+            return {"status": "error", "error": f"HTTP {status}: {body[:300]!r}"}
+
+    def query(self, expr):
+        """/api/v1/query at now: the full answer ({"status", "data"|"error"})."""
+        return self.api("/api/v1/query", query=expr)
+
+    def series(self, expr):
+        """The result list of an instant query at now; an error answer fails."""
+        ans = self.query(expr)
+        assert ans.get("status") == "success", f"{expr}: {ans}"
+        return ans["data"]["result"]
+
+    def wait_ready(self, timeout=PROM_BOUND):
+        def ready():
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_until(ready, timeout, interval=0.2, what="Prometheus /-/ready")
+
+    def value(self, expr):
+        """The single value of a one-series query, or None."""
+        ans = self.query(expr)
+        if ans.get("status") != "success":
+            return None
+        res = ans["data"]["result"]
+        if ans["data"]["resultType"] == "scalar":
+            return float(res[1])
+        return float(res[0]["value"][1]) if len(res) == 1 else None
+
+
+# --------------------------------------------------------------------------
 # the proxy
 # --------------------------------------------------------------------------
 
@@ -697,7 +845,6 @@ def _yaml_scalar(v):
     if isinstance(v, (int, float)):
         return repr(v)
     # JSON string syntax is valid YAML double-quoted scalar syntax
-    import json
     return json.dumps(str(v), ensure_ascii=False)
 
 

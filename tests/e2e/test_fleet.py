@@ -284,33 +284,15 @@ def idle_session(env, addr, user):
         raise
 
 
-def read_until_eof(r, timeout):
-    """Lines until the server closes (bounded); a reset or a timeout fails."""
-    deadline = time.monotonic() + timeout
-    lines = []
-    while True:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no EOF within {timeout}s; got {lines!r}\n{r.dump()}"
-        r.sock.settimeout(left)
-        try:
-            lines.append(r.readline())
-        except ConnectionResetError as e:
-            raise AssertionError(f"reset instead of a clean close: {e}; {lines!r}") from e
-        except ConnectionError:  # RawIMAP.readline: EOF
-            return lines
-        except (TimeoutError, socket.timeout) as e:
-            raise AssertionError(f"no EOF within {timeout}s; got {lines!r}\n{r.dump()}") from e
-
-
 def metric(p, name, **labels):
     return c.metric_sum(p.metrics(), name, **labels)
 
 
 def state_up(p):
     """cutover_state_backend_up{instance_name=<p>} (None if absent)."""
-    m = re.search(r'^cutover_state_backend_up\{instance_name="' + re.escape(p.instance)
-                  + r'"\} (\S+)$', p.metrics(), re.M)
-    return float(m[1]) if m else None
+    values = c.metric_values(p.metrics(), "cutover_state_backend_up", instance_name=p.instance)
+    assert len(values) <= 1, values
+    return values[0] if values else None
 
 
 def sessions_of(p, user):
@@ -466,8 +448,8 @@ def test_kick_on_c_ends_idle_sessions_on_a_and_b(env, fleet):
             t = time.monotonic()
             out = fleet.c.admin_ok("POST", f"/kick?user={user}")
             assert out == {"user": user, "kicked": 0, "fleet": True}, out
-            lines_a = read_until_eof(ra, 10)
-            lines_b = read_until_eof(rb, 10)
+            lines_a = [line for _, line in c.read_until_eof(ra, 10)]
+            lines_b = [line for _, line in c.read_until_eof(rb, 10)]
             took = time.monotonic() - t
         finally:
             rb.close()
@@ -496,19 +478,7 @@ def test_kick_on_c_ends_idle_sessions_on_a_and_b(env, fleet):
 def smtp_mail_code(env, p, source):
     """Straight to ``p``'s bridge listener from ``source``: EHLO, STARTTLS, EHLO, MAIL
     FROM without AUTH; returns the MAIL reply (code, text). RSET, QUIT."""
-    s = SMTPClient(direct(p, SMTP), source)
-    try:
-        s.starttls(context=env.ssl_context())
-        s.ehlo()
-        code, msg = s.mail("bob@example.net")
-        if code == 250:
-            s.rset()
-        return code, msg
-    finally:
-        try:
-            s.quit()
-        except smtplib.SMTPException:
-            s.close()
+    return c.smtp_mail_code(SMTPClient(direct(p, SMTP), source), env.ssl_context())
 
 
 def test_pop3_login_on_a_opens_the_bridge_on_b(env, fleet, servers):
@@ -741,11 +711,14 @@ def test_redis_killed_logins_go_on_gauge_and_alert_then_sharing_resumes(env, fle
     CutoverSharedStateDown alert pending for each. Redis restarted on the same port
     (empty): the gauge returns to 1, the expression to nothing, and a hold on A again
     holds a login on B until a release on C."""
-    prom = fs.Prometheus(env, [f"{ip}:{fs.METRICS_PORT}" for ip in FLEET.values()],
-                         rule_files=[ALERTS])
+    prom = harness.Prometheus(env.root / "fleet-prometheus",
+                              [f"{ip}:{fs.METRICS_PORT}" for ip in FLEET.values()],
+                              job=fs.PROM_JOB, ip=fs.PROM_IP, port=fs.PROM_PORT,
+                              rule_files=[ALERTS])
     fleet.extra.append(prom)
     prom.start()
-    c.wait_for(lambda: len([s for s in prom.query("cutover_state_backend_up") if s["value"][1] == "1"])
+    prom.wait_ready()
+    c.wait_for(lambda: len([s for s in prom.series("cutover_state_backend_up") if s["value"][1] == "1"])
                == 3, 30, interval=0.5, what="Prometheus to scrape the gauge of the three proxies")
 
     logins_through_haproxy(env, fleet, "before the kill")
@@ -760,11 +733,11 @@ def test_redis_killed_logins_go_on_gauge_and_alert_then_sharing_resumes(env, fle
                    what=f"cutover_state_backend_up == 0 on {p.instance}")
         noticed[p.instance] = round(time.monotonic() - t_kill, 2)
     firing = c.wait_for(lambda: (lambda r: r if len(r) == 3 else None)(
-        prom.query("cutover_state_backend_up == 0")), 15, interval=0.5,
+        prom.series("cutover_state_backend_up == 0")), 15, interval=0.5,
         what="Prometheus: cutover_state_backend_up == 0 for the three proxies")
     assert {s["metric"]["instance_name"] for s in firing} == set(FLEET), firing
     alerts = c.wait_for(lambda: (lambda r: r if len(r) == 3 else None)(
-        prom.query('ALERTS{alertname="CutoverSharedStateDown"}')), 15, interval=0.5,
+        prom.series('ALERTS{alertname="CutoverSharedStateDown"}')), 15, interval=0.5,
         what="the CutoverSharedStateDown alert (pending) for the three proxies")
     assert {s["metric"]["instance_name"] for s in alerts} == set(FLEET), alerts
     assert {s["metric"]["alertstate"] for s in alerts} == {"pending"}, alerts  # for: 30s
@@ -776,7 +749,7 @@ def test_redis_killed_logins_go_on_gauge_and_alert_then_sharing_resumes(env, fle
     fleet.redis.start()
     wait_fleet_ready(fleet, subscribed)
     back = time.monotonic() - t_start
-    c.wait_for(lambda: prom.query("cutover_state_backend_up == 0") == [], 15, interval=0.5,
+    c.wait_for(lambda: prom.series("cutover_state_backend_up == 0") == [], 15, interval=0.5,
                what="Prometheus: cutover_state_backend_up == 0 to be empty again")
     print(f"[fleet] Redis restarted: every proxy up and resubscribed after {back:.2f} s")
     logins_through_haproxy(env, fleet, "after the restart")

@@ -118,28 +118,6 @@ def open_session(env, user, password=None):
         raise
 
 
-def read_until_eof(r, timeout):
-    """Read lines until the server closes (bounded). Returns [(time, line)].
-    A reset or a timeout is a failure, not an EOF."""
-    deadline = time.monotonic() + timeout
-    lines = []
-    while True:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no EOF within {timeout}s; got {lines!r}\n{r.dump()}"
-        r.sock.settimeout(left)
-        try:
-            line = r.readline()
-        except ConnectionResetError as e:
-            raise AssertionError(f"connection reset instead of a clean close: {e}; {lines!r}") from e
-        except ConnectionError:  # RawIMAP.readline: clean EOF
-            return lines
-        except (TimeoutError, OSError) as e:
-            if isinstance(e, TimeoutError) or "timed out" in str(e):
-                raise AssertionError(f"no EOF within {timeout}s; got {lines!r}\n{r.dump()}") from e
-            raise
-        lines.append((time.time(), line))
-
-
 def wait_reloads(before_ok, n=1, timeout=30.0):
     """Bounded poll until cutover_config_reloads_total{result="ok"} grew by ``n``."""
     return c.wait_for(lambda: metric("cutover_config_reloads_total", result="ok") >= before_ok + n,
@@ -202,7 +180,7 @@ def test_stage_switch_kicks_an_idling_user_who_reconnects_to_new(env, proxy, ser
         assert time.time() < start, (
             f"setup took too long: the stage started ({rfc3339(start)}) before bob was idling "
             "and the previews ran; raise STAGE_LEAD")
-        lines = read_until_eof(r, STAGE_LEAD + 10)
+        lines = c.read_until_eof(r, STAGE_LEAD + 10)
     finally:
         r.close()
     t_bye, bye = assert_moved_at(lines, start)
@@ -227,7 +205,7 @@ def test_stage_switch_kicks_an_idling_user_who_reconnects_to_new(env, proxy, ser
         idle(r)
         t = time.time()
         proxy.write_config(config(env, on_move={"action": "kick", "grace": "0s"}))
-        lines = read_until_eof(r, 8)
+        lines = c.read_until_eof(r, 8)
     finally:
         r.close()
     assert any(l.startswith(b"* BYE") and b"moved" in l for _, l in lines), lines
@@ -248,7 +226,7 @@ def test_a_stage_added_by_a_reload_moves_idling_users_at_its_time(env, proxy, se
         proxy.sighup()
         wait_reloads(ok0)
         assert time.time() < start, "reload took too long; raise STAGE_LEAD"
-        lines = read_until_eof(r, STAGE_LEAD + 6)
+        lines = c.read_until_eof(r, STAGE_LEAD + 6)
     finally:
         r.close()
     assert_moved_at(lines, start)
@@ -682,7 +660,7 @@ def test_kick_hold_release(env, proxy):
         assert subj == "hello from green"
         out = json.loads(cli_ok("kick", "--config", path, "bob").out)
         assert out == {"user": "bob", "kicked": 1}, out
-        lines = read_until_eof(r, 10)
+        lines = c.read_until_eof(r, 10)
     finally:
         r.close()
     assert any(l.startswith(b"* BYE") and b"administrator" in l for _, l in lines), lines
@@ -752,20 +730,8 @@ def swaks_refused(text):
 def smtp_mail_code(ctx, source):
     """From ``source``: EHLO, STARTTLS, EHLO and MAIL FROM on the compat listener without
     AUTH; returns the MAIL reply (code, text). Nothing is sent: RSET, QUIT."""
-    s = smtplib.SMTP(PROXY_IP, COMPAT_SMTP_PORT, timeout=c.IO_TIMEOUT, source_address=(source, 0))
-    try:
-        s.ehlo("bridge.e2e.test")
-        s.starttls(context=ctx)
-        s.ehlo("bridge.e2e.test")
-        code, msg = s.mail("bob@example.net")
-        if code == 250:
-            s.rset()
-        return code, msg
-    finally:
-        try:
-            s.quit()
-        except smtplib.SMTPException:
-            s.close()
+    return c.smtp_mail_code(smtplib.SMTP(PROXY_IP, COMPAT_SMTP_PORT, local_hostname="bridge.e2e.test",
+                                         timeout=c.IO_TIMEOUT, source_address=(source, 0)), ctx)
 
 
 def test_pop_before_smtp_bridge(env, proxy, servers):

@@ -3,7 +3,10 @@
 * ``test_dashboard_and_alert_queries_against_prometheus``: a REAL Prometheus
   (Debian's /usr/bin/prometheus, 127.0.0.1:19090, scrape and rule evaluation every
   1 s, job "cutover") scrapes the running proxy and loads dashboards/alerts.yml as
-  its rule file. The test drives logins of every protocol (IMAP, POP3, SMTP) with
+  its rule file. The proxy keeps shared state in a REAL ``redis-server`` of this
+  module's own (127.0.0.40:16380, ``state.redis``, ``instance_name: e2e-proxy``), so
+  that ``cutover_state_backend_up`` exists (and is 1) for the dashboard and for
+  CutoverSharedStateDown. The test drives logins of every protocol (IMAP, POP3, SMTP) with
   every result (ok, auth_failed, backend_unavailable), a failover, a fallback, TLS
   both ways, a failed TLS handshake and a failed reload, waits (bounded) until
   Prometheus has scraped all of it, then evaluates EVERY PromQL expression of
@@ -53,9 +56,6 @@ import smtplib
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -71,12 +71,20 @@ REPO = harness.REPO
 DASHBOARD = REPO / "dashboards" / "cutover.json"
 ALERTS = REPO / "dashboards" / "alerts.yml"
 
-PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
 PROM_IP = "127.0.0.1"
 PROM_PORT = 19090
 PROM_JOB = "cutover"
-PROM_BOUND = 45.0  # seconds: bound for Prometheus to have scraped / evaluated something
+PROM_BOUND = harness.PROM_BOUND  # seconds: bound for Prometheus to have scraped / evaluated something
+
+#: this module's redis-server (shared state of the proxy under Prometheus): an address
+#: of its own, so that it never meets test_fleet.py's (127.0.0.1:16379)
+REDIS_IP = "127.0.0.40"
+REDIS_PORT = 16380
+#: the proxy's instance_name (the label of cutover_state_backend_up)
+INSTANCE_NAME = "e2e-proxy"
+#: bound (s) for the proxy to see its Redis (it connects at start; a heartbeat every 2 s)
+REDIS_BOUND = 15.0
 
 #: A pool whose servers do not exist (nothing listens on 127.0.0.13/.14): logins
 #: routed there end in backend_unavailable, after a failover from .13 to .14.
@@ -94,9 +102,15 @@ STAGE = "wave-1"
 
 
 def observability_config(env):
-    """The default proxy config plus a dead pool, a fallback route and a stage in
-    force (so that every labelled series of the catalogue has a reason to exist)."""
+    """The default proxy config plus a dead pool, a fallback route, a stage in force
+    and shared state in this module's Redis with an instance_name (so that every
+    labelled series of the catalogue has a reason to exist)."""
     cfg = harness.proxy_config(env)
+    cfg["instance_name"] = INSTANCE_NAME
+    # a generous bound: this test is about the metrics, not about Redis' latency on a
+    # busy machine (a late call would turn cutover_state_backend_up to 0 for a while)
+    cfg["state"] = {"redis": {"url": f"redis://{REDIS_IP}:{REDIS_PORT}/0",
+                              "key_prefix": "cutover:", "timeout": "500ms"}}
     cfg["pools"]["gone"] = {
         "connect_timeout": "1s",
         "imap": {"servers": [f"{ip}:143" for ip in DEAD_SERVERS]},
@@ -117,79 +131,8 @@ def observability_config(env):
 
 
 # --------------------------------------------------------------------------
-# Prometheus
+# Prometheus answers
 # --------------------------------------------------------------------------
-
-
-class Prometheus(harness.ManagedProcess):
-    """/usr/bin/prometheus scraping the proxy's metrics endpoint every second and
-    evaluating ``rule_files`` every second; data in a fresh TSDB under ``root``."""
-
-    def __init__(self, root, rule_files=()):
-        self.dir = Path(root)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.dir / "prometheus.yml"
-        rules = "".join(f"  - {json.dumps(str(r))}\n" for r in rule_files)
-        self.config_path.write_text(
-            "global:\n"
-            "  scrape_interval: 1s\n"
-            "  scrape_timeout: 1s\n"
-            "  evaluation_interval: 1s\n"
-            + (f"rule_files:\n{rules}" if rules else "")
-            + "scrape_configs:\n"
-            f"  - job_name: {PROM_JOB}\n"
-            "    static_configs:\n"
-            f"      - targets: [\"{PROXY_IP}:{METRICS_PORT}\"]\n",
-            encoding="utf-8")
-        super().__init__(
-            "prometheus",
-            [PROMETHEUS, f"--config.file={self.config_path}",
-             f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address={PROM_IP}:{PROM_PORT}",
-             "--log.level=info"],
-            [(PROM_IP, PROM_PORT)], self.dir / "prometheus.log", cwd=str(self.dir))
-
-    @property
-    def url(self):
-        return f"http://{PROM_IP}:{PROM_PORT}"
-
-    def api(self, path, **params):
-        """GET/POST an /api/v1 endpoint; returns the decoded JSON body, also for
-        Prometheus' 4xx answers (bad_data etc.), which carry {"status": "error"}."""
-        data = urllib.parse.urlencode(params).encode() if params else None
-        req = urllib.request.Request(f"{self.url}{path}", data=data)
-        try:
-            with urllib.request.urlopen(req, timeout=c.IO_TIMEOUT) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            body = e.read()
-            try:
-                return json.loads(body)
-            except ValueError:
-                return {"status": "error", "error": f"HTTP {e.code}: {body[:300]!r}"}
-
-    def query(self, expr):
-        """/api/v1/query at now: the full answer ({"status", "data"|"error"})."""
-        return self.api("/api/v1/query", query=expr)
-
-    def wait_ready(self, timeout=PROM_BOUND):
-        def ready():
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        harness.wait_until(ready, timeout, interval=0.2, what="Prometheus /-/ready")
-
-    def value(self, expr):
-        """The single value of a one-series query, or None."""
-        ans = self.query(expr)
-        if ans.get("status") != "success":
-            return None
-        res = ans["data"]["result"]
-        if ans["data"]["resultType"] == "scalar":
-            return float(res[1])
-        return float(res[0]["value"][1]) if len(res) == 1 else None
 
 
 def series_count(answer):
@@ -344,12 +287,44 @@ def test_operands_splitter():
 # --------------------------------------------------------------------------
 
 
+def state_up():
+    """cutover_state_backend_up{instance_name=INSTANCE_NAME} from the proxy's /metrics
+    (None if absent)."""
+    values = c.metric_values(scrape_text(), "cutover_state_backend_up", instance_name=INSTANCE_NAME)
+    assert len(values) <= 1, values
+    return values[0] if values else None
+
+
+@pytest.fixture(scope="module")
+def obs_redis(env):
+    """This module's redis-server (REDIS_IP:REDIS_PORT, empty, no persistence), for
+    observability_config's state.redis; stopped at the end of the module, also on
+    failure (after the proxy went back to the default config, which has no Redis)."""
+    if not Path(harness.REDIS_SERVER).exists():
+        pytest.fail(f"{harness.REDIS_SERVER} missing: apt-get install redis-server "
+                    "(scripts/test.sh does)", pytrace=False)
+    redis = harness.Redis(env, REDIS_IP, REDIS_PORT, "obs-redis")
+    try:
+        redis.start()
+        assert redis.cli("PING") == "PONG"
+        yield redis
+    finally:
+        try:
+            redis.stop()
+        except Exception as e:  # report, but let the other fixtures clean up
+            print(f"[e2e] stopping {redis.name}: {e}\n{redis.diagnostics(30)}")
+
+
 @pytest.fixture
-def obs_proxy(env, proxy):
-    """The proxy restarted with observability_config (the default is put back after)."""
+def obs_proxy(env, obs_redis, proxy):
+    """The proxy restarted with observability_config (the default is put back after),
+    once it says its shared state answers (cutover_state_backend_up == 1)."""
     proxy.reconfigure(observability_config(env))
     harness.wait_until(lambda: harness.port_open(PROXY_IP, METRICS_PORT), 10,
                        what="the metrics listener")
+    c.wait_for(lambda: state_up() == 1, REDIS_BOUND, interval=0.1,
+               what=f"cutover_state_backend_up{{instance_name={INSTANCE_NAME!r}}} == 1 "
+                    f"(the proxy and its Redis {obs_redis.url})")
     return proxy
 
 
@@ -357,10 +332,12 @@ def obs_proxy(env, proxy):
 def prometheus(env, obs_proxy):
     """A real Prometheus scraping the proxy and evaluating dashboards/alerts.yml;
     stopped (and its TSDB left in the temp dir) at the end, also on failure."""
-    if not Path(PROMETHEUS).exists():
-        pytest.fail(f"{PROMETHEUS} missing: apt-get install prometheus (scripts/test.sh does)",
+    if not Path(harness.PROMETHEUS).exists():
+        pytest.fail(f"{harness.PROMETHEUS} missing: apt-get install prometheus (scripts/test.sh does)",
                     pytrace=False)
-    prom = Prometheus(env.root / f"prometheus-{uuid.uuid4().hex[:8]}", rule_files=[ALERTS])
+    prom = harness.Prometheus(env.root / f"prometheus-{uuid.uuid4().hex[:8]}",
+                              [f"{PROXY_IP}:{METRICS_PORT}"], job=PROM_JOB, ip=PROM_IP,
+                              port=PROM_PORT, rule_files=[ALERTS])
     try:
         prom.start()
         prom.wait_ready()
@@ -633,6 +610,11 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
         assert v and v >= 3, f"fallbacks gone -> legacy not counted ({v})"
         v = prom.value(f'sum(cutover_sessions_active{{job="{PROM_JOB}", pool="new", protocol="imap"}})')
         assert v == 1, f"the open IMAP session is not in cutover_sessions_active ({v})"
+        # the shared state answered all along: its gauge, by instance_name, is 1
+        gauge = f'cutover_state_backend_up{{job="{PROM_JOB}", instance_name="{INSTANCE_NAME}"}}'
+        c.wait_for(lambda: prom.value(gauge) == 1, PROM_BOUND, interval=0.5,
+                   what=f"Prometheus: {gauge} == 1")
+        assert state_up() == 1, "the proxy lost its Redis during the traffic"
 
         # ---- the dashboard: every query returns series
         dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
@@ -653,6 +635,8 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
                 return rules
             return None
         rules = c.wait_for(rules_evaluated, PROM_BOUND, what="Prometheus to evaluate every rule")
+        assert "CutoverSharedStateDown" in {r["name"] for r in rules}, \
+            f"CutoverSharedStateDown not loaded: {sorted(r['name'] for r in rules)}"
         cp = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, timeout=30)
         found = re.search(rb"SUCCESS: (\d+) rules found", cp.stdout)
         assert found and int(found.group(1)) == len(rules), \
@@ -693,7 +677,8 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
                         f"active: {sorted(seen['active'], key=str)}", pytrace=False)
         names = {(a["labels"]["alertname"], a["labels"].get("pool")) for a in alerts}
         for bad in (("CutoverScrapeDown", None), ("CutoverMetricsAbsent", None),
-                    ("CutoverPoolDown", "new"), ("CutoverPoolDown", "legacy")):
+                    ("CutoverPoolDown", "new"), ("CutoverPoolDown", "legacy"),
+                    ("CutoverSharedStateDown", None)):
             assert bad not in names, f"{bad} is active on a healthy setup: {alerts}"
     finally:
         c.imap_logout(held)
