@@ -18,6 +18,8 @@
 #                  fleet section (bench/fleet.py: three cutovers sharing a redis-server,
 #                  control propagation, login rate with state.redis) runs with cutover
 #   --no-fleet     skip the fleet section
+#   --legacy       the fake backend greets and answers like an older server (bare `* OK`
+#                  greeting, AUTH=PLAIN without SASL-IR or LITERAL+, a bare login OK)
 #   --cutover BIN  measure this cutover binary (e.g. an experimental build) instead of
 #                  target/release/cutover
 #
@@ -36,6 +38,7 @@ KEEP=0
 ONLY="direct,haproxy,nginx,cutover"
 CUTOVER_BIN=""
 FLEET=1
+STYLE=modern
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -47,6 +50,7 @@ while [ $# -gt 0 ]; do
         --only) ONLY="$2"; shift ;;
         --cutover) CUTOVER_BIN=$(realpath "$2"); shift ;;
         --no-fleet) FLEET=0 ;;
+        --legacy) STYLE=legacy ;;
         -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
@@ -284,8 +288,10 @@ EOF
 
 # --- start everything --------------------------------------------------------------------
 log "starting the fake backend and the proxies"
+FAKE_STYLE=()
+[ "$STYLE" = legacy ] && FAKE_STYLE=(--legacy)
 start fake "${LOAD_CPU[@]}" "$FAKE" --listen "$BACKEND:$PLAIN" --tls-listen "$BACKEND:$TLSP" \
-    --cert "$C/cert.pem" --key "$C/key.pem" --fetch-size 1048576
+    --cert "$C/cert.pem" --key "$C/key.pem" --fetch-size 1048576 "${FAKE_STYLE[@]}"
 FAKEPID=$LASTPID
 wait_port $BACKEND $PLAIN
 wait_port $BACKEND $TLSP
@@ -534,6 +540,11 @@ META="$WORK/meta.tsv"
     printf 'haproxy\t%s\n' "$(haproxy -v | head -1)"
     printf 'openssl\t%s\n' "$(openssl version)"
     printf 'setting\tCPU: %s.\n' "$CPU_NOTE"
+    if [ "$STYLE" = legacy ]; then
+        printf 'setting\tBackend style: legacy (`--legacy`): the fake backend greets with a bare `* OK ready`, offers `AUTH=PLAIN` without `SASL-IR` or `LITERAL+` in `CAPABILITY`, and answers a login with a bare `OK`, like the older servers a migration starts from.\n'
+    else
+        printf 'setting\tBackend style: modern (Dovecot-like): capabilities in the greeting (`SASL-IR`, `LITERAL+`) and in the login'"'"'s OK.\n'
+    fi
     printf 'setting\tAddresses: fake backend %s, HAProxy %s, nginx %s, cutover %s; port %s plaintext, %s implicit TLS. The fake backend (`cutover-fake-imap`, tokio, rustls+ring on its TLS port) accepts any login; every proxy relays to its plaintext port.\n' $BACKEND $HAPROXY $NGINX $CUT $PLAIN $TLSP
     printf 'setting\tTLS: one ECDSA P-256 certificate (SAN bench.test) signed by a CA made for the run with openssl, used by every server. Client (`cutover-load`, rustls+ring): TLS 1.3 only, resumption disabled (a full handshake per connection), SNI bench.test, verifies against the CA. Servers keep their defaults otherwise (X25519, AES-256-GCM chosen, session tickets sent as each does by default).\n'
     printf 'setting\tLogins: %s concurrent loops of connect, [TLS], greeting, `LOGIN`, tagged OK, `LOGOUT`, wait for the server to close; %s s per run, %s run(s) per target interleaved across targets, the median reported. Latency: from connect to the tagged OK of LOGIN. Unloaded latency: one loop for %s s; it, FETCH and NOOP are also run %s time(s) per target, interleaved, the median reported.\n' $CONC $LOGIN_S $REPS $UNLOADED_S $REPS

@@ -7,6 +7,10 @@
 //! `EXAMINE`, `FETCH`/`UID FETCH` (always one message whose body is a literal of
 //! `--fetch-size` bytes), `IDLE`/`DONE`, `LOGOUT`. Anything else gets `BAD`.
 //!
+//! With `--legacy` it greets and answers like the older servers a migration starts from:
+//! a bare `* OK ready` greeting, `CAPABILITY` offering `AUTH=PLAIN` without `SASL-IR` or
+//! `LITERAL+`, and a tagged OK without a capability list after the login.
+//!
 //! Replies to every complete command in a read are written with one write; the FETCH
 //! response is built once at start and shared. Runs on tokio's multi-threaded runtime.
 
@@ -17,10 +21,27 @@ use std::sync::Arc;
 use clap::Parser;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-const GREETING: &[u8] =
-    b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ IDLE ID] fake backend ready\r\n";
-const CAPS: &[u8] = b"* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ IDLE ID\r\n";
-const LOGGED_IN: &[u8] = b" OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE ID UIDPLUS] Logged in\r\n";
+/// How the backend greets and answers.
+struct Style {
+    greeting: &'static [u8],
+    caps: &'static [u8],
+    logged_in: &'static [u8],
+}
+
+/// Like Dovecot: capabilities in the greeting and in the login's OK.
+const MODERN: Style = Style {
+    greeting:
+        b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ IDLE ID] fake backend ready\r\n",
+    caps: b"* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ IDLE ID\r\n",
+    logged_in: b" OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE ID UIDPLUS] Logged in\r\n",
+};
+
+/// Like the old hosts: a bare greeting, no SASL-IR or LITERAL+, a bare OK.
+const LEGACY: Style = Style {
+    greeting: b"* OK ready\r\n",
+    caps: b"* CAPABILITY IMAP4rev1 AUTH=PLAIN IDLE\r\n",
+    logged_in: b" OK Logged in\r\n",
+};
 /// Largest command (line plus literals) accepted.
 const MAX_COMMAND: usize = 64 * 1024;
 
@@ -48,10 +69,14 @@ struct Args {
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// Greet and answer like an older server (see the module documentation).
+    #[arg(long)]
+    legacy: bool,
 }
 
 struct Shared {
     fetch: Vec<u8>,
+    style: &'static Style,
 }
 
 fn main() -> std::io::Result<()> {
@@ -74,7 +99,8 @@ async fn run(args: Args) -> std::io::Result<()> {
         _ => b'x',
     }));
     fetch.extend_from_slice(b")\r\n");
-    let shared = Arc::new(Shared { fetch });
+    let style = if args.legacy { &LEGACY } else { &MODERN };
+    let shared = Arc::new(Shared { fetch, style });
     let plain = cutover_bench::listen(args.listen)?;
     eprintln!("fake-imap: plain on {}", plain.local_addr()?);
     if let Some(addr) = args.tls_listen {
@@ -167,7 +193,7 @@ enum After {
     Close,
 }
 
-fn command(cmd: &[u8], state: &mut State, out: &mut Vec<u8>) -> After {
+fn command(cmd: &[u8], style: &Style, state: &mut State, out: &mut Vec<u8>) -> After {
     let first = cmd.split(|&b| b == b'\n').next().unwrap_or_default();
     let first = first.strip_suffix(b"\r").unwrap_or(first);
     let mut words = first.split(|&b| b == b' ').filter(|w| !w.is_empty());
@@ -183,17 +209,17 @@ fn command(cmd: &[u8], state: &mut State, out: &mut Vec<u8>) -> After {
     };
     match verb.as_slice() {
         b"CAPABILITY" => {
-            out.extend_from_slice(CAPS);
+            out.extend_from_slice(style.caps);
             reply(out, b"OK CAPABILITY completed\r\n");
         }
         b"LOGIN" => {
             out.extend_from_slice(&tag);
-            out.extend_from_slice(LOGGED_IN);
+            out.extend_from_slice(style.logged_in);
         }
         b"AUTHENTICATE" => {
             if words.nth(1).is_some() {
                 out.extend_from_slice(&tag);
-                out.extend_from_slice(LOGGED_IN);
+                out.extend_from_slice(style.logged_in);
             } else {
                 out.extend_from_slice(b"+ \r\n");
                 *state = State::Sasl(tag);
@@ -234,7 +260,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
     shared: &Shared,
 ) -> std::io::Result<()> {
-    io.write_all(GREETING).await?;
+    io.write_all(shared.style.greeting).await?;
     io.flush().await?;
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     let mut out: Vec<u8> = Vec::with_capacity(2048);
@@ -259,7 +285,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             if line == b"*" {
                                 out.extend_from_slice(b" BAD AUTHENTICATE cancelled\r\n");
                             } else {
-                                out.extend_from_slice(LOGGED_IN);
+                                out.extend_from_slice(shared.style.logged_in);
                             }
                         }
                         State::Idle(tag) => {
@@ -284,7 +310,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Framed::Complete(n) => {
                         conts = 0;
-                        let after = command(&rest[..n], &mut state, &mut out);
+                        let after = command(&rest[..n], shared.style, &mut state, &mut out);
                         pos += n;
                         match after {
                             After::Continue => {}

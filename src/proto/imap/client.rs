@@ -4,13 +4,17 @@
 //! Steps: greeting (`* OK`, with or without a `[CAPABILITY ...]` code), `CAPABILITY` if
 //! the greeting had none, `STARTTLS` when the pool requires it (then capabilities are
 //! read again: nothing said before the handshake is trusted), `ID` with the client's
-//! address when asked to and offered, then the credentials' replay:
+//! address when asked to and offered, then the credentials' replay, in the fewest round
+//! trips the server allows:
 //!
-//! * `AUTHENTICATE PLAIN` when `AUTH=PLAIN` is offered, the response inline with
-//!   `SASL-IR`, else after the server's `+`;
-//! * otherwise `LOGIN`, unless `LOGINDISABLED`, each argument as a quoted string when it
-//!   is printable ASCII, else as a literal: `{n+}` with `LITERAL+` (or `LITERAL-` up to
-//!   4096 bytes), else `{n}` and the data only after the server's `+`;
+//! * `AUTHENTICATE PLAIN` with the response inline when `AUTH=PLAIN` and `SASL-IR` are
+//!   offered;
+//! * otherwise `LOGIN` with two quoted strings, unless `LOGINDISABLED`, when both values
+//!   are printable ASCII (older servers offer PLAIN without SASL-IR: that would take two
+//!   round trips);
+//! * otherwise `AUTHENTICATE PLAIN` with the response after the server's `+`;
+//! * otherwise `LOGIN` with literals: `{n+}` with `LITERAL+` (or `LITERAL-` up to 4096
+//!   bytes), else `{n}` and the data only after the server's `+`;
 //! * otherwise `AUTHENTICATE LOGIN` when `AUTH=LOGIN` is offered (Dovecot with PLAIN
 //!   disabled says `LOGINDISABLED AUTH=LOGIN`), user name and password each after a `+`.
 //!
@@ -21,8 +25,9 @@
 //! `* ID`, ...), except capabilities. Lines are bounded ([`MAX_LINE`]); a literal at the
 //! end of an untagged data line (not a status line, whose text is not a literal) is
 //! skipped, bounded by [`MAX_LITERAL`]. The login ends with the tagged reply to the login
-//! command, or to the `CAPABILITY` sent after it when the OK carried no capabilities;
-//! nothing after that line is consumed: it belongs to the client.
+//! command (its capabilities, or those seen in untagged data meanwhile, go to the client;
+//! without any, the client asks the server itself when it needs them); nothing after that
+//! line is consumed: it belongs to the client.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -86,8 +91,6 @@ enum State {
     Id,
     /// The login command (partly) sent; the pieces wait for the server's `+`.
     Login(Pieces),
-    /// `CAPABILITY` sent after a successful login.
-    PostLoginCapability,
     /// `Done` queued.
     Done,
 }
@@ -209,12 +212,24 @@ impl BackendMachine {
         };
         let caps = self.caps.clone().unwrap_or_default();
         let tag = self.next_tag();
-        let pieces = if has_cap(&caps, "AUTH=PLAIN") {
-            plain_pieces(&tag, &creds, has_cap(&caps, "SASL-IR"))
-        } else if !has_cap(&caps, "LOGINDISABLED") {
+        let plain = has_cap(&caps, "AUTH=PLAIN");
+        let login = !has_cap(&caps, "LOGINDISABLED");
+        let login_pieces = |tag: &str, creds: &Credentials| {
             let plus = has_cap(&caps, "LITERAL+");
             let minus = has_cap(&caps, "LITERAL-");
-            login_pieces(&tag, &creds, plus, minus)
+            login_pieces(tag, creds, plus, minus)
+        };
+        // Fewest round trips first: PLAIN with an initial response, else LOGIN with quoted
+        // strings (older servers offer PLAIN without SASL-IR: two round trips), else
+        // whatever the server takes.
+        let pieces = if plain && has_cap(&caps, "SASL-IR") {
+            plain_pieces(&tag, &creds, true)
+        } else if login && quotable(&creds) {
+            login_pieces(&tag, &creds)
+        } else if plain {
+            plain_pieces(&tag, &creds, false)
+        } else if login {
+            login_pieces(&tag, &creds)
         } else if has_cap(&caps, "AUTH=LOGIN") {
             sasl_login_pieces(&tag, &creds)
         } else {
@@ -329,17 +344,12 @@ impl BackendMachine {
             State::StartTls => self.unavailable(Unavailable::Tls),
             // Whatever the answer to ID, log in.
             State::Id => self.start_login(),
+            // The capabilities after login go to the client when the server gave them;
+            // otherwise the client asks the server itself if it needs them (no extra
+            // round trip here).
             State::Login(_) if ok => {
-                let caps = code_caps(text).or_else(|| self.seen_caps.take());
-                match caps {
-                    Some(caps) => self.done(BackendResult::LoggedIn {
-                        capabilities: Some(caps),
-                    }),
-                    None => {
-                        self.command("CAPABILITY");
-                        self.state = State::PostLoginCapability;
-                    }
-                }
+                let capabilities = code_caps(text).or_else(|| self.seen_caps.take());
+                self.done(BackendResult::LoggedIn { capabilities });
             }
             State::Login(_) if status == b"NO" => match no_response(text) {
                 Some(response) => self.done(BackendResult::AuthFailed { response }),
@@ -350,10 +360,6 @@ impl BackendMachine {
             State::Login(_) => self.done(BackendResult::AuthFailed {
                 response: AUTH_FAILED.to_owned(),
             }),
-            State::PostLoginCapability => {
-                let capabilities = if ok { self.seen_caps.take() } else { None };
-                self.done(BackendResult::LoggedIn { capabilities });
-            }
             _ => self.unavailable(Unavailable::Protocol),
         }
     }
@@ -383,6 +389,11 @@ fn plain_pieces(tag: &str, creds: &Credentials, sasl_ir: bool) -> Option<Pieces>
     }
     crate::proto::wipe(&mut b64);
     Some(Pieces(pieces))
+}
+
+/// Whether the user name and password fit quoted strings (one line, no literal).
+fn quotable(creds: &Credentials) -> bool {
+    is_quotable(creds.user.as_bytes()) && creds.secret().is_some_and(|s| is_quotable(s.expose()))
 }
 
 /// `AUTHENTICATE LOGIN`: the command, then the user name and the password, each after
@@ -660,17 +671,35 @@ mod tests {
     }
 
     #[test]
-    fn greeting_without_capabilities_and_plain_continuation() {
+    fn greeting_without_capabilities_and_a_quoted_login() {
+        // An older server: no capabilities in the greeting, PLAIN without SASL-IR. LOGIN
+        // with quoted strings takes one round trip where PLAIN would take two.
+        let input: &[u8] = b"* OK ready\r\n\
+            * CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC1 OK done\r\n\
+            C2 OK Logged in\r\n\
+            * 1 EXISTS\r\n";
+        let (sent, actions, left) = assert_split_invariant(&plain(), &joe(), input);
+        assert_eq!(sent, "C1 CAPABILITY\r\nC2 LOGIN \"joe\" \"s3cret\"\r\n");
+        // No capabilities after the login, and none asked for: the client asks itself.
+        assert_eq!(
+            actions,
+            done(BackendResult::LoggedIn { capabilities: None })
+        );
+        assert_eq!(left, b"* 1 EXISTS\r\n");
+    }
+
+    #[test]
+    fn unquotable_credentials_use_plain_with_a_continuation() {
         let input: &[u8] = b"* OK ready\r\n\
             * CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC1 OK done\r\n\
             + \r\n\
-            C2 OK Logged in\r\n\
-            * CAPABILITY IMAP4rev1 IDLE\r\nC3 OK done\r\n\
+            C2 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n\
             * 1 EXISTS\r\n";
-        let (sent, actions, left) = assert_split_invariant(&plain(), &joe(), input);
+        let eight_bit = Some(creds("joe", "s3cr\u{e9}t".as_bytes()));
+        let (sent, actions, left) = assert_split_invariant(&plain(), &eight_bit, input);
         assert_eq!(
             sent,
-            "C1 CAPABILITY\r\nC2 AUTHENTICATE PLAIN\r\nAGpvZQBzM2NyZXQ=\r\nC3 CAPABILITY\r\n"
+            "C1 CAPABILITY\r\nC2 AUTHENTICATE PLAIN\r\nAGpvZQBzM2Nyw6l0\r\n"
         );
         assert_eq!(actions, logged_in("IMAP4rev1 IDLE"));
         assert_eq!(left, b"* 1 EXISTS\r\n");
@@ -728,14 +757,12 @@ mod tests {
             m.poll_action(),
             Some(BackendAction::Send(b"C2 CAPABILITY\r\n".to_vec()))
         );
-        // Over TLS the server tells the truth: no SASL-IR.
+        // Over TLS the server tells the truth: no SASL-IR, so a quoted LOGIN.
         let (_, sent, _) = feed(
             &mut m,
             b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC2 OK done\r\n",
         );
-        assert_eq!(sent, "C3 AUTHENTICATE PLAIN\r\n");
-        let (_, sent, _) = feed(&mut m, b"+\r\n");
-        assert_eq!(sent, "AGpvZQBzM2NyZXQ=\r\n");
+        assert_eq!(sent, "C3 LOGIN \"joe\" \"s3cret\"\r\n");
         let (_, _, other) = feed(&mut m, b"C3 OK [CAPABILITY IMAP4rev1] ok\r\n");
         assert_eq!(other, logged_in("IMAP4rev1"));
 
@@ -1046,16 +1073,13 @@ mod tests {
         assert_eq!(sent, "C1 AUTHENTICATE PLAIN AGpvZQBzM2NyZXQ=\r\n");
         assert_eq!(actions, logged_in("IMAP4rev1 MOVE"));
         assert_eq!(left, b"* 3 EXISTS\r\n");
-        // Caps seen before the login command do not count.
+        // Caps seen before the login command do not count, and none are asked for after.
         let (sent, actions, _) = conversation(
             &plain(),
             joe(),
-            &[b"* OK hi\r\n* CAPABILITY IMAP4rev1\r\nC1 OK\r\nC2 OK Logged in\r\nC3 NO\r\n"],
+            &[b"* OK hi\r\n* CAPABILITY IMAP4rev1\r\nC1 OK\r\nC2 OK Logged in\r\n"],
         );
-        assert_eq!(
-            sent,
-            "C1 CAPABILITY\r\nC2 LOGIN \"joe\" \"s3cret\"\r\nC3 CAPABILITY\r\n"
-        );
+        assert_eq!(sent, "C1 CAPABILITY\r\nC2 LOGIN \"joe\" \"s3cret\"\r\n");
         assert_eq!(
             actions,
             done(BackendResult::LoggedIn { capabilities: None })
