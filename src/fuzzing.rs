@@ -278,6 +278,7 @@ fn backend_policy(sel: u8, forward: bool) -> BackendPolicy {
             port: 4321,
         }),
         helo: "fuzz.example".into(),
+        known_capabilities: None,
     }
 }
 

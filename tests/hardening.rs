@@ -3,6 +3,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -265,6 +267,75 @@ async fn bytes_injected_after_backend_starttls_ok_are_discarded_and_caps_reread(
         !got.iter()
             .any(|l| l.to_ascii_uppercase().contains("AUTHENTICATE")),
         "{got:?}"
+    );
+    proxy.stop().await;
+}
+
+/// An older backend: bare greeting; `CAPABILITY` answers with PLAIN, and SASL-IR while
+/// `sasl_ir` is set; a one-line `AUTHENTICATE PLAIN` is refused once SASL-IR is gone.
+fn legacy_backend(sasl_ir: Arc<AtomicBool>) -> impl Fn(&str, bool) -> Reply + Send + Sync {
+    move |l, _| {
+        let t = tag(l);
+        let upper = l.to_ascii_uppercase();
+        let ir = sasl_ir.load(Ordering::SeqCst);
+        let reply = if upper.ends_with(" CAPABILITY") {
+            let extra = if ir { " SASL-IR" } else { "" };
+            format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN{extra}\r\n{t} OK done\r\n")
+        } else if upper.contains(" AUTHENTICATE PLAIN ") && !ir {
+            format!("{t} BAD no initial response here\r\n")
+        } else if upper.contains(" LOGIN ") || upper.contains(" AUTHENTICATE PLAIN") {
+            format!("{t} OK in\r\n")
+        } else if upper.ends_with(" LOGOUT") {
+            format!("* BYE bye\r\n{t} OK out\r\n")
+        } else {
+            format!("{t} OK done\r\n")
+        };
+        Reply::Send(reply.into_bytes())
+    }
+}
+
+#[tokio::test]
+async fn backend_capabilities_are_remembered_and_relearned_when_they_change() {
+    let sasl_ir = Arc::new(AtomicBool::new(true));
+    let b = scripted("* OK ready\r\n", legacy_backend(sasl_ir.clone())).await;
+    let proxy = imap_proxy_for(b.addr, "none", "").await;
+    let received = |b: &Scripted| std::mem::take(&mut *b.received.lock().unwrap());
+    let login = |user: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let (mut c, r) = login_over_tls(proxy, user, "pw").await;
+            assert!(r.last().unwrap().starts_with("a1 OK"), "{r:?}");
+            c.cmd("a2", "LOGOUT").await;
+        }
+    };
+    // First login: the server's list is read once.
+    login("ann").await;
+    let first = received(&b);
+    assert!(first[0].ends_with(" CAPABILITY"), "{first:?}");
+    assert!(first[1].contains(" AUTHENTICATE PLAIN "), "{first:?}");
+    // Second login: remembered, no CAPABILITY round trip.
+    login("bob").await;
+    let second = received(&b);
+    assert!(
+        second.iter().all(|l| !l.ends_with(" CAPABILITY")),
+        "{second:?}"
+    );
+    assert!(second[0].contains(" AUTHENTICATE PLAIN "), "{second:?}");
+    // The server drops SASL-IR: the one-line PLAIN is refused, the list read again and
+    // the login made under it; the client never sees the stale attempt.
+    sasl_ir.store(false, Ordering::SeqCst);
+    login("cat").await;
+    let third = received(&b);
+    assert!(third[0].contains(" AUTHENTICATE PLAIN "), "{third:?}");
+    assert!(third[1].ends_with(" CAPABILITY"), "{third:?}");
+    assert!(third[2].contains(" LOGIN \"cat\" \"pw\""), "{third:?}");
+    // And the new list is what the next login uses.
+    login("dan").await;
+    let fourth = received(&b);
+    assert!(fourth[0].contains(" LOGIN \"dan\" \"pw\""), "{fourth:?}");
+    assert!(
+        fourth.iter().all(|l| !l.ends_with(" CAPABILITY")),
+        "{fourth:?}"
     );
     proxy.stop().await;
 }

@@ -23,6 +23,8 @@ pub struct ServerState {
     oks: AtomicU32,
     down_until_ms: AtomicU64,
     capabilities: Mutex<Vec<String>>,
+    /// IMAP: the capability list last read before login (after TLS when required).
+    login_capabilities: Mutex<Option<Arc<str>>>,
 }
 
 impl ServerState {
@@ -37,6 +39,7 @@ impl ServerState {
             oks: AtomicU32::new(0),
             down_until_ms: AtomicU64::new(0),
             capabilities: Mutex::new(Vec::new()),
+            login_capabilities: Mutex::new(None),
         }
     }
 
@@ -97,6 +100,26 @@ impl ServerState {
         let oks = self.oks.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         if !self.is_up() && oks >= health.rise {
             self.set_up(true);
+        }
+    }
+
+    /// IMAP: the capability list the server advertised before login at the last probe
+    /// or login that read one (see [`crate::proto::BackendPolicy::known_capabilities`]).
+    pub fn login_capabilities(&self) -> Option<Arc<str>> {
+        match self.login_capabilities.lock() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Remembers the list a probe or login read from the server.
+    pub fn learn_login_capabilities(&self, caps: &str) {
+        let mut slot = match self.login_capabilities.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if slot.as_deref() != Some(caps) {
+            *slot = Some(Arc::from(caps));
         }
     }
 

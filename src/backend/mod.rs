@@ -24,7 +24,7 @@ use crate::proto::{
 };
 use crate::snapshot::Snapshot;
 use crate::stream::{BackendStream, Stream};
-use health::Registry;
+use health::{Registry, ServerState};
 use resolve::Resolver;
 
 /// Most bytes buffered from a backend before its login finishes.
@@ -291,9 +291,18 @@ impl<'a> PoolLogin<'a> {
         })
     }
 
-    /// One attempt on one server: connect, TLS, machine; bounded by the pool's login
-    /// timeout.
-    pub async fn attempt(&self, addr: &ServerAddr, job: Job) -> Result<Attempted, Failure> {
+    /// One attempt on one server (whose health `state` is given): connect, TLS, machine;
+    /// bounded by the pool's login timeout.
+    pub async fn attempt(
+        &self,
+        addr: &ServerAddr,
+        state: &ServerState,
+        job: Job,
+    ) -> Result<Attempted, Failure> {
+        let known_capabilities = match self.protocol {
+            Protocol::Imap => state.login_capabilities(),
+            Protocol::Pop3 | Protocol::Smtp => None,
+        };
         let policy = BackendPolicy {
             tls: self.servers.tls,
             forward_client: self
@@ -301,6 +310,7 @@ impl<'a> PoolLogin<'a> {
                 .clone()
                 .filter(|_| self.pool.forward_client_address),
             helo: self.helo.to_string(),
+            known_capabilities,
         };
         let mut machine = new_machine(self.protocol, policy, job);
         let work = async {
@@ -327,10 +337,14 @@ impl<'a> PoolLogin<'a> {
             };
             self.drive(machine.as_mut(), stream, addr).await
         };
-        match tokio::time::timeout(self.pool.login_timeout, work).await {
+        let result = match tokio::time::timeout(self.pool.login_timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(Failure::Timeout),
+        };
+        if let Some(caps) = machine.fresh_capabilities() {
+            state.learn_login_capabilities(caps);
         }
+        result
     }
 
     /// A PROXY protocol v2 header first: the client's address for a login, `LOCAL` for a
@@ -479,9 +493,9 @@ impl<'a> PoolLogin<'a> {
             let state = self.backends.registry.get(pool_name, protocol, &server);
             let result = match &creds.auth {
                 Auth::Password { .. } if self.checks_by_pop3() => {
-                    self.pop_before_smtp(index, addr, creds).await
+                    self.pop_before_smtp(index, addr, &state, creds).await
                 }
-                _ => self.attempt(addr, Job::Login(creds.clone())).await,
+                _ => self.attempt(addr, &state, Job::Login(creds.clone())).await,
             };
             // Everything that is not a login or a rejection is this server being
             // unavailable.
@@ -540,6 +554,7 @@ impl<'a> PoolLogin<'a> {
         &self,
         index: usize,
         smtp_addr: &ServerAddr,
+        smtp_state: &ServerState,
         creds: &Credentials,
     ) -> Result<Attempted, Failure> {
         let pop = self.speaking(Protocol::Pop3).ok_or(Failure::NoMechanism)?;
@@ -550,7 +565,9 @@ impl<'a> PoolLogin<'a> {
             .backends
             .registry
             .get(&pool.name, Protocol::Pop3, pop_server);
-        let checked = pop.attempt(pop_addr, Job::Login(creds.clone())).await;
+        let checked = pop
+            .attempt(pop_addr, &pop_state, Job::Login(creds.clone()))
+            .await;
         // A POP3 server that is down is that server's failure, not the SMTP server's.
         let pop_down = |f: Failure| {
             tracing::warn!(pool = %pool.name, server = %pop_server, reason = f.as_str(), "pop-before-smtp: POP3 check server unavailable");
@@ -574,7 +591,8 @@ impl<'a> PoolLogin<'a> {
         let _ = checked.stream.write_all(proto::pop3::QUIT).await;
         let _ = checked.stream.shutdown().await;
         let bridged = Credentials::bridged(creds.user.clone());
-        self.attempt(smtp_addr, Job::Login(bridged)).await
+        self.attempt(smtp_addr, smtp_state, Job::Login(bridged))
+            .await
     }
 }
 
@@ -594,9 +612,10 @@ pub async fn probe(
     let hostname = &snap.config.hostname;
     let target = PoolLogin::new(backends, snap, &pool.name, protocol, None, hostname)
         .ok_or(Failure::NoMechanism)?;
+    let state = backends.registry.get(&pool.name, protocol, addr.as_str());
     let Attempted {
         result, mut stream, ..
-    } = target.attempt(addr, Job::Probe).await?;
+    } = target.attempt(addr, &state, Job::Probe).await?;
     // Send the machine's goodbye (already written), then close politely.
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     match result {

@@ -414,6 +414,11 @@ pub struct BackendPolicy {
     /// The name to give in EHLO (SMTP): the client's own EHLO name when known, else the
     /// proxy's host name.
     pub helo: String,
+    /// IMAP: the capabilities this server advertised before login (after TLS when TLS is
+    /// required) at its last probe or login. With them a greeting without a capability
+    /// list costs no `CAPABILITY` round trip; a login refused under them is retried once
+    /// with a fresh list if the server's list has changed.
+    pub known_capabilities: Option<std::sync::Arc<str>>,
 }
 
 /// A backend-facing login (or probe) machine (one per protocol). Same input contract as
@@ -427,4 +432,11 @@ pub trait BackendLogin {
     fn poll_action(&mut self) -> Option<BackendAction>;
     /// The handshake asked for with [`BackendAction::StartTls`] completed.
     fn tls_established(&mut self);
+    /// IMAP: the capabilities read from the server itself during this exchange and in
+    /// force at its end (to remember for the next login; see
+    /// [`BackendPolicy::known_capabilities`]). `None` if none were read (or they came from
+    /// the policy).
+    fn fresh_capabilities(&self) -> Option<&str> {
+        None
+    }
 }

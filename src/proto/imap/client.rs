@@ -91,6 +91,10 @@ enum State {
     Id,
     /// The login command (partly) sent; the pieces wait for the server's `+`.
     Login(Pieces),
+    /// `CAPABILITY` sent after a login refused under remembered capabilities: if the
+    /// server's list changed, the login is tried again under the new one, else this
+    /// refusal stands.
+    Relearn(BackendResult),
     /// `Done` queued.
     Done,
 }
@@ -107,6 +111,11 @@ pub struct BackendMachine {
     tag: String,
     /// Trusted capabilities (read over TLS when TLS is required).
     caps: Option<String>,
+    /// `caps` are the policy's remembered ones, not read from the server this time.
+    caps_remembered: bool,
+    /// The credentials again, kept while logging in under remembered capabilities (for
+    /// one retry under fresh ones).
+    retry: Option<Credentials>,
     /// Capabilities seen in untagged data since the last command was sent.
     seen_caps: Option<String>,
     tls_active: bool,
@@ -144,6 +153,8 @@ impl BackendMachine {
             tags: 0,
             tag: String::new(),
             caps: None,
+            caps_remembered: false,
+            retry: None,
             seen_caps: None,
             skip: 0,
             continued: false,
@@ -175,11 +186,30 @@ impl BackendMachine {
             .push_back(BackendAction::Send(line.into_bytes()));
     }
 
+    /// No capability list from the server: for a login use the remembered one, else ask
+    /// (a probe always asks: it is what keeps the remembered list current).
+    fn capabilities_needed(&mut self) {
+        let known = self.policy.known_capabilities.as_deref();
+        match known.filter(|_| self.creds.is_some()) {
+            Some(known) => {
+                self.caps = Some(known.to_owned());
+                self.caps_remembered = true;
+                self.proceed();
+            }
+            None => {
+                self.command("CAPABILITY");
+                self.state = State::Capability;
+            }
+        }
+    }
+
     /// Capabilities are known: next step.
     fn proceed(&mut self) {
         let caps = self.caps.clone().unwrap_or_default();
         if self.policy.tls == BackendTls::StartTls && !self.tls_active {
-            if !has_cap(&caps, "STARTTLS") {
+            // Remembered capabilities are those after TLS (which need not list STARTTLS):
+            // ask for it; a server that no longer offers it refuses.
+            if !self.caps_remembered && !has_cap(&caps, "STARTTLS") {
                 return self.unavailable(Unavailable::Tls);
             }
             self.command("STARTTLS");
@@ -210,6 +240,9 @@ impl BackendMachine {
         let Some(creds) = self.creds.take() else {
             return self.unavailable(Unavailable::Protocol);
         };
+        if self.caps_remembered {
+            self.retry = Some(creds.clone());
+        }
         let caps = self.caps.clone().unwrap_or_default();
         let tag = self.next_tag();
         let plain = has_cap(&caps, "AUTH=PLAIN");
@@ -274,8 +307,7 @@ impl BackendMachine {
             if self.caps.is_some() {
                 self.proceed();
             } else {
-                self.command("CAPABILITY");
-                self.state = State::Capability;
+                self.capabilities_needed();
             }
             return;
         }
@@ -323,6 +355,12 @@ impl BackendMachine {
     fn tagged(&mut self, line: &[u8]) {
         let (tag, rest) = split_word(line);
         if tag != self.tag.as_bytes() {
+            // After a refused login under stale capabilities the server may have read
+            // part of our command as another one (a literal it did not expect): its
+            // answers to that are not ours to judge.
+            if matches!(self.state, State::Relearn(_)) {
+                return;
+            }
             return self.unavailable(Unavailable::Protocol);
         }
         let (status, text) = split_word(rest);
@@ -351,15 +389,41 @@ impl BackendMachine {
                 let capabilities = code_caps(text).or_else(|| self.seen_caps.take());
                 self.done(BackendResult::LoggedIn { capabilities });
             }
-            State::Login(_) if status == b"NO" => match no_response(text) {
-                Some(response) => self.done(BackendResult::AuthFailed { response }),
-                None => self.unavailable(Unavailable::Protocol),
-            },
-            // BAD to our login: the server disliked the arguments. Never a reason to
-            // mark it down (a strange user name would take the pool out).
-            State::Login(_) => self.done(BackendResult::AuthFailed {
-                response: AUTH_FAILED.to_owned(),
-            }),
+            State::Login(_) => {
+                let refusal = if status == b"NO" {
+                    match no_response(text) {
+                        Some(response) => BackendResult::AuthFailed { response },
+                        None => BackendResult::Unavailable(Unavailable::Protocol),
+                    }
+                } else {
+                    // BAD to our login: the server disliked the arguments. Never a reason
+                    // to mark it down (a strange user name would take the pool out).
+                    BackendResult::AuthFailed {
+                        response: AUTH_FAILED.to_owned(),
+                    }
+                };
+                if self.retry.is_some() {
+                    // Chosen under remembered capabilities: check they still hold.
+                    self.command("CAPABILITY");
+                    self.state = State::Relearn(refusal);
+                } else {
+                    self.done(refusal);
+                }
+            }
+            State::Relearn(refusal) if ok => {
+                let fresh = self.seen_caps.take().unwrap_or_default();
+                let changed = self.caps.as_deref() != Some(fresh.as_str());
+                self.caps = Some(fresh);
+                self.caps_remembered = false;
+                match self.retry.take() {
+                    Some(creds) if changed => {
+                        self.creds = Some(creds);
+                        self.start_login();
+                    }
+                    _ => self.done(refusal),
+                }
+            }
+            State::Relearn(refusal) => self.done(refusal),
             _ => self.unavailable(Unavailable::Protocol),
         }
     }
@@ -533,13 +597,22 @@ impl BackendLogin for BackendMachine {
     fn tls_established(&mut self) {
         if matches!(self.state, State::AwaitTls) {
             self.tls_active = true;
-            // Nothing said before the handshake is trusted: ask again.
+            // Nothing said before the handshake is trusted: ask again (or use what
+            // this server said over TLS last time).
             self.caps = None;
+            self.caps_remembered = false;
             self.skip = 0;
             self.continued = false;
-            self.command("CAPABILITY");
-            self.state = State::Capability;
+            self.capabilities_needed();
         }
+    }
+
+    fn fresh_capabilities(&self) -> Option<&str> {
+        let over_tls_if_required = self.policy.tls == BackendTls::None || self.tls_active;
+        if self.caps_remembered || !over_tls_if_required {
+            return None;
+        }
+        self.caps.as_deref()
     }
 }
 
@@ -562,6 +635,7 @@ mod tests {
             tls,
             forward_client: None,
             helo: "proxy.example".into(),
+            known_capabilities: None,
         }
     }
 
@@ -686,6 +760,161 @@ mod tests {
             done(BackendResult::LoggedIn { capabilities: None })
         );
         assert_eq!(left, b"* 1 EXISTS\r\n");
+    }
+
+    fn remembering(caps: &str, tls: BackendTls) -> BackendPolicy {
+        BackendPolicy {
+            known_capabilities: Some(caps.into()),
+            ..policy(tls)
+        }
+    }
+
+    /// The machine's `fresh_capabilities` after a whole conversation fed at once.
+    fn learned(policy: &BackendPolicy, creds: Option<Credentials>, input: &[u8]) -> Option<String> {
+        let mut m = BackendMachine::new(policy.clone(), creds);
+        let mut buf = input.to_vec();
+        loop {
+            let (used, _, _) = feed(&mut m, &buf);
+            buf.drain(..used);
+            if used == 0 {
+                break;
+            }
+        }
+        m.fresh_capabilities().map(str::to_owned)
+    }
+
+    #[test]
+    fn remembered_capabilities_save_the_capability_round_trip() {
+        let known = remembering("IMAP4rev1 AUTH=PLAIN", BackendTls::None);
+        let input: &[u8] = b"* OK ready\r\nC1 OK Logged in\r\n* 1 EXISTS\r\n";
+        let (sent, actions, left) = assert_split_invariant(&known, &joe(), input);
+        assert_eq!(sent, "C1 LOGIN \"joe\" \"s3cret\"\r\n");
+        assert_eq!(
+            actions,
+            done(BackendResult::LoggedIn { capabilities: None })
+        );
+        assert_eq!(left, b"* 1 EXISTS\r\n");
+        // Nothing new learned: the list came from the policy.
+        assert_eq!(learned(&known, joe(), input), None);
+        // Without a remembered list the machine asks, and reports what it read.
+        let asked = b"* OK ready\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC1 OK\r\nC2 OK hi\r\n";
+        assert_eq!(
+            learned(&plain(), joe(), asked).as_deref(),
+            Some("IMAP4rev1 AUTH=PLAIN")
+        );
+        // A greeting's own list wins over the remembered one.
+        let greeting = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] hi\r\nC1 OK\r\n";
+        let (sent, actions, _) = assert_split_invariant(&known, &joe(), greeting);
+        assert_eq!(sent, "C1 AUTHENTICATE PLAIN AGpvZQBzM2NyZXQ=\r\n");
+        assert_eq!(
+            actions,
+            done(BackendResult::LoggedIn { capabilities: None })
+        );
+        assert_eq!(
+            learned(&known, joe(), greeting).as_deref(),
+            Some("IMAP4rev1 AUTH=PLAIN SASL-IR")
+        );
+        // A probe always asks: it keeps the remembered list current.
+        let (sent, actions, _) = assert_split_invariant(
+            &known,
+            &None,
+            b"* OK ready\r\n* CAPABILITY IMAP4rev1 X\r\nC1 OK\r\n",
+        );
+        assert_eq!(sent, "C1 CAPABILITY\r\nC2 LOGOUT\r\n");
+        assert_eq!(
+            actions,
+            done(BackendResult::Ready {
+                capabilities: vec!["IMAP4rev1".into(), "X".into()]
+            })
+        );
+    }
+
+    #[test]
+    fn stale_remembered_capabilities_are_relearned_once() {
+        // Remembered SASL-IR, no longer offered: the server refuses the one-line PLAIN,
+        // the machine asks, sees a different list and logs in under it.
+        let stale = remembering("IMAP4rev1 AUTH=PLAIN SASL-IR", BackendTls::None);
+        let input: &[u8] = b"* OK ready\r\n\
+            C1 BAD Unexpected argument\r\n\
+            * CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC2 OK\r\n\
+            C3 OK Logged in\r\n";
+        let (sent, actions, _) = assert_split_invariant(&stale, &joe(), input);
+        assert_eq!(
+            sent,
+            "C1 AUTHENTICATE PLAIN AGpvZQBzM2NyZXQ=\r\nC2 CAPABILITY\r\nC3 LOGIN \"joe\" \"s3cret\"\r\n"
+        );
+        assert_eq!(
+            actions,
+            done(BackendResult::LoggedIn { capabilities: None })
+        );
+        assert_eq!(
+            learned(&stale, joe(), input).as_deref(),
+            Some("IMAP4rev1 AUTH=PLAIN")
+        );
+        // The same list: the refusal was the password's, and it stands (no second try).
+        let same = remembering("IMAP4rev1 AUTH=PLAIN", BackendTls::None);
+        let input: &[u8] = b"* OK ready\r\n\
+            C1 NO [AUTHENTICATIONFAILED] Bad password\r\n\
+            * CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC2 OK\r\n";
+        let (sent, actions, _) = assert_split_invariant(&same, &joe(), input);
+        assert_eq!(sent, "C1 LOGIN \"joe\" \"s3cret\"\r\nC2 CAPABILITY\r\n");
+        assert_eq!(actions, auth_failed("[AUTHENTICATIONFAILED] Bad password"));
+        // A second refusal under the fresh list is final.
+        let input: &[u8] = b"* OK ready\r\n\
+            C1 BAD no\r\n\
+            * CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC2 OK\r\n\
+            C3 NO [AUTHENTICATIONFAILED] Bad password\r\n";
+        let (sent, actions, _) = assert_split_invariant(&stale, &joe(), input);
+        assert_eq!(sent.matches("CAPABILITY").count(), 1);
+        assert_eq!(actions, auth_failed("[AUTHENTICATIONFAILED] Bad password"));
+        // Stale LITERAL+: the server took the literal's bytes for a command of its own;
+        // its answer to that (another tag) is skipped while relearning.
+        let eight_bit = Some(creds("joe", "s3cr\u{e9}t".as_bytes()));
+        let stale = remembering("IMAP4rev1 LITERAL+", BackendTls::None);
+        let input: &[u8] = b"* OK ready\r\n\
+            C1 BAD Unknown literal\r\n\
+            s3cr BAD Error in IMAP command\r\n\
+            * CAPABILITY IMAP4rev1\r\nC2 OK\r\n\
+            + go ahead\r\n\
+            C3 OK Logged in\r\n";
+        let (sent, actions, _) = assert_split_invariant(&stale, &eight_bit, input);
+        assert!(sent.starts_with("C1 LOGIN \"joe\" {7+}\r\n"), "{sent}");
+        assert!(
+            sent.ends_with("C2 CAPABILITY\r\nC3 LOGIN \"joe\" {7}\r\ns3cr\u{e9}t\r\n"),
+            "{sent}"
+        );
+        assert_eq!(
+            actions,
+            done(BackendResult::LoggedIn { capabilities: None })
+        );
+    }
+
+    #[test]
+    fn remembered_capabilities_after_starttls() {
+        // Remembered: the list after TLS. STARTTLS is asked for without a CAPABILITY
+        // first, and none is asked after the handshake either.
+        let known = remembering("IMAP4rev1 AUTH=PLAIN SASL-IR", BackendTls::StartTls);
+        let mut m = BackendMachine::new(known, joe());
+        let (_, sent, _) = feed(&mut m, b"* OK ready\r\n");
+        assert_eq!(sent, "C1 STARTTLS\r\n");
+        let (_, sent, other) = feed(&mut m, b"C1 OK go\r\n");
+        assert_eq!((sent.as_str(), other), ("", vec![BackendAction::StartTls]));
+        m.tls_established();
+        let (_, sent, _) = feed(&mut m, b"");
+        assert_eq!(sent, "C2 AUTHENTICATE PLAIN AGpvZQBzM2NyZXQ=\r\n");
+        assert_eq!(m.fresh_capabilities(), None);
+        // A server that stopped offering STARTTLS refuses it: unavailable, as before.
+        let known = remembering("IMAP4rev1 AUTH=PLAIN", BackendTls::StartTls);
+        let (_, actions, _) = conversation(&known, joe(), &[b"* OK ready\r\nC1 BAD no\r\n"]);
+        assert_eq!(actions, unavailable(Unavailable::Tls));
+        // Without a remembered list, the pre-TLS list is never reported as learned.
+        let mut m = BackendMachine::new(policy(BackendTls::StartTls), joe());
+        feed(&mut m, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n");
+        assert_eq!(m.fresh_capabilities(), None);
+        feed(&mut m, b"C1 OK go\r\n");
+        m.tls_established();
+        feed(&mut m, b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC2 OK\r\n");
+        assert_eq!(m.fresh_capabilities(), Some("IMAP4rev1 AUTH=PLAIN"));
     }
 
     #[test]

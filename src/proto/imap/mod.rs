@@ -76,7 +76,8 @@ pub fn fuzz_server(chunks: &[&[u8]]) {
 
 /// Drives a [`BackendMachine`] with `chunks` from a fake backend through the generic
 /// driver, as `backend/` would. The first byte is not input: it picks the TLS mode, probe
-/// or login, and ID forwarding. The password holds bytes that need a literal.
+/// or login, ID forwarding and a remembered capability list. The password holds bytes
+/// that need a literal.
 ///
 /// Panics if an invariant breaks: the driver's, or a command over `FUZZ_MAX_OUTPUT`
 /// (4096) bytes.
@@ -93,6 +94,7 @@ pub fn fuzz_backend(chunks: &[&[u8]]) {
             port: 4321,
         }),
         helo: "fuzz.example".into(),
+        known_capabilities: (sel & 16 != 0).then(|| "IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+".into()),
     };
     let creds = (sel & 4 == 0).then(|| {
         Credentials::password(

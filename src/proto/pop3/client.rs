@@ -373,6 +373,7 @@ mod tests {
             tls,
             forward_client: None::<ClientInfo>,
             helo: "proxy.example".into(),
+            known_capabilities: None,
         }
     }
 

@@ -476,6 +476,7 @@ mod tests {
             tls,
             forward_client: None,
             helo: "client.example".into(),
+            known_capabilities: None,
         }
     }
 

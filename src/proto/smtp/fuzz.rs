@@ -157,6 +157,7 @@ pub fn fuzz_backend(chunks: &[&[u8]]) {
                 port: 2525,
             }),
             helo: "client.example".into(),
+            known_capabilities: None,
         };
         let make = || {
             BackendDriver::new(BackendMachine::new(policy.clone(), creds.clone())).on_send(
