@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 7's benchmark in one command: cutover against the fake backend directly (the
-# limit), HAProxy in TCP mode and nginx's mail proxy, same workloads, same certificate,
-# same machine, one run. Prints the table and writes BENCHMARKS.md.
+# limit), HAProxy in TCP mode, nginx's mail proxy and Stalwart's migration proxy, same
+# workloads, same certificate, same machine, one run. Prints the table and writes
+# BENCHMARKS.md.
 #
-#   bench/compare.sh            # full run (~11 minutes on 2 cores)
-#   bench/compare.sh --quick    # short run (~3 minutes), single repetitions
+#   bench/compare.sh            # full run (~13 minutes on 2 cores)
+#   bench/compare.sh --quick    # short run (~4 minutes), single repetitions
 #
 # Options:
 #   --quick        short durations, 1 repetition, 500 idle sessions
@@ -14,14 +15,23 @@
 #   --no-install   do not apt-get install missing packages
 #   --no-build     use the release binaries already built
 #   --keep         keep the temporary directory (configs, logs, raw results)
-#   --only LIST    comma-separated targets to measure (direct,haproxy,nginx,cutover); the
-#                  fleet section (bench/fleet.py: three cutovers sharing a redis-server,
-#                  control propagation, login rate with state.redis) runs with cutover
+#   --only LIST    comma-separated targets to measure (direct,haproxy,nginx,cutover,
+#                  stalwart); the fleet section (bench/fleet.py: three cutovers sharing a
+#                  redis-server, control propagation, login rate with state.redis) runs
+#                  with cutover
 #   --no-fleet     skip the fleet section
 #   --legacy       the fake backend greets and answers like an older server (bare `* OK`
 #                  greeting, AUTH=PLAIN without SASL-IR or LITERAL+, a bare login OK)
 #   --cutover BIN  measure this cutover binary (e.g. an experimental build) instead of
 #                  target/release/cutover
+#   --no-stalwart  skip Stalwart's proxy (its column reads n/a)
+#
+# Stalwart's migration proxy (github.com/stalwartlabs/proxy, AGPL-3.0; built and run for
+# the comparison only, none of its code is copied here) at a pinned commit: $STALWART_BIN
+# if set, else a cached build in ${CUTOVER_BENCH_CACHE:-~/.cache/cutover-bench}/
+# stalwart-proxy-COMMIT/proxy, else the source is fetched ($STALWART_SRC if set, a local
+# mirror, or GitHub) and built there with cargo once (several minutes; also with
+# --no-build). If that fails the run goes on and the report says why the column is n/a.
 #
 # Needs root for apt-get (nginx, libnginx-mod-mail, haproxy, openssl). Every address is on
 # 127.0.0.0/8; every load loop is bounded in time and count; every process started here
@@ -35,10 +45,11 @@ OUT="$ROOT/BENCHMARKS.md"
 INSTALL=1
 BUILD=1
 KEEP=0
-ONLY="direct,haproxy,nginx,cutover"
+ONLY="direct,haproxy,nginx,cutover,stalwart"
 CUTOVER_BIN=""
 FLEET=1
 STYLE=modern
+STALWART_WANTED=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -51,7 +62,8 @@ while [ $# -gt 0 ]; do
         --cutover) CUTOVER_BIN=$(realpath "$2"); shift ;;
         --no-fleet) FLEET=0 ;;
         --legacy) STYLE=legacy ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        --no-stalwart) STALWART_WANTED=0 ;;
+        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
     shift
@@ -115,6 +127,97 @@ for b in "$CUTOVER" "$FAKE" "$LOAD"; do
     [ -x "$b" ] || { echo "missing binary: $b" >&2; exit 1; }
 done
 
+# --- Stalwart's migration proxy ----------------------------------------------------------
+# github.com/stalwartlabs/proxy is AGPL-3.0: it is built from its own repository and run
+# unmodified for the comparison; nothing of it is copied into this project. One build per
+# pinned commit, cached outside the repository. Any failure leaves its column n/a (with
+# the reason in the report) and the rest of the run goes on.
+STALWART_COMMIT=1ddc5dce99ff392381c8555f237794c292c3279f # v1.0.0
+STALWART_URL=https://github.com/stalwartlabs/proxy
+STALWART_MIRROR=/work/.mirror/stalwartlabs+proxy/repo
+BENCH_CACHE=${CUTOVER_BENCH_CACHE:-$HOME/.cache/cutover-bench}
+STALWART=""         # the binary
+STALWART_VERSION="" # for "Machine and versions"
+STALWART_NA=""      # why its column is n/a
+
+# stalwart_obtain: sets STALWART and STALWART_VERSION, or STALWART_NA and returns 1.
+# Called in an `if`: every step is checked explicitly (set -e does not apply there).
+stalwart_obtain() {
+    local dir="$BENCH_CACHE/stalwart-proxy-$STALWART_COMMIT" from src ver t0 err
+    if [ -n "${STALWART_BIN:-}" ]; then
+        if [ ! -f "$STALWART_BIN" ] || [ ! -x "$STALWART_BIN" ]; then
+            STALWART_NA="STALWART_BIN=$STALWART_BIN is not an executable file"
+            return 1
+        fi
+        STALWART=$(realpath "$STALWART_BIN")
+        STALWART_VERSION="$STALWART (\`STALWART_BIN\`; its version is not checked)"
+        return 0
+    fi
+    if [ -x "$dir/proxy" ]; then
+        STALWART="$dir/proxy"
+        STALWART_VERSION=$(cat "$dir/version" 2>/dev/null || echo "commit $STALWART_COMMIT")
+        return 0
+    fi
+    if [ -n "${STALWART_SRC:-}" ]; then
+        from=$STALWART_SRC
+    elif [ -d "$STALWART_MIRROR" ]; then
+        from=$STALWART_MIRROR
+    else
+        from=$STALWART_URL
+    fi
+    for tool in git cargo timeout; do
+        command -v "$tool" >/dev/null || { STALWART_NA="\`$tool\` not found"; return 1; }
+    done
+    if ! mkdir -p "$dir"; then
+        STALWART_NA="cannot create $dir"
+        return 1
+    fi
+    src="$dir/src"
+    : >"$dir/fetch.log"
+    log "Stalwart proxy: source at commit $STALWART_COMMIT from $from (log: $dir/fetch.log)"
+    # A fetch by commit first (GitHub and local repositories allow it), else every branch
+    # and tag; at most 5 minutes each, never a credential prompt.
+    if ! {
+        { [ -d "$src/.git" ] || git init -q "$src"; } &&
+        { git -C "$src" cat-file -e "$STALWART_COMMIT^{commit}" 2>/dev/null ||
+          GIT_TERMINAL_PROMPT=0 timeout 300 git -C "$src" fetch -q "$from" "$STALWART_COMMIT" ||
+          GIT_TERMINAL_PROMPT=0 timeout 300 git -C "$src" fetch -q "$from" \
+              '+refs/heads/*:refs/remotes/bench/*' '+refs/tags/*:refs/tags/*'; } &&
+        git -C "$src" -c advice.detachedHead=false checkout -q --force --detach "$STALWART_COMMIT"
+    } >>"$dir/fetch.log" 2>&1; then
+        err=$(grep -m1 -iE 'fatal|error' "$dir/fetch.log")
+        STALWART_NA="could not get commit $STALWART_COMMIT from $from${err:+ ($err)}"
+        return 1
+    fi
+    ver=$(git -C "$src" show HEAD:Cargo.toml | sed -n 's/^version = "\(.*\)"/\1/p' | head -1)
+    log "Stalwart proxy: cargo build --release (once per commit; ~5 min on 2 cores; log: $dir/build.log)"
+    t0=$(date +%s)
+    if ! (cd "$src" && CARGO_TARGET_DIR="$dir/target" timeout 3600 cargo build --release --locked) \
+            >"$dir/build.log" 2>&1; then
+        err=$(grep -m1 -E '^error' "$dir/build.log" || tail -1 "$dir/build.log")
+        STALWART_NA="\`cargo build --release --locked\` of commit $STALWART_COMMIT failed: $err (log: $dir/build.log)"
+        return 1
+    fi
+    if ! cp "$dir/target/release/proxy" "$dir/proxy.tmp.$$" || ! mv -f "$dir/proxy.tmp.$$" "$dir/proxy"; then
+        STALWART_NA="cannot copy the build to $dir/proxy"
+        return 1
+    fi
+    printf 'proxy %s (github.com/stalwartlabs/proxy, commit %s; `cargo build --release --locked`, %s)\n' \
+        "${ver:-?}" "${STALWART_COMMIT:0:12}" "$(cd "$src" && rustc --version)" >"$dir/version"
+    log "Stalwart proxy: built in $(( $(date +%s) - t0 )) s: $dir/proxy"
+    STALWART="$dir/proxy"
+    STALWART_VERSION=$(cat "$dir/version")
+    return 0
+}
+
+if [[ ",$ONLY," != *",stalwart,"* ]]; then
+    STALWART_NA="not measured in this run (\`--only $ONLY\`)"
+elif [ "$STALWART_WANTED" = 0 ]; then
+    STALWART_NA="not measured in this run (\`--no-stalwart\`)"
+elif ! stalwart_obtain; then
+    warn "Stalwart proxy not available, its column will read n/a: $STALWART_NA"
+fi
+
 # --- processes ---------------------------------------------------------------------------
 WORK=$(mktemp -d /tmp/cutover-bench.XXXXXX)
 PIDS=()
@@ -143,7 +246,7 @@ if [ "$PIN" = 1 ] && [ "$NPROC" -ge 2 ]; then
 else
     PROXY_CPU=()
     LOAD_CPU=()
-    CPU_NOTE="no pinning: every process (proxy, load generator, fake backend) may run on all $NPROC CPUs; each proxy runs one worker per CPU (nginx worker_processes auto, HAProxy's default nbthread, cutover's default tokio runtime)"
+    CPU_NOTE="no pinning: every process (proxy, load generator, fake backend) may run on all $NPROC CPUs; each proxy runs one worker per CPU (nginx worker_processes auto, HAProxy's default nbthread, cutover's default tokio runtime, Stalwart's \`threads = 0\`)"
 fi
 
 # start NAME CMD...: runs CMD in the background, output to $WORK/NAME.log; sets $LASTPID.
@@ -189,7 +292,7 @@ cat >"$C/leaf.ext" <<EOF
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
-subjectAltName=DNS:bench.test,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5
+subjectAltName=DNS:bench.test,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5,IP:127.0.0.6
 EOF
 openssl x509 -req -in "$C/leaf.csr" -CA "$C/ca.pem" -CAkey "$C/ca-key.pem" -CAcreateserial \
     -days 2 -sha256 -extfile "$C/leaf.ext" -out "$C/cert.pem" 2>/dev/null
@@ -201,6 +304,7 @@ BACKEND=127.0.0.2
 HAPROXY=127.0.0.3
 NGINX=127.0.0.4
 CUT=127.0.0.5
+STAL=127.0.0.6
 PLAIN=10143
 TLSP=10993
 AUTHP=10080
@@ -286,6 +390,61 @@ metrics:
 EOF
 "$CUTOVER" check --config "$WORK/cutover.yaml" >/dev/null
 
+# Stalwart's proxy: keys from its src/config/mod.rs at the pinned commit. Every account
+# goes to the default destination (the mappings file is empty, as the file store needs
+# one); the backend leg is plaintext, so credentials may go over it only with
+# allow_plaintext_auth; no PROXY header and no ID/XCLIENT (the fake backend, like the
+# other peers' backends here, expects neither).
+: >"$WORK/stalwart-mappings.tsv"
+cat >"$WORK/stalwart.toml" <<EOF
+[server]
+threads = 0
+hostname = "bench.test"
+log_level = "warn"
+shutdown_grace = "1s"
+
+[tls.certificate.bench]
+cert = "$C/cert.pem"
+key = "$C/key.pem"
+default = true
+
+[routing]
+default_destination = "fake"
+
+[mapping]
+source = "file"
+
+[mapping.file]
+path = "$WORK/stalwart-mappings.tsv"
+
+[destination.fake]
+host = "$BACKEND"
+proxy_protocol = false
+forwarding = "none"
+allow_plaintext_auth = true
+
+[destination.fake.protocol.imap]
+port = $PLAIN
+tls = "plain"
+
+[capabilities.imap]
+allow_plain_auth_without_tls = true
+
+# One client address (127.0.0.1) opens every connection; the default is 8192 per listener
+# (there is no per-address limit).
+[listener.imap]
+protocol = "imap"
+bind = ["$STAL:$PLAIN"]
+tls = "plain"
+max_connections = 100000
+
+[listener.imaps]
+protocol = "imap"
+bind = ["$STAL:$TLSP"]
+tls = "implicit"
+max_connections = 100000
+EOF
+
 # --- start everything --------------------------------------------------------------------
 log "starting the fake backend and the proxies"
 FAKE_STYLE=()
@@ -297,16 +456,20 @@ wait_port $BACKEND $PLAIN
 wait_port $BACKEND $TLSP
 
 declare -A PID
+# start_proxy NAME: fails (status 1) if the proxy does not listen on both ports.
 start_proxy() {
     case $1 in
         haproxy) start haproxy "${PROXY_CPU[@]}" haproxy -f "$WORK/haproxy.cfg" -db
-                 PID[haproxy]=$LASTPID; wait_port $HAPROXY $PLAIN; wait_port $HAPROXY $TLSP ;;
+                 PID[haproxy]=$LASTPID; wait_port $HAPROXY $PLAIN && wait_port $HAPROXY $TLSP ;;
         nginx)   start nginx "${PROXY_CPU[@]}" nginx -c "$WORK/nginx.conf" -p "$WORK" -g 'daemon off;'
-                 PID[nginx]=$LASTPID; wait_port $NGINX $PLAIN; wait_port $NGINX $TLSP ;;
+                 PID[nginx]=$LASTPID; wait_port $NGINX $PLAIN && wait_port $NGINX $TLSP ;;
         # CUTOVER_LOG=warn: no per-session log line, like nginx's mail module at its
         # default error_log level (the cost of info logging is in BENCHMARKS.md, Findings).
         cutover) start cutover "${PROXY_CPU[@]}" env CUTOVER_LOG=warn "$CUTOVER" run --config "$WORK/cutover.yaml"
-                 PID[cutover]=$LASTPID; wait_port $CUT $PLAIN; wait_port $CUT $TLSP ;;
+                 PID[cutover]=$LASTPID; wait_port $CUT $PLAIN && wait_port $CUT $TLSP ;;
+        # RUST_LOG would override the config's log_level (warn: no per-session line either).
+        stalwart) start stalwart "${PROXY_CPU[@]}" env -u RUST_LOG "$STALWART" "$WORK/stalwart.toml"
+                  PID[stalwart]=$LASTPID; wait_port $STAL $PLAIN && wait_port $STAL $TLSP ;;
     esac
 }
 # The processes whose RSS counts: nginx's workers (the master holds no session).
@@ -325,14 +488,35 @@ rss_pids() {
 }
 
 addr_of() {
-    case $1 in direct) echo $BACKEND ;; haproxy) echo $HAPROXY ;; nginx) echo $NGINX ;; cutover) echo $CUT ;; esac
+    case $1 in
+        direct) echo $BACKEND ;; haproxy) echo $HAPROXY ;; nginx) echo $NGINX ;;
+        cutover) echo $CUT ;; stalwart) echo $STAL ;;
+    esac
 }
 
 TARGETS=()
-for t in direct haproxy nginx cutover; do
+for t in direct haproxy nginx cutover stalwart; do
+    [ "$t" = stalwart ] && [ -z "$STALWART" ] && continue
     case ",$ONLY," in *",$t,"*) TARGETS+=("$t") ;; esac
 done
-for t in "${TARGETS[@]}"; do [ "$t" = direct ] || start_proxy "$t"; done
+for t in "${TARGETS[@]}"; do
+    if [ "$t" = stalwart ]; then
+        # Stalwart's proxy not starting is not fatal: its column reads n/a.
+        if ! start_proxy stalwart; then
+            why=$(tail -2 "$WORK/stalwart.log" | tr '\n' ' ' | sed 's/ *$//')
+            STALWART_NA="it did not listen on $STAL:$PLAIN and $STAL:$TLSP within 10 s with the generated configuration (${why:-nothing in its log})"
+            STALWART_VERSION=""
+            warn "Stalwart proxy: $STALWART_NA"
+            stop "${PID[stalwart]}"
+            unset 'PID[stalwart]'
+            keep=()
+            for k in "${TARGETS[@]}"; do [ "$k" = stalwart ] || keep+=("$k"); done
+            TARGETS=("${keep[@]}")
+        fi
+    elif [ "$t" != direct ]; then
+        start_proxy "$t"
+    fi
+done
 
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
@@ -366,7 +550,7 @@ server_pids() {
 our_pids() {
     local t
     echo "$FAKEPID"
-    for t in haproxy nginx cutover; do [ -n "${PID[$t]:-}" ] && server_pids "$t"; done
+    for t in haproxy nginx cutover stalwart; do [ -n "${PID[$t]:-}" ] && server_pids "$t"; done
 }
 
 # Other engineers' builds or fuzzers on the same machine skew every figure: before each
@@ -487,7 +671,10 @@ for t in "${TARGETS[@]}"; do
     for kind in plain tls; do
         log "RSS per idle session, $kind, $IDLE_N sessions: $t (fresh process)"
         stop "${PID[$t]}"
-        start_proxy "$t"
+        if ! start_proxy "$t"; then
+            warn "$t did not restart (see $WORK/$t.log); idle figures not recorded"
+            break
+        fi
         # Warm-up: every worker has served a few sessions before the baseline is read.
         wait_quiet
         # shellcheck disable=SC2046
@@ -538,6 +725,7 @@ META="$WORK/meta.tsv"
     printf 'rustc\t%s\n' "$(rustc --version)"
     printf 'nginx\t%s\n' "$(nginx -v 2>&1 | sed 's/^nginx version: //')"
     printf 'haproxy\t%s\n' "$(haproxy -v | head -1)"
+    printf 'stalwart\t%s\n' "${STALWART_VERSION:-n/a (see Settings)}"
     printf 'openssl\t%s\n' "$(openssl version)"
     printf 'setting\tCPU: %s.\n' "$CPU_NOTE"
     if [ "$STYLE" = legacy ]; then
@@ -545,14 +733,29 @@ META="$WORK/meta.tsv"
     else
         printf 'setting\tBackend style: modern (Dovecot-like): capabilities in the greeting (`SASL-IR`, `LITERAL+`) and in the login'"'"'s OK.\n'
     fi
-    printf 'setting\tAddresses: fake backend %s, HAProxy %s, nginx %s, cutover %s; port %s plaintext, %s implicit TLS. The fake backend (`cutover-fake-imap`, tokio, rustls+ring on its TLS port) accepts any login; every proxy relays to its plaintext port.\n' $BACKEND $HAPROXY $NGINX $CUT $PLAIN $TLSP
+    printf 'setting\tAddresses: fake backend %s, HAProxy %s, nginx %s, cutover %s, Stalwart proxy %s; port %s plaintext, %s implicit TLS. The fake backend (`cutover-fake-imap`, tokio, rustls+ring on its TLS port) accepts any login; every proxy relays to its plaintext port.\n' $BACKEND $HAPROXY $NGINX $CUT $STAL $PLAIN $TLSP
     printf 'setting\tTLS: one ECDSA P-256 certificate (SAN bench.test) signed by a CA made for the run with openssl, used by every server. Client (`cutover-load`, rustls+ring): TLS 1.3 only, resumption disabled (a full handshake per connection), SNI bench.test, verifies against the CA. Servers keep their defaults otherwise (X25519, AES-256-GCM chosen, session tickets sent as each does by default).\n'
     printf 'setting\tLogins: %s concurrent loops of connect, [TLS], greeting, `LOGIN`, tagged OK, `LOGOUT`, wait for the server to close; %s s per run, %s run(s) per target interleaved across targets, the median reported. Latency: from connect to the tagged OK of LOGIN. Unloaded latency: one loop for %s s; it, FETCH and NOOP are also run %s time(s) per target, interleaved, the median reported.\n' $CONC $LOGIN_S $REPS $UNLOADED_S $REPS
     printf 'setting\tFETCH: one logged-in session, `SELECT`, then `FETCH 1 BODY[]` with 2 in flight, each answered with a 1 MiB (1,048,576-byte) literal, for %s s; MB/s counts literal bytes (10^6 bytes per MB).\n' $FETCH_S
-    printf 'setting\tIdle memory: each proxy restarted, warmed up with 10 login loops for 0.5 s, VmRSS read (nginx: sum of its worker processes), then %s sessions logged in and left in `IDLE` (set up 50 at a time), VmRSS read again 2 s later; (after - before) / sessions. KiB = 1024 bytes.\n' $IDLE_N
+    printf 'setting\tIdle memory: each proxy restarted, warmed up with 10 login loops for 0.5 s, VmRSS read (nginx: sum of its worker processes; the others are one process each), then %s sessions logged in and left in `IDLE` (set up 50 at a time), VmRSS read again 2 s later; (after - before) / sessions. KiB = 1024 bytes.\n' $IDLE_N
     printf 'setting\tNOOP: one logged-in session, 500 round trips of warm-up, then %s, one at a time.\n' $NOOP_N
     printf 'setting\tnginx: mail module (libnginx-mod-mail), `auth_http` to a `location` of the same nginx that returns `Auth-Status: OK`, `Auth-Server`, `Auth-Port` (no external auth service), `worker_processes auto`, `worker_connections 8192`, listen backlog 4096, other settings default (`proxy_buffer`, `ssl_session_tickets`, no TCP_NODELAY: the mail module has no such setting).\n'
     printf 'setting\tHAProxy: `mode tcp`, one frontend with a plaintext bind and an `ssl crt` bind, backlog 4096, maxconn %s, other settings default (16 KiB buffers, no splicing).\n' $HAPROXY_MAXCONN
+    if [[ " ${TARGETS[*]} " == *" stalwart "* ]]; then
+        if [ -n "${STALWART_BIN:-}" ]; then
+            stal_what="the binary given in \`STALWART_BIN\` ($STALWART)"
+        else
+            stal_what="commit ${STALWART_COMMIT:0:12} (v1.0.0) built from its repository with \`cargo build --release --locked\`"
+        fi
+        if [ "$STYLE" = legacy ]; then
+            stal_legacy=' (it does so whatever the backend advertises: the legacy-style fake backend accepts the initial response although it does not offer SASL-IR)'
+        else
+            stal_legacy=''
+        fi
+        printf 'setting\tStalwart proxy: Stalwart'"'"'s migration proxy (github.com/stalwartlabs/proxy, AGPL-3.0; %s, run unmodified; tokio, rustls with aws-lc-rs), `proxy stalwart.toml` with a generated file: `[server] threads = 0` (one tokio worker per CPU), `log_level = "warn"` (no per-session line), `shutdown_grace = "1s"`; one destination `fake` (the fake backend'"'"'s plaintext port, `tls = "plain"`, `allow_plaintext_auth = true`, `proxy_protocol = false`, `forwarding = "none"`) as `routing.default_destination`; `mapping.source = "file"` with an empty mappings file (every account goes to the default destination); a plaintext IMAP listener (`capabilities.imap.allow_plain_auth_without_tls = true`) and an implicit-TLS one with the run'"'"'s certificate, `max_connections = 100000` each (default 8192 per listener; it has no per-address limit); other settings default (TLS 1.2 minimum, `preauth_timeout` 30 s, `bridge_idle` 30 min, one backend connect retry, a circuit breaker after 5 consecutive backend failures). It answers the greeting, `CAPABILITY` and `LOGIN` itself, then connects to the backend, reads its greeting, logs in with `AUTHENTICATE PLAIN` and an initial response%s, relays the backend'"'"'s tagged OK and bridges the session.\n' "$stal_what" "$stal_legacy"
+    else
+        printf 'setting\tStalwart proxy: n/a: %s.\n' "${STALWART_NA:-not measured in this run}"
+    fi
     printf 'setting\tcutover: `cutover run --config` with a generated file: a plaintext listener (`allow_plaintext_auth: true`) and an implicit-TLS one, one pool `fake` with the fake backend, `health: { interval: 0s }`, `limits.max_connections(_per_ip): 100000` (every connection comes from 127.0.0.1; the default of 200 per address would refuse the load), one route, the Prometheus endpoint on, `workers` left at one per CPU (each with its own SO_REUSEPORT socket per listener); `CUTOVER_LOG=warn` (no per-session line, as the nginx mail module writes none at its default error_log level).\n'
 } >"$META"
 

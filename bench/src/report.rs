@@ -24,13 +24,18 @@ pub struct ReportArgs {
     pub out: Option<PathBuf>,
 }
 
-/// The systems measured, in table order.
+/// The systems measured, in table order (`compare.sh` target, column name); every one
+/// but cutover also gets a ratio column, cutover divided by it.
 pub const TARGETS: &[(&str, &str)] = &[
     ("direct", "direct"),
     ("haproxy", "HAProxy"),
     ("nginx", "nginx"),
     ("cutover", "cutover"),
+    ("stalwart", "Stalwart proxy"),
 ];
+
+/// The target the ratios are about.
+const MINE: &str = "cutover";
 
 /// A reported figure.
 struct Metric {
@@ -310,11 +315,22 @@ fn read_meta(path: &std::path::Path) -> std::io::Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// The results table (markdown).
+/// The results table (markdown): one column per target, then cutover/peer for each peer.
 fn table(r: &Results) -> String {
-    let mut s = String::new();
-    s.push_str("| workload | direct | HAProxy | nginx | cutover | cutover/direct | cutover/HAProxy | cutover/nginx |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let peers: Vec<usize> = (0..TARGETS.len())
+        .filter(|&i| TARGETS[i].0 != MINE)
+        .collect();
+    let mine_at = TARGETS.iter().position(|(t, _)| *t == MINE);
+    let mut s = String::from("| workload |");
+    for (_, name) in TARGETS {
+        let _ = write!(s, " {name} |");
+    }
+    for &i in &peers {
+        let _ = write!(s, " {MINE}/{} |", TARGETS[i].1);
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(TARGETS.len() + peers.len()));
+    s.push('\n');
     for m in METRICS {
         let vals: Vec<Option<f64>> = TARGETS.iter().map(|(t, _)| get(r, t, m.key)).collect();
         if vals.iter().all(Option::is_none) {
@@ -335,12 +351,12 @@ fn table(r: &Results) -> String {
         for v in &vals {
             let _ = write!(s, " {} |", fmt(*v, m.decimals));
         }
-        let mine = vals[3];
-        for v in &vals[..3] {
+        let mine = mine_at.and_then(|i| vals[i]);
+        for &i in &peers {
             if m.key.ends_with("errors") {
                 s.push_str(" |");
             } else {
-                let _ = write!(s, " {} |", ratio(mine, *v));
+                let _ = write!(s, " {} |", ratio(mine, vals[i]));
             }
         }
         s.push('\n');
@@ -380,11 +396,12 @@ pub fn run(a: &ReportArgs) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "Written by `bench/compare.sh{}` on {} ({} run, {} s). cutover is compared, in one run on one \
-         machine, with the fake backend directly (the limit), HAProxy in TCP mode and nginx's \
-         mail proxy. Reproduce with `bench/compare.sh` (root; installs nginx, \
-         libnginx-mod-mail and haproxy with apt-get if missing); `bench/compare.sh --quick` for \
-         a short run. Ratios are cutover divided by the peer; ↑ higher is better, ↓ lower is \
-         better.\n",
+         machine, with the fake backend directly (the limit), HAProxy in TCP mode, nginx's mail \
+         proxy and Stalwart's migration proxy. Reproduce with `bench/compare.sh` (root; \
+         installs nginx, libnginx-mod-mail and haproxy with apt-get if missing, builds \
+         Stalwart's proxy from its repository at a pinned commit once); `bench/compare.sh \
+         --quick` for a short run. Ratios are cutover divided by the peer; ↑ higher is better, \
+         ↓ lower is better.\n",
         if metaget("mode") == "quick" { " --quick" } else { "" },
         metaget("date"),
         metaget("mode"),
@@ -402,6 +419,7 @@ pub fn run(a: &ReportArgs) -> std::io::Result<()> {
         ("rustc", "rustc"),
         ("nginx", "nginx"),
         ("haproxy", "HAProxy"),
+        ("stalwart", "Stalwart proxy"),
         ("openssl", "OpenSSL (nginx, HAProxy)"),
     ] {
         let _ = writeln!(md, "| {label} | {} |", metaget(k));
@@ -470,3 +488,49 @@ checking that this bench reproduces figures of the same kind (not part of this r
 | RSS per idle session plain / TLS | | 3.4 / 17.9 KB | 9.9 / 24.8 KB | 33 / 41 KB |
 | NOOP p50 | 51-67 us | ~80 us | ~80 us | |
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(lines: &[(&str, &str, f64)]) -> Results {
+        let mut r = Results::new();
+        for (t, m, v) in lines {
+            r.entry((t.to_string(), m.to_string()))
+                .or_default()
+                .push(*v);
+        }
+        r
+    }
+
+    #[test]
+    fn table_has_a_column_and_a_ratio_per_peer() {
+        let r = results(&[
+            ("nginx", "login_plain_rate", 2000.0),
+            ("cutover", "login_plain_rate", 4000.0),
+            ("stalwart", "login_plain_rate", 5000.0),
+            ("cutover", "login_plain_errors", 0.0),
+        ]);
+        let t = table(&r);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "| workload | direct | HAProxy | nginx | cutover | Stalwart proxy | cutover/direct \
+             | cutover/HAProxy | cutover/nginx | cutover/Stalwart proxy |"
+        );
+        assert_eq!(
+            lines[1],
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        assert_eq!(
+            lines[2],
+            "| logins/s, plain, 200 concurrent ↑ | n/a | n/a | 2,000 | 4,000 | 5,000 | n/a | n/a \
+             | 2.00x | 0.80x |"
+        );
+        assert_eq!(
+            lines[3],
+            "| &nbsp;&nbsp;errors | n/a | n/a | n/a | 0 | n/a | | | | |"
+        );
+        assert_eq!(lines.len(), 4);
+    }
+}
