@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Health, Protocol};
+use crate::proto::BackendTls;
 
 /// What the proxy knows about one backend server.
 #[derive(Debug)]
@@ -23,8 +24,9 @@ pub struct ServerState {
     oks: AtomicU32,
     down_until_ms: AtomicU64,
     capabilities: Mutex<Vec<String>>,
-    /// IMAP: the capability list last read before login (after TLS when required).
-    login_capabilities: Mutex<Option<Arc<str>>>,
+    /// IMAP: the capability list last read before login (after TLS when required), with
+    /// the TLS mode it was read under (a reload may change the pool's).
+    login_capabilities: Mutex<Option<(BackendTls, Arc<str>)>>,
 }
 
 impl ServerState {
@@ -105,21 +107,27 @@ impl ServerState {
 
     /// IMAP: the capability list the server advertised before login at the last probe
     /// or login that read one (see [`crate::proto::BackendPolicy::known_capabilities`]).
-    pub fn login_capabilities(&self) -> Option<Arc<str>> {
-        match self.login_capabilities.lock() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+    /// Only a list read under the same TLS mode counts.
+    pub fn login_capabilities(&self, tls: BackendTls) -> Option<Arc<str>> {
+        let slot = match self.login_capabilities.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match &*slot {
+            Some((mode, caps)) if *mode == tls => Some(caps.clone()),
+            _ => None,
         }
     }
 
-    /// Remembers the list a probe or login read from the server.
-    pub fn learn_login_capabilities(&self, caps: &str) {
+    /// Remembers the list a probe or login read from the server under `tls`.
+    pub fn learn_login_capabilities(&self, tls: BackendTls, caps: &str) {
         let mut slot = match self.login_capabilities.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if slot.as_deref() != Some(caps) {
-            *slot = Some(Arc::from(caps));
+        let same = matches!(&*slot, Some((mode, known)) if *mode == tls && **known == *caps);
+        if !same {
+            *slot = Some((tls, Arc::from(caps)));
         }
     }
 
@@ -176,4 +184,31 @@ impl Registry {
 pub fn probe_delay(interval: Duration, server: &str) -> Duration {
     let jitter = crate::config::stable_hash(b"probe", server) % 100;
     interval + interval * jitter as u32 / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_capabilities_belong_to_the_tls_mode_they_were_read_under() {
+        let reg = Registry::default();
+        let state = reg.get("p", Protocol::Imap, "green:143");
+        assert_eq!(state.login_capabilities(BackendTls::None), None);
+        state.learn_login_capabilities(BackendTls::StartTls, "IMAP4rev1 AUTH=PLAIN");
+        assert_eq!(
+            state.login_capabilities(BackendTls::StartTls).as_deref(),
+            Some("IMAP4rev1 AUTH=PLAIN")
+        );
+        // A reload that turns the pool's TLS off must not use the list read over TLS.
+        assert_eq!(state.login_capabilities(BackendTls::None), None);
+        // Kept across lookups of the same server (the registry outlives reloads).
+        let again = reg.get("p", Protocol::Imap, "green:143");
+        state.learn_login_capabilities(BackendTls::None, "IMAP4rev1 LOGINDISABLED");
+        assert_eq!(
+            again.login_capabilities(BackendTls::None).as_deref(),
+            Some("IMAP4rev1 LOGINDISABLED")
+        );
+        assert_eq!(again.login_capabilities(BackendTls::StartTls), None);
+    }
 }

@@ -300,7 +300,7 @@ impl<'a> PoolLogin<'a> {
         job: Job,
     ) -> Result<Attempted, Failure> {
         let known_capabilities = match self.protocol {
-            Protocol::Imap => state.login_capabilities(),
+            Protocol::Imap => state.login_capabilities(self.servers.tls),
             Protocol::Pop3 | Protocol::Smtp => None,
         };
         let policy = BackendPolicy {
@@ -342,7 +342,7 @@ impl<'a> PoolLogin<'a> {
             Err(_) => Err(Failure::Timeout),
         };
         if let Some(caps) = machine.fresh_capabilities() {
-            state.learn_login_capabilities(caps);
+            state.learn_login_capabilities(self.servers.tls, caps);
         }
         result
     }
