@@ -686,18 +686,9 @@ async fn preauth<'a>(
     // balancer must not send one: it would be claiming someone else's address.
     let mut screen = ctx.listener.proxy_protocol != ProxyMode::Off && origin.via.is_none();
     loop {
-        if screen && !inbuf.is_empty() {
-            match proxy::screen(&inbuf.0) {
-                Some(true) => {
-                    tracing::info!("PROXY header from an untrusted address: closing");
-                    let l = &ctx.listener;
-                    metrics::counter!(m::REFUSED, "listener" => l.name.clone(), "protocol" => l.protocol.as_str(), "reason" => FrontRefusal::Untrusted.as_str()).increment(1);
-                    summary.end = SessionEnd::Refused;
-                    return None;
-                }
-                Some(false) => screen = false,
-                None => {}
-            }
+        if screen && !inbuf.is_empty() && untrusted_proxy_header(ctx, &mut screen, &inbuf.0) {
+            summary.end = SessionEnd::Refused;
+            return None;
         }
         // The machine consumes what it can, then says what to do. A machine may queue
         // actions without consuming (e.g. the SMTP bridge leaves MAIL for the backend).
@@ -764,6 +755,24 @@ async fn preauth<'a>(
                 return None;
             }
         }
+    }
+}
+
+/// Whether `input` starts with a PROXY header from a client no trusted balancer relayed
+/// (counted as refused); clears `screen` once the input shows it does not.
+fn untrusted_proxy_header(ctx: &SessionCtx, screen: &mut bool, input: &[u8]) -> bool {
+    match proxy::screen(input) {
+        Some(true) => {
+            tracing::info!("PROXY header from an untrusted address: closing");
+            let l = &ctx.listener;
+            metrics::counter!(m::REFUSED, "listener" => l.name.clone(), "protocol" => l.protocol.as_str(), "reason" => FrontRefusal::Untrusted.as_str()).increment(1);
+            true
+        }
+        Some(false) => {
+            *screen = false;
+            false
+        }
+        None => false,
     }
 }
 
