@@ -7,10 +7,15 @@
 //!
 //! Handles are kept only once [`super::install`] has put the recorder in place: a handle
 //! made before that would stay a no-op for the life of the process.
+//!
+//! Each thread keeps its own handles (a session worker is one thread): a login takes no
+//! lock another CPU also takes. Handles made on two threads for one label set are the
+//! same series (the recorder's registry makes each series once).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 use metrics::{Counter, Gauge, Histogram};
 
@@ -116,13 +121,13 @@ impl PoolHandles {
                 row(LoginLabel::BackendUnavailable),
             ]
         };
-        let counters = cached(&self.logins, rule, || Arc::new(make()));
+        let counters = cached_in(&self.logins, rule, || Arc::new(make()));
         counters[result.index()][usize::from(tls)].clone()
     }
 
     /// `cutover_backend_connect_seconds{pool, protocol, server}`.
     pub fn connect_seconds(&self, server: &str) -> Histogram {
-        cached(
+        cached_in(
             &self.connect_seconds,
             server,
             || metrics::histogram!(super::BACKEND_CONNECT_SECONDS, "pool" => self.pool.clone(), "protocol" => self.protocol.as_str(), "server" => server.to_string()),
@@ -130,19 +135,43 @@ impl PoolHandles {
     }
 }
 
+/// One thread's handles.
 #[derive(Default)]
 struct Cache {
     /// By protocol, then name (a reload may give a listener name another protocol).
-    listeners: [Mutex<HashMap<String, Arc<ListenerHandles>>>; 3],
-    pools: [Mutex<HashMap<String, Arc<PoolHandles>>>; 3],
-    proxy_seconds: [std::sync::OnceLock<Histogram>; 3],
+    listeners: [HashMap<String, Arc<ListenerHandles>>; 3],
+    pools: [HashMap<String, Arc<PoolHandles>>; 3],
+    proxy_seconds: [Option<Histogram>; 3],
 }
 
-static CACHE: LazyLock<Cache> = LazyLock::new(Cache::default);
+thread_local! {
+    static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+}
 
-/// The handle made for `key`, made by `make` the first time (every time while no
-/// recorder is installed).
-fn cached<H: Clone>(map: &Mutex<HashMap<String, H>>, key: &str, make: impl FnOnce() -> H) -> H {
+/// The handle made for `key` in this thread's map (chosen by `map`), made by `make` the
+/// first time (every time while no recorder is installed).
+fn cached<H: Clone>(
+    map: impl FnOnce(&mut Cache) -> &mut HashMap<String, H>,
+    key: &str,
+    make: impl FnOnce() -> H,
+) -> H {
+    if !caching() {
+        return make();
+    }
+    CACHE.with_borrow_mut(|cache| {
+        let map = map(cache);
+        if let Some(h) = map.get(key) {
+            return h.clone();
+        }
+        let h = make();
+        map.insert(key.to_string(), h.clone());
+        h
+    })
+}
+
+/// The handle made for `key` in a map of one `PoolHandles` (used by one thread, so its
+/// lock is never contended).
+fn cached_in<H: Clone>(map: &Mutex<HashMap<String, H>>, key: &str, make: impl FnOnce() -> H) -> H {
     if !caching() {
         return make();
     }
@@ -160,23 +189,31 @@ fn cached<H: Clone>(map: &Mutex<HashMap<String, H>>, key: &str, make: impl FnOnc
 
 /// The handles of a listener.
 pub fn listener(name: &str, protocol: Protocol) -> Arc<ListenerHandles> {
-    cached(&CACHE.listeners[protocol_index(protocol)], name, || {
-        let labels = [
-            ("listener", name.to_string()),
-            ("protocol", protocol.as_str().to_string()),
-        ];
-        Arc::new(ListenerHandles {
-            connections: metrics::counter!(super::CONNECTIONS, &labels),
-            connections_active: metrics::gauge!(super::CONNECTIONS_ACTIVE, &labels),
-        })
-    })
+    let i = protocol_index(protocol);
+    cached(
+        |c| &mut c.listeners[i],
+        name,
+        || {
+            let labels = [
+                ("listener", name.to_string()),
+                ("protocol", protocol.as_str().to_string()),
+            ];
+            Arc::new(ListenerHandles {
+                connections: metrics::counter!(super::CONNECTIONS, &labels),
+                connections_active: metrics::gauge!(super::CONNECTIONS_ACTIVE, &labels),
+            })
+        },
+    )
 }
 
 /// The handles of a pool for one protocol.
 pub fn pool(name: &str, protocol: Protocol) -> Arc<PoolHandles> {
-    cached(&CACHE.pools[protocol_index(protocol)], name, || {
-        Arc::new(PoolHandles::new(name, protocol))
-    })
+    let i = protocol_index(protocol);
+    cached(
+        |c| &mut c.pools[i],
+        name,
+        || Arc::new(PoolHandles::new(name, protocol)),
+    )
 }
 
 /// `cutover_login_proxy_seconds{protocol}`.
@@ -185,9 +222,8 @@ pub fn login_proxy_seconds(protocol: Protocol) -> Histogram {
     if !caching() {
         return make();
     }
-    CACHE.proxy_seconds[protocol_index(protocol)]
-        .get_or_init(make)
-        .clone()
+    let i = protocol_index(protocol);
+    CACHE.with_borrow_mut(|c| c.proxy_seconds[i].get_or_insert_with(make).clone())
 }
 
 #[cfg(test)]
