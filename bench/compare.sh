@@ -4,13 +4,20 @@
 # workloads, same certificate, same machine, one run. Prints the table and writes
 # BENCHMARKS.md.
 #
-#   bench/compare.sh            # full run (~13 minutes on 2 cores)
-#   bench/compare.sh --quick    # short run (~4 minutes), single repetitions
+#   bench/compare.sh            # full run (~20 minutes on 2 cores)
+#   bench/compare.sh --quick    # short run (~5 minutes), single repetitions
+#
+# The login rates are measured twice: with every process free to use every CPU, and with
+# the running proxy's threads moved to CPU 1 and the fake backend and the load generator
+# to CPU 0 (taskset on the running processes, undone afterwards): rows "... proxy pinned
+# to CPU 1". A login storm row: NOOP p99 of 50 logged-in sessions while TLS logins run
+# at 200 concurrent against the same target.
 #
 # Options:
 #   --quick        short durations, 1 repetition, 500 idle sessions
 #   --pin          pin each proxy to CPU 1 and the load generator + fake backend to CPU 0
-#                  (default: no pinning, every process may use every CPU)
+#                  from their start, for every row (default: no pinning, every process
+#                  may use every CPU, except in the "pinned" login rows, which --pin skips)
 #   --out FILE     where to write the report (default: BENCHMARKS.md at the repo root)
 #   --no-install   do not apt-get install missing packages
 #   --no-build     use the release binaries already built
@@ -63,7 +70,7 @@ while [ $# -gt 0 ]; do
         --no-fleet) FLEET=0 ;;
         --legacy) STYLE=legacy ;;
         --no-stalwart) STALWART_WANTED=0 ;;
-        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
     shift
@@ -71,10 +78,13 @@ done
 
 if [ "$MODE" = quick ]; then
     REPS=1; LOGIN_S=3; UNLOADED_S=2; FETCH_S=2; IDLE_N=500; NOOP_N=3000; FLEET_TRIALS=50
+    STORM_S=3
 else
     REPS=3; LOGIN_S=10; UNLOADED_S=3; FETCH_S=5; IDLE_N=2000; NOOP_N=20000; FLEET_TRIALS=200
+    STORM_S=10
 fi
 CONC=200
+STORM_N=50
 NPROC=$(nproc)
 STARTED=$(date +%s)
 
@@ -248,6 +258,22 @@ else
     LOAD_CPU=()
     CPU_NOTE="no pinning: every process (proxy, load generator, fake backend) may run on all $NPROC CPUs; each proxy runs one worker per CPU (nginx worker_processes auto, HAProxy's default nbthread, cutover's default tokio runtime, Stalwart's \`threads = 0\`)"
 fi
+# The login rows "proxy pinned to CPU 1": measured unless the whole run is pinned (--pin)
+# or there is a single CPU.
+if [ "$PIN" = 1 ]; then
+    PINNED_ROWS=0
+    PINNED_NOTE="Pinned login rows: none separately: with \`--pin\` every row is measured pinned already (see CPU above)."
+elif [ "$NPROC" -lt 2 ]; then
+    PINNED_ROWS=0
+    PINNED_NOTE="Pinned login rows: skipped: this machine has one CPU, there is nothing to pin apart."
+    warn "one CPU: the pinned login rows are skipped"
+else
+    PINNED_ROWS=1
+    CPU_NOTE="$CPU_NOTE (except in the login rows marked \"proxy pinned to CPU 1\", see below)"
+fi
+# The CPUs every process started with (and gets back after a pinned row).
+CPU_ALL=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)
+[ -n "$CPU_ALL" ] || CPU_ALL="0-$((NPROC - 1))"
 
 # start NAME CMD...: runs CMD in the background, output to $WORK/NAME.log; sets $LASTPID.
 start() {
@@ -603,6 +629,56 @@ per_op() { awk -v t="$1" -v n="$2" -v c="$CLK" 'BEGIN{ if (n > 0 && t != "") pri
 tls_args() { echo "--tls --ca $CA --addr $(addr_of "$1"):$TLSP"; }
 plain_args() { echo "--addr $(addr_of "$1"):$PLAIN"; }
 
+# record_login TARGET PREFIX JSON: the figures of a login run, as PREFIX_rate etc.
+record_login() {
+    local t=$1 k=$2 out=$3
+    record "$t" "${k}_rate" "$(echo "$out" | json rate)"
+    record "$t" "${k}_p50_ms" "$(echo "$out" | json p50_ms)"
+    record "$t" "${k}_p99_ms" "$(echo "$out" | json p99_ms)"
+    record "$t" "${k}_errors" "$(echo "$out" | json errors)"
+    record "$t" "${k}_cpu_us" "$(per_op "$(echo "$out" | json server_cpu_ticks)" "$(echo "$out" | json ok)")"
+    record _ other_cpu_pct "$(echo "$out" | json other_cpu_pct)"
+}
+
+# Pinning of running processes, for the pinned login rows.
+# set_affinity CPUS PID...: every thread of each process (taskset -a; tried three times,
+# as a thread ending meanwhile makes it fail).
+set_affinity() {
+    local cpus=$1 p i; shift
+    for p in "$@"; do
+        for i in 1 2 3; do
+            taskset -a -cp "$cpus" "$p" >/dev/null 2>>"$WORK/taskset.log" && continue 2
+            sleep 0.1
+        done
+        return 1
+    done
+}
+# unpinned PID...: true if every thread of each process may run on every CPU (so that
+# giving them CPU_ALL back afterwards restores them).
+unpinned() {
+    local p f
+    for p in "$@"; do
+        for f in /proc/"$p"/task/*/status; do
+            [ "$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "$f" 2>/dev/null)" = "$CPU_ALL" ] || \
+                [ ! -e "$f" ] || return 1
+        done
+    done
+}
+# pin TARGET: the target's server processes on CPU 1 and the fake backend on CPU 0 (for
+# direct the fake backend is the server: CPU 1).
+pin() {
+    # shellcheck disable=SC2046
+    unpinned "$FAKEPID" $(server_pids "$1") || { echo "$1: threads already bound to CPUs" >>"$WORK/taskset.log"; return 1; }
+    if [ "$1" = direct ]; then
+        set_affinity 1 "$FAKEPID"
+    else
+        # shellcheck disable=SC2046
+        set_affinity 1 $(server_pids "$1") && set_affinity 0 "$FAKEPID"
+    fi
+}
+# shellcheck disable=SC2046
+unpin() { set_affinity "$CPU_ALL" "$FAKEPID" $(server_pids "$1"); }
+
 # --- workloads ---------------------------------------------------------------------------
 for kind in plain tls; do
     for rep in $(seq "$REPS"); do
@@ -612,16 +688,41 @@ for kind in plain tls; do
             # shellcheck disable=SC2046
             out=$(load "$t" login $(${kind}_args "$t") --concurrency $CONC --duration $LOGIN_S)
             echo "$out" >&2
-            record "$t" "login_${kind}_rate" "$(echo "$out" | json rate)"
-            record "$t" "login_${kind}_p50_ms" "$(echo "$out" | json p50_ms)"
-            record "$t" "login_${kind}_p99_ms" "$(echo "$out" | json p99_ms)"
-            record "$t" "login_${kind}_errors" "$(echo "$out" | json errors)"
-            record "$t" "login_${kind}_cpu_us" "$(per_op "$(echo "$out" | json server_cpu_ticks)" "$(echo "$out" | json ok)")"
-            record _ other_cpu_pct "$(echo "$out" | json other_cpu_pct)"
+            record_login "$t" "login_${kind}" "$out"
             sleep 1
         done
     done
 done
+
+# The same login runs with the running processes pinned: the proxy (every thread) on
+# CPU 1, the fake backend on CPU 0, the load generator started on CPU 0; then all CPUs
+# back for the next run and the other workloads.
+if [ "$PINNED_ROWS" = 1 ]; then
+    for kind in plain tls; do
+        for rep in $(seq "$REPS"); do
+            for t in "${TARGETS[@]}"; do
+                log "login $kind, $CONC concurrent, ${LOGIN_S}s, proxy pinned to CPU 1: $t (run $rep/$REPS)"
+                if ! pin "$t"; then
+                    warn "could not pin $t (see $WORK/taskset.log); pinned run skipped"
+                    unpin "$t" || warn "could not unpin $t (see $WORK/taskset.log)"
+                    continue
+                fi
+                wait_quiet
+                LOAD_CPU=(taskset -c 0)
+                # shellcheck disable=SC2046
+                out=$(load "$t" login $(${kind}_args "$t") --concurrency $CONC --duration $LOGIN_S --pinned)
+                LOAD_CPU=()
+                if ! unpin "$t"; then
+                    warn "could not unpin $t (see $WORK/taskset.log); the run stops here"
+                    exit 1
+                fi
+                echo "$out" >&2
+                record_login "$t" "login_${kind}_pinned" "$out"
+                sleep 1
+            done
+        done
+    done
+fi
 
 # Latency, throughput and NOOP: like the login rates, REPS runs interleaved across the
 # targets, the median reported (a single run can land on a bad scheduling pattern).
@@ -661,6 +762,24 @@ for t in "${TARGETS[@]}"; do
     echo "$out" >&2
     record "$t" noop_p50_us "$(echo "$out" | json p50_us)"
     record "$t" noop_p99_us "$(echo "$out" | json p99_us)"
+done
+done
+
+# Login storm: NOOPs of established plaintext sessions while TLS logins run flat out
+# against the same target (direct: the fake backend's own TLS port).
+for rep in $(seq "$REPS"); do
+for t in "${TARGETS[@]}"; do
+    log "NOOP of $STORM_N sessions during a TLS login storm ($CONC concurrent), ${STORM_S}s: $t (run $rep/$REPS)"
+    wait_quiet
+    # shellcheck disable=SC2046
+    out=$(load "$t" storm $(plain_args "$t") --ca "$CA" --tls-addr "$(addr_of "$t"):$TLSP" \
+        --sessions $STORM_N --storm-concurrency $CONC --duration $STORM_S)
+    echo "$out" >&2
+    record "$t" storm_noop_p50_us "$(echo "$out" | json noop_p50_us)"
+    record "$t" storm_noop_p99_us "$(echo "$out" | json noop_p99_us)"
+    record "$t" storm_rate "$(echo "$out" | json storm_rate)"
+    record "$t" storm_errors "$(echo "$out" | json errors)"
+    sleep 1
 done
 done
 
@@ -739,6 +858,12 @@ META="$WORK/meta.tsv"
     printf 'setting\tFETCH: one logged-in session, `SELECT`, then `FETCH 1 BODY[]` with 2 in flight, each answered with a 1 MiB (1,048,576-byte) literal, for %s s; MB/s counts literal bytes (10^6 bytes per MB).\n' $FETCH_S
     printf 'setting\tIdle memory: each proxy restarted, warmed up with 10 login loops for 0.5 s, VmRSS read (nginx: sum of its worker processes; the others are one process each), then %s sessions logged in and left in `IDLE` (set up 50 at a time), VmRSS read again 2 s later; (after - before) / sessions. KiB = 1024 bytes.\n' $IDLE_N
     printf 'setting\tNOOP: one logged-in session, 500 round trips of warm-up, then %s, one at a time.\n' $NOOP_N
+    if [ "$PINNED_ROWS" = 1 ]; then
+        printf 'setting\tPinned login rows ("proxy pinned to CPU 1"): the login runs above (plain and implicit TLS, %s concurrent, %s s, %s run(s) per target interleaved, the median reported) once more, after all the unpinned ones, with the CPU affinity of the running processes changed by `taskset -a -cp` for each run: every thread of the proxy'"'"'s processes (nginx: master and workers) on CPU 1, the fake backend on CPU 0, the load generator started under `taskset -c 0` (for direct, the fake backend is the server and goes on CPU 1); afterwards every process gets all CPUs (%s) back for the next run and the other workloads. The proxies keep the workers they started with (one per CPU, now sharing CPU 1), unlike `--pin`, which starts each proxy on CPU 1 (so with one worker). The rows without that suffix are measured with every process free to use all %s CPUs.\n' $CONC $LOGIN_S $REPS "$CPU_ALL" $NPROC
+    else
+        printf 'setting\t%s\n' "$PINNED_NOTE"
+    fi
+    printf 'setting\tLogin storm: %s plaintext sessions logged in and warmed up with 50 `NOOP`s each, then for %s s each does one `NOOP` at a time (round trip: send to tagged OK) while %s loops of TLS logins, as in the login rows (connect, TLS 1.3 full handshake, greeting, `LOGIN`, tagged OK, `LOGOUT`), run as fast as they can against the same target'"'"'s implicit-TLS port; p50/p99 over all the NOOPs of the sessions; the storm'"'"'s logins/s is reported with them. The sessions run on a thread of the load generator with a runtime of its own, so their replies do not wait behind the storm'"'"'s handshakes inside the load generator (the CPUs are shared by every process, as in the unpinned rows). Direct: the fake backend'"'"'s plaintext and TLS ports. %s run(s) per target, interleaved, the median reported.\n' $STORM_N $STORM_S $CONC $REPS
     printf 'setting\tnginx: mail module (libnginx-mod-mail), `auth_http` to a `location` of the same nginx that returns `Auth-Status: OK`, `Auth-Server`, `Auth-Port` (no external auth service), `worker_processes auto`, `worker_connections 8192`, listen backlog 4096, other settings default (`proxy_buffer`, `ssl_session_tickets`, no TCP_NODELAY: the mail module has no such setting).\n'
     printf 'setting\tHAProxy: `mode tcp`, one frontend with a plaintext bind and an `ssl crt` bind, backlog 4096, maxconn %s, other settings default (16 KiB buffers, no splicing).\n' $HAPROXY_MAXCONN
     if [[ " ${TARGETS[*]} " == *" stalwart "* ]]; then

@@ -10,6 +10,9 @@
 //! * `idle`: `--sessions` logged-in sessions sitting in `IDLE`; reads `VmRSS` of `--pid`
 //!   (summed over several) before and after, and reports bytes per session.
 //! * `noop`: one session, `NOOP` round trips; p50/p99.
+//! * `storm`: `--sessions` logged-in sessions on `--addr`, each doing `NOOP` round trips
+//!   one at a time while `--storm-concurrency` TLS login loops (as in `login`) run against
+//!   `--tls-addr`; p50/p99/max of the NOOPs, the storm's logins/s, errors.
 //! * `report`: turns a results file written by `compare.sh` into the table and
 //!   `BENCHMARKS.md`.
 //!
@@ -69,6 +72,20 @@ struct Target {
     /// Label printed in the JSON result.
     #[arg(long, default_value = "")]
     label: String,
+    /// Tag the JSON result as measured with the processes pinned to CPUs (`"pinned":true`);
+    /// the pinning itself is the caller's (`taskset`).
+    #[arg(long)]
+    pinned: bool,
+}
+
+impl Target {
+    /// The start of a JSON result line: mode, label, TLS and pinning (no closing brace).
+    fn json_head(&self, mode: &str) -> String {
+        format!(
+            "{{\"mode\":\"{mode}\",\"label\":\"{}\",\"tls\":{},\"pinned\":{}",
+            self.label, self.tls, self.pinned
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -132,6 +149,28 @@ enum Mode {
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
     },
+    /// NOOP latency of established sessions during a TLS login storm.
+    Storm {
+        /// The established sessions' server (`--addr`, plaintext unless `--tls`); `--ca`
+        /// also serves the storm.
+        #[command(flatten)]
+        t: Target,
+        /// Implicit-TLS address the login storm goes to.
+        #[arg(long)]
+        tls_addr: SocketAddr,
+        /// Established sessions, each doing one NOOP at a time.
+        #[arg(long, default_value_t = 50)]
+        sessions: usize,
+        /// Concurrent TLS login loops of the storm.
+        #[arg(long, default_value_t = 200)]
+        storm_concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Upper bound on the storm's login cycles.
+        #[arg(long, default_value_t = 5_000_000)]
+        max_count: u64,
+    },
     /// Writes the table and BENCHMARKS.md from a results file of compare.sh.
     Report(report::ReportArgs),
 }
@@ -182,6 +221,24 @@ fn main() -> std::process::ExitCode {
                 settle,
             } => idle(t, sessions, concurrency, pid, settle).await,
             Mode::Noop { t, count, duration } => noop(t, count, duration).await,
+            Mode::Storm {
+                t,
+                tls_addr,
+                sessions,
+                storm_concurrency,
+                duration,
+                max_count,
+            } => {
+                storm(
+                    t,
+                    tls_addr,
+                    sessions,
+                    storm_concurrency,
+                    duration,
+                    max_count,
+                )
+                .await
+            }
             Mode::Report(_) => Ok(()),
         }
     });
@@ -325,15 +382,16 @@ fn json_f(v: f64) -> String {
     }
 }
 
-async fn login(
-    t: Target,
+/// `concurrency` loops of login cycles (connect, [TLS], greeting, `LOGIN`, tagged OK,
+/// `LOGOUT`, the server's close) until `deadline` or `max_count` cycles in all: the login
+/// latencies in microseconds (connect until the tagged OK of LOGIN; unsorted) and the
+/// errors.
+async fn login_loops(
+    d: &Arc<Dialer>,
     concurrency: usize,
-    duration: f64,
+    deadline: Instant,
     max_count: u64,
-) -> std::io::Result<()> {
-    let d = Dialer::new(t)?;
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(duration);
+) -> std::io::Result<(Vec<u32>, Errors)> {
     let budget = Arc::new(std::sync::atomic::AtomicU64::new(max_count));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
@@ -378,6 +436,19 @@ async fn login(
         lat.extend(l);
         errors.merge(e);
     }
+    Ok((lat, errors))
+}
+
+async fn login(
+    t: Target,
+    concurrency: usize,
+    duration: f64,
+    max_count: u64,
+) -> std::io::Result<()> {
+    let d = Dialer::new(t)?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(duration);
+    let (mut lat, errors) = login_loops(&d, concurrency, deadline, max_count).await?;
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort_unstable();
     let rate = lat.len() as f64 / elapsed;
@@ -393,9 +464,8 @@ async fn login(
     );
     errors.print();
     println!(
-        "{{\"mode\":\"login\",\"label\":\"{}\",\"tls\":{},\"concurrency\":{concurrency},\"ok\":{},\"errors\":{},\"elapsed_s\":{},\"rate\":{},\"p50_ms\":{},\"p99_ms\":{},\"cpu_ticks\":{}}}",
-        d.t.label,
-        d.t.tls,
+        "{},\"concurrency\":{concurrency},\"ok\":{},\"errors\":{},\"elapsed_s\":{},\"rate\":{},\"p50_ms\":{},\"p99_ms\":{},\"cpu_ticks\":{}}}",
+        d.t.json_head("login"),
         lat.len(),
         errors.total,
         json_f(elapsed),
@@ -496,9 +566,8 @@ async fn throughput(
     );
     errors.print();
     println!(
-        "{{\"mode\":\"throughput\",\"label\":\"{}\",\"tls\":{},\"concurrency\":{concurrency},\"fetches\":{fetches},\"bytes\":{bytes},\"errors\":{},\"elapsed_s\":{},\"mbps\":{},\"cpu_ticks\":{}}}",
-        d.t.label,
-        d.t.tls,
+        "{},\"concurrency\":{concurrency},\"fetches\":{fetches},\"bytes\":{bytes},\"errors\":{},\"elapsed_s\":{},\"mbps\":{},\"cpu_ticks\":{}}}",
+        d.t.json_head("throughput"),
         errors.total,
         json_f(secs),
         json_f(mbps),
@@ -560,9 +629,8 @@ async fn idle(
     );
     errors.print();
     println!(
-        "{{\"mode\":\"idle\",\"label\":\"{}\",\"tls\":{},\"sessions\":{},\"errors\":{},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_session\":{},\"cpu_ticks\":{}}}",
-        d.t.label,
-        d.t.tls,
+        "{},\"sessions\":{},\"errors\":{},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_session\":{},\"cpu_ticks\":{}}}",
+        d.t.json_head("idle"),
         held.len(),
         errors.total,
         json_f(per),
@@ -580,35 +648,50 @@ async fn idle(
     Ok(())
 }
 
+/// One `NOOP` round trip (tag `n<i>`) on a logged-in session: the time from sending it
+/// until its tagged OK.
+async fn noop_round_trip(d: &Dialer, c: &mut Conn, i: u64) -> Result<Duration, String> {
+    let tag = format!("n{i}");
+    let cmd = format!("{tag} NOOP\r\n");
+    let mut lit = 0;
+    let t0 = Instant::now();
+    c.send(cmd.as_bytes())
+        .await
+        .map_err(|e| format!("noop send: {e}"))?;
+    if !d
+        .step("noop reply", c.tagged(tag.as_bytes(), &mut lit))
+        .await?
+    {
+        return Err("noop: not OK".into());
+    }
+    Ok(t0.elapsed())
+}
+
+/// `LOGOUT`, then the server's close (bounded by the step timeout); errors ignored.
+async fn logout(d: &Dialer, c: &mut Conn) {
+    let _ = c.send(b"a9 LOGOUT\r\n").await;
+    let _ = d.step("logout", c.until_eof()).await;
+}
+
+/// NOOP round trips measured after this many of warm-up.
+const NOOP_WARMUP: u64 = 500;
+
 async fn noop(t: Target, count: u64, duration: f64) -> std::io::Result<()> {
     let d = Dialer::new(t)?;
     let r: Result<Vec<u32>, String> = async {
         let mut c = session(&d, 16 * 1024).await?;
         let deadline = Instant::now() + Duration::from_secs_f64(duration);
         let mut lat = Vec::with_capacity(count as usize);
-        let mut lit = 0;
-        for i in 0..(500 + count) {
+        for i in 0..(NOOP_WARMUP + count) {
             if Instant::now() >= deadline {
                 break;
             }
-            let tag = format!("n{i}");
-            let cmd = format!("{tag} NOOP\r\n");
-            let t0 = Instant::now();
-            c.send(cmd.as_bytes())
-                .await
-                .map_err(|e| format!("noop send: {e}"))?;
-            if !d
-                .step("noop reply", c.tagged(tag.as_bytes(), &mut lit))
-                .await?
-            {
-                return Err("noop: not OK".into());
-            }
-            if i >= 500 {
-                lat.push(micros(t0.elapsed()));
+            let rtt = noop_round_trip(&d, &mut c, i).await?;
+            if i >= NOOP_WARMUP {
+                lat.push(micros(rtt));
             }
         }
-        let _ = c.send(b"a9 LOGOUT\r\n").await;
-        let _ = d.step("logout", c.until_eof()).await;
+        logout(&d, &mut c).await;
         Ok(lat)
     }
     .await;
@@ -622,12 +705,181 @@ async fn noop(t: Target, count: u64, duration: f64) -> std::io::Result<()> {
         lat.len()
     );
     println!(
-        "{{\"mode\":\"noop\",\"label\":\"{}\",\"tls\":{},\"count\":{},\"p50_us\":{},\"p99_us\":{},\"cpu_ticks\":{}}}",
-        d.t.label,
-        d.t.tls,
+        "{},\"count\":{},\"p50_us\":{},\"p99_us\":{},\"cpu_ticks\":{}}}",
+        d.t.json_head("noop"),
         lat.len(),
         json_f(p50),
         json_f(p99),
+        cutover_bench::self_cpu_ticks()
+    );
+    Ok(())
+}
+
+/// NOOP round trips of warm-up on each storm session before the storm starts.
+const STORM_WARMUP: u64 = 50;
+/// Upper bound on the NOOPs of one storm session.
+const STORM_MAX_NOOPS: u64 = 10_000_000;
+
+/// What the storm's sessions measured: NOOP latencies (µs, unsorted), errors (setup and
+/// NOOPs), sessions that were logged in when the storm started.
+type SessionsResult = (Vec<u32>, Errors, usize);
+
+/// The storm's established sessions, run on a thread and runtime of their own (see
+/// [`storm`]): opens and logs in `n` sessions, warms each up, says how many are ready,
+/// waits for the deadline, then has each do one NOOP at a time until it.
+async fn storm_sessions(
+    d: Arc<Dialer>,
+    n: usize,
+    ready: tokio::sync::oneshot::Sender<usize>,
+    go: tokio::sync::oneshot::Receiver<Instant>,
+) -> std::io::Result<SessionsResult> {
+    let mut errors = Errors::default();
+    let mut setup = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let d = d.clone();
+        setup.spawn(async move {
+            let mut c = session(&d, 16 * 1024).await?;
+            for i in 0..STORM_WARMUP {
+                noop_round_trip(&d, &mut c, i).await?;
+            }
+            Ok::<Conn, String>(c)
+        });
+    }
+    let mut conns = Vec::with_capacity(n);
+    while let Some(r) = setup.join_next().await {
+        match r.map_err(std::io::Error::other)? {
+            Ok(c) => conns.push(c),
+            Err(e) => errors.add(e),
+        }
+    }
+    let ready_n = conns.len();
+    let _ = ready.send(ready_n);
+    let Ok(deadline) = go.await else {
+        return Ok((Vec::new(), errors, ready_n));
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut c in conns {
+        let d = d.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(16 * 1024);
+            let mut err = None;
+            let mut i = STORM_WARMUP;
+            while Instant::now() < deadline && i < STORM_WARMUP + STORM_MAX_NOOPS {
+                match noop_round_trip(&d, &mut c, i).await {
+                    Ok(rtt) => lat.push(micros(rtt)),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+                i += 1;
+            }
+            if err.is_none() {
+                logout(&d, &mut c).await;
+            }
+            (lat, err)
+        });
+    }
+    let mut lat = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (l, e) = r.map_err(std::io::Error::other)?;
+        lat.extend(l);
+        if let Some(e) = e {
+            errors.add(e);
+        }
+    }
+    Ok((lat, errors, ready_n))
+}
+
+/// `sessions` established sessions do NOOPs, one at a time each, while
+/// `storm_concurrency` TLS login loops run against `tls_addr` for `duration` seconds.
+///
+/// The sessions run on a thread with a runtime of their own, so that a NOOP reply is not
+/// queued in the load generator behind the storm's TLS handshakes (which keep its
+/// multi-threaded runtime busy): what is measured is the server's delay, plus the
+/// operating system's scheduling of that one thread.
+async fn storm(
+    t: Target,
+    tls_addr: SocketAddr,
+    sessions: usize,
+    storm_concurrency: usize,
+    duration: f64,
+    max_count: u64,
+) -> std::io::Result<()> {
+    if t.ca.is_none() {
+        return Err(std::io::Error::other("storm: the TLS logins need --ca"));
+    }
+    let mut st = t.clone();
+    st.addr = tls_addr;
+    st.tls = true;
+    let ds = Dialer::new(st)?;
+    let d = Dialer::new(t)?;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+    let dn = d.clone();
+    let worker = std::thread::Builder::new()
+        .name("storm-sessions".into())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(storm_sessions(dn, sessions, ready_tx, go_rx))
+        })?;
+    let join = move || async move {
+        tokio::task::spawn_blocking(move || worker.join())
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|_| std::io::Error::other("storm sessions: thread panicked"))?
+    };
+    // Sessions that cannot be set up are counted as errors and the storm runs anyway; if
+    // the sessions' thread ended before it, its error ends the run.
+    if ready_rx.await.is_err() {
+        join().await?;
+        return Err(std::io::Error::other("storm sessions: thread ended early"));
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(duration);
+    let _ = go_tx.send(deadline);
+    let (mut storm_lat, storm_errors) =
+        login_loops(&ds, storm_concurrency, deadline, max_count).await?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let (mut lat, noop_errors, ready) = join().await?;
+    lat.sort_unstable();
+    storm_lat.sort_unstable();
+    let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+    let max = lat.last().map_or(f64::NAN, |&m| m as f64);
+    let rate = storm_lat.len() as f64 / elapsed;
+    let (s50, s99) = (percentile(&storm_lat, 50.0), percentile(&storm_lat, 99.0));
+    eprintln!(
+        "storm {}{} with TLS logins on {tls_addr}: {ready}/{sessions} sessions, {} NOOPs, p50 {p50:.0} us, \
+         p99 {p99:.0} us, max {max:.0} us, {} errors; storm: {} logins in {elapsed:.2}s = {rate:.0}/s, \
+         p50 {:.3} ms, p99 {:.3} ms, {} errors",
+        d.t.addr,
+        if d.t.tls { " tls" } else { "" },
+        lat.len(),
+        noop_errors.total,
+        storm_lat.len(),
+        s50 / 1000.0,
+        s99 / 1000.0,
+        storm_errors.total
+    );
+    noop_errors.print();
+    storm_errors.print();
+    println!(
+        "{},\"sessions\":{ready},\"noops\":{},\"noop_p50_us\":{},\"noop_p99_us\":{},\"noop_max_us\":{},\"noop_errors\":{},\"storm_concurrency\":{storm_concurrency},\"storm_logins\":{},\"storm_rate\":{},\"storm_p50_ms\":{},\"storm_p99_ms\":{},\"storm_errors\":{},\"errors\":{},\"elapsed_s\":{},\"cpu_ticks\":{}}}",
+        d.t.json_head("storm"),
+        lat.len(),
+        json_f(p50),
+        json_f(p99),
+        json_f(max),
+        noop_errors.total,
+        storm_lat.len(),
+        json_f(rate),
+        json_f(s50 / 1000.0),
+        json_f(s99 / 1000.0),
+        storm_errors.total,
+        noop_errors.total + storm_errors.total,
+        json_f(elapsed),
         cutover_bench::self_cpu_ticks()
     );
     Ok(())
