@@ -11,6 +11,8 @@
 //! | `GET /holds` | held users (of the fleet, with shared state); `?scope=local`: the holds this proxy enforces now |
 //! | `GET /sessions` | relayed sessions (user, protocol, pool) |
 //! | `GET /stragglers?hours=N` | users seen on a legacy pool or without TLS in the last N hours (JSON) |
+//! | `POST /forget?user=U` | U's cached route lookup answers are stale: the next login asks the database (on every proxy of the fleet) |
+//! | `GET /route?user=U&protocol=P` | where U's next login goes, through this proxy's lookup caches (JSON, as `cutover route --json`) |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,7 +101,25 @@ async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String)
             tracing::info!(%user, "admin: release");
             json(serde_json::json!({"user": user, "released": was}))
         }
-        ("POST", "/kick" | "/hold" | "/release", None) => (400, "missing ?user=NAME\n".to_string()),
+        ("POST", "/forget", Some(user)) => {
+            let n = control.forget(&user).await;
+            tracing::info!(%user, lookups = n, "admin: forget");
+            json(serde_json::json!({"user": user, "forgotten": n, "fleet": state.is_shared()}))
+        }
+        ("GET", "/route", Some(user)) => {
+            let protocol = match req.param("protocol").unwrap_or("imap").parse() {
+                Ok(p) => p,
+                Err(e) => return (400, format!("{e}\n")),
+            };
+            let login = req.param("user").unwrap_or_default();
+            let now = rfc3339::now();
+            let routed =
+                crate::lookup::route(&control.lookups, cfg, login, &user, protocol, now).await;
+            json(routed.to_json())
+        }
+        ("POST", "/kick" | "/hold" | "/release" | "/forget", None) | ("GET", "/route", None) => {
+            (400, "missing ?user=NAME\n".to_string())
+        }
         ("GET", "/holds", _) if req.param("scope") == Some("local") => {
             json(serde_json::json!({"held": state.holds_enforced()}))
         }
@@ -122,9 +142,12 @@ async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String)
                 Err(_) => (500, "error\n".to_string()),
             }
         }
-        (_, "/kick" | "/hold" | "/release" | "/holds" | "/sessions" | "/stragglers", _) => {
-            (405, "method not allowed\n".to_string())
-        }
+        (
+            _,
+            "/kick" | "/hold" | "/release" | "/holds" | "/sessions" | "/stragglers" | "/forget"
+            | "/route",
+            _,
+        ) => (405, "method not allowed\n".to_string()),
         _ => (404, "not found\n".to_string()),
     }
 }

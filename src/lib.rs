@@ -61,6 +61,7 @@ pub mod front;
 pub mod fuzzing;
 pub mod http;
 pub mod login;
+pub mod lookup;
 pub mod metrics;
 pub mod proto;
 pub mod relay;

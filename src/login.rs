@@ -7,7 +7,8 @@
 //! 2. **throttle**: an address or user name over its failed-login budget is refused
 //!    without asking a backend;
 //! 3. **route**: the pure routing decision ([`crate::route`]) picks the pool, its servers
-//!    in try order and the fallback pool;
+//!    in try order and the fallback pool; a rule that reads the provider's database asks
+//!    its lookup ([`crate::lookup`], cached) and routing goes on with the answer;
 //! 4. **pools**: the pool's servers are tried in order, failing over on unavailability
 //!    only ([`crate::backend`]); the fallback pool follows when the route says so;
 //! 5. **after**: a success is written to the history (stragglers, the pop-before-smtp
@@ -84,6 +85,10 @@ pub enum Refusal {
     NoRoute,
     /// Held by the operator past `admin.hold_max_wait`.
     HeldTooLong,
+    /// A route lookup could not answer (its database is down and nothing usable is
+    /// cached), or answered a pool or server the configuration does not have: a
+    /// temporary failure, never an authentication failure and never another pool.
+    LookupFailed,
 }
 
 /// A login that succeeded: the backend connection, ready for the relay.
@@ -140,6 +145,10 @@ impl LoginDone {
                 refusal: Refusal::HeldTooLong,
                 ..
             } => Some(Fault::Operator),
+            LoginDone::Refused {
+                refusal: Refusal::LookupFailed,
+                ..
+            } => Some(Fault::Backend),
             LoginDone::Refused { .. } => Some(Fault::Proxy),
         }
     }
@@ -222,20 +231,18 @@ pub async fn log_in(at: Place<'_>, req: LoginRequest<'_>) -> LoginDone {
     let snap = at.control.snapshot();
     let at = Place { snap: &snap, ..at };
     let protocol = at.listener.protocol;
-    let decision = match route::route(
-        &snap.config,
-        &req.credentials.user,
-        protocol,
-        rfc3339::now(),
-    ) {
+    let decision = match decide(at, &req.credentials.user, &user).await {
         Ok(d) => d,
         Err(e) => {
-            tracing::error!(error = %e, "no route");
-            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "none", "rule" => "none", "result" => "refused", "tls" => tls_label(req.client_tls)).increment(1);
-            return LoginDone::Refused {
-                user,
-                refusal: Refusal::NoRoute,
+            let refusal = if e.is_temporary() {
+                tracing::warn!(error = %e, "login refused: the route lookup cannot decide");
+                Refusal::LookupFailed
+            } else {
+                tracing::error!(error = %e, "no route");
+                Refusal::NoRoute
             };
+            metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => "none", "rule" => "none", "result" => "refused", "tls" => tls_label(req.client_tls)).increment(1);
+            return LoginDone::Refused { user, refusal };
         }
     };
     tracing::Span::current().record("user", decision.user.as_str());
@@ -247,6 +254,28 @@ pub async fn log_in(at: Place<'_>, req: LoginRequest<'_>) -> LoginDone {
         .saturating_sub(at_backend);
     record(at, &done, &decision, req.client_tls, at_backend, at_proxy);
     done
+}
+
+/// Step 3: the routing decision, asking each lookup a rule reads (in rule order, only
+/// when the login reaches the rule). A lookup whose answer changed for the user moves
+/// their open sessions (`on_move`).
+async fn decide(at: Place<'_>, login: &str, user: &str) -> Result<Decision, route::RouteError> {
+    let cfg = &at.snap.config;
+    if cfg.lookups.is_empty() {
+        return route::route(cfg, login, at.listener.protocol, rfc3339::now());
+    }
+    let lookups = &at.control.lookups;
+    let protocol = at.listener.protocol;
+    let routed = crate::lookup::route(lookups, cfg, login, user, protocol, rfc3339::now()).await;
+    if routed.changed {
+        // The new answer is cached: the user's sessions are routed with it.
+        at.control.lookup_changed(user);
+    }
+    if let Err(route::RouteError::BadRow { lookup, kind, .. }) = &routed.result {
+        metrics::counter!(m::LOOKUP_BAD_ROWS, "lookup" => lookup.clone(), "reason" => *kind)
+            .increment(1);
+    }
+    routed.result
 }
 
 /// Step 1: waits while the user is held. `Ok(how long)`, or the refusal when the wait

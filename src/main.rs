@@ -57,6 +57,10 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Ask the running proxy (its admin endpoint): the configuration in force there
+        /// and its lookup caches (hit, stale). Without it, lookups are asked live.
+        #[arg(long)]
+        proxy: bool,
         /// The user name, as a client would send it.
         user: String,
     },
@@ -66,6 +70,9 @@ enum Command {
     Hold(AdminArgs),
     /// Let a held user's logins through to the route in force.
     Release(AdminArgs),
+    /// Make a user's cached route lookup answers stale (on every proxy of a fleet): the
+    /// next login reads the database.
+    Forget(AdminArgs),
     /// List users still served by a legacy pool or logging in without TLS.
     Stragglers {
         /// Configuration file (names the admin endpoint).
@@ -236,6 +243,9 @@ fn route(config: &Path, protocol: &str, at: Option<&str>, json: bool, user: &str
         Ok(c) => c,
         Err(e) => return fail(e, 2),
     };
+    if !cfg.lookups.is_empty() {
+        return route_with_lookups(&cfg, protocol, now, json, user);
+    }
     match cutover::route::route(&cfg, user, protocol, now) {
         Ok(d) if json => match serde_json::to_string(&d) {
             Ok(s) => {
@@ -250,6 +260,91 @@ fn route(config: &Path, protocol: &str, at: Option<&str>, json: bool, user: &str
         }
         Err(e) => fail(e, 1),
     }
+}
+
+/// `cutover route` for a configuration with lookups: they are asked live.
+fn route_with_lookups(
+    cfg: &Config,
+    protocol: Protocol,
+    now: i64,
+    json: bool,
+    user: &str,
+) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start runtime: {e}"), 1),
+    };
+    let routed = rt.block_on(async {
+        let lookups = cutover::lookup::Lookups::new(cfg);
+        let normalized = cutover::config::normalize(&cfg.users, user);
+        cutover::lookup::route(&lookups, cfg, user, &normalized, protocol, now).await
+    });
+    print_routed(
+        &routed.to_json(),
+        &routed.explain(),
+        json,
+        routed.result.is_ok(),
+    )
+}
+
+fn print_routed(v: &serde_json::Value, text: &str, json: bool, ok: bool) -> ExitCode {
+    if json {
+        println!("{v}");
+    } else {
+        print!("{text}");
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// `cutover route --proxy`: the running proxy's answer, through its caches.
+fn route_by_proxy(config: &Path, protocol: &str, json: bool, user: &str) -> ExitCode {
+    let path = format!(
+        "/route?user={}&protocol={}",
+        cutover::http::percent_encode(user),
+        cutover::http::percent_encode(protocol)
+    );
+    let body = match admin(config, "GET", &path) {
+        Ok(b) => b,
+        Err(e) => return fail(e, 1),
+    };
+    let v: serde_json::Value = match serde_json::from_str(&body) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("admin endpoint: {e}"), 1),
+    };
+    let ok = v.get("error").is_none();
+    let text = if ok {
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string();
+        let servers: Vec<String> = (v.get("servers").and_then(|x| x.as_array()))
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut t = format!(
+            "user:     {}\npool:     {}\nservers:  {}\nrule:     {}\n",
+            s("user"),
+            s("pool"),
+            servers.join(", "),
+            s("rule")
+        );
+        for l in v
+            .get("lookups")
+            .and_then(|x| x.as_array())
+            .into_iter()
+            .flatten()
+        {
+            t.push_str(&format!("lookup:   {l}\n"));
+        }
+        t
+    } else {
+        format!("no decision: {}\n", v["error"].as_str().unwrap_or("-"))
+    };
+    print_routed(&v, &text, json, ok)
 }
 
 /// Calls the admin endpoint named in the configuration.
@@ -385,12 +480,20 @@ fn main() -> ExitCode {
             protocol,
             at,
             json,
+            proxy,
             user,
-        } => route(&config, &protocol, at.as_deref(), json, &user),
+        } => {
+            if proxy {
+                route_by_proxy(&config, &protocol, json, &user)
+            } else {
+                route(&config, &protocol, at.as_deref(), json, &user)
+            }
+        }
         Command::Run { config } => run(config, cli.log_format),
         Command::Kick(a) => admin_user(&a, "kick"),
         Command::Hold(a) => admin_user(&a, "hold"),
         Command::Release(a) => admin_user(&a, "release"),
+        Command::Forget(a) => admin_user(&a, "forget"),
         Command::Stragglers {
             config,
             hours,

@@ -98,6 +98,19 @@ pub struct Def {
     pub help: &'static str,
 }
 
+/// Route lookup queries to the database, by `lookup`, `result` (found | not_found | error | timeout).
+pub const LOOKUP_QUERIES: &str = "cutover_lookup_queries_total";
+/// Route lookup answers by where they came from, by `lookup`, `result` (hit | miss | stale | error).
+pub const LOOKUP_CACHE: &str = "cutover_lookup_cache_total";
+/// Time of one route lookup query, by `lookup`.
+pub const LOOKUP_SECONDS: &str = "cutover_lookup_seconds";
+/// Rows naming a pool or server the configuration does not have, by `lookup`, `reason`.
+pub const LOOKUP_BAD_ROWS: &str = "cutover_lookup_rejected_rows_total";
+/// 1 while a lookup's last query got an answer from its database, by `lookup`.
+pub const LOOKUP_UP: &str = "cutover_lookup_up";
+/// Answers held in a lookup's cache, by `lookup`.
+pub const LOOKUP_CACHE_ENTRIES: &str = "cutover_lookup_cache_entries";
+
 /// Every metric cutover exports.
 pub const CATALOGUE: &[Def] = &[
     Def {
@@ -134,6 +147,12 @@ pub const CATALOGUE: &[Def] = &[
     Def { name: POOL_INFO, kind: Kind::Gauge, labels: &["pool", "legacy"], help: "Always 1 per configured pool; legacy says whether the stragglers report counts it as legacy." },
     Def { name: RELOAD_SUCCESS, kind: Kind::Gauge, labels: &[], help: "1 if the last configuration reload succeeded (or none was tried), else 0." },
     Def { name: STATE_UP, kind: Kind::Gauge, labels: &["instance_name"], help: "1 while the shared state store (state.redis) answers; absent without one." },
+    Def { name: LOOKUP_QUERIES, kind: Kind::Counter, labels: &["lookup", "result"], help: "Route lookup queries to the database: found, not_found, error, timeout." },
+    Def { name: LOOKUP_CACHE, kind: Kind::Counter, labels: &["lookup", "result"], help: "Route lookup answers by source: hit (cached), miss (asked), stale (cached past its TTL while the database failed), error (no answer)." },
+    Def { name: LOOKUP_SECONDS, kind: Kind::Histogram, labels: &["lookup"], help: "Time of one route lookup query, connecting included." },
+    Def { name: LOOKUP_BAD_ROWS, kind: Kind::Counter, labels: &["lookup", "reason"], help: "Lookup rows naming a pool or server the configuration does not have (unknown_pool, unknown_server): refused as a temporary failure, never connected to." },
+    Def { name: LOOKUP_UP, kind: Kind::Gauge, labels: &["lookup"], help: "1 while a route lookup's last query got an answer from its database." },
+    Def { name: LOOKUP_CACHE_ENTRIES, kind: Kind::Gauge, labels: &["lookup"], help: "Answers held in a route lookup's cache." },
     Def { name: STATE_ERRORS, kind: Kind::Counter, labels: &["op"], help: "Calls to the shared state store that failed or were late (answered from local state instead)." },
 ];
 
@@ -239,21 +258,38 @@ pub fn prime(cfg: &crate::config::Config) {
     }
     let stage_routes = cfg.stages.iter().flat_map(|s| s.routes.iter());
     for r in cfg.routes.iter().chain(stage_routes) {
+        // A lookup rule without a pool names its pool per user: its series appear as
+        // they are used.
+        let Some(pool) = &r.pool else { continue };
         for p in &protocols {
             for result in ["ok", "auth_failed", "backend_unavailable"] {
                 for tls in ["true", "false"] {
-                    metrics::counter!(LOGINS, "protocol" => *p, "pool" => r.pool.clone(), "rule" => r.id.clone(), "result" => result, "tls" => tls).increment(0);
+                    metrics::counter!(LOGINS, "protocol" => *p, "pool" => pool.clone(), "rule" => r.id.clone(), "result" => result, "tls" => tls).increment(0);
                 }
             }
         }
         if let Some(f) = &r.fallback {
             for reason in ["unavailable", "auth_failed"] {
-                metrics::counter!(FALLBACKS, "from" => r.pool.clone(), "to" => f.clone(), "reason" => reason).increment(0);
+                metrics::counter!(FALLBACKS, "from" => pool.clone(), "to" => f.clone(), "reason" => reason).increment(0);
             }
         }
     }
     for result in ["ok", "error"] {
         metrics::counter!(RELOADS, "result" => result).increment(0);
+    }
+    for name in cfg.lookups.keys() {
+        for result in ["found", "not_found", "error", "timeout"] {
+            metrics::counter!(LOOKUP_QUERIES, "lookup" => name.clone(), "result" => result)
+                .increment(0);
+        }
+        for result in ["hit", "miss", "stale", "error"] {
+            metrics::counter!(LOOKUP_CACHE, "lookup" => name.clone(), "result" => result)
+                .increment(0);
+        }
+        for reason in ["unknown_pool", "unknown_server"] {
+            metrics::counter!(LOOKUP_BAD_ROWS, "lookup" => name.clone(), "reason" => reason)
+                .increment(0);
+        }
     }
     for p in &protocols {
         for tls in ["true", "false"] {

@@ -1,12 +1,17 @@
-//! Routing: a pure function from (configuration, user, protocol) to a [`Decision`].
+//! Routing: a pure function from (configuration, user, protocol, time, lookup answers)
+//! to a [`Decision`].
 //!
 //! No I/O, no clock, no health state: the same inputs always give the same decision, and
 //! `cutover route` prints exactly what the proxy would do. Availability and failover are
-//! the backend module's business.
+//! the backend module's business. A rule that reads the provider's database
+//! (`{ lookup: NAME }`) does not query it here: routing stops with
+//! [`RouteError::NeedsLookup`], the caller asks the lookup ([`crate::lookup`]) and routes
+//! again with the answer in [`Answers`]. Lookups are thus asked only when a login reaches
+//! their rule, one at a time, in rule order.
 
 use serde::Serialize;
 
-use crate::config::{bucket, normalize, stable_hash, Balance, Config, Protocol};
+use crate::config::{bucket, normalize, stable_hash, Balance, Config, Host, Protocol};
 
 /// Where one user goes and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -37,6 +42,73 @@ pub struct Decision {
     /// formatted only then, not on every login).
     #[serde(serialize_with = "serialize_rfc3339")]
     pub at: i64,
+    /// The lookup that decided, with the row it read (None: a rule without a lookup).
+    pub lookup: Option<Looked>,
+    /// The server the lookup pinned the user to (first in `servers`).
+    pub pinned: Option<String>,
+}
+
+/// A row a lookup read: the pool, and maybe the server, of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    /// The pool named by the row (None: the row has no pool column or it is NULL).
+    pub pool: Option<String>,
+    /// The server named by the row: a host, or `host:port`.
+    pub server: Option<String>,
+}
+
+/// Where a lookup's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheState {
+    /// A cached answer within its TTL.
+    Hit,
+    /// Not cached (or expired): the database was asked.
+    Miss,
+    /// The database could not answer; a cached answer past its TTL (within `stale_for`)
+    /// served.
+    Stale,
+    /// The database could not answer and nothing usable was cached.
+    Error,
+}
+
+impl CacheState {
+    /// As the metrics and logs name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheState::Hit => "hit",
+            CacheState::Miss => "miss",
+            CacheState::Stale => "stale",
+            CacheState::Error => "error",
+        }
+    }
+}
+
+/// One lookup's answer for one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Looked {
+    /// The lookup's name.
+    pub name: String,
+    /// The row found (None: no row, or the database failed: see `cache`).
+    pub row: Option<Row>,
+    /// Where the answer came from.
+    pub cache: CacheState,
+}
+
+/// The lookup answers a routing has so far (usually none or one).
+#[derive(Debug, Clone, Default)]
+pub struct Answers(Vec<Looked>);
+
+impl Answers {
+    /// Adds (or replaces) a lookup's answer.
+    pub fn insert(&mut self, looked: Looked) {
+        self.0.retain(|l| l.name != looked.name);
+        self.0.push(looked);
+    }
+
+    fn get(&self, name: &str) -> Option<&Looked> {
+        self.0.iter().find(|l| l.name == name)
+    }
 }
 
 fn serialize_rfc3339<S: serde::Serializer>(at: &i64, s: S) -> Result<S::Ok, S::Error> {
@@ -68,6 +140,37 @@ pub enum RouteError {
         /// Protocol.
         protocol: Protocol,
     },
+    /// A rule reads this lookup: ask it and route again with its answer.
+    #[error("lookup {0:?} must be asked")]
+    NeedsLookup(String),
+    /// The lookup's database could not answer, nothing usable was cached, and the lookup
+    /// says `on_error: tempfail`.
+    #[error("lookup {0:?} could not answer")]
+    LookupFailed(String),
+    /// The lookup's row names a pool or server the configuration does not have: never
+    /// connected to.
+    #[error("lookup {lookup:?} answered {row}: {reason}")]
+    BadRow {
+        /// The lookup.
+        lookup: String,
+        /// The row, as text.
+        row: String,
+        /// What is wrong with it.
+        reason: String,
+        /// For the metric: `unknown_pool` or `unknown_server`.
+        kind: &'static str,
+    },
+}
+
+impl RouteError {
+    /// A temporary condition (the client should retry), as opposed to a configuration
+    /// that cannot route the user.
+    pub fn is_temporary(&self) -> bool {
+        matches!(
+            self,
+            RouteError::LookupFailed(_) | RouteError::BadRow { .. } | RouteError::NeedsLookup(_)
+        )
+    }
 }
 
 /// Servers of `pool` for `protocol` in the order a user is tried.
@@ -91,30 +194,174 @@ fn servers_for(
     Ok(servers)
 }
 
-/// Decides where `login` goes for `protocol` at `now` (Unix seconds; it picks the stage).
+/// Decides where `login` goes for `protocol` at `now` (Unix seconds; it picks the stage),
+/// without lookup answers: a rule that reads a lookup stops it with
+/// [`RouteError::NeedsLookup`].
 pub fn route(
     cfg: &Config,
     login: &str,
     protocol: Protocol,
     now: i64,
 ) -> Result<Decision, RouteError> {
+    route_with(cfg, login, protocol, now, &Answers::default())
+}
+
+/// The rule that matches, the pool it names and the lookup answer that decided.
+struct Matched<'a> {
+    index: usize,
+    rule: &'a crate::config::Route,
+    pool: String,
+    looked: Option<&'a Looked>,
+}
+
+/// The first rule that matches `user`, reading lookup answers where a rule has one.
+fn first_match<'a>(
+    cfg: &'a Config,
+    routes: &'a [crate::config::Route],
+    user: &str,
+    answers: &'a Answers,
+) -> Result<Matched<'a>, RouteError> {
+    let bucket = bucket(user);
+    let domain = user.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+    for (index, rule) in routes.iter().enumerate() {
+        let m = &rule.matcher;
+        let matches = m.users.as_ref().is_none_or(|u| u.contains(user))
+            && m.domains
+                .as_ref()
+                .is_none_or(|ds| domain.as_ref().is_some_and(|d| ds.contains(d)))
+            && m.percent.is_none_or(|p| bucket < p);
+        if !matches {
+            continue;
+        }
+        let Some(name) = &rule.lookup else {
+            let pool = rule.pool.clone().unwrap_or_default();
+            return Ok(Matched {
+                index,
+                rule,
+                pool,
+                looked: None,
+            });
+        };
+        let looked = answers
+            .get(name)
+            .ok_or_else(|| RouteError::NeedsLookup(name.clone()))?;
+        let row = match (&looked.row, looked.cache) {
+            (Some(row), _) => row,
+            (None, CacheState::Error) => {
+                if cfg.lookups.get(name).is_some_and(|l| l.on_error_next) {
+                    continue;
+                }
+                return Err(RouteError::LookupFailed(name.clone()));
+            }
+            // No row: the next rule.
+            (None, _) => continue,
+        };
+        let pool = match (&rule.pool, &row.pool) {
+            (Some(p), _) | (None, Some(p)) => p.clone(),
+            (None, None) => return Err(bad_row(name, row, "it names no pool", "unknown_pool")),
+        };
+        if !cfg.pools.contains_key(&pool) {
+            let reason = format!("there is no pool {pool:?}");
+            return Err(bad_row(name, row, &reason, "unknown_pool"));
+        }
+        return Ok(Matched {
+            index,
+            rule,
+            pool,
+            looked: Some(looked),
+        });
+    }
+    Err(RouteError::NoRoute(user.to_string()))
+}
+
+fn bad_row(lookup: &str, row: &Row, reason: &str, kind: &'static str) -> RouteError {
+    RouteError::BadRow {
+        lookup: lookup.to_string(),
+        row: format!(
+            "pool {:?} server {:?}",
+            row.pool.as_deref().unwrap_or(""),
+            row.server.as_deref().unwrap_or("")
+        ),
+        reason: reason.to_string(),
+        kind,
+    }
+}
+
+/// The pool's server for `protocol` that a lookup's `server` names: a host (the pool's
+/// server on that host, as Dovecot's `host` field works for every protocol) or
+/// `host:port` (exactly one of the pool's servers).
+fn pinned_server(cfg: &Config, pool: &str, protocol: Protocol, server: &str) -> Option<String> {
+    let servers = &cfg.pools.get(pool)?.protocols.get(&protocol)?.servers;
+    let server = server.trim();
+    let same_host = |h: &Host, want: &str| {
+        let want = want.trim_start_matches('[').trim_end_matches(']');
+        match (h, want.parse::<std::net::IpAddr>()) {
+            (Host::Ip(ip), Ok(w)) => *ip == w,
+            (Host::Name(n), Err(_)) => n.eq_ignore_ascii_case(want.trim_end_matches('.')),
+            _ => false,
+        }
+    };
+    // A bare IPv6 address has colons but no port.
+    let host_port = match server.parse::<std::net::IpAddr>() {
+        Ok(_) => None,
+        Err(_) => server
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))),
+    };
+    let found = match host_port {
+        Some((host, port)) => servers
+            .iter()
+            .find(|s| s.port == port && same_host(&s.host, host)),
+        None => servers.iter().find(|s| same_host(&s.host, server)),
+    };
+    found.map(|s| s.as_str().to_string())
+}
+
+/// Decides where `login` goes, with the lookup answers asked so far.
+pub fn route_with(
+    cfg: &Config,
+    login: &str,
+    protocol: Protocol,
+    now: i64,
+    answers: &Answers,
+) -> Result<Decision, RouteError> {
     let user = normalize(&cfg.users, login);
     let bucket = bucket(&user);
-    let domain = user.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
     let (stage, routes) = cfg.routes_at(now);
-    let (rule_index, rule) = routes
-        .iter()
-        .enumerate()
-        .find(|(_, r)| {
-            let m = &r.matcher;
-            m.users.as_ref().is_none_or(|u| u.contains(&user))
-                && m.domains
-                    .as_ref()
-                    .is_none_or(|ds| domain.as_ref().is_some_and(|d| ds.contains(d)))
-                && m.percent.is_none_or(|p| bucket < p)
-        })
-        .ok_or_else(|| RouteError::NoRoute(user.clone()))?;
-    let servers = servers_for(cfg, &rule.pool, &user, protocol)?;
+    let Matched {
+        index: rule_index,
+        rule,
+        pool,
+        looked,
+    } = first_match(cfg, routes, &user, answers)?;
+    let mut servers = servers_for(cfg, &pool, &user, protocol)?;
+    let mut pinned = None;
+    if let (Some(looked), Some(server)) =
+        (looked, looked.and_then(|l| l.row.as_ref()?.server.as_ref()))
+    {
+        let Some(s) = pinned_server(cfg, &pool, protocol, server) else {
+            let row = looked.row.as_ref().map_or(
+                Row {
+                    pool: None,
+                    server: None,
+                },
+                Clone::clone,
+            );
+            let reason = format!("{server:?} is not one of pool {pool:?}'s {protocol} servers");
+            return Err(bad_row(&looked.name, &row, &reason, "unknown_server"));
+        };
+        let strict = cfg
+            .lookups
+            .get(&looked.name)
+            .is_some_and(|l| l.pinned_strict);
+        if strict {
+            servers = vec![s.clone()];
+        } else {
+            servers.retain(|x| *x != s);
+            servers.insert(0, s.clone());
+        }
+        pinned = Some(s);
+    }
     let fallback = match &rule.fallback {
         Some(f) => Some(FallbackDecision {
             pool: f.clone(),
@@ -130,12 +377,14 @@ pub fn route(
         rule_index,
         rule: rule.text.clone(),
         rule_id: rule.id.clone(),
-        pool: rule.pool.clone(),
+        pool,
         servers,
         bucket,
         stage: stage.map(str::to_string),
         fallback,
         at: now,
+        lookup: looked.cloned(),
+        pinned,
     })
 }
 
@@ -151,6 +400,9 @@ impl Decision {
         out.push_str(&format!("protocol: {}\n", self.protocol));
         out.push_str(&format!("pool:     {}\n", self.pool));
         out.push_str(&format!("servers:  {}\n", self.servers.join(", ")));
+        if let Some(p) = &self.pinned {
+            out.push_str(&format!("pinned:   {p} (by the lookup's row)\n"));
+        }
         if let Some(f) = &self.fallback {
             out.push_str(&format!(
                 "fallback: {} ({}){}\n",
@@ -164,6 +416,21 @@ impl Decision {
             ));
         }
         out.push_str(&format!("rule:     {}\n", self.rule));
+        if let Some(l) = &self.lookup {
+            let row = match &l.row {
+                Some(r) => format!(
+                    "pool {}, server {}",
+                    r.pool.as_deref().unwrap_or("-"),
+                    r.server.as_deref().unwrap_or("-")
+                ),
+                None => "no row".into(),
+            };
+            out.push_str(&format!(
+                "lookup:   {} ({row}; cache {})\n",
+                l.name,
+                l.cache.as_str()
+            ));
+        }
         out.push_str(&format!(
             "stage:    {} (at {})\n",
             self.stage.as_deref().unwrap_or("(top-level routes)"),

@@ -66,6 +66,12 @@ pub enum StartError {
 /// is freed by the thread that allocated it: what nginx's and HAProxy's per-CPU workers
 /// get, and about a tenth of the CPU a login costs on a work-stealing runtime (see
 /// BENCHMARKS.md). Health checks, reloads and the endpoints stay on the main runtime.
+/// How many tasks a worker polls between two looks at its sockets (tokio's default is
+/// 61). A TLS handshake step (key exchange and signature) costs a few hundred
+/// microseconds; during a burst of handshakes 61 of them in a row would keep a logged-in
+/// session's ready socket unseen for over 10 ms (BENCHMARKS.md, the login storm row).
+const WORKER_EVENT_INTERVAL: u32 = 8;
+
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
     stop: CancellationToken,
@@ -82,6 +88,7 @@ impl Workers {
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .event_interval(WORKER_EVENT_INTERVAL)
                 .build()?;
             handles.push(rt.handle().clone());
             let worker_stop = stop.clone();

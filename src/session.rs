@@ -601,19 +601,20 @@ async fn tls_accept(
     let Stream::Plain(tcp) = client else {
         return None;
     };
-    let timeout = ctx
-        .snap
-        .config
-        .timeouts
-        .preauth
-        .min(Duration::from_secs(30));
+    let config = &ctx.snap.config;
+    let timeout = config.timeouts.tls_handshake;
+    let per_worker = config.conn_limits.tls_handshakes_per_worker;
     let cfg = ctx.snap.server_tls.clone()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let count = |result: &'static str, version: &'static str| {
         metrics::counter!(m::TLS_HANDSHAKES, "listener" => ctx.listener.name.clone(), "mode" => mode, "result" => result, "version" => version)
             .increment(1);
     };
-    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+    let handshake = async {
+        let _slot = crate::tls::handshake_slot(per_worker).await;
+        acceptor.accept(tcp).await
+    };
+    match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(t)) => {
             let stream = Stream::Tls(Box::new(t));
             count("ok", crate::tls::version_label(stream.tls_version()));

@@ -194,6 +194,35 @@ pub fn version_label(v: Option<rustls::ProtocolVersion>) -> &'static str {
     }
 }
 
+/// A slot for one client TLS handshake on this thread (a worker runs its sessions on
+/// one thread). A handshake holds its slot until it finishes; the others wait, so the
+/// handshakes runnable on a worker at any moment are at most `per_worker`, and a
+/// logged-in session whose socket turns ready waits behind at most that many handshake
+/// steps (key exchange and signature, a few hundred microseconds each) instead of every
+/// handshake of a login storm. A change of `per_worker` (a reload) takes effect for
+/// handshakes that start after it.
+pub async fn handshake_slot(per_worker: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    use std::cell::RefCell;
+    use tokio::sync::Semaphore;
+    thread_local! {
+        static SLOTS: RefCell<Option<(usize, Arc<Semaphore>)>> = const { RefCell::new(None) };
+    }
+    let per_worker = per_worker.max(1);
+    let slots = SLOTS.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        match &*cell {
+            Some((n, s)) if *n == per_worker => s.clone(),
+            _ => {
+                let s = Arc::new(Semaphore::new(per_worker));
+                *cell = Some((per_worker, s.clone()));
+                s
+            }
+        }
+    });
+    // Never closed: the semaphore lives in this thread's slot.
+    slots.acquire_owned().await.ok()
+}
+
 /// The not-after time (Unix seconds) of the first certificate in a PEM file, read from
 /// its DER encoding (TBSCertificate.validity.notAfter).
 pub fn not_after(path: &Path) -> Option<i64> {

@@ -72,8 +72,7 @@ fn docs_list_exactly_the_catalogue() {
 async fn every_catalogued_metric_is_exported_and_nothing_else() {
     let new = fake("new", Protocol::Imap, |c| c.tls = Some(server_tls())).await;
     let green = fake("green", Protocol::Imap, |_| {}).await;
-    let dir = std::env::temp_dir().join(format!("cutover-metrics-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("metrics");
     let c = certs();
     let (new_addr, green_addr, dead) = (new.addr, green.addr, dead_addr_sync());
     let yaml = |routes: &str| {
@@ -262,8 +261,7 @@ fn dead_addr_sync() -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn series_of_removed_servers_and_stages_disappear_on_reload() {
-    let dir = std::env::temp_dir().join(format!("cutover-metrics-rm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("metrics-rm");
     let path = dir.join("routes.yaml");
     let with = r#"
 listeners: [{ name: imap, protocol: imap, listen: "127.0.0.1:0" }]

@@ -14,7 +14,7 @@ use cutover::demo::FakeBackend;
 use cutover::snapshot::Snapshot;
 
 struct World {
-    dir: PathBuf,
+    dir: common::TempDir,
     new: FakeBackend,
     green: FakeBackend,
     mauve: FakeBackend,
@@ -25,13 +25,7 @@ struct World {
 }
 
 async fn world() -> World {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "cutover-mig-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("mig");
     World {
         dir,
         new: fake("new", Protocol::Imap, |_| {}).await,

@@ -55,6 +55,73 @@ pub struct RawConfig {
     pub proxy_protocol: Option<RawProxyProtocol>,
     /// Shared state for a fleet of proxies.
     pub state: Option<RawState>,
+    /// Named route lookups in the provider's database.
+    #[serde(default)]
+    pub lookups: BTreeMap<String, RawLookup>,
+}
+
+/// `lookups.NAME:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLookup {
+    /// A PostgreSQL query.
+    pub postgres: Option<RawPostgresLookup>,
+    /// A Redis key.
+    pub redis: Option<RawRedisLookup>,
+    /// Deadline of one query (default 300ms).
+    pub timeout: Option<String>,
+    /// Answer cache.
+    pub cache: Option<RawLookupCache>,
+    /// `tempfail` (default) or `next`: what a login gets when the database cannot
+    /// answer and nothing is cached.
+    pub on_error: Option<String>,
+    /// `failover` (default) or `strict`: when a pinned server is down.
+    pub pinned: Option<String>,
+}
+
+/// `lookups.NAME.postgres:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgresLookup {
+    /// Connection string (`postgres://user@host:5432/db?sslmode=require`).
+    pub url: Option<String>,
+    /// A file holding the connection string (it may carry a password).
+    pub url_file: Option<String>,
+    /// Parameterised query: `$1` is the normalized user name, `$2` (optional) the
+    /// protocol. Returns a `pool` column (or the first column) and optionally `server`.
+    pub query: String,
+    /// Connections kept open (queries are pipelined on them; default 2).
+    pub connections: Option<usize>,
+    /// CA certificates (PEM) that sign the server's certificate, for `sslmode=require`
+    /// (default: the system's roots).
+    pub ca_file: Option<String>,
+}
+
+/// `lookups.NAME.redis:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisLookup {
+    /// `redis://host:6379/0` (or `rediss://` for TLS).
+    pub url: Option<String>,
+    /// A file holding the URL.
+    pub url_file: Option<String>,
+    /// Key template; `{user}` is replaced by the normalized user name.
+    pub key: String,
+}
+
+/// `lookups.NAME.cache:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLookupCache {
+    /// How long a found answer is used (default 60s; 0s: not cached).
+    pub ttl: Option<String>,
+    /// How long "no row" is used (default 10s).
+    pub negative_ttl: Option<String>,
+    /// Most answers kept (default 1000000).
+    pub max_entries: Option<usize>,
+    /// How long past its TTL an answer is still used while the database cannot answer
+    /// (default 5m).
+    pub stale_for: Option<String>,
 }
 
 /// `proxy_protocol:`
@@ -268,8 +335,10 @@ pub struct RawRoute {
     pub users_file: Option<String>,
     /// Stable share of users, 0..=100.
     pub percent: Option<u32>,
-    /// Target pool.
-    pub pool: String,
+    /// Target pool (with `lookup`: the pool any row found means).
+    pub pool: Option<String>,
+    /// A named lookup (`lookups:`) that gives the pool, and maybe the server.
+    pub lookup: Option<String>,
     /// Pool to try when every server of `pool` is unavailable.
     pub fallback: Option<String>,
     /// Also try the fallback when `pool` rejects the credentials.
@@ -311,6 +380,10 @@ pub struct RawLimits {
     pub max_commands: Option<u32>,
     /// Idle time allowed before login.
     pub preauth_timeout: Option<String>,
+    /// Longest a client TLS handshake may take (implicit TLS or STARTTLS).
+    pub tls_handshake_timeout: Option<String>,
+    /// Client TLS handshakes in progress at once per worker.
+    pub tls_handshakes_per_worker: Option<usize>,
     /// Client connections open at once, all listeners together.
     pub max_connections: Option<usize>,
     /// Client connections open at once from one address.

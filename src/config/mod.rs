@@ -222,6 +222,105 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A connection string without what may be secret: no user information, no query
+/// string (`postgres://***@db:5432/mail`).
+pub fn redact_dsn(url: &str) -> String {
+    let base = url.split_once('?').map_or(url, |(b, _)| b);
+    redact_url(base)
+}
+
+/// `lookups.NAME`: where routes read a user's pool (and maybe server) from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// Name (metric label).
+    pub name: String,
+    /// The database.
+    pub source: LookupSource,
+    /// Deadline of one query, connecting included.
+    pub timeout: Duration,
+    /// Answer cache.
+    pub cache: LookupCache,
+    /// The database cannot answer and nothing usable is cached: `true` goes on with the
+    /// next rule, `false` (default) fails the login temporarily.
+    pub on_error_next: bool,
+    /// A pinned server that is down fails the login temporarily instead of letting the
+    /// pool's other servers serve.
+    pub pinned_strict: bool,
+}
+
+/// The database behind a lookup.
+#[derive(Clone, PartialEq, Eq)]
+pub enum LookupSource {
+    /// A parameterised PostgreSQL query.
+    Postgres {
+        /// Connection string (may carry a password: never printed).
+        url: String,
+        /// The query: `$1` user, `$2` protocol (optional).
+        query: String,
+        /// Connections kept open.
+        connections: usize,
+        /// CA file for TLS (None: the system's roots).
+        ca_file: Option<PathBuf>,
+    },
+    /// A Redis key (a string: the pool; a hash: `pool` and `server` fields).
+    Redis {
+        /// `redis://` or `rediss://` URL (may carry a password: never printed).
+        url: String,
+        /// Key template with `{user}`.
+        key: String,
+    },
+}
+
+impl fmt::Debug for LookupSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LookupSource::Postgres {
+                url,
+                query,
+                connections,
+                ca_file,
+            } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_dsn(url))
+                .field("query", query)
+                .field("connections", connections)
+                .field("ca_file", ca_file)
+                .finish(),
+            LookupSource::Redis { url, key } => f
+                .debug_struct("Redis")
+                .field("url", &redact_dsn(url))
+                .field("key", key)
+                .finish(),
+        }
+    }
+}
+
+impl fmt::Debug for Lookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lookup")
+            .field("name", &self.name)
+            .field("source", &self.source)
+            .field("timeout", &self.timeout)
+            .field("cache", &self.cache)
+            .field("on_error_next", &self.on_error_next)
+            .field("pinned_strict", &self.pinned_strict)
+            .finish()
+    }
+}
+
+/// `lookups.NAME.cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupCache {
+    /// A found answer is used this long.
+    pub ttl: Duration,
+    /// "No row" is used this long.
+    pub negative_ttl: Duration,
+    /// Most answers kept.
+    pub max_entries: usize,
+    /// Past its TTL, an answer still serves this long while the database cannot answer.
+    pub stale_for: Duration,
+}
+
 /// A client-facing listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
@@ -411,8 +510,11 @@ pub struct Route {
     pub text: String,
     /// What it matches.
     pub matcher: Matcher,
-    /// Target pool (validated to exist).
-    pub pool: String,
+    /// Target pool (validated to exist); for a lookup rule, the pool any row found means
+    /// (None: the pool the row names).
+    pub pool: Option<String>,
+    /// The lookup (`lookups:`) that decides whether the rule matches, and where to.
+    pub lookup: Option<String>,
     /// Pool tried when every server of `pool` is unavailable.
     pub fallback: Option<String>,
     /// Also fall back when `pool` rejects the credentials.
@@ -468,6 +570,9 @@ pub struct Users {
 pub struct Timeouts {
     /// Idle time before login.
     pub preauth: Duration,
+    /// From accept (or STARTTLS) to a finished TLS handshake, waiting for a handshake
+    /// slot included.
+    pub tls_handshake: Duration,
     /// Grace for relayed sessions at shutdown.
     pub drain: Duration,
 }
@@ -479,6 +584,10 @@ pub struct ConnLimits {
     pub max_connections: usize,
     /// From one client address.
     pub max_per_ip: usize,
+    /// Client TLS handshakes in progress at once on one worker; more wait for a slot.
+    /// Bounds the handshake work a worker does between two turns of its logged-in
+    /// sessions, and what a flood of half-open handshakes can take.
+    pub tls_handshakes_per_worker: usize,
 }
 
 /// Failed-login throttling against password spraying.
@@ -552,6 +661,8 @@ pub struct Config {
     pub proxy_protocol: ProxyProtocol,
     /// Shared state in Redis (None: in this process only).
     pub redis: Option<RedisState>,
+    /// Named route lookups.
+    pub lookups: BTreeMap<String, Lookup>,
 }
 
 impl Config {

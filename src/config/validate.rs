@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::file::{self, RawConfig, RawListener, RawPool, RawPoolProtocol, RawRoute};
+use super::file::{self, RawConfig, RawListener, RawLookup, RawPool, RawPoolProtocol, RawRoute};
 use super::{
     normalize, parse_duration, rfc3339, Admin, Balance, CertFiles, Config, ConfigError, ConnLimits,
-    Health, IpNet, Listener, Matcher, OnMove, Pool, PoolProtocol, Protocol, ProxyMode,
-    ProxyProtocol, RedisState, Route, ServerAddr, SmtpAuth, Stage, Throttle, Timeouts, UserSet,
-    Users,
+    Health, IpNet, Listener, Lookup, LookupCache, LookupSource, Matcher, OnMove, Pool,
+    PoolProtocol, Protocol, ProxyMode, ProxyProtocol, RedisState, Route, ServerAddr, SmtpAuth,
+    Stage, Throttle, Timeouts, UserSet, Users,
 };
 use crate::proto::{BackendTls, Limits, ListenerTls};
 
@@ -100,8 +100,14 @@ pub(super) fn config(text: &str, file: &Path, base: &Path) -> Result<Config, Con
         .collect();
     let pools = pools(&cx, &raw)?;
     let users = users(&raw);
-    let routes = routes(&cx, &raw.routes, "routes", &pools, &users)?;
-    let stages = stages(&cx, &raw, &pools, &users)?;
+    let lookups = lookups(&cx, &raw)?;
+    let targets = Targets {
+        pools: &pools,
+        users: &users,
+        lookups: &lookups,
+    };
+    let routes = routes(&cx, &raw.routes, "routes", &targets)?;
+    let stages = stages(&cx, &raw, &targets)?;
     every_listener_served(&cx, &listeners, &routes, &stages, &pools)?;
     let (limits, conn_limits, timeouts) = limits(&cx, &raw)?;
     Ok(Config {
@@ -133,6 +139,155 @@ pub(super) fn config(text: &str, file: &Path, base: &Path) -> Result<Config, Con
         proxy_protocol: proxy_protocol(&cx, &raw, &listeners_using_proxy)?,
         instance_name: instance_name(&cx, &raw)?,
         redis: redis(&cx, &raw)?,
+        lookups,
+    })
+}
+
+/// What routes may name: pools and lookups, and how user names are normalized.
+struct Targets<'a> {
+    pools: &'a BTreeMap<String, Pool>,
+    users: &'a Users,
+    lookups: &'a BTreeMap<String, Lookup>,
+}
+
+/// `lookups:`: each names exactly one database.
+fn lookups(cx: &Ctx<'_>, raw: &RawConfig) -> Result<BTreeMap<String, Lookup>, ConfigError> {
+    raw.lookups
+        .iter()
+        .map(|(name, l)| Ok((name.clone(), lookup(cx, name, l)?)))
+        .collect()
+}
+
+/// A URL given inline or in a file (which may carry a password), at `key`.
+fn url_or_file(
+    cx: &Ctx<'_>,
+    key: &str,
+    url: &Option<String>,
+    url_file: &Option<String>,
+) -> Result<String, ConfigError> {
+    match (url, url_file) {
+        (Some(u), None) => Ok(u.clone()),
+        (None, Some(f)) => {
+            let k = format!("{key}.url_file");
+            let path = cx.existing(k.clone(), f)?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| cx.err(k, format!("{}: {e}", path.display())))?;
+            Ok(text.trim().to_string())
+        }
+        _ => Err(cx.err(key, "give exactly one of url or url_file")),
+    }
+}
+
+fn lookup(cx: &Ctx<'_>, name: &str, l: &RawLookup) -> Result<Lookup, ConfigError> {
+    let k = |f: &str| format!("lookups.{name}.{f}");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+    {
+        return Err(cx.err(
+            format!("lookups.{name}"),
+            "a lookup name is letters, digits, - and _",
+        ));
+    }
+    let source = match (&l.postgres, &l.redis) {
+        (Some(pg), None) => {
+            let url = url_or_file(cx, &k("postgres"), &pg.url, &pg.url_file)?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(cx.err(
+                    k("postgres.url"),
+                    "a PostgreSQL URL starts with postgres:// or postgresql://",
+                ));
+            }
+            if !pg.query.contains("$1") {
+                return Err(cx.err(
+                    k("postgres.query"),
+                    "the query takes the user name as $1 (it is never pasted into the text)",
+                ));
+            }
+            let connections = pg.connections.unwrap_or(2);
+            if !(1..=64).contains(&connections) {
+                return Err(cx.err(k("postgres.connections"), "must be between 1 and 64"));
+            }
+            let ca_file = match &pg.ca_file {
+                Some(f) => Some(cx.existing(k("postgres.ca_file"), f)?),
+                None => None,
+            };
+            LookupSource::Postgres {
+                url,
+                query: pg.query.clone(),
+                connections,
+                ca_file,
+            }
+        }
+        (None, Some(r)) => {
+            let url = url_or_file(cx, &k("redis"), &r.url, &r.url_file)?;
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(cx.err(
+                    k("redis.url"),
+                    "a Redis URL starts with redis:// or rediss://",
+                ));
+            }
+            if !r.key.contains("{user}") {
+                return Err(cx.err(k("redis.key"), "the key template must contain {user}"));
+            }
+            LookupSource::Redis {
+                url,
+                key: r.key.clone(),
+            }
+        }
+        _ => {
+            return Err(cx.err(
+                format!("lookups.{name}"),
+                "give exactly one of postgres: or redis:",
+            ))
+        }
+    };
+    let timeout = cx.duration(k("timeout"), &l.timeout, Duration::from_millis(300))?;
+    if timeout.is_zero() {
+        return Err(cx.err(k("timeout"), "must be more than 0"));
+    }
+    let c = l.cache.as_ref();
+    let none = None;
+    let cache = LookupCache {
+        ttl: cx.duration(
+            k("cache.ttl"),
+            c.map_or(&none, |c| &c.ttl),
+            Duration::from_secs(60),
+        )?,
+        negative_ttl: cx.duration(
+            k("cache.negative_ttl"),
+            c.map_or(&none, |c| &c.negative_ttl),
+            Duration::from_secs(10),
+        )?,
+        max_entries: c.and_then(|c| c.max_entries).unwrap_or(1_000_000),
+        stale_for: cx.duration(
+            k("cache.stale_for"),
+            c.map_or(&none, |c| &c.stale_for),
+            Duration::from_secs(300),
+        )?,
+    };
+    let on_error_next = match l.on_error.as_deref() {
+        None | Some("tempfail") => false,
+        Some("next") => true,
+        Some(other) => {
+            return Err(cx.err(k("on_error"), format!("{other:?} is not tempfail or next")))
+        }
+    };
+    let pinned_strict = match l.pinned.as_deref() {
+        None | Some("failover") => false,
+        Some("strict") => true,
+        Some(other) => {
+            return Err(cx.err(k("pinned"), format!("{other:?} is not failover or strict")))
+        }
+    };
+    Ok(Lookup {
+        name: name.to_string(),
+        source,
+        timeout,
+        cache,
+        on_error_next,
+        pinned_strict,
     })
 }
 
@@ -454,12 +609,7 @@ fn users(raw: &RawConfig) -> Users {
     }
 }
 
-fn stages(
-    cx: &Ctx<'_>,
-    raw: &RawConfig,
-    pools: &BTreeMap<String, Pool>,
-    users: &Users,
-) -> Result<Vec<Stage>, ConfigError> {
+fn stages(cx: &Ctx<'_>, raw: &RawConfig, targets: &Targets<'_>) -> Result<Vec<Stage>, ConfigError> {
     let mut stages: Vec<Stage> = Vec::new();
     for (i, st) in raw.stages.iter().enumerate() {
         let k = |f: &str| format!("stages[{i}].{f}");
@@ -479,7 +629,7 @@ fn stages(
                 ),
             ));
         }
-        let routes = routes(cx, &st.routes, &k("routes"), pools, users)?;
+        let routes = routes(cx, &st.routes, &k("routes"), targets)?;
         stages.push(Stage {
             name: st.name.clone(),
             from,
@@ -500,8 +650,10 @@ fn every_listener_served(
 ) -> Result<(), ConfigError> {
     let all_routes = std::iter::once(routes).chain(stages.iter().map(|s| s.routes.as_slice()));
     for r in all_routes.flatten() {
+        // A lookup rule without a pool may pick any pool: the lookup's answers are
+        // checked when they arrive (a pool without the protocol's servers cannot serve).
         let targets =
-            std::iter::once(("pool", &r.pool)).chain(r.fallback.iter().map(|f| ("fallback", f)));
+            (r.pool.iter().map(|p| ("pool", p))).chain(r.fallback.iter().map(|f| ("fallback", f)));
         for (field, pool) in targets {
             let Some(l) = listeners
                 .iter()
@@ -729,9 +881,11 @@ fn limits(cx: &Ctx<'_>, raw: &RawConfig) -> Result<(Limits, ConnLimits, Timeouts
     let mut conn_limits = ConnLimits {
         max_connections: 20_000,
         max_per_ip: 1000,
+        tls_handshakes_per_worker: 16,
     };
     let mut timeouts = Timeouts {
         preauth: Duration::from_secs(60),
+        tls_handshake: Duration::from_secs(10),
         drain: Duration::from_secs(30),
     };
     if let Some(l) = &raw.limits {
@@ -759,11 +913,28 @@ fn limits(cx: &Ctx<'_>, raw: &RawConfig) -> Result<(Limits, ConnLimits, Timeouts
         if let Some(v) = l.max_connections_per_ip {
             conn_limits.max_per_ip = v.max(1);
         }
+        if let Some(v) = l.tls_handshakes_per_worker {
+            if !(1..=100_000).contains(&v) {
+                return Err(cx.err(
+                    "limits.tls_handshakes_per_worker",
+                    "must be between 1 and 100000",
+                ));
+            }
+            conn_limits.tls_handshakes_per_worker = v;
+        }
         timeouts.preauth = cx.duration(
             "limits.preauth_timeout",
             &l.preauth_timeout,
             timeouts.preauth,
         )?;
+        timeouts.tls_handshake = cx.duration(
+            "limits.tls_handshake_timeout",
+            &l.tls_handshake_timeout,
+            timeouts.tls_handshake,
+        )?;
+        if timeouts.tls_handshake.is_zero() {
+            return Err(cx.err("limits.tls_handshake_timeout", "must be more than 0"));
+        }
     }
     if let Some(s) = &raw.shutdown {
         timeouts.drain = cx.duration("shutdown.drain_timeout", &s.drain_timeout, timeouts.drain)?;
@@ -777,12 +948,11 @@ fn routes(
     cx: &Ctx<'_>,
     raw: &[RawRoute],
     prefix: &str,
-    pools: &BTreeMap<String, Pool>,
-    users: &Users,
+    targets: &Targets<'_>,
 ) -> Result<Vec<Route>, ConfigError> {
     raw.iter()
         .enumerate()
-        .map(|(i, r)| route(cx, r, &format!("{prefix}[{i}]"), pools, users))
+        .map(|(i, r)| route(cx, r, &format!("{prefix}[{i}]"), targets))
         .collect()
 }
 
@@ -790,18 +960,25 @@ fn route(
     cx: &Ctx<'_>,
     r: &RawRoute,
     id: &str,
-    pools: &BTreeMap<String, Pool>,
-    users: &Users,
+    targets: &Targets<'_>,
 ) -> Result<Route, ConfigError> {
+    let (pools, users) = (targets.pools, targets.users);
     let k = |f: &str| format!("{id}.{f}");
-    if !pools.contains_key(&r.pool) {
-        return Err(cx.err(k("pool"), format!("no pool named {:?}", r.pool)));
+    match (&r.pool, &r.lookup) {
+        (None, None) => return Err(cx.err(id, "a route needs a pool or a lookup")),
+        (Some(p), _) if !pools.contains_key(p) => {
+            return Err(cx.err(k("pool"), format!("no pool named {p:?}")))
+        }
+        (_, Some(l)) if !targets.lookups.contains_key(l) => {
+            return Err(cx.err(k("lookup"), format!("no lookup named {l:?}")))
+        }
+        _ => {}
     }
     match &r.fallback {
         Some(f) if !pools.contains_key(f) => {
             return Err(cx.err(k("fallback"), format!("no pool named {f:?}")))
         }
-        Some(f) if *f == r.pool => {
+        Some(f) if Some(f) == r.pool.as_ref() => {
             return Err(cx.err(k("fallback"), "the fallback must be another pool"))
         }
         None if r.fallback_on_auth_failure => {
@@ -826,6 +1003,7 @@ fn route(
         text: route_text(r, id, &matcher),
         matcher,
         pool: r.pool.clone(),
+        lookup: r.lookup.clone(),
         fallback: r.fallback.clone(),
         fallback_on_auth_failure: r.fallback_on_auth_failure,
         users_file: r.users_file.as_deref().map(|f| cx.resolve(f)),
@@ -875,10 +1053,14 @@ fn route_text(r: &RawRoute, id: &str, matcher: &Matcher) -> String {
     if let Some(p) = r.percent {
         parts.push(format!("percent {p}"));
     }
+    if let Some(l) = &r.lookup {
+        parts.push(format!("lookup {l}"));
+    }
     if parts.is_empty() {
         parts.push("default".into());
     }
-    let mut text = format!("{id}: {} -> {}", parts.join(" and "), r.pool);
+    let target = r.pool.as_deref().unwrap_or("(the row's pool)");
+    let mut text = format!("{id}: {} -> {target}", parts.join(" and "));
     if let Some(f) = &r.fallback {
         let also = if r.fallback_on_auth_failure {
             ", also on auth failure"

@@ -269,6 +269,7 @@ mod tests {
         let limits = ConnLimits {
             max_connections: 3,
             max_per_ip: 2,
+            tls_handshakes_per_worker: 16,
         };
         let ip1: IpAddr = "10.0.0.1".parse().unwrap();
         let ip2: IpAddr = "10.0.0.2".parse().unwrap();

@@ -18,17 +18,39 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backends;
 use crate::config::{rfc3339, Config, Protocol};
+use crate::lookup::Lookups;
 use crate::metrics as m;
+use crate::route::{route_with, Answers, RouteError};
 use crate::snapshot::Snapshot;
 use sessions::KickReason;
 use state::SharedState;
 
-/// Whether `cfg` at `now` sends `user` somewhere else than `pool`.
-fn routed_elsewhere(cfg: &Config, user: &str, protocol: Protocol, pool: &str, now: i64) -> bool {
-    match crate::route::route(cfg, user, protocol, now) {
-        Ok(d) => d.pool != pool,
-        Err(_) => true,
+/// Whether `cfg` at `now` sends `user` somewhere else than `pool`, with the lookup
+/// answers cached (none is asked). A user whose route needs an answer that is not cached,
+/// or whose lookup cannot answer, stays where they are: only a known answer moves anyone.
+fn routed_elsewhere(
+    cfg: &Config,
+    lookups: &Lookups,
+    user: &str,
+    protocol: Protocol,
+    pool: &str,
+    now: i64,
+) -> bool {
+    let mut answers = Answers::default();
+    for _ in 0..=cfg.lookups.len() {
+        match route_with(cfg, user, protocol, now, &answers) {
+            Ok(d) => return d.pool != pool,
+            Err(RouteError::NeedsLookup(name)) => {
+                let cached = lookups.get(&name).and_then(|l| l.peek(user, protocol));
+                match cached {
+                    Some(looked) => answers.insert(looked),
+                    None => return false,
+                }
+            }
+            Err(e) => return !e.is_temporary(),
+        }
     }
+    false
 }
 
 /// Everything a session may need beyond its own connection.
@@ -39,6 +61,8 @@ pub struct Control {
     pub backends: Backends,
     /// Holds, throttle, history and relayed sessions.
     pub state: Arc<dyn SharedState>,
+    /// Route lookups in the provider's databases, with their caches.
+    pub lookups: Lookups,
     /// Open connections.
     pub admission: Arc<limits::Admission>,
     /// Backend death detector.
@@ -72,17 +96,27 @@ impl Control {
         backends: Backends,
         state: Arc<dyn SharedState>,
     ) -> Arc<Control> {
-        Arc::new(Control {
+        let lookups = Lookups::new(&snap.config);
+        let control = Arc::new(Control {
             snapshot: RwLock::new(snap),
             backends,
             state,
+            lookups,
             admission: Arc::new(limits::Admission::default()),
             disconnects: limits::Disconnects::default(),
             drain: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             installed: tokio::sync::Notify::new(),
             last_reload_ok: std::sync::atomic::AtomicBool::new(true),
-        })
+        });
+        // `forget` from another proxy of the fleet.
+        let me = Arc::downgrade(&control);
+        control.state.on_forget(Box::new(move |user| {
+            if let Some(me) = me.upgrade() {
+                me.lookups.forget(user);
+            }
+        }));
+        control
     }
 
     /// The snapshot in force.
@@ -96,6 +130,7 @@ impl Control {
     /// Puts a new snapshot in force (sessions already running keep theirs) and schedules
     /// the move of users whose pool changed. Returns how many sessions will be moved.
     pub fn install(self: &Arc<Self>, snap: Arc<Snapshot>) -> usize {
+        self.lookups.sync(&snap.config);
         match self.snapshot.write() {
             Ok(mut s) => *s = snap,
             Err(poisoned) => *poisoned.into_inner() = snap,
@@ -171,6 +206,7 @@ impl Control {
             let labels = [("instance_name", cfg.instance_name.as_str())];
             t.sample(m::STATE_UP, &labels, f64::from(u8::from(up)));
         }
+        self.lookups.collect(&mut t);
         t.family(m::RELOAD_SUCCESS);
         let ok = self
             .last_reload_ok
@@ -193,7 +229,9 @@ impl Control {
             .sessions()
             .snapshot()
             .into_iter()
-            .filter(|(_, e)| routed_elsewhere(cfg, &e.user, e.protocol, &e.pool, now))
+            .filter(|(_, e)| {
+                routed_elsewhere(cfg, &self.lookups, &e.user, e.protocol, &e.pool, now)
+            })
             .map(|(id, _)| id)
             .collect();
         if moved.is_empty() {
@@ -228,18 +266,52 @@ impl Control {
         let now = rfc3339::now();
         let unchanged =
             Arc::ptr_eq(&now_snap, used) && cfg.routes_at(now).0 == used.config.routes_at(now).0;
-        if unchanged || !cfg.on_move.kick || !routed_elsewhere(cfg, user, protocol, pool, now) {
+        if unchanged
+            || !cfg.on_move.kick
+            || !routed_elsewhere(cfg, &self.lookups, user, protocol, pool, now)
+        {
             return;
         }
         tracing::info!(%user, "the configuration changed during the login; moving the session");
         self.kick_later(vec![id], cfg.on_move.grace);
     }
 
-    fn kick_later(self: &Arc<Self>, ids: Vec<u64>, grace: Duration) {
-        let me = self.clone();
+    /// A lookup answered something new for `user`: their relayed sessions that the
+    /// answer sends elsewhere are moved (`on_move`). Returns how many.
+    pub fn lookup_changed(&self, user: &str) -> usize {
+        let snap = self.snapshot();
+        let cfg = &snap.config;
+        if !cfg.on_move.kick {
+            return 0;
+        }
+        let now = rfc3339::now();
+        let moved: Vec<u64> = (self.state.sessions().snapshot().into_iter())
+            .filter(|(_, e)| e.user == user)
+            .filter(|(_, e)| routed_elsewhere(cfg, &self.lookups, user, e.protocol, &e.pool, now))
+            .map(|(id, _)| id)
+            .collect();
+        if moved.is_empty() {
+            return 0;
+        }
+        tracing::info!(%user, sessions = moved.len(), "the lookup moved the user to another pool; ending their sessions");
+        let n = moved.len();
+        self.kick_later(moved, cfg.on_move.grace);
+        n
+    }
+
+    /// Makes `user`'s cached lookup answers stale here and, with shared state, on every
+    /// proxy of the fleet. Returns how many of this proxy's lookups had an answer.
+    pub async fn forget(&self, user: &str) -> usize {
+        let n = self.lookups.forget(user);
+        self.state.forget(user).await;
+        n
+    }
+
+    fn kick_later(&self, ids: Vec<u64>, grace: Duration) {
+        let state = self.state.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            me.state.sessions().kick_ids(&ids, KickReason::Moved);
+            state.sessions().kick_ids(&ids, KickReason::Moved);
         });
     }
 

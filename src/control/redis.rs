@@ -135,6 +135,8 @@ pub struct RedisState {
     /// Users with failed logins counted in the fleet lately: only their successes need
     /// to clear a counter in Redis.
     failing: Failing,
+    /// Makes a user's cached lookup answers stale here (set by the proxy's control).
+    forget_hook: std::sync::OnceLock<super::state::ForgetHook>,
 }
 
 /// Users with failures counted in the fleet, each forgotten after an hour (longer than
@@ -194,6 +196,7 @@ impl RedisState {
             up: AtomicBool::new(false),
             queue,
             failing: Failing::default(),
+            forget_hook: std::sync::OnceLock::new(),
         });
         let observer = Arc::downgrade(&me);
         me.local.sessions().observe(Box::new(move |id, entry| {
@@ -341,6 +344,12 @@ impl RedisState {
                 );
             }
             "block" => self.apply_block(arg, parts.next()),
+            "forget" => {
+                if let Some(hook) = self.forget_hook.get() {
+                    hook(arg);
+                    tracing::info!(user = arg, from = origin, "forget from the fleet");
+                }
+            }
             "failed" => self.failing.add(arg),
             "cleared" => {
                 self.failing.remove(arg);
@@ -642,6 +651,16 @@ impl SharedState for RedisState {
                 None => self.local.session_list().await,
             }
         })
+    }
+
+    fn forget<'a>(&'a self, user: &'a str) -> Pending<'a, ()> {
+        Box::pin(async move {
+            self.publish("forget", &[user]).await;
+        })
+    }
+
+    fn on_forget(&self, hook: super::state::ForgetHook) {
+        let _ = self.forget_hook.set(hook);
     }
 
     fn store_up(&self) -> Option<bool> {

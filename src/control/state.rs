@@ -63,6 +63,9 @@ pub struct SessionRow {
     pub client: String,
 }
 
+/// Called with a user name when the fleet is told to forget their lookup answers.
+pub type ForgetHook = Box<dyn Fn(&str) + Send + Sync>;
+
 /// Everything a login, the admin endpoint and the stragglers report ask of shared state.
 pub trait SharedState: Send + Sync + std::fmt::Debug {
     /// Holds `user`'s new logins; false if already held.
@@ -106,6 +109,17 @@ pub trait SharedState: Send + Sync + std::fmt::Debug {
     fn kick<'a>(&'a self, user: &'a str, reason: KickReason) -> Pending<'a, usize>;
     /// The relayed sessions (of every proxy of a fleet), sorted by instance and id.
     fn session_list(&self) -> Pending<'_, Vec<SessionRow>>;
+    /// Tells the other proxies of the fleet to make `user`'s cached lookup answers
+    /// stale (nothing to do without a fleet).
+    fn forget<'a>(&'a self, user: &'a str) -> Pending<'a, ()> {
+        let _ = user;
+        Box::pin(async {})
+    }
+
+    /// What to call when another proxy says `forget` (kept by fleet implementations).
+    fn on_forget(&self, hook: ForgetHook) {
+        let _ = hook;
+    }
     /// Whether the shared store is reachable: `None` when the state is this process's own.
     fn store_up(&self) -> Option<bool> {
         None
