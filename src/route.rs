@@ -334,7 +334,19 @@ pub fn route_with(
         pool,
         looked,
     } = first_match(cfg, routes, &user, answers)?;
-    let mut servers = servers_for(cfg, &pool, &user, protocol)?;
+    let mut servers = servers_for(cfg, &pool, &user, protocol).map_err(|e| match looked {
+        // The row named a pool that cannot serve this protocol: the row is wrong.
+        Some(l) => bad_row(
+            &l.name,
+            l.row.as_ref().unwrap_or(&Row {
+                pool: None,
+                server: None,
+            }),
+            &e.to_string(),
+            "unknown_pool",
+        ),
+        None => e,
+    })?;
     let mut pinned = None;
     if let (Some(looked), Some(server)) =
         (looked, looked.and_then(|l| l.row.as_ref()?.server.as_ref()))
@@ -539,6 +551,219 @@ routes:
         assert_eq!(d.pool, "new");
         let d = route(&c, "joeuser@other.org", Protocol::Imap, 0).unwrap();
         assert_eq!(d.user, "joeuser@other.org");
+    }
+
+    fn lookup_cfg(extra: &str) -> Config {
+        let text = format!(
+            "
+pools:
+  new:
+    imap: {{ servers: [\"127.0.0.10:143\", \"127.0.0.20:143\", \"mail3.test:143\"] }}
+    pop3: {{ servers: [\"127.0.0.10:110\", \"127.0.0.20:110\"] }}
+  legacy:
+    imap: {{ servers: [\"127.0.0.11:143\"] }}
+    pop3: {{ servers: [\"127.0.0.11:110\"] }}
+lookups:
+  mailboxes:
+    postgres: {{ url: \"postgres://cutover@127.0.0.1/mail\", query: \"SELECT pool, server FROM r WHERE u = $1\" }}
+    {extra}
+  migrated:
+    redis: {{ url: \"redis://127.0.0.1/0\", key: \"route:{{user}}\" }}
+routes:
+  - {{ users: [early], pool: legacy }}
+  - {{ lookup: mailboxes }}
+  - {{ lookup: migrated, pool: new }}
+  - {{ pool: legacy }}
+"
+        );
+        Config::from_text(&text, Path::new("t.yaml"), Path::new(".")).unwrap()
+    }
+
+    fn answer(name: &str, row: Option<(&str, Option<&str>)>, cache: CacheState) -> Looked {
+        Looked {
+            name: name.into(),
+            row: row.map(|(p, s)| Row {
+                pool: (!p.is_empty()).then(|| p.to_string()),
+                server: s.map(str::to_string),
+            }),
+            cache,
+        }
+    }
+
+    fn with(answers: &[Looked]) -> Answers {
+        let mut a = Answers::default();
+        for l in answers {
+            a.insert(l.clone());
+        }
+        a
+    }
+
+    #[test]
+    fn lookups_are_asked_in_rule_order_and_only_when_reached() {
+        let c = lookup_cfg("");
+        // A rule before the lookup decides: nothing to ask.
+        let d = route(&c, "early", Protocol::Imap, 0).unwrap();
+        assert_eq!(d.pool, "legacy");
+        assert_eq!(
+            route(&c, "alice", Protocol::Imap, 0),
+            Err(RouteError::NeedsLookup("mailboxes".into()))
+        );
+        // No row: the next lookup is needed.
+        let a = with(&[answer("mailboxes", None, CacheState::Miss)]);
+        assert_eq!(
+            route_with(&c, "alice", Protocol::Imap, 0, &a),
+            Err(RouteError::NeedsLookup("migrated".into()))
+        );
+        // No key either: the default rule.
+        let a = with(&[
+            answer("mailboxes", None, CacheState::Miss),
+            answer("migrated", None, CacheState::Hit),
+        ]);
+        let d = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap();
+        assert_eq!((d.pool.as_str(), d.rule_index), ("legacy", 3));
+        assert_eq!(d.lookup, None);
+        // Any key of `migrated` means `new`, whatever it holds.
+        let a = with(&[
+            answer("mailboxes", None, CacheState::Miss),
+            answer("migrated", Some(("", None)), CacheState::Hit),
+        ]);
+        let d = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap();
+        assert_eq!((d.pool.as_str(), d.rule_index), ("new", 2));
+        assert_eq!(d.lookup.unwrap().name, "migrated");
+    }
+
+    #[test]
+    fn a_row_names_the_pool_and_pins_a_server() {
+        let c = lookup_cfg("");
+        let a = with(&[answer("mailboxes", Some(("new", None)), CacheState::Hit)]);
+        let d = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap();
+        assert_eq!(d.pool, "new");
+        assert_eq!(d.pinned, None);
+        assert_eq!(d.servers.len(), 3);
+        // A host pins the pool's server on that host, for every protocol.
+        for (protocol, want) in [
+            (Protocol::Imap, "127.0.0.20:143"),
+            (Protocol::Pop3, "127.0.0.20:110"),
+        ] {
+            let a = with(&[answer(
+                "mailboxes",
+                Some(("new", Some("127.0.0.20"))),
+                CacheState::Miss,
+            )]);
+            let d = route_with(&c, "alice", protocol, 0, &a).unwrap();
+            assert_eq!(d.servers[0], want);
+            assert_eq!(d.pinned.as_deref(), Some(want));
+            assert_eq!(
+                d.servers.len(),
+                if protocol == Protocol::Imap { 3 } else { 2 }
+            );
+        }
+        // host:port must be exactly one of the pool's servers; names match without case.
+        let a = with(&[answer(
+            "mailboxes",
+            Some(("new", Some("MAIL3.test:143"))),
+            CacheState::Hit,
+        )]);
+        let d = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap();
+        assert_eq!(d.servers[0], "mail3.test:143");
+        for bad in [
+            "127.0.0.20:144",
+            "127.0.0.99",
+            "elsewhere.test",
+            "127.0.0.11",
+        ] {
+            let a = with(&[answer(
+                "mailboxes",
+                Some(("new", Some(bad))),
+                CacheState::Hit,
+            )]);
+            let e = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    RouteError::BadRow {
+                        kind: "unknown_server",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+            assert!(e.is_temporary());
+        }
+        // A pool that does not exist, or a row without a pool.
+        for row in [("nowhere", None), ("", Some("127.0.0.20"))] {
+            let a = with(&[answer("mailboxes", Some(row), CacheState::Hit)]);
+            let e = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    RouteError::BadRow {
+                        kind: "unknown_pool",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn strict_pinning_keeps_only_the_pinned_server() {
+        let c = lookup_cfg("pinned: strict");
+        let a = with(&[answer(
+            "mailboxes",
+            Some(("new", Some("127.0.0.20:143"))),
+            CacheState::Hit,
+        )]);
+        let d = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap();
+        assert_eq!(d.servers, vec!["127.0.0.20:143"]);
+    }
+
+    #[test]
+    fn a_failed_lookup_is_a_temporary_failure_or_the_next_rule() {
+        let c = lookup_cfg("");
+        let a = with(&[answer("mailboxes", None, CacheState::Error)]);
+        let e = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap_err();
+        assert_eq!(e, RouteError::LookupFailed("mailboxes".into()));
+        assert!(e.is_temporary());
+        let c = lookup_cfg("on_error: next");
+        assert_eq!(
+            route_with(&c, "alice", Protocol::Imap, 0, &a),
+            Err(RouteError::NeedsLookup("migrated".into()))
+        );
+        // A stale answer is an answer.
+        let a = with(&[answer("mailboxes", Some(("new", None)), CacheState::Stale)]);
+        let d = route_with(&c, "alice", Protocol::Imap, 0, &a).unwrap();
+        assert_eq!(d.pool, "new");
+        assert_eq!(d.lookup.unwrap().cache, CacheState::Stale);
+    }
+
+    #[test]
+    fn lookup_configuration_errors_name_the_key() {
+        let bad = [
+            ("routes:\n  - { lookup: nosuch }\n", "routes[0].lookup"),
+            ("routes:\n  - { users: [a] }\n", "routes[0]"),
+            (
+                "lookups:\n  l: { postgres: { url: \"postgres://x/y\", query: \"SELECT pool FROM t WHERE u = 'x'\" } }\nroutes:\n  - { lookup: l }\n",
+                "lookups.l.postgres.query",
+            ),
+            (
+                "lookups:\n  l: { redis: { url: \"redis://x\", key: \"route\" } }\nroutes:\n  - { lookup: l }\n",
+                "lookups.l.redis.key",
+            ),
+            (
+                "lookups:\n  l: { on_error: maybe, redis: { url: \"redis://x\", key: \"r:{user}\" } }\nroutes:\n  - { lookup: l }\n",
+                "lookups.l.on_error",
+            ),
+        ];
+        for (tail, key) in bad {
+            let text =
+                format!("pools:\n  new:\n    imap: {{ servers: [\"127.0.0.10:143\"] }}\n{tail}");
+            let e = Config::from_text(&text, Path::new("t.yaml"), Path::new("."))
+                .expect_err(tail)
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -8,94 +8,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::servers::Redis;
 use common::*;
 use cutover::config::Protocol;
 use cutover::demo::FakeBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Where the test Redis servers listen: an address of their own, so that picking a free
-/// port for one never races with the proxies' listeners on 127.0.0.1.
-const REDIS_IP: &str = "127.0.0.55";
-
-/// A throw-away redis-server on [`REDIS_IP`] and a free port.
-struct Redis {
-    child: Option<Child>,
-    ip: &'static str,
-    port: u16,
-    dir: std::path::PathBuf,
-    /// Cluster mode (its bus listens on port + 10000).
-    cluster: bool,
-}
-
-impl Redis {
-    fn start() -> Option<Redis> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("redis-server is not installed: skipping (scripts/test.sh installs it)");
-            return None;
-        }
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("cutover-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        let mut r = Redis {
-            child: None,
-            ip: REDIS_IP,
-            port,
-            dir,
-            cluster: false,
-        };
-        r.spawn();
-        Some(r)
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", self.ip, "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .args(["--cluster-enabled", if self.cluster { "yes" } else { "no" }])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect((self.ip, self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://{}:{}/0", self.ip, self.port)
-    }
-}
-
-/// A port nobody listens on now, on [`REDIS_IP`].
-fn free_port() -> Option<u16> {
-    Some(
-        std::net::TcpListener::bind((REDIS_IP, 0))
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port(),
-    )
-}
 
 /// A port on 127.0.0.1 in 20000..22768 that is free, with port + 10000 free too (both
 /// below the ephemeral range the proxies' listeners draw from).
@@ -109,13 +30,6 @@ fn free_port_pair() -> Option<u16> {
         }
     }
     None
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// A throw-away Redis Cluster of three masters on loopback, made with

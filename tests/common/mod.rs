@@ -2,6 +2,8 @@
 //! fake backends, and a small line-oriented client with optional TLS.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
