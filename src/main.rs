@@ -192,6 +192,24 @@ fn check(path: &Path) -> ExitCode {
             .collect();
         println!("  pool     {name:<12} {}", protos.join("; "));
     }
+    for (name, l) in &c.lookups {
+        let source = match &l.source {
+            cutover::config::LookupSource::Postgres { url, .. } => {
+                format!("postgres {}", cutover::config::redact_dsn(url))
+            }
+            cutover::config::LookupSource::Redis { url, key, .. } => {
+                format!("redis {} key {key}", cutover::config::redact_dsn(url))
+            }
+        };
+        println!(
+            "  lookup   {name:<12} {source}, timeout {}ms, ttl {}s (no row {}s, stale for {}s), on error {}",
+            l.timeout.as_millis(),
+            l.cache.ttl.as_secs(),
+            l.cache.negative_ttl.as_secs(),
+            l.cache.stale_for.as_secs(),
+            if l.on_error_next { "next rule" } else { "tempfail" }
+        );
+    }
     let now = rfc3339::now();
     let (active, _) = c.routes_at(now);
     println!(

@@ -93,6 +93,9 @@ pub struct Looked {
     pub row: Option<Row>,
     /// Where the answer came from.
     pub cache: CacheState,
+    /// Why the database did not answer (no secrets), when it was asked and failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The lookup answers a routing has so far (usually none or one).
@@ -587,6 +590,7 @@ routes:
                 server: s.map(str::to_string),
             }),
             cache,
+            error: None,
         }
     }
 

@@ -542,3 +542,91 @@ async fn forget_reaches_every_proxy_of_the_fleet() {
     one.shutdown().await;
     two.shutdown().await;
 }
+
+#[tokio::test]
+async fn postgres_over_tls_verifies_the_server() {
+    let c = certs();
+    let Some(pg) = Postgres::start_tls(&c.join("backend.pem"), &c.join("backend-key.pem")) else {
+        return;
+    };
+    with_table(&pg);
+    pg.psql(
+        "mail",
+        "INSERT INTO mailbox_routes VALUES ('alice', 'new', NULL)",
+    );
+    let w = world().await;
+    // The certificate names localhost: the URL says localhost, and where it listens.
+    let url = |extra: &str| {
+        format!(
+            "postgres://cutover@localhost:{}/mail?hostaddr={}&sslmode=require{extra}",
+            pg.port,
+            common::servers::POSTGRES_IP
+        )
+    };
+    let lookups = format!(
+        "  trusted:\n    postgres: {{ url: \"{}\", query: \"{QUERY}\", ca_file: {} }}\n  untrusted:\n    postgres: {{ url: \"{}\", query: \"{QUERY}\" }}\n",
+        url(""),
+        c.join("ca.pem").display(),
+        url(""),
+    );
+    let routes =
+        "  - { users: [bob], lookup: untrusted }\n  - { lookup: trusted }\n  - { pool: legacy }";
+    let running = w.start(&w.yaml(&lookups, routes)).await;
+    let addr = running.addr("imap").unwrap();
+    // The server refuses plaintext (pg_hba): this row could only come over TLS.
+    assert_eq!(served_by(addr, "alice").await.unwrap(), "new-a");
+    // Without the CA that signed the server's certificate, the system's roots do not
+    // trust it: no answer, a temporary failure.
+    let r = served_by(addr, "bob").await.unwrap_err();
+    assert!(r.starts_with("a NO [UNAVAILABLE]"), "{r}");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_over_tls_verifies_the_server() {
+    let c = certs();
+    let Some(redis) = Redis::start_tls(&c.join("backend.pem"), &c.join("backend-key.pem")) else {
+        return;
+    };
+    let ok = std::process::Command::new("redis-cli")
+        .args(["--tls", "--cacert"])
+        .arg(c.join("ca.pem"))
+        .args(["-h", redis.ip, "-p", &redis.port.to_string()])
+        .args(["--sni", "localhost", "SET", "route:alice", "new"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "redis-cli over TLS");
+    let w = world().await;
+    running_redis_tls(&w, &redis, &c).await;
+}
+
+/// Redis over TLS needs the name in the certificate to resolve to the server: the
+/// server listens on 127.0.0.55 and the certificate says localhost (127.0.0.1), so the
+/// lookup connects through a loopback forwarder on 127.0.0.1.
+async fn running_redis_tls(w: &World, redis: &Redis, c: &std::path::Path) {
+    let target: SocketAddr = format!("{}:{}", redis.ip, redis.port).parse().unwrap();
+    let fwd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = fwd.local_addr().unwrap().port();
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut a, _)) = fwd.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    let lookups = format!(
+        "  routes:\n    redis: {{ url: \"rediss://localhost:{port}/0\", key: \"route:{{user}}\", ca_file: {ca} }}\n  untrusted:\n    redis: {{ url: \"rediss://localhost:{port}/0\", key: \"route:{{user}}\" }}\n",
+        ca = c.join("ca.pem").display(),
+    );
+    let routes =
+        "  - { users: [bob], lookup: untrusted }\n  - { lookup: routes }\n  - { pool: legacy }";
+    let running = w.start(&w.yaml(&lookups, routes)).await;
+    let addr = running.addr("imap").unwrap();
+    assert_eq!(served_by(addr, "alice").await.unwrap(), "new-a");
+    let r = served_by(addr, "bob").await.unwrap_err();
+    assert!(r.starts_with("a NO [UNAVAILABLE]"), "{r}");
+    running.shutdown().await;
+    forwarder.abort();
+}

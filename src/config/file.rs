@@ -107,6 +107,9 @@ pub struct RawRedisLookup {
     pub url_file: Option<String>,
     /// Key template; `{user}` is replaced by the normalized user name.
     pub key: String,
+    /// CA certificates (PEM) that sign the server's certificate, for `rediss://`
+    /// (default: the system's roots).
+    pub ca_file: Option<String>,
 }
 
 /// `lookups.NAME.cache:`

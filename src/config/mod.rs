@@ -268,6 +268,8 @@ pub enum LookupSource {
         url: String,
         /// Key template with `{user}`.
         key: String,
+        /// CA file for `rediss://` (None: the system's roots).
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -286,10 +288,11 @@ impl fmt::Debug for LookupSource {
                 .field("connections", connections)
                 .field("ca_file", ca_file)
                 .finish(),
-            LookupSource::Redis { url, key } => f
+            LookupSource::Redis { url, key, ca_file } => f
                 .debug_struct("Redis")
                 .field("url", &redact_dsn(url))
                 .field("key", key)
+                .field("ca_file", ca_file)
                 .finish(),
         }
     }

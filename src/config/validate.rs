@@ -231,9 +231,14 @@ fn lookup(cx: &Ctx<'_>, name: &str, l: &RawLookup) -> Result<Lookup, ConfigError
             if !r.key.contains("{user}") {
                 return Err(cx.err(k("redis.key"), "the key template must contain {user}"));
             }
+            let ca_file = match &r.ca_file {
+                Some(f) => Some(cx.existing(k("redis.ca_file"), f)?),
+                None => None,
+            };
             LookupSource::Redis {
                 url,
                 key: r.key.clone(),
+                ca_file,
             }
         }
         _ => {

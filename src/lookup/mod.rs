@@ -64,10 +64,10 @@ impl Lookup {
                 },
                 query.contains("$2"),
             ),
-            (LookupSource::Redis { url, key }, Ok(_)) => {
+            (LookupSource::Redis { url, key, ca_file }, Ok(_)) => {
                 install_crypto_provider();
                 (
-                    match redis::Redis::new(url, key) {
+                    match redis::Redis::new(url, key, ca_file.as_deref()) {
                         Ok(r) => Source::Redis(r),
                         Err(e) => Source::Unusable(e),
                     },
@@ -138,6 +138,7 @@ impl Lookup {
             name: name.clone(),
             row: answer.row,
             cache: answer.state,
+            error: answer.error.map(|e| e.to_string()),
         };
         (looked, answer.changed)
     }
@@ -149,6 +150,7 @@ impl Lookup {
             name: self.settings.name.clone(),
             row,
             cache: CacheState::Hit,
+            error: None,
         })
     }
 
@@ -229,6 +231,7 @@ impl Lookups {
                     name: name.to_string(),
                     row: None,
                     cache: CacheState::Error,
+                    error: Some("no such lookup".into()),
                 },
                 false,
             ),
@@ -320,7 +323,10 @@ impl Routed {
                 continue;
             }
             let what = match (&l.row, l.cache) {
-                (_, CacheState::Error) => "no answer (the database failed)".to_string(),
+                (_, CacheState::Error) => format!(
+                    "no answer ({})",
+                    l.error.as_deref().unwrap_or("the database failed")
+                ),
                 (None, _) => "no row: the next rule decides".to_string(),
                 (Some(_), _) => row_text(&l.row),
             };

@@ -2,6 +2,7 @@
 //! string, or a hash with `pool` and `server` fields. One multiplexed connection carries
 //! every query; it reconnects by itself.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -27,10 +28,23 @@ impl std::fmt::Debug for Redis {
 }
 
 impl Redis {
-    /// Settings; nothing is connected yet.
-    pub fn new(url: &str, key: &str) -> Result<Redis, String> {
+    /// Settings; nothing is connected yet. With `ca_file`, a `rediss://` server must
+    /// present a certificate signed by one of its CAs (else the system's roots).
+    pub fn new(url: &str, key: &str, ca_file: Option<&Path>) -> Result<Redis, String> {
         // The URL may carry a password: the error says what is wrong, not the URL.
-        let client = redis::Client::open(url).map_err(|e| format!("Redis URL: {:?}", e.kind()))?;
+        let bad_url = |e: redis::RedisError| format!("Redis URL: {:?}", e.kind());
+        let client = match ca_file {
+            Some(path) if url.starts_with("rediss://") => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("Redis CA file {}: {e}", path.display()))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(url, certs).map_err(bad_url)?
+            }
+            _ => redis::Client::open(url).map_err(bad_url)?,
+        };
         Ok(Redis {
             client,
             key: key.to_string(),

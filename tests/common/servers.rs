@@ -17,6 +17,8 @@ pub struct Redis {
     dir: std::path::PathBuf,
     /// Cluster mode (its bus listens on port + 10000).
     pub cluster: bool,
+    /// TLS only, with this certificate and key.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Redis {
@@ -38,14 +40,39 @@ impl Redis {
             port,
             dir,
             cluster: false,
+            tls: None,
         };
+        r.spawn();
+        Some(r)
+    }
+
+    /// A server that speaks TLS only, with this certificate and key.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Option<Redis> {
+        let mut r = Redis::start()?;
+        r.kill();
+        r.tls = Some((cert.to_path_buf(), key.to_path_buf()));
         r.spawn();
         Some(r)
     }
 
     pub fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--bind", self.ip, "--port", &self.port.to_string()])
+            .args(["--bind", self.ip])
+            .args(match &self.tls {
+                None => vec!["--port".into(), self.port.to_string()],
+                Some((cert, key)) => vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    self.port.to_string(),
+                    "--tls-cert-file".into(),
+                    cert.display().to_string(),
+                    "--tls-key-file".into(),
+                    key.display().to_string(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ],
+            })
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--cluster-enabled", if self.cluster { "yes" } else { "no" }])
             .arg("--dir")
@@ -103,16 +130,31 @@ pub struct Postgres {
     pub port: u16,
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
+    /// Serves TLS only (with `cert` and `key`, copied into its directory).
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Postgres {
     /// None (and a message) when PostgreSQL is not installed.
     pub fn start() -> Option<Postgres> {
+        Postgres::start_with(None)
+    }
+
+    /// A server that accepts TLS connections only, with this certificate and key.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Option<Postgres> {
+        Postgres::start_with(Some((cert.to_path_buf(), key.to_path_buf())))
+    }
+
+    fn start_with(tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> Option<Postgres> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
             .filter(|b| b.join("initdb").exists())
-            .max()?;
+            .max();
+        let Some(bin) = bin else {
+            eprintln!("PostgreSQL is not installed: skipping (scripts/test.sh installs it)");
+            return None;
+        };
         let port = std::net::TcpListener::bind((POSTGRES_IP, 0))
             .ok()?
             .local_addr()
@@ -125,7 +167,17 @@ impl Postgres {
             port,
             dir,
             bin,
+            tls: None,
         };
+        if let Some((cert, key)) = &tls {
+            std::fs::copy(cert, pg.dir.join("server.crt")).ok()?;
+            std::fs::copy(key, pg.dir.join("server.key")).ok()?;
+            let _ = Command::new("chmod")
+                .arg("600")
+                .arg(pg.dir.join("server.key"))
+                .status();
+            pg.tls = tls.clone();
+        }
         if is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -143,6 +195,12 @@ impl Postgres {
             .status()
             .expect("initdb runs");
         assert!(status.success(), "initdb");
+        if pg.tls.is_some() {
+            // TLS or nothing over TCP.
+            let hba = "local all all trust\nhostssl all all 127.0.0.0/8 trust\nhostnossl all all 127.0.0.0/8 reject\n";
+            let path = pg.data().join("pg_hba.conf");
+            let _ = std::fs::write(&path, hba);
+        }
         pg.spawn();
         pg.psql("postgres", "CREATE DATABASE mail");
         Some(pg)
@@ -173,6 +231,17 @@ impl Postgres {
             .args(["-h", POSTGRES_IP, "-p", &self.port.to_string(), "-k"])
             .arg(&self.dir)
             .args(["-c", "fsync=off", "-c", "max_connections=50"])
+            .args(match &self.tls {
+                Some(_) => vec![
+                    "-c".to_string(),
+                    "ssl=on".to_string(),
+                    "-c".to_string(),
+                    format!("ssl_cert_file={}", self.dir.join("server.crt").display()),
+                    "-c".to_string(),
+                    format!("ssl_key_file={}", self.dir.join("server.key").display()),
+                ],
+                None => vec![],
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
