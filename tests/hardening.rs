@@ -640,3 +640,72 @@ async fn logouts_are_not_mistaken_for_a_dying_backend() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn tls_handshakes_have_their_own_timeout_and_a_bound_per_worker() {
+    let backend = fake("b", Protocol::Imap, |_| {}).await;
+    let extra = "workers: 1\nlimits: { tls_handshake_timeout: 1s, preauth_timeout: 60s }";
+    let proxy = imap_proxy_for(backend.addr, "none", extra).await;
+    // Says nothing after connecting: closed by the handshake timeout, not preauth's.
+    let t = Instant::now();
+    let mut silent = Client::connect(proxy.addr("imaps")).await;
+    assert!(silent.closed().await);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Trickles a ClientHello a byte at a time: closed by the same timeout.
+    let mut trickle = tokio::net::TcpStream::connect(proxy.addr("imaps"))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let hello = [
+        0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    let mut closed = false;
+    for b in hello.iter().cycle().take(40) {
+        use tokio::io::AsyncWriteExt;
+        if trickle.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(closed, "still open after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let body = scrape(proxy.metrics_addr()).await;
+    let timeouts = metric(
+        &body,
+        "cutover_tls_handshakes_total",
+        &[("listener", "imaps"), ("result", "timeout")],
+    );
+    assert_eq!(timeouts, Some(2.0), "{body}");
+    proxy.stop().await;
+
+    // Two handshake slots on the one worker, both taken by clients that say nothing:
+    // a third client's handshake waits for a slot, and gets one when they leave.
+    let extra = "workers: 1\nlimits: { tls_handshake_timeout: 20s, tls_handshakes_per_worker: 2 }";
+    let proxy = imap_proxy_for(backend.addr, "none", extra).await;
+    let addr = proxy.addr("imaps");
+    let hogs = [
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = tokio::spawn(async move {
+        let mut c = Client::connect_tls(addr).await;
+        c.line().await
+    });
+    let waited = tokio::time::timeout(Duration::from_millis(700), &mut third).await;
+    assert!(
+        waited.is_err(),
+        "the handshake got a slot while both were taken"
+    );
+    drop(hogs);
+    let greeting = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the handshake got a slot once the others left")
+        .unwrap();
+    assert!(greeting.is_some_and(|g| g.starts_with("* OK")));
+    // Plaintext listeners never wait for handshake slots.
+    let mut plain = Client::connect(proxy.addr("plain")).await;
+    assert!(plain.line().await.is_some_and(|g| g.starts_with("* OK")));
+    proxy.stop().await;
+}
