@@ -90,7 +90,10 @@ pools:
     connect_timeout: 1s
     health: {{ interval: 0s }}
     imap: {{ servers: ["{dead}", "{green}"] }}
+lookups:
+  archive: {{ redis: {{ url: "redis://{dead}/0", key: "route:{{user}}" }}, on_error: next, timeout: 200ms }}
 routes:
+  - {{ users: [alice], lookup: archive }}
 {routes}
 stages:
   - {{ name: later, from: "2099-01-01T00:00:00Z", routes: [{{ pool: legacy }}] }}
@@ -133,6 +136,9 @@ state:
         .starts_with("a OK"));
     let mut c2 = Client::connect_tls(imaps).await;
     c2.login_ok("bob").await;
+    // alice's rule asks a lookup whose database is gone: on_error: next.
+    let mut c6 = Client::connect_tls(imaps).await;
+    c6.login_ok("alice").await;
     let mut c3 = Client::connect_tls(imaps).await;
     c3.line().await;
     assert!(c3

@@ -6,9 +6,11 @@
   its rule file. The proxy keeps shared state in a REAL ``redis-server`` of this
   module's own (127.0.0.40:16380, ``state.redis``, ``instance_name: e2e-proxy``), so
   that ``cutover_state_backend_up`` exists (and is 1) for the dashboard and for
-  CutoverSharedStateDown. The test drives logins of every protocol (IMAP, POP3, SMTP) with
-  every result (ok, auth_failed, backend_unavailable), a failover, a fallback, TLS
-  both ways, a failed TLS handshake and a failed reload, waits (bounded) until
+  CutoverSharedStateDown. Two route lookups: one reads rows from that Redis (a row that
+  routes, a row naming a pool that does not exist), one's database is gone. The test
+  drives logins of every protocol (IMAP, POP3, SMTP) with every result (ok,
+  auth_failed, backend_unavailable), a failover, a fallback, lookups answered, failed
+  and refused, TLS both ways, a failed TLS handshake and a failed reload, waits (bounded) until
   Prometheus has scraped all of it, then evaluates EVERY PromQL expression of
   dashboards/cutover.json and dashboards/alerts.yml through /api/v1/query. Any
   invalid expression, or one that returns no series, fails the test.
@@ -23,7 +25,8 @@
   returns a scalar, which counts) and, if it is a vector, carry the ``instance``
   label, so that the alert says which proxy it is about. Prometheus' own rule
   evaluation must also report every rule healthy, and the faults the test
-  injects must show up as pending/firing alerts.
+  injects must show up as pending/firing alerts (CutoverLookupFailing for the lookup
+  whose database is gone, never for the one that answers).
 
   Dashboard expressions are queries, not conditions: each must return series as
   written, after substituting ``$__rate_interval`` (and ``$__interval``,
@@ -32,6 +35,11 @@
 
 * ``promtool check rules dashboards/alerts.yml`` must pass, and ``promtool check
   metrics`` must find no problem in a scrape of the proxy taken after the traffic.
+
+* ``test_lookup_alerts_fire_and_clear_in_time``: ``promtool test rules`` runs the
+  expressions of CutoverLookupFailing and CutoverLookupRejectedRows on synthetic
+  series: when they fire after a lookup's database goes down, that they stay while
+  logins only hit the cache and clear once it answers again (no proxy needed).
 
 * ``test_logs_carry_no_secrets``: cutover runs with ``--log-format json`` and
   CUTOVER_LOG=debug; the test logs in with every mechanism (IMAP LOGIN quoted and
@@ -55,6 +63,7 @@ import re
 import smtplib
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -95,6 +104,20 @@ NOBODY = "nobody"
 FALLBACK_USER = "carol"
 STAGE = "wave-1"
 
+#: Route lookups (the dashboard's "Route lookups" row, alerts CutoverLookupFailing and
+#: CutoverLookupRejectedRows): LOOKUP reads rows from this module's Redis (database
+#: LOOKUP_DB, key route:<user>), where LOOKUP_USER's row names the legacy pool (the pool
+#: the next rule would give too) and BAD_ROW_USER's a pool that does not exist (the login
+#: is refused, a rejected row). DEAD_LOOKUP's Redis does not exist (nothing listens on
+#: 127.0.0.13:6379): every query of it fails, LOOKUP_USER's logins go on to the next
+#: rule (on_error: next), and CutoverLookupFailing goes off for it.
+LOOKUP = "mailboxes"
+LOOKUP_DB = 1
+DEAD_LOOKUP = "archive"
+LOOKUP_USER = "bob"
+BAD_ROW_USER = "dave"
+LOOKUP_ROWS = {LOOKUP_USER: "legacy", BAD_ROW_USER: "nosuch"}
+
 
 # --------------------------------------------------------------------------
 # configuration used by these tests
@@ -102,9 +125,10 @@ STAGE = "wave-1"
 
 
 def observability_config(env):
-    """The default proxy config plus a dead pool, a fallback route, a stage in force
-    and shared state in this module's Redis with an instance_name (so that every
-    labelled series of the catalogue has a reason to exist)."""
+    """The default proxy config plus a dead pool, a fallback route, a stage in force,
+    shared state in this module's Redis with an instance_name and route lookups, one
+    in that Redis and one whose database is gone (so that every labelled series of the
+    catalogue has a reason to exist)."""
     cfg = harness.proxy_config(env)
     cfg["instance_name"] = INSTANCE_NAME
     # a generous bound: this test is about the metrics, not about Redis' latency on a
@@ -117,6 +141,15 @@ def observability_config(env):
         "pop3": {"servers": [f"{ip}:110" for ip in DEAD_SERVERS]},
         "smtp": {"servers": [f"{ip}:587" for ip in DEAD_SERVERS]},
     }
+    cfg["lookups"] = {
+        # a generous timeout, as for state.redis: a late answer would set off
+        # CutoverLookupFailing for the healthy lookup on a busy machine
+        LOOKUP: {"redis": {"url": f"redis://{REDIS_IP}:{REDIS_PORT}/{LOOKUP_DB}",
+                           "key": "route:{user}"},
+                 "timeout": "1s"},
+        DEAD_LOOKUP: {"redis": {"url": f"redis://{DEAD_SERVERS[0]}:6379/0", "key": "route:{user}"},
+                      "on_error": "next"},
+    }
     cfg["stages"] = [{
         "name": STAGE,
         "from": "2020-01-01T00:00:00Z",  # in force since long ago
@@ -124,6 +157,8 @@ def observability_config(env):
             {"users": list(harness.NEW_USERS), "pool": "new"},
             {"users": [FALLBACK_USER], "pool": "gone", "fallback": "legacy"},
             {"users": [NOBODY], "pool": "gone"},
+            {"users": [LOOKUP_USER], "lookup": DEAD_LOOKUP},
+            {"lookup": LOOKUP},
             {"pool": "legacy"},
         ],
     }]
@@ -318,7 +353,10 @@ def obs_redis(env):
 @pytest.fixture
 def obs_proxy(env, obs_redis, proxy):
     """The proxy restarted with observability_config (the default is put back after),
-    once it says its shared state answers (cutover_state_backend_up == 1)."""
+    once it says its shared state answers (cutover_state_backend_up == 1); the rows of
+    lookup LOOKUP are in its Redis before."""
+    for user, pool in LOOKUP_ROWS.items():
+        assert obs_redis.cli("-n", LOOKUP_DB, "SET", f"route:{user}", pool) == "OK"
     proxy.reconfigure(observability_config(env))
     harness.wait_until(lambda: harness.port_open(PROXY_IP, METRICS_PORT), 10,
                        what="the metrics listener")
@@ -426,7 +464,8 @@ def failed_tls_handshake(listener="imaps"):
 
 def drive_traffic(env, servers, proxy):
     """Logins of each protocol and result, a failover, a fallback, TLS both ways, a
-    failed handshake, a good and then a refused reload. Returns what was driven, by result."""
+    failed handshake, route lookups (answered, failed, a rejected row), a good and then
+    a refused reload. Returns what was driven, by result."""
     ctx_new = "hello from new"
     done = {"ok": 0, "auth_failed": 0, "backend_unavailable": 0}
     joe, bob = USERS["joeuser"], USERS["bob"]
@@ -464,6 +503,11 @@ def drive_traffic(env, servers, proxy):
     expect_failure(lambda: pop3_try(env, NOBODY, wrong), "POP3 to a dead pool")
     expect_failure(lambda: smtp_try(env, NOBODY, wrong), "SMTP to a dead pool")
     done["backend_unavailable"] += 3
+
+    # route lookups: every login of bob above asked DEAD_LOOKUP (failed: the next rule)
+    # and then LOOKUP (one query, then cache hits); a row naming a pool that does not
+    # exist is refused (a temporary failure, not counted in `done`)
+    expect_failure(lambda: imap_try(env, BAD_ROW_USER, wrong), "IMAP with a lookup row naming no pool")
 
     failed_tls_handshake("imaps")
     failed_tls_handshake("submissions")
@@ -534,6 +578,93 @@ def test_promtool_check_rules():
     assert "SUCCESS" in out, out
 
 
+def alert_rule(name):
+    """expr, for and severity of alert ``name`` as dashboards/alerts.yml writes them
+    (its block read as text: the e2e tests do without a YAML library)."""
+    text = ALERTS.read_text(encoding="utf-8")
+    m = re.search(rf"^( *)- alert: {name}\n(.*?)(?=^\1- alert: |^ *- name: |\Z)", text, re.S | re.M)
+    assert m, f"no alert {name} in {ALERTS}"
+    lines = m.group(2).splitlines()
+    rule = {}
+    for i, line in enumerate(lines):
+        key, _, value = line.strip().partition(":")
+        value = value.strip()
+        if key == "expr" and value in ("|", "|-", ">-"):
+            indent = len(line) - len(line.lstrip())
+            body = []
+            for more in lines[i + 1:]:
+                if more.strip() and len(more) - len(more.lstrip()) <= indent:
+                    break
+                body.append(more.strip())
+            value = "\n".join(body).strip()
+        if key in ("expr", "for", "severity") and key not in rule:
+            rule[key] = value
+    assert {"expr", "for", "severity"} <= set(rule), rule
+    return rule
+
+
+def promtool_test_rules(rules, tests):
+    """``promtool test rules`` of ``tests`` (a list of promtool test cases) against a
+    rules file holding ``rules`` (from alert_rule(), annotations left out so that the
+    cases only say which alerts fire when). Scrapes and evaluations every 15 s."""
+    group = {"name": "under-test", "rules": [
+        {"alert": name, "expr": r["expr"], "for": r["for"], "labels": {"severity": r["severity"]}}
+        for name, r in rules.items()]}
+    with tempfile.TemporaryDirectory(prefix="cutover-promtool-") as d:
+        (Path(d) / "rules.yml").write_text(json.dumps({"groups": [group]}, indent=1))
+        # JSON is YAML: promtool reads both files as they are
+        (Path(d) / "test.yml").write_text(json.dumps(
+            {"rule_files": ["rules.yml"], "evaluation_interval": "15s", "tests": tests}, indent=1))
+        cp = subprocess.run([PROMTOOL, "test", "rules", "test.yml"], cwd=d,
+                            capture_output=True, timeout=60)
+    out = (cp.stdout + cp.stderr).decode("utf-8", "replace")
+    assert cp.returncode == 0, out
+    assert "SUCCESS" in out, out
+
+
+def test_lookup_alerts_fire_and_clear_in_time():
+    """CutoverLookupFailing and CutoverLookupRejectedRows of dashboards/alerts.yml, run
+    by promtool on synthetic series (one sample every 15 s). The database of lookup
+    "mailboxes" stops answering at 5m: the alert fires within 1-2 minutes and clears
+    within ~2 minutes of the first answer again; it stays while only cached users log
+    in (no query: the gauge keeps its 0); and it fires on failures that the gauge
+    misses (a database failing now and then)."""
+    labels = 'job="cutover", instance="proxy:9898", lookup="mailboxes"'
+    up = f"cutover_lookup_up{{{labels}}}"
+    errors, timeouts = (f'cutover_lookup_queries_total{{{labels}, result="{r}"}}'
+                        for r in ("error", "timeout"))
+    rejected = f'cutover_lookup_rejected_rows_total{{{labels}, reason="unknown_pool"}}'
+    failing = ("CutoverLookupFailing", {"severity": "critical"})
+    refused = ("CutoverLookupRejectedRows", {"severity": "warning", "reason": "unknown_pool"})
+
+    def case(alert, series, expect):
+        """series: (selector, promtool values); expect: (eval time, fires)."""
+        name, extra = alert
+        fired = [{"exp_labels": {"job": "cutover", "instance": "proxy:9898", "lookup": "mailboxes",
+                                 **extra}}]
+        return {"interval": "15s",
+                "input_series": [{"series": s, "values": v} for s, v in series],
+                "alert_rule_test": [{"eval_time": t, "alertname": name,
+                                     "exp_alerts": fired if fires else []} for t, fires in expect]}
+
+    promtool_test_rules({n: alert_rule(n) for n in (failing[0], refused[0])}, [
+        # down at 5m (every query fails: 3 per scrape), answers again at 10m15s
+        case(failing, [(up, "1x19 0x20 1x40"), (errors, "0x19 3+3x20 63x40")],
+             [("4m45s", False), ("5m45s", False), ("6m30s", True), ("10m", True), ("11m", True),
+              ("12m30s", False), ("20m", False)]),
+        # two timeouts at 5m, then only cached users log in (no query): still firing
+        case(failing, [(up, "1x19 0x60"), (timeouts, "0x19 2x60")],
+             [("6m30s", True), ("20m", True)]),
+        # a query fails every 15 s, but the last one before each scrape is answered: the
+        # gauge reads 1 at every scrape
+        case(failing, [(up, "1x80"), (errors, "0x19 1+1x60")],
+             [("4m45s", False), ("6m30s", True), ("20m", True)]),
+        # one login refused at 5m for a row naming an unknown pool: ~10 minutes of warning
+        case(refused, [(rejected, "0x19 1x60")],
+             [("4m45s", False), ("6m30s", True), ("14m", True), ("16m", False)]),
+    ])
+
+
 def test_dashboard_is_importable_as_is():
     """Static checks of dashboards/cutover.json (Grafana import format)."""
     dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
@@ -585,7 +716,9 @@ def test_dashboard_is_importable_as_is():
     titles = " ".join(p["title"].lower() for p in panels)
     for needed in ("share of logins by pool", "stage", "backend health", "failover", "fallback",
                    "login rate", "latency", "tls", "connections", "sessions", "bytes", "reload",
-                   "kicked", "refused", "certificate", "memory", "cpu", "file descriptors", "build"):
+                   "kicked", "refused", "certificate", "memory", "cpu", "file descriptors", "build",
+                   "lookup queries", "lookup answers", "hit ratio", "lookup query latency",
+                   "lookup database", "rows rejected", "cache entries"):
         assert needed in titles, f"no panel about {needed!r}"
 
 
@@ -615,6 +748,23 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
         c.wait_for(lambda: prom.value(gauge) == 1, PROM_BOUND, interval=0.5,
                    what=f"Prometheus: {gauge} == 1")
         assert state_up() == 1, "the proxy lost its Redis during the traffic"
+
+        # the route lookups: LOOKUP answered (a query, then cache hits) and refused a
+        # row; DEAD_LOOKUP's queries all failed
+        def lookups(metric, name, match=""):
+            return prom.value(f'sum({metric}{{job="{PROM_JOB}", lookup="{name}"{match}}})')
+        for metric, name, match, low, high in [
+                ("cutover_lookup_up", LOOKUP, "", 1, 1),
+                ("cutover_lookup_up", DEAD_LOOKUP, "", 0, 0),
+                ("cutover_lookup_queries_total", LOOKUP, ', result="found"', 1, None),
+                ("cutover_lookup_queries_total", LOOKUP, ', result=~"error|timeout"', 0, 0),
+                ("cutover_lookup_cache_total", LOOKUP, ', result="hit"', 1, None),
+                ("cutover_lookup_rejected_rows_total", LOOKUP, ', reason="unknown_pool"', 1, None),
+                ("cutover_lookup_queries_total", DEAD_LOOKUP, ', result=~"error|timeout"', 1, None),
+                ("cutover_lookup_queries_total", DEAD_LOOKUP, ', result=~"found|not_found"', 0, 0)]:
+            v = lookups(metric, name, match)
+            assert v is not None and v >= low and (high is None or v <= high), \
+                f"{metric}{{lookup={name!r}{match}}} is {v}, expected {low}..{high}"
 
         # ---- the dashboard: every query returns series
         dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
@@ -660,14 +810,16 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
               f"({len(alert_items)} operands): all returned series")
 
         # ---- the injected faults are seen by the rules (pending, or firing after `for:`)
-        want = {("CutoverConfigReloadFailed", None, None), ("CutoverPoolDown", "gone", None)}
-        want |= {("CutoverBackendDown", "gone", f"{ip}:143") for ip in DEAD_SERVERS}
+        want = {("CutoverConfigReloadFailed", None, None, None), ("CutoverPoolDown", "gone", None, None)}
+        want |= {("CutoverBackendDown", "gone", f"{ip}:143", None) for ip in DEAD_SERVERS}
+        want |= {("CutoverLookupFailing", None, None, DEAD_LOOKUP),
+                 ("CutoverLookupRejectedRows", None, None, LOOKUP)}
         seen = {}
 
         def active():
             alerts = prom.api("/api/v1/alerts")["data"]["alerts"]
-            got = {(a["labels"]["alertname"], a["labels"].get("pool"), a["labels"].get("server"))
-                   for a in alerts}
+            got = {(a["labels"]["alertname"], a["labels"].get("pool"), a["labels"].get("server"),
+                    a["labels"].get("lookup")) for a in alerts}
             seen["missing"], seen["active"] = want - got, got
             return alerts if want <= got else None
         try:
@@ -675,10 +827,11 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
         except AssertionError:
             pytest.fail(f"alerts never became active: {sorted(seen['missing'], key=str)}; "
                         f"active: {sorted(seen['active'], key=str)}", pytrace=False)
-        names = {(a["labels"]["alertname"], a["labels"].get("pool")) for a in alerts}
+        names = {(a["labels"]["alertname"], a["labels"].get("pool", a["labels"].get("lookup")))
+                 for a in alerts}
         for bad in (("CutoverScrapeDown", None), ("CutoverMetricsAbsent", None),
                     ("CutoverPoolDown", "new"), ("CutoverPoolDown", "legacy"),
-                    ("CutoverSharedStateDown", None)):
+                    ("CutoverSharedStateDown", None), ("CutoverLookupFailing", LOOKUP)):
             assert bad not in names, f"{bad} is active on a healthy setup: {alerts}"
     finally:
         c.imap_logout(held)
