@@ -4,7 +4,8 @@
 #   scripts/test.sh [extra pytest args, e.g. -k imap -x]
 #
 #   1. installs the Debian packages the end-to-end tests need, if missing
-#      (and makes sure no system-wide dovecot/prometheus is left running),
+#      (and makes sure no system-wide dovecot/prometheus/redis/haproxy/postgresql is
+#      left running),
 #   2. cargo build --locked --bins, a check that the sans-IO layers (src/proto,
 #      src/route.rs, src/config) use no tokio, then cargo test --locked,
 #   3. /usr/bin/python3 -m pytest -q tests/e2e with CUTOVER_BIN=target/debug/cutover,
@@ -22,9 +23,10 @@ PACKAGES=(
     swaks libnet-ssleay-perl curl openssl             # real clients (swaks needs Net::SSLeay for TLS)
     prometheus                                        # promtool, to lint /metrics
     redis-server haproxy                              # fleet: shared state, front balancer
+    postgresql                                        # route lookups: initdb/postgres of our own
 )
 # Services that these packages may start system-wide; ours run from tests/e2e.
-SERVICES=(dovecot prometheus prometheus-node-exporter redis-server haproxy)
+SERVICES=(dovecot prometheus prometheus-node-exporter redis-server haproxy postgresql)
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi

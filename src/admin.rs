@@ -115,6 +115,10 @@ async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String)
             let now = rfc3339::now();
             let routed =
                 crate::lookup::route(&control.lookups, cfg, login, &user, protocol, now).await;
+            if routed.changed {
+                // Asking here noticed the change: the user's sessions move as on a login.
+                control.lookup_changed(&user);
+            }
             json(routed.to_json())
         }
         ("POST", "/kick" | "/hold" | "/release" | "/forget", None) | ("GET", "/route", None) => {

@@ -462,6 +462,8 @@ async fn redis_keys_route_users_as_strings_or_hashes() {
         &w.new_b.addr.to_string(),
     ]);
     cli(&["SET", "migrated:carol", "yes"]);
+    // A hash without pool or server fields is a row too: erin is migrated.
+    cli(&["HSET", "migrated:erin", "at", "2026-11-30"]);
     let lookups = format!(
         "  routes:\n    redis: {{ url: \"{u}\", key: \"route:{{user}}\" }}\n  migrated:\n    redis: {{ url: \"{u}\", key: \"migrated:{{user}}\" }}\n",
         u = redis.url()
@@ -473,6 +475,7 @@ async fn redis_keys_route_users_as_strings_or_hashes() {
     assert_eq!(served_by(addr, "alice").await.unwrap(), "new-a");
     assert_eq!(served_by(addr, "bob").await.unwrap(), "new-b");
     assert_eq!(served_by(addr, "carol").await.unwrap(), "new-a");
+    assert_eq!(served_by(addr, "erin").await.unwrap(), "new-a");
     assert_eq!(served_by(addr, "dave").await.unwrap(), "green");
     // The admin endpoint routes through the proxy's caches.
     let (status, body) = cutover::http::request(

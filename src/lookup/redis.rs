@@ -12,6 +12,9 @@ use tokio::sync::OnceCell;
 use super::cache::{Fetched, QueryError};
 use crate::route::Row;
 
+/// A hash's `pool` and `server` fields.
+type PoolServer = (Option<String>, Option<String>);
+
 /// The Redis side of one lookup.
 pub struct Redis {
     client: redis::Client,
@@ -85,7 +88,10 @@ impl Redis {
         let mut conn = self.connection(timeout).await?;
         let key = self.key_of(user);
         let failed = |e: redis::RedisError| QueryError::Failed(e.to_string());
-        let wrong_type = |e: &redis::RedisError| e.code() == Some("WRONGTYPE");
+        // Inside a pipeline the server's error may come wrapped: look at its text too.
+        let wrong_type = |e: &redis::RedisError| {
+            e.code() == Some("WRONGTYPE") || e.to_string().contains("WRONGTYPE")
+        };
         // Providers use one shape for every key: the one seen last is tried first, and
         // a key of the other shape costs one more round trip.
         let mut strings = self.strings.load(Ordering::Relaxed);
@@ -104,15 +110,20 @@ impl Redis {
                     Err(e) => return Err(failed(e)),
                 }
             } else {
-                let r: Result<(Option<String>, Option<String>), _> = redis::cmd("HMGET")
+                // With EXISTS in the same round trip: a hash without these fields is a
+                // row too (any key means the rule's pool for `{ lookup, pool }` rules).
+                let r: Result<(PoolServer, bool), _> = redis::pipe()
+                    .cmd("HMGET")
                     .arg(&key)
                     .arg("pool")
                     .arg("server")
+                    .cmd("EXISTS")
+                    .arg(&key)
                     .query_async(&mut conn)
                     .await;
                 match r {
-                    Ok((None, None)) => return Ok(None),
-                    Ok((pool, server)) => {
+                    Ok((_, false)) => return Ok(None),
+                    Ok(((pool, server), true)) => {
                         let clean = |v: Option<String>| {
                             v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
                         };

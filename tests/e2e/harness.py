@@ -12,12 +12,15 @@ Layout of the session's temporary directory (``Env.root``)::
     proxy/                       routes.yaml and proxy.log
     <name>/ (Redis)              redis.log of a redis-server (e.g. fleet-redis/, obs-redis/)
     <name>/ (Prometheus)         prometheus.yml, data/, prometheus.log of a Prometheus
+    <name>/ (PostgreSQL)         data/ (initdb; removed by remove()) and postgres.log
+                                 of a PostgreSQL server (e.g. lookups-postgres/)
 
 Only loopback addresses are ever used.
 """
 
 import contextlib
 import email
+import glob
 import email.policy
 import json
 import os
@@ -44,6 +47,8 @@ DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 PROMETHEUS = "/usr/bin/prometheus"
+PSQL = shutil.which("psql") or "/usr/bin/psql"
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 # --------------------------------------------------------------------------
 # users and hosts
@@ -663,7 +668,7 @@ class Servers:
 
 
 # --------------------------------------------------------------------------
-# shared state and monitoring: Redis, Prometheus
+# shared state, databases and monitoring: Redis, PostgreSQL, Prometheus
 # --------------------------------------------------------------------------
 
 
@@ -707,6 +712,208 @@ class Redis(ManagedProcess):
         if cp.returncode != 0:
             raise RuntimeError(f"redis-cli {args}: rc={cp.returncode} {cp.stderr!r}")
         return cp.stdout.decode("utf-8", "replace").strip()
+
+
+def _ppid(pid):
+    """The parent pid of ``pid`` from /proc (None if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def postgres_bindir():
+    """The newest of Debian's /usr/lib/postgresql/<major>/bin (initdb, postgres, pg_ctl),
+    or None when no PostgreSQL server package is installed (scripts/test.sh installs
+    ``postgresql``)."""
+    found = []
+    for d in glob.glob("/usr/lib/postgresql/*/bin"):
+        major = Path(d).parent.name
+        if major.isdigit() and os.access(os.path.join(d, "postgres"), os.X_OK):
+            found.append((int(major), Path(d)))
+    return max(found)[1] if found else None
+
+
+class Postgres(ManagedProcess):
+    """A PostgreSQL server of its own on ``ip:port``: ``initdb`` into ``root``/data at
+    the first start (trust authentication, superuser ``user``, no fsync), then
+    ``postgres -D root/data -k root -h ip -p port -c fsync=off`` in the foreground,
+    its log in root/postgres.log, and the database ``database`` created once.
+    ``start()`` returns when a query succeeds (an open port is not enough: a server
+    still recovering refuses connections).
+
+    PostgreSQL refuses to run as root: when the tests run as root, ``root`` is chowned
+    to the ``postgres`` system user (made by Debian's package) and initdb and postgres
+    run through ``runuser -u postgres --`` (directly otherwise). runuser stays as the
+    parent and turns any signal into a "smart" shutdown (which waits for every client
+    to leave), so ``stop()`` signals the postmaster itself (its pid from
+    postmaster.pid): an immediate shutdown (SIGQUIT: clients cut at once, no
+    checkpoint; ``start()`` again recovers the data from the WAL, with the tables as
+    they were), or ``stop(mode="fast")`` (SIGINT). ``remove()`` deletes ``root``
+    (stopped first). ``freeze()``/``thaw()``: SIGSTOP/SIGCONT of every server process
+    (a database that hangs). ``psql(sql)`` runs SQL (several statements, dollar-quoted
+    function bodies) as ``user`` over TCP with ON_ERROR_STOP and returns psql's
+    unaligned, tuples-only output. ``url`` is postgres://user@ip:port/database.
+
+    Takes a directory rather than an :class:`Env`, so that a benchmark can run one too.
+    Give every user its own address: test_lookups.py's is 127.0.0.50:15432."""
+
+    SHUTDOWN = {"immediate": signal.SIGQUIT, "fast": signal.SIGINT, "smart": signal.SIGTERM}
+
+    def __init__(self, root, ip, port, *, user="cutover", database="mail", name="postgres",
+                 settings=()):
+        bindir = postgres_bindir()
+        if bindir is None:
+            raise FileNotFoundError(
+                "no PostgreSQL server in /usr/lib/postgresql/*/bin (apt-get install "
+                "postgresql; scripts/test.sh does)")
+        self.bindir = bindir
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.ip = ip
+        self.port = port
+        self.user = user
+        self.database = database
+        self.as_postgres = os.geteuid() == 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        argv = [bindir / "postgres", "-D", self.data, "-k", self.root, "-h", ip, "-p", port,
+                "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=100"]
+        for s in settings:  # extra "name=value" settings
+            argv += ["-c", s]
+        super().__init__(name, self._as_owner(argv), [(ip, port)], self.root / "postgres.log",
+                         cwd=str(self.root))
+        self.stop_mode = "immediate"
+
+    def _as_owner(self, argv):
+        argv = [str(a) for a in argv]
+        return [RUNUSER, "-u", "postgres", "--", *argv] if self.as_postgres else argv
+
+    @property
+    def url(self):
+        return f"postgres://{self.user}@{self.ip}:{self.port}/{self.database}"
+
+    def _prepare(self):
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+            self.root.chmod(0o755)  # the log (written by us) and socket stay reachable
+        if not (self.data / "PG_VERSION").exists():
+            cp = subprocess.run(
+                self._as_owner([self.bindir / "initdb", "-D", self.data, "--auth=trust",
+                                "-U", self.user, "--no-locale", "-E", "UTF8", "--no-sync",
+                                "--no-instructions"]),
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=120, cwd=str(self.root))
+            with open(self.log_path, "ab") as log:
+                log.write(b"--- initdb\n" + cp.stdout + cp.stderr)
+            if cp.returncode != 0:
+                raise RuntimeError(f"initdb failed (rc={cp.returncode}): {cp.stderr.decode()[-2000:]}")
+
+    def start(self, timeout=START_TIMEOUT):
+        if self.running:
+            return self
+        super().start(timeout)
+
+        def accepts():
+            return self._run_psql("SELECT 1", database="postgres", check=False).returncode == 0
+        try:
+            wait_until(accepts, timeout, interval=0.1, what=f"{self.name} to accept queries")
+        except TimeoutError:
+            self.stop()
+            raise
+        if not self._database_exists():
+            self._run_psql(f'CREATE DATABASE "{self.database}"', database="postgres")
+        return self
+
+    def _database_exists(self):
+        out = self._run_psql(f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'",
+                             database="postgres").stdout
+        return out.strip() == b"1"
+
+    def postmaster_pid(self):
+        """The pid of the postmaster we started (from data/postmaster.pid), or None: no
+        pid file, or one left behind (not our child, or ``proc`` itself when run
+        directly), so that nothing else is ever signalled."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            first = (self.data / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+        except OSError:
+            return None
+        if not first.isdigit():
+            return None
+        pid = int(first)
+        if pid == self.proc.pid or _ppid(pid) == self.proc.pid:
+            return pid
+        return None
+
+    def send_term(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pid = self.postmaster_pid()
+        sig = self.SHUTDOWN[self.stop_mode]
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        else:  # not up far enough to write its pid file: the parent (runuser or postgres)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def stop(self, timeout=STOP_TIMEOUT, mode="immediate"):
+        """Shut the server down: ``immediate`` (default) or ``fast``, then the usual
+        bounded wait (SIGKILL of the process group past ``timeout``)."""
+        self.stop_mode = mode
+        self.thaw()  # a frozen server would not act on the signal
+        try:
+            return super().stop(timeout)
+        finally:
+            self.stop_mode = "immediate"
+
+    def server_pids(self):
+        """The postmaster and its children (backends, checkpointer...). They are not in
+        the process group of the process we started: each child calls setsid()."""
+        pm = self.postmaster_pid()
+        if pm is None:
+            return []
+        return [pm] + [int(e) for e in os.listdir("/proc") if e.isdigit() and _ppid(int(e)) == pm]
+
+    def freeze(self):
+        """SIGSTOP the postmaster and every child: a database that hangs (connections
+        are still accepted by the kernel, nothing answers). ``thaw()`` undoes it."""
+        for pid in self.server_pids():  # the postmaster first: it forks no more
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self):
+        """SIGCONT what freeze() stopped (and runuser, which stops itself when its child
+        stops)."""
+        for pid in self.server_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+
+    def remove(self):
+        """Stop the server and delete its directory (data and log)."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _run_psql(self, sql, database=None, check=True):
+        env = dict(os.environ, PGCONNECT_TIMEOUT="5", PGAPPNAME="cutover-e2e")
+        cp = subprocess.run(
+            [PSQL, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.ip,
+             "-p", str(self.port), "-U", self.user, "-d", database or self.database, "-f", "-"],
+            input=sql.encode("utf-8"), capture_output=True, timeout=30, env=env)
+        if check and cp.returncode != 0:
+            raise RuntimeError(f"psql: rc={cp.returncode} {cp.stderr.decode('utf-8', 'replace')}"
+                               f"\n--- SQL ---\n{sql}")
+        return cp
+
+    def psql(self, sql):
+        """Run ``sql`` in ``database``; psql's unaligned tuples-only output, stripped
+        (columns separated by ``|``, one row a line). Raises on any SQL error."""
+        return self._run_psql(sql).stdout.decode("utf-8", "replace").strip()
 
 
 class Prometheus(ManagedProcess):
