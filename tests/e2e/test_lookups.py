@@ -43,8 +43,8 @@ Tests, one property each:
 
 1. a row flips a user: "no row" is cached (negative TTL) until ``cutover forget``, then
    the row sends the user to new and their idling session on legacy is ended; a changed
-   row takes effect when the found row's TTL (2 s) runs out, never before; (xfail, a
-   cutover bug) the same move when ``cutover route --proxy`` read the new row first;
+   row takes effect when the found row's TTL (2 s) runs out, never before; the same move
+   when ``cutover route --proxy`` read the new row first;
 2. a row's server (a host, or host:port) serves the user first, also for a login name
    that normalizes to the row's; a server not in the pool, or a pool that does not
    exist, is a temporary failure counted in ``cutover_lookup_rejected_rows_total``; a
@@ -387,11 +387,6 @@ def test_a_row_flips_a_user_after_forget_and_after_the_ttl(env, proxy, db, redis
     assert queries(db, "carol") == 2, "more than one query per TTL"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cutover bug: GET /route (cutover route --proxy) asks the lookup through the proxy's "
-    "cache and stores the new answer, but drops Routed.changed (no Control::lookup_changed), "
-    "so the user's sessions on the old pool are never moved: the next login is a cache hit "
-    "with changed=false"))
 def test_cutover_route_proxy_after_forget_still_moves_the_users_sessions(env, proxy, db, redis, servers):
     """As test 1, but the operator checks the new answer with `cutover route --proxy`
     (as one would after `cutover forget`) before the user's next login:
