@@ -174,6 +174,7 @@ fn server_policy(sel: u8, small: Limits) -> ServerPolicy {
             small
         },
         hostname: "fuzz.example".into(),
+        mechanisms: Default::default(),
     }
 }
 
@@ -299,6 +300,7 @@ pub fn imap_server(data: &[u8]) {
         max_literal: 100,
         max_auth_failures: 3,
         max_commands: 40,
+        max_sasl_token: 32 * 1024,
     };
     let policy = server_policy(sel, small);
     let limits = policy.limits.clone();
@@ -345,6 +347,7 @@ pub fn pop3_server(data: &[u8]) {
         max_literal: 96,
         max_auth_failures: 3,
         max_commands: 40,
+        max_sasl_token: 32 * 1024,
     };
     let policy = server_policy(sel, small);
     let limits = policy.limits.clone();
@@ -391,6 +394,7 @@ fn smtp_server_chunks(sel: u8, chunks: &[&[u8]]) {
         max_literal: 48,
         max_auth_failures: 3,
         max_commands: 30,
+        max_sasl_token: 32 * 1024,
     };
     let policy = server_policy(sel, small);
     let limits = policy.limits.clone();

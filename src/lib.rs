@@ -63,6 +63,7 @@ pub mod http;
 pub mod login;
 pub mod lookup;
 pub mod metrics;
+pub mod oauth;
 pub mod proto;
 pub mod relay;
 pub mod reload;

@@ -89,6 +89,13 @@ pub enum Refusal {
     /// cached), or answered a pool or server the configuration does not have: a
     /// temporary failure, never an authentication failure and never another pool.
     LookupFailed,
+    /// An OAuth login for a pool that cannot take tokens (an SMTP pool that verifies
+    /// passwords with POP3), and no fallback pool that can.
+    TokenNotAccepted,
+    /// An OAuth token cutover verified and refused (signature, expiry, issuer,
+    /// audience), or whose identity differs from the one the SASL message claims, or a
+    /// token login that names no user when nothing verifies the token.
+    TokenInvalid,
 }
 
 /// A login that succeeded: the backend connection, ready for the relay.
@@ -117,6 +124,8 @@ pub enum LoginDone {
         server: String,
         /// Its text, response code included.
         response: String,
+        /// The OAuth error challenge it sent first (RFC 7628), for the client.
+        challenge: Option<String>,
     },
     /// No server could serve: failover and fallback exhausted.
     Unavailable {
@@ -149,6 +158,10 @@ impl LoginDone {
                 refusal: Refusal::LookupFailed,
                 ..
             } => Some(Fault::Backend),
+            LoginDone::Refused {
+                refusal: Refusal::TokenInvalid,
+                ..
+            } => Some(Fault::Client),
             LoginDone::Refused { .. } => Some(Fault::Proxy),
         }
     }
@@ -187,6 +200,14 @@ impl LoginDone {
             LoginDone::Served(s) => LoginOutcome::Ok {
                 capabilities: s.backend.capabilities.clone(),
             },
+            LoginDone::AuthFailed {
+                response,
+                challenge: Some(challenge),
+                ..
+            } => LoginOutcome::Challenged {
+                challenge: challenge.clone(),
+                response: Some(response.clone()),
+            },
             LoginDone::AuthFailed { response, .. } => LoginOutcome::AuthFailed {
                 response: Some(response.clone()),
             },
@@ -195,6 +216,18 @@ impl LoginDone {
                 ..
             } => LoginOutcome::Refused {
                 reason: "Too many failed logins, try again later",
+            },
+            LoginDone::Refused {
+                refusal: Refusal::TokenInvalid,
+                ..
+            } => LoginOutcome::AuthFailed {
+                response: Some("[AUTHENTICATIONFAILED] Invalid or expired token".into()),
+            },
+            LoginDone::Refused {
+                refusal: Refusal::TokenNotAccepted,
+                ..
+            } => LoginOutcome::Refused {
+                reason: "OAuth is not accepted for this account here: log in with a password",
             },
             LoginDone::Unavailable { .. } | LoginDone::Refused { .. } => LoginOutcome::Unavailable,
         }
@@ -215,7 +248,35 @@ impl LoginDone {
 
 /// Decides one login. See the module documentation for the steps.
 pub async fn log_in(at: Place<'_>, req: LoginRequest<'_>) -> LoginDone {
+    let mechanism = req.credentials.mechanism();
+    let protocol = at.listener.protocol.as_str();
+    let done = decide_login(at, req).await;
+    let result = match done.fault() {
+        None => "ok",
+        Some(Fault::Client) => "auth_failed",
+        Some(Fault::Backend) => "unavailable",
+        Some(Fault::Proxy | Fault::Operator) => "refused",
+    };
+    metrics::counter!(m::LOGINS_BY_MECHANISM, "protocol" => protocol, "mechanism" => mechanism, "result" => result)
+        .increment(1);
+    done
+}
+
+async fn decide_login(at: Place<'_>, mut req: LoginRequest<'_>) -> LoginDone {
     let started = Instant::now();
+    if let Err(user) = token_identity(at, &mut req).await {
+        let (protocol, tls) = (at.listener.protocol.as_str(), tls_label(req.client_tls));
+        metrics::counter!(m::LOGINS, "protocol" => protocol, "pool" => "none", "rule" => "none", "result" => "auth_failed", "tls" => tls).increment(1);
+        let delay = at
+            .control
+            .state
+            .failed(req.peer.ip(), &user, &at.snap.config.throttle);
+        tokio::time::sleep(delay.await).await;
+        return LoginDone::Refused {
+            user,
+            refusal: Refusal::TokenInvalid,
+        };
+    }
     let user = config::normalize(&at.snap.config.users, &req.credentials.user);
     let waited = match wait_if_held(at, &user, req.client_tls).await {
         Ok(waited) => waited,
@@ -248,12 +309,62 @@ pub async fn log_in(at: Place<'_>, req: LoginRequest<'_>) -> LoginDone {
     tracing::Span::current().record("user", decision.user.as_str());
     let (result, pool, at_backend) = try_pools(at, &decision, &req).await;
     let done = after_backend(at, &req, decision.user.clone(), pool, result, &snap).await;
+    if let LoginDone::Refused { .. } = &done {
+        metrics::counter!(m::LOGINS, "protocol" => protocol.as_str(), "pool" => decision.pool.clone(), "rule" => decision.rule_id.clone(), "result" => "refused", "tls" => tls_label(req.client_tls)).increment(1);
+    }
     let at_proxy = started
         .elapsed()
         .saturating_sub(waited)
         .saturating_sub(at_backend);
     record(at, &done, &decision, req.client_tls, at_backend, at_proxy);
     done
+}
+
+/// Step 0, for OAuth logins: who the token is for. With `oauth:` configured the token is
+/// verified here (signature, expiry, issuer, audience) and its claim is the user: a SASL
+/// message that claims someone else is refused, one that claims no one takes the claim.
+/// Without it the identity the message claims routes the login and the backend judges the
+/// token. `Err(user)`: refused (the user name for the failure count).
+async fn token_identity(at: Place<'_>, req: &mut LoginRequest<'_>) -> Result<(), String> {
+    let Some((payload, mechanism)) = req.credentials.token_payload() else {
+        return Ok(());
+    };
+    let claimed = req.credentials.user.clone();
+    let Some(verifier) = at.control.oauth() else {
+        if claimed.is_empty() {
+            tracing::info!(
+                mechanism = mechanism.as_str(),
+                "OAuth login names no user and tokens are not verified here"
+            );
+            return Err(claimed);
+        }
+        return Ok(());
+    };
+    let token = match crate::proto::sasl::parse_oauth(mechanism, payload.expose()) {
+        Ok(m) => String::from_utf8_lossy(m.token).into_owned(),
+        Err(_) => return Err(claimed),
+    };
+    let verified = verifier.verify(&token, rfc3339::now()).await;
+    let mut token = token.into_bytes();
+    crate::proto::wipe(&mut token);
+    let verified = match verified {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::info!(user = %claimed, mechanism = mechanism.as_str(), reason = %e, "OAuth token refused");
+            return Err(claimed);
+        }
+    };
+    let users = &at.snap.config.users;
+    if !claimed.is_empty()
+        && config::normalize(users, &claimed) != config::normalize(users, &verified.identity)
+    {
+        tracing::info!(user = %claimed, token_for = %verified.identity, "OAuth token is for another user");
+        return Err(claimed);
+    }
+    if claimed.is_empty() {
+        req.credentials.user = verified.identity;
+    }
+    Ok(())
 }
 
 /// Step 3: the routing decision, asking each lookup a rule reads (in rule order, only
@@ -340,6 +451,7 @@ async fn try_pools<'d>(
     let mut result = PoolResult::Unavailable;
     let mut pool = decision.pool.as_str();
     let mut at_backend = Duration::ZERO;
+    let mut token_refused = false;
     for (i, (pool_name, servers)) in pools.into_iter().flatten().enumerate() {
         if i > 0 {
             let reason = match &result {
@@ -361,6 +473,13 @@ async fn try_pools<'d>(
             result = PoolResult::Unavailable;
             continue;
         };
+        if req.credentials.token_payload().is_some() && target.checks_by_pop3() {
+            // The legacy hosts know passwords only: a token cannot be checked there.
+            tracing::info!(pool = %pool_name, "an OAuth login cannot be served by a pop-before-smtp pool");
+            token_refused = true;
+            result = PoolResult::Unavailable;
+            continue;
+        }
         // The backend gets the normalized name unless the pool asks for the original.
         let name = if target.pool.login_original_name {
             req.credentials.user.trim().to_string()
@@ -378,11 +497,14 @@ async fn try_pools<'d>(
                 .fallback
                 .as_ref()
                 .is_some_and(|f| f.on_auth_failure),
-            PoolResult::Unavailable => true,
+            PoolResult::Unavailable | PoolResult::TokenNotAccepted => true,
         };
         if !try_next {
             break;
         }
+    }
+    if token_refused && matches!(result, PoolResult::Unavailable) {
+        return (PoolResult::TokenNotAccepted, pool, at_backend);
     }
     (result, pool, at_backend)
 }
@@ -423,7 +545,11 @@ async fn after_backend(
                 backend,
             })
         }
-        PoolResult::Rejected { response, server } => {
+        PoolResult::Rejected {
+            response,
+            server,
+            challenge,
+        } => {
             tracing::info!(%server, "login rejected by backend");
             // Tarpit: the answer to a failed login comes later and later.
             let throttle = &at.snap.config.throttle;
@@ -434,6 +560,7 @@ async fn after_backend(
                 pool: pool.to_string(),
                 server,
                 response,
+                challenge,
             }
         }
         PoolResult::Unavailable => {
@@ -443,6 +570,10 @@ async fn after_backend(
                 pool: pool.to_string(),
             }
         }
+        PoolResult::TokenNotAccepted => LoginDone::Refused {
+            user,
+            refusal: Refusal::TokenNotAccepted,
+        },
     }
 }
 

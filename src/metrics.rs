@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 /// Logins by `protocol`, `pool`, `rule`, `result` (ok | auth_failed | backend_unavailable |
 /// refused), `tls` (true | false: whether the client used TLS).
 pub const LOGINS: &str = "cutover_logins_total";
+/// Login attempts by `protocol`, `mechanism` (login | plain | oauthbearer | xoauth2 |
+/// bridged) and `result` (ok | auth_failed | unavailable | refused).
+pub const LOGINS_BY_MECHANISM: &str = "cutover_logins_by_mechanism_total";
 /// Time the proxy itself spent on a login (routing, holds, replies), by `protocol`.
 pub const LOGIN_PROXY_SECONDS: &str = "cutover_login_proxy_seconds";
 /// Time spent logging in at the backends (connect, TLS, replay, failovers), by `protocol`, `pool`.
@@ -119,6 +122,7 @@ pub const CATALOGUE: &[Def] = &[
         labels: &["protocol", "pool", "rule", "result", "tls"],
         help: "Login attempts by outcome (ok, auth_failed, backend_unavailable, refused) and whether the client used TLS.",
     },
+    Def { name: LOGINS_BY_MECHANISM, kind: Kind::Counter, labels: &["protocol", "mechanism", "result"], help: "Login attempts by SASL mechanism (login, plain, oauthbearer, xoauth2, bridged) and result (ok, auth_failed, unavailable, refused)." },
     Def { name: LOGIN_PROXY_SECONDS, kind: Kind::Histogram, labels: &["protocol"], help: "Time the proxy itself spent on a login (routing, holds, replies)." },
     Def { name: LOGIN_BACKEND_SECONDS, kind: Kind::Histogram, labels: &["protocol", "pool"], help: "Time spent logging in at the backends (connect, TLS, replay, failovers)." },
     Def { name: BACKEND_UP, kind: Kind::Gauge, labels: &["pool", "protocol", "server"], help: "1 while a backend server is considered up." },

@@ -569,6 +569,7 @@ mod tests {
             allow_plaintext_auth: true,
             bridge_window: None,
             proxy_protocol: crate::config::ProxyMode::Off,
+            sasl: Default::default(),
         }
     }
 

@@ -215,6 +215,7 @@ async fn new_machine(ctx: &SessionCtx, peer: SocketAddr) -> Box<dyn PreAuth + Se
         allow_plaintext_auth: ctx.listener.allow_plaintext_auth,
         limits: cfg.limits.clone(),
         hostname: cfg.hostname.clone(),
+        mechanisms: ctx.listener.sasl,
     };
     match ctx.listener.protocol {
         Protocol::Imap => Box::new(proto::imap::ServerMachine::new(policy)),
@@ -679,7 +680,11 @@ async fn preauth<'a>(
 ) -> Option<Handoff<'a>> {
     let peer = origin.client;
     let cfg = &ctx.snap.config;
-    let max_pending = cfg.limits.max_line + cfg.limits.max_literal + 1024;
+    let mut max_pending = cfg.limits.max_line + cfg.limits.max_literal + 1024;
+    if ctx.listener.sasl.has_tokens() {
+        // An OAuth token as initial response or SASL line.
+        max_pending = max_pending.max(cfg.limits.max_sasl_token + 1024);
+    }
     let mut inbuf = InputBuf(Vec::with_capacity(512));
     let mut logged_in = None;
     let mut wait = InputWait::new(ctx);

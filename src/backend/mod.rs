@@ -120,9 +120,14 @@ pub enum PoolResult {
         response: String,
         /// Which server said so.
         server: String,
+        /// An OAuth error challenge the backend sent first (RFC 7628), for the client.
+        challenge: Option<String>,
     },
     /// No server of the pool was available.
     Unavailable,
+    /// An OAuth login that no pool of the route can take (pop-before-smtp pools have
+    /// nothing to check a token with).
+    TokenNotAccepted,
 }
 
 /// Shared backend machinery: health registry and resolver.
@@ -477,7 +482,9 @@ impl<'a> PoolLogin<'a> {
     }
 
     /// SMTP to a `pop-before-smtp` pool: passwords are checked by POP3 on the same host.
-    fn checks_by_pop3(&self) -> bool {
+    /// An SMTP pool that verifies passwords with POP3 and relays without AUTH
+    /// (`auth: pop-before-smtp`): it has nothing to check a token with.
+    pub fn checks_by_pop3(&self) -> bool {
         self.protocol == Protocol::Smtp
             && self.servers.auth == crate::config::SmtpAuth::PopBeforeSmtp
     }
@@ -518,7 +525,26 @@ impl<'a> PoolLogin<'a> {
                     ..
                 }) => {
                     state.record_login_success(); // it answered: it is up
-                    return PoolResult::Rejected { response, server };
+                    return PoolResult::Rejected {
+                        response,
+                        server,
+                        challenge: None,
+                    };
+                }
+                Ok(Attempted {
+                    result:
+                        BackendResult::TokenRefused {
+                            challenge,
+                            response,
+                        },
+                    ..
+                }) => {
+                    state.record_login_success();
+                    return PoolResult::Rejected {
+                        response,
+                        server,
+                        challenge: Some(challenge),
+                    };
                 }
                 Ok(Attempted {
                     result: BackendResult::Ready { .. },
@@ -621,7 +647,9 @@ pub async fn probe(
     match result {
         BackendResult::Ready { capabilities } => Ok(capabilities),
         BackendResult::Unavailable(u) => Err(u.into()),
-        BackendResult::LoggedIn { .. } | BackendResult::AuthFailed { .. } => Err(Failure::Protocol),
+        BackendResult::LoggedIn { .. }
+        | BackendResult::AuthFailed { .. }
+        | BackendResult::TokenRefused { .. } => Err(Failure::Protocol),
     }
 }
 

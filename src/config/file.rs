@@ -58,6 +58,28 @@ pub struct RawConfig {
     /// Named route lookups in the provider's database.
     #[serde(default)]
     pub lookups: BTreeMap<String, RawLookup>,
+    /// Verify OAuth bearer tokens in cutover.
+    pub oauth: Option<RawOAuth>,
+}
+
+/// `oauth:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth {
+    /// A JWKS file (re-read when it changes).
+    pub jwks_file: Option<String>,
+    /// A JWKS URL (fetched, cached, refreshed).
+    pub jwks_url: Option<String>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Required `aud` (or one of them).
+    pub audience: Option<String>,
+    /// The claim holding the identity (default `email`).
+    pub claim: Option<String>,
+    /// Clock skew allowed for `exp` and `nbf` (default 60s).
+    pub leeway: Option<String>,
+    /// How often a `jwks_url` is fetched again (default 10m).
+    pub refresh: Option<String>,
 }
 
 /// `lookups.NAME:`
@@ -261,6 +283,8 @@ pub struct RawListener {
     pub window: Option<String>,
     /// off | optional | required: connections start with a PROXY protocol header.
     pub proxy_protocol: Option<String>,
+    /// SASL mechanisms offered: plain, login, oauthbearer, xoauth2.
+    pub sasl: Option<Vec<String>>,
 }
 
 /// One pool.
@@ -383,6 +407,8 @@ pub struct RawLimits {
     pub max_commands: Option<u32>,
     /// Idle time allowed before login.
     pub preauth_timeout: Option<String>,
+    /// Longest OAuth SASL response, in bytes of base64 as received.
+    pub max_sasl_token: Option<usize>,
     /// Longest a client TLS handshake may take (implicit TLS or STARTTLS).
     pub tls_handshake_timeout: Option<String>,
     /// Client TLS handshakes in progress at once per worker.

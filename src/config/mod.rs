@@ -341,6 +341,9 @@ pub struct Listener {
     pub bridge_window: Option<Duration>,
     /// Whether connections start with a PROXY protocol header from a load balancer.
     pub proxy_protocol: ProxyMode,
+    /// The SASL mechanisms offered (IMAP and POP3 LOGIN/USER stay available as long as
+    /// `login` is offered).
+    pub sasl: crate::proto::Mechanisms,
 }
 
 /// How servers of a pool are ordered for one user.
@@ -666,6 +669,8 @@ pub struct Config {
     pub redis: Option<RedisState>,
     /// Named route lookups.
     pub lookups: BTreeMap<String, Lookup>,
+    /// OAuth token verification (None: tokens go to the backends unverified).
+    pub oauth: Option<crate::oauth::OAuthSettings>,
 }
 
 impl Config {

@@ -140,7 +140,40 @@ pub(super) fn config(text: &str, file: &Path, base: &Path) -> Result<Config, Con
         instance_name: instance_name(&cx, &raw)?,
         redis: redis(&cx, &raw)?,
         lookups,
+        oauth: oauth(&cx, &raw)?,
     })
+}
+
+/// `oauth:`: where the keys come from (exactly one of a file or a URL), and the checks.
+fn oauth(
+    cx: &Ctx<'_>,
+    raw: &RawConfig,
+) -> Result<Option<crate::oauth::OAuthSettings>, ConfigError> {
+    use crate::oauth::{JwksSource, OAuthSettings, DEFAULT_LEEWAY, DEFAULT_REFRESH};
+    let Some(o) = &raw.oauth else {
+        return Ok(None);
+    };
+    let jwks = match (&o.jwks_file, &o.jwks_url) {
+        (Some(f), None) => JwksSource::File(cx.existing("oauth.jwks_file".into(), f)?),
+        (None, Some(u)) => {
+            crate::oauth::check_url(u).map_err(|e| cx.err("oauth.jwks_url", e))?;
+            JwksSource::Url(u.clone())
+        }
+        _ => return Err(cx.err("oauth", "give exactly one of jwks_file or jwks_url")),
+    };
+    let claim = o.claim.clone().unwrap_or_else(|| "email".into());
+    if claim.is_empty() {
+        return Err(cx.err("oauth.claim", "name the claim that holds the user name"));
+    }
+    let mut settings = OAuthSettings::new(jwks, claim);
+    settings.issuer = o.issuer.clone();
+    settings.audience = o.audience.clone();
+    settings.leeway = cx.duration("oauth.leeway", &o.leeway, DEFAULT_LEEWAY)?;
+    settings.refresh = cx.duration("oauth.refresh", &o.refresh, DEFAULT_REFRESH)?;
+    if settings.refresh < Duration::from_secs(10) {
+        return Err(cx.err("oauth.refresh", "at least 10s"));
+    }
+    Ok(Some(settings))
 }
 
 /// What routes may name: pools and lookups, and how user names are normalized.
@@ -402,6 +435,22 @@ fn listener(
             ))
         }
     };
+    let sasl = match &l.sasl {
+        None => crate::proto::Mechanisms::default(),
+        Some(names) => {
+            let mut set = crate::proto::Mechanisms::NONE;
+            for n in names {
+                let m = crate::proto::Mechanism::from_name(n.as_bytes()).ok_or_else(|| {
+                    cx.err(
+                        k("sasl"),
+                        format!("{n:?}: expected plain, login, oauthbearer or xoauth2"),
+                    )
+                })?;
+                set = set.with(m);
+            }
+            set
+        }
+    };
     Ok(Listener {
         name: l.name.clone(),
         protocol,
@@ -410,6 +459,7 @@ fn listener(
         allow_plaintext_auth: l.allow_plaintext_auth,
         bridge_window,
         proxy_protocol,
+        sasl,
     })
 }
 
@@ -908,6 +958,12 @@ fn limits(cx: &Ctx<'_>, raw: &RawConfig) -> Result<(Limits, ConnLimits, Timeouts
         }
         if let Some(v) = l.max_auth_failures {
             limits.max_auth_failures = v.max(1);
+        }
+        if let Some(v) = l.max_sasl_token {
+            if !(1024..=1 << 20).contains(&v) {
+                return Err(cx.err("limits.max_sasl_token", "must be between 1024 and 1048576"));
+            }
+            limits.max_sasl_token = v;
         }
         if let Some(v) = l.max_commands {
             limits.max_commands = v.max(1);

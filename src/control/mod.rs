@@ -63,6 +63,8 @@ pub struct Control {
     pub state: Arc<dyn SharedState>,
     /// Route lookups in the provider's databases, with their caches.
     pub lookups: Lookups,
+    /// OAuth token verification with its key set (None: tokens are not verified here).
+    oauth: RwLock<Option<crate::oauth::Verifier>>,
     /// Open connections.
     pub admission: Arc<limits::Admission>,
     /// Backend death detector.
@@ -97,7 +99,9 @@ impl Control {
         state: Arc<dyn SharedState>,
     ) -> Arc<Control> {
         let lookups = Lookups::new(&snap.config);
+        let oauth = snap.config.oauth.clone().map(crate::oauth::Verifier::new);
         let control = Arc::new(Control {
+            oauth: RwLock::new(oauth),
             snapshot: RwLock::new(snap),
             backends,
             state,
@@ -131,12 +135,38 @@ impl Control {
     /// the move of users whose pool changed. Returns how many sessions will be moved.
     pub fn install(self: &Arc<Self>, snap: Arc<Snapshot>) -> usize {
         self.lookups.sync(&snap.config);
+        self.sync_oauth(&snap.config);
         match self.snapshot.write() {
             Ok(mut s) => *s = snap,
             Err(poisoned) => *poisoned.into_inner() = snap,
         }
         self.installed.notify_one();
         self.move_users()
+    }
+
+    /// The token verifier in force (a clone shares its key set).
+    pub fn oauth(&self) -> Option<crate::oauth::Verifier> {
+        match self.oauth.read() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Follows a new configuration: the verifier (and its cached keys) stays while its
+    /// settings do.
+    fn sync_oauth(&self, cfg: &Config) {
+        let mut v = match self.oauth.write() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        let same = match (&*v, &cfg.oauth) {
+            (Some(old), Some(new)) => old.settings() == new,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            *v = cfg.oauth.clone().map(crate::oauth::Verifier::new);
+        }
     }
 
     /// Records how the last reload went (`cutover_config_last_reload_successful`).

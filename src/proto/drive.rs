@@ -287,7 +287,9 @@ impl<'a, M: PreAuth> ServerDriver<'a, M> {
     /// A login asked for: checked, recorded, answered.
     fn login(&mut self, creds: &Credentials) {
         let user = &creds.user;
-        assert!(!user.is_empty(), "empty user name");
+        // A token may claim no identity (OAUTHBEARER without `a=`): the token has one.
+        let token = creds.token_payload().map(|(p, _)| p.expose().to_vec());
+        assert!(!user.is_empty() || token.is_some(), "empty user name");
         assert!(
             !user.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')),
             "NUL, CR or LF in user name {user:?}"
@@ -295,6 +297,7 @@ impl<'a, M: PreAuth> ServerDriver<'a, M> {
         let secret = creds
             .secret()
             .map(|s| s.expose().to_vec())
+            .or(token)
             .unwrap_or_default();
         if self.markers {
             let marker = format!(

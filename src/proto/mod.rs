@@ -70,24 +70,115 @@ pub fn wipe(buf: &mut [u8]) {
     std::hint::black_box(buf);
 }
 
-/// The SASL mechanism (or plain command) a client sent its password with. For logs and
-/// metrics only: nothing branches on it, the backend replay picks its own mechanism from
-/// what the backend offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The SASL mechanism (or plain command) a client logged in with. For a password it is
+/// for logs and metrics only (the backend replay picks its own mechanism from what the
+/// backend offers); a token is replayed with the mechanism it came with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mechanism {
     /// IMAP LOGIN, POP3 USER/PASS, SASL LOGIN.
     Login,
     /// SASL PLAIN (RFC 4616).
     Plain,
+    /// SASL OAUTHBEARER (RFC 7628).
+    OAuthBearer,
+    /// SASL XOAUTH2 (Google's and Microsoft's).
+    XOAuth2,
 }
 
 impl Mechanism {
-    /// A stable lowercase name, for logs.
+    /// A stable lowercase name, for logs, metrics and configuration.
     pub fn as_str(self) -> &'static str {
         match self {
             Mechanism::Login => "login",
             Mechanism::Plain => "plain",
+            Mechanism::OAuthBearer => "oauthbearer",
+            Mechanism::XOAuth2 => "xoauth2",
         }
+    }
+
+    /// The SASL name, as advertised and sent (`OAUTHBEARER`).
+    pub fn sasl_name(self) -> &'static str {
+        match self {
+            Mechanism::Login => "LOGIN",
+            Mechanism::Plain => "PLAIN",
+            Mechanism::OAuthBearer => "OAUTHBEARER",
+            Mechanism::XOAuth2 => "XOAUTH2",
+        }
+    }
+
+    /// Every mechanism, in the order they are advertised.
+    pub const ALL: [Mechanism; 4] = [
+        Mechanism::Plain,
+        Mechanism::Login,
+        Mechanism::OAuthBearer,
+        Mechanism::XOAuth2,
+    ];
+
+    /// The mechanism a SASL name (case-insensitive) or configuration name names.
+    pub fn from_name(name: &[u8]) -> Option<Mechanism> {
+        Mechanism::ALL
+            .into_iter()
+            .find(|m| name.eq_ignore_ascii_case(m.sasl_name().as_bytes()))
+    }
+
+    /// Carries a bearer token rather than a password.
+    pub fn is_token(self) -> bool {
+        matches!(self, Mechanism::OAuthBearer | Mechanism::XOAuth2)
+    }
+}
+
+/// The SASL mechanisms a listener offers (a small set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mechanisms(u8);
+
+impl Mechanisms {
+    /// No mechanism.
+    pub const NONE: Mechanisms = Mechanisms(0);
+
+    /// This set with `m` added.
+    pub const fn with(self, m: Mechanism) -> Mechanisms {
+        Mechanisms(self.0 | Mechanisms::bit(m))
+    }
+
+    const fn bit(m: Mechanism) -> u8 {
+        match m {
+            Mechanism::Plain => 1,
+            Mechanism::Login => 2,
+            Mechanism::OAuthBearer => 4,
+            Mechanism::XOAuth2 => 8,
+        }
+    }
+
+    /// Offered.
+    pub fn has(self, m: Mechanism) -> bool {
+        self.0 & Mechanisms::bit(m) != 0
+    }
+
+    /// The offered mechanisms, in advertising order.
+    pub fn iter(self) -> impl Iterator<Item = Mechanism> {
+        Mechanism::ALL.into_iter().filter(move |m| self.has(*m))
+    }
+
+    /// Their SASL names joined by spaces (`PLAIN LOGIN OAUTHBEARER`).
+    pub fn names(self) -> String {
+        self.iter()
+            .map(Mechanism::sasl_name)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Some offered mechanism carries tokens (their responses may be long).
+    pub fn has_tokens(self) -> bool {
+        self.iter().any(Mechanism::is_token)
+    }
+}
+
+/// PLAIN and LOGIN: what every listener offers unless told otherwise.
+impl Default for Mechanisms {
+    fn default() -> Self {
+        Mechanisms::NONE
+            .with(Mechanism::Plain)
+            .with(Mechanism::Login)
     }
 }
 
@@ -108,6 +199,15 @@ pub enum Auth {
     /// verified the password with POP3 on a legacy host. The backend SMTP session is
     /// opened without AUTH.
     Bridged,
+    /// An OAuth bearer token (OAUTHBEARER or XOAUTH2): the client's whole SASL response
+    /// (GS2 header, token, everything), replayed to the backend with the same mechanism,
+    /// never turned into a password login.
+    Token {
+        /// The decoded SASL response as the client sent it.
+        payload: Secret,
+        /// OAUTHBEARER or XOAUTH2.
+        mechanism: Mechanism,
+    },
 }
 
 /// Who wants to log in, and how. The user is the authentication identity exactly as the
@@ -141,11 +241,31 @@ impl Credentials {
         }
     }
 
+    /// A user with an OAuth token (`user` is the identity the SASL message claims, or
+    /// empty when it claims none).
+    pub fn token(user: String, payload: Vec<u8>, mechanism: Mechanism) -> Credentials {
+        Credentials {
+            user,
+            auth: Auth::Token {
+                payload: Secret::new(payload),
+                mechanism,
+            },
+        }
+    }
+
     /// The password, if this is a password login.
     pub fn secret(&self) -> Option<&Secret> {
         match &self.auth {
             Auth::Password { secret, .. } => Some(secret),
-            Auth::Bridged => None,
+            Auth::Bridged | Auth::Token { .. } => None,
+        }
+    }
+
+    /// The token login's SASL payload and mechanism.
+    pub fn token_payload(&self) -> Option<(&Secret, Mechanism)> {
+        match &self.auth {
+            Auth::Token { payload, mechanism } => Some((payload, *mechanism)),
+            _ => None,
         }
     }
 
@@ -157,10 +277,11 @@ impl Credentials {
         }
     }
 
-    /// How the client logged in, for logs and metrics: `login`, `plain` or `bridged`.
+    /// How the client logged in, for logs and metrics: `login`, `plain`, `oauthbearer`,
+    /// `xoauth2` or `bridged`.
     pub fn mechanism(&self) -> &'static str {
         match &self.auth {
-            Auth::Password { mechanism, .. } => mechanism.as_str(),
+            Auth::Password { mechanism, .. } | Auth::Token { mechanism, .. } => mechanism.as_str(),
             Auth::Bridged => "bridged",
         }
     }
@@ -172,6 +293,9 @@ impl fmt::Debug for Credentials {
         d.field("user", &self.user);
         if let Some(secret) = self.secret() {
             d.field("secret", secret);
+        }
+        if let Some((token, _)) = self.token_payload() {
+            d.field("token", token);
         }
         d.field("mechanism", &self.mechanism()).finish()
     }
@@ -212,6 +336,9 @@ pub struct Limits {
     pub max_auth_failures: u32,
     /// Commands accepted before login, after which the connection is closed.
     pub max_commands: u32,
+    /// Longest OAuth SASL response (OAUTHBEARER, XOAUTH2), in bytes of base64 as the
+    /// client sends it: tokens are larger than passwords.
+    pub max_sasl_token: usize,
 }
 
 impl Default for Limits {
@@ -221,6 +348,7 @@ impl Default for Limits {
             max_literal: 8 * 1024,
             max_auth_failures: 3,
             max_commands: 100,
+            max_sasl_token: 32 * 1024,
         }
     }
 }
@@ -236,6 +364,8 @@ pub struct ServerPolicy {
     pub limits: Limits,
     /// Host name used in greetings (`* OK [CAPABILITY ...] cutover ready`, `220 host ESMTP`).
     pub hostname: String,
+    /// The SASL mechanisms offered (once authentication is allowed).
+    pub mechanisms: Mechanisms,
 }
 
 /// What a client-facing machine asks its driver to do. `Debug` shows only the length of
@@ -289,6 +419,15 @@ pub enum LoginOutcome {
     /// status (IMAP: keeps its response code such as `[AUTHENTICATIONFAILED]`), when known.
     AuthFailed {
         /// Backend's human-readable text, response code included.
+        response: Option<String>,
+    },
+    /// The backend refused an OAuth token with an RFC 7628 error challenge (base64 JSON):
+    /// the client is sent the challenge, its answer (`AQ==` or an empty line) is awaited,
+    /// and then the failure is said as for [`LoginOutcome::AuthFailed`].
+    Challenged {
+        /// The backend's challenge, base64 as it sent it.
+        challenge: String,
+        /// The backend's final text, response code included, when known.
         response: Option<String>,
     },
     /// No server of the pool could be reached. The client gets a temporary failure
@@ -382,6 +521,14 @@ pub enum BackendResult {
     /// (IMAP keeps the `[AUTHENTICATIONFAILED]` code). Never a reason to fail over.
     AuthFailed {
         /// Backend's text, response code included.
+        response: String,
+    },
+    /// The backend refused an OAuth token with an error challenge (RFC 7628), answered
+    /// with the dummy response, and then failed the login. Never a reason to fail over.
+    TokenRefused {
+        /// The challenge (base64 JSON), for the client.
+        challenge: String,
+        /// Backend's final text, response code included.
         response: String,
     },
     /// A health probe (no credentials) found the server ready. `capabilities` are what it

@@ -14,7 +14,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use super::{Credentials, Mechanism};
+use super::{Credentials, Mechanism, Mechanisms};
 
 /// Why a SASL payload was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +32,138 @@ pub enum SaslError {
     /// A user name that is empty, not UTF-8, or holds NUL, CR or LF (SASL LOGIN).
     #[error("invalid user name")]
     InvalidUser,
+    /// Not an OAUTHBEARER (RFC 7628) or XOAUTH2 message with a bearer token, or one that
+    /// asks for channel binding (which cannot cross a proxy that terminates TLS).
+    #[error("malformed OAuth message")]
+    MalformedToken,
+}
+
+/// What an OAuth SASL message says: the identity it claims (OAUTHBEARER's GS2 `a=`,
+/// XOAUTH2's `user=`; None when it names none) and the bearer token.
+#[derive(PartialEq, Eq)]
+pub struct OAuthMessage<'a> {
+    /// The claimed identity.
+    pub user: Option<String>,
+    /// The bearer token (a b64token: letters, digits, `-._~+/`, then `=`s).
+    pub token: &'a [u8],
+}
+
+impl std::fmt::Debug for OAuthMessage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthMessage")
+            .field("user", &self.user)
+            .field("token", &format_args!("({} bytes)", self.token.len()))
+            .finish()
+    }
+}
+
+/// Parses an OAuth SASL client message of `mechanism`:
+///
+/// * OAUTHBEARER (RFC 7628 3.1): `gs2-header %x01 *(key=value %x01) %x01`, where the
+///   GS2 header is `n,` or `y,` then an optional `a=identity` (with `=2C` for `,` and `=3D`
+///   for `=`) then `,`, and one pair is `auth=Bearer <token>`;
+/// * XOAUTH2: `user=identity %x01 auth=Bearer <token> %x01 %x01`.
+pub fn parse_oauth(mechanism: Mechanism, msg: &[u8]) -> Result<OAuthMessage<'_>, SaslError> {
+    let bad = SaslError::MalformedToken;
+    let (mut user, pairs) = match mechanism {
+        Mechanism::OAuthBearer => {
+            let (gs2, rest) = split_once(msg, 0x01).ok_or(bad)?;
+            let mut parts = gs2.splitn(3, |b| *b == b',');
+            let (Some(flag), Some(authzid), Some(tail)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad);
+            };
+            // `p=...` asks for channel binding: the TLS the client sees ends here.
+            if !(flag == b"n" || flag == b"y") || !tail.is_empty() {
+                return Err(bad);
+            }
+            let user = match authzid {
+                [] => None,
+                [b'a', b'=', name @ ..] => Some(unescape_saslname(name).ok_or(bad)?),
+                _ => return Err(bad),
+            };
+            (user, rest)
+        }
+        Mechanism::XOAuth2 => (None, msg),
+        _ => return Err(bad),
+    };
+    // Each pair ends with %x01, and the message with one more.
+    let pairs = pairs.strip_suffix(&[0x01]).ok_or(bad)?;
+    let pairs = pairs.strip_suffix(&[0x01]).ok_or(bad)?;
+    let mut token = None;
+    for pair in pairs.split(|b| *b == 0x01) {
+        let (key, value) = split_once(pair, b'=').ok_or(bad)?;
+        if key.is_empty() || !key.iter().all(u8::is_ascii_alphabetic) {
+            return Err(bad);
+        }
+        match key {
+            b"auth" => {
+                let rest = value
+                    .get(..7)
+                    .filter(|p| p.eq_ignore_ascii_case(b"Bearer "));
+                rest.ok_or(bad)?;
+                let t = trim_spaces(&value[7..]);
+                if token.is_some() || !is_b64token(t) {
+                    return Err(bad);
+                }
+                token = Some(t);
+            }
+            b"user" if mechanism == Mechanism::XOAuth2 => {
+                user = Some(valid_user(value).ok_or(bad)?);
+            }
+            _ => {}
+        }
+    }
+    Ok(OAuthMessage {
+        user,
+        token: token.ok_or(bad)?,
+    })
+}
+
+fn split_once(s: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
+    let i = s.iter().position(|b| *b == sep)?;
+    Some((&s[..i], &s[i + 1..]))
+}
+
+fn trim_spaces(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|b| *b != b' ').unwrap_or(s.len());
+    &s[start..]
+}
+
+/// RFC 6750's b64token: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
+fn is_b64token(t: &[u8]) -> bool {
+    let body = t.iter().position(|b| *b == b'=').unwrap_or(t.len());
+    body > 0
+        && t[..body]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(b))
+        && t[body..].iter().all(|b| *b == b'=')
+}
+
+/// A GS2 saslname: `=2C` is `,` and `=3D` is `=`; any other `=` is an error.
+fn unescape_saslname(name: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut i = 0;
+    while i < name.len() {
+        match &name[i..] {
+            [b'=', b'2', b'C' | b'c', ..] => {
+                out.push(b',');
+                i += 3;
+            }
+            [b'=', b'3', b'D' | b'd', ..] => {
+                out.push(b'=');
+                i += 3;
+            }
+            [b'=', ..] | [b',', ..] => return None,
+            [b, ..] => {
+                out.push(*b);
+                i += 1;
+            }
+            [] => break,
+        }
+    }
+    valid_user(&out)
 }
 
 /// Decodes base64 (whitespace is not allowed, as in IMAP/POP3/SMTP SASL exchanges).
@@ -136,6 +268,8 @@ enum Waiting {
     LoginUser,
     /// LOGIN: the password of this user.
     LoginPassword(String),
+    /// OAUTHBEARER or XOAUTH2: the whole message.
+    Token(Mechanism),
 }
 
 /// One SASL exchange with a client (PLAIN or LOGIN), from the `AUTHENTICATE`/`AUTH`
@@ -145,25 +279,53 @@ enum Waiting {
 #[derive(Debug)]
 pub struct Exchange {
     waiting: Waiting,
-    /// Largest decoded response accepted.
+    /// Largest decoded response accepted (PLAIN, LOGIN).
     max_decoded: usize,
+    /// Longest base64 response accepted, as received (OAuth mechanisms).
+    max_token: usize,
 }
 
 impl Exchange {
-    /// An exchange for the mechanism named `name` (case-insensitive); `None` if it is not
-    /// one the proxy takes (the server answers with its "unsupported mechanism" reply).
+    /// A PLAIN or LOGIN exchange for the mechanism named `name` (case-insensitive);
+    /// `None` for any other.
     pub fn new(name: &[u8], max_decoded: usize) -> Option<Exchange> {
-        let waiting = if name.eq_ignore_ascii_case(b"PLAIN") {
-            Waiting::Plain
-        } else if name.eq_ignore_ascii_case(b"LOGIN") {
-            Waiting::LoginUser
-        } else {
-            return None;
+        Exchange::offered(name, Mechanisms::default(), max_decoded, max_decoded)
+    }
+
+    /// An exchange for the mechanism named `name` (case-insensitive) if the listener
+    /// offers it; `None` otherwise (the server answers with its "unsupported mechanism"
+    /// reply). `max_token` bounds an OAuth response in base64 bytes as received.
+    pub fn offered(
+        name: &[u8],
+        offered: Mechanisms,
+        max_decoded: usize,
+        max_token: usize,
+    ) -> Option<Exchange> {
+        let mechanism = Mechanism::from_name(name).filter(|m| offered.has(*m))?;
+        let waiting = match mechanism {
+            Mechanism::Plain => Waiting::Plain,
+            Mechanism::Login => Waiting::LoginUser,
+            m => Waiting::Token(m),
         };
         Some(Exchange {
             waiting,
             max_decoded,
+            max_token,
         })
+    }
+
+    /// The longest client line this exchange may need, terminator included (`fallback`
+    /// for PLAIN and LOGIN, whose responses fit the protocol's own bound).
+    pub fn max_line(&self, fallback: usize) -> usize {
+        match self.waiting {
+            Waiting::Token(_) => fallback.max(self.max_token.saturating_add(2)),
+            _ => fallback,
+        }
+    }
+
+    /// Carries a token (OAUTHBEARER, XOAUTH2).
+    pub fn is_token(&self) -> bool {
+        matches!(self.waiting, Waiting::Token(_))
     }
 
     /// The first step: the client's initial response if it sent one (a `*` there is not
@@ -181,6 +343,7 @@ impl Exchange {
             Waiting::Plain => "",
             Waiting::LoginUser => LOGIN_USER_PROMPT,
             Waiting::LoginPassword(_) => LOGIN_PASSWORD_PROMPT,
+            Waiting::Token(_) => "",
         }
     }
 
@@ -194,6 +357,9 @@ impl Exchange {
     }
 
     fn answer(&mut self, response: &[u8]) -> Step {
+        if let Waiting::Token(mechanism) = self.waiting {
+            return self.token(mechanism, response);
+        }
         let mut data = match decode_response(response) {
             Ok(data) => data,
             Err(e) => return Step::Failed(e),
@@ -222,7 +388,28 @@ impl Exchange {
             Waiting::LoginPassword(user) => {
                 Step::Done(Credentials::password(user, data, Mechanism::Login))
             }
+            Waiting::Token(_) => Step::Failed(SaslError::MalformedToken),
         }
+    }
+
+    /// An OAuth response: bounded as received, then decoded and checked (the claimed
+    /// identity routes the login; the token is verified later, or by the backend).
+    fn token(&mut self, mechanism: Mechanism, response: &[u8]) -> Step {
+        if response.len() > self.max_token {
+            return Step::TooBig;
+        }
+        let mut data = match decode_base64(response) {
+            Ok(d) => d,
+            Err(e) => return Step::Failed(e),
+        };
+        let user = match parse_oauth(mechanism, &data) {
+            Ok(m) => m.user.unwrap_or_default(),
+            Err(e) => {
+                super::wipe(&mut data);
+                return Step::Failed(e);
+            }
+        };
+        Step::Done(Credentials::token(user, data, mechanism))
     }
 }
 
@@ -394,6 +581,7 @@ mod servers {
                 ..Limits::default()
             },
             hostname: "mx.example".into(),
+            mechanisms: Default::default(),
         }
     }
 
@@ -550,6 +738,268 @@ mod servers {
             let t = run(p, 3, &[two.as_bytes()]);
             assert!(!t.closed, "{p:?}: only two failures so far");
         }
+    }
+
+    /// A policy offering every mechanism, with a small token bound.
+    fn oauth_policy(max_token: usize) -> ServerPolicy {
+        let mut p = policy(3);
+        p.limits.max_sasl_token = max_token;
+        p.mechanisms = crate::proto::Mechanisms::NONE
+            .with(crate::proto::Mechanism::Plain)
+            .with(crate::proto::Mechanism::Login)
+            .with(crate::proto::Mechanism::OAuthBearer)
+            .with(crate::proto::Mechanism::XOAuth2);
+        p
+    }
+
+    /// Like [`run`], with a policy and scripted login outcomes.
+    fn run_with(
+        p: Proto,
+        policy: ServerPolicy,
+        outcomes: &[LoginOutcome],
+        chunks: &[&[u8]],
+    ) -> Transcript {
+        let ok = LoginOutcome::Ok { capabilities: None };
+        let mut t = match p {
+            Proto::Imap => {
+                let mut d = ServerDriver::scripted(imap::ServerMachine::new(policy), outcomes, ok);
+                d.take_text();
+                d.feed_all(chunks);
+                d.finish()
+            }
+            Proto::Pop3 => {
+                let mut d = ServerDriver::scripted(pop3::ServerMachine::new(policy), outcomes, ok);
+                d.take_text();
+                d.feed_all(chunks);
+                d.finish()
+            }
+            Proto::Smtp => {
+                let m = smtp::ServerMachine::new(policy, Vec::new());
+                let mut d = ServerDriver::scripted(m, outcomes, ok);
+                d.feed(b"EHLO c\r\n");
+                d.take_text();
+                d.feed_all(chunks);
+                d.finish()
+            }
+        };
+        t.left.clear();
+        t
+    }
+
+    /// [`exact`] for OAuth: the same transcript however the input is cut.
+    fn exact_with(p: Proto, max_token: usize, outcomes: &[LoginOutcome], input: &str) -> String {
+        let input = input.as_bytes();
+        let whole = run_with(p, oauth_policy(max_token), outcomes, &[input]);
+        for cut in 0..=input.len() {
+            let split = run_with(
+                p,
+                oauth_policy(max_token),
+                outcomes,
+                &[&input[..cut], &input[cut..]],
+            );
+            assert_eq!(split, whole, "{p:?}: cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(
+            run_with(p, oauth_policy(max_token), outcomes, &bytes),
+            whole,
+            "{p:?}: byte by byte"
+        );
+        whole.text()
+    }
+
+    const BEARER: &[u8] = b"n,a=joe@example.net,\x01host=mx.example\x01port=993\x01auth=Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJqb2UifQ.c2ln\x01\x01";
+    const XOAUTH2: &[u8] = b"user=joe@example.net\x01auth=Bearer ya29.a0AfH6SMB\x01\x01";
+
+    fn ok_reply(p: Proto) -> &'static str {
+        match p {
+            Proto::Imap => "a OK Logged in\r\n",
+            Proto::Pop3 => "+OK Logged in.\r\n",
+            Proto::Smtp => "235 2.7.0 Authentication successful\r\n",
+        }
+    }
+
+    fn continuation(p: Proto, data: &str) -> String {
+        match p {
+            Proto::Imap | Proto::Pop3 => format!("+ {data}\r\n"),
+            Proto::Smtp => format!("334 {data}\r\n"),
+        }
+    }
+
+    #[test]
+    fn oauth_mechanisms_with_and_without_initial_response() {
+        for p in ALL {
+            for (name, msg) in [("OAUTHBEARER", BEARER), ("XOAUTH2", XOAUTH2)] {
+                let b64 = super::encode_base64(msg);
+                let marker = format!(
+                    "<login joe@example.net {} {}>",
+                    String::from_utf8_lossy(msg),
+                    name.to_ascii_lowercase()
+                );
+                let input = auth_line(p, name, Some(&b64));
+                assert_eq!(
+                    exact_with(p, 4096, &[], &input),
+                    format!("{marker}{}", ok_reply(p)),
+                    "{p:?} {name}"
+                );
+                // The continuation form: an empty challenge, then the message.
+                let input = auth_line(p, name, None) + &b64 + "\r\n";
+                assert_eq!(
+                    exact_with(p, 4096, &[], &input),
+                    format!("{}{marker}{}", continuation(p, ""), ok_reply(p)),
+                    "{p:?} {name}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_backend_s_error_challenge_reaches_the_client_and_the_failure_follows() {
+        let challenge = super::encode_base64(br#"{"status":"invalid_token","scope":"mail"}"#);
+        let refused = LoginOutcome::Challenged {
+            challenge: challenge.clone(),
+            response: Some("[AUTHENTICATIONFAILED] Invalid token".into()),
+        };
+        for p in ALL {
+            let b64 = super::encode_base64(BEARER);
+            // OAUTHBEARER clients answer AQ==, XOAUTH2 clients an empty line: both end it.
+            for dummy in ["AQ==", ""] {
+                let input = auth_line(p, "OAUTHBEARER", Some(&b64)) + dummy + "\r\n";
+                let out = exact_with(p, 4096, std::slice::from_ref(&refused), &input);
+                let failure = match p {
+                    Proto::Imap => "a NO [AUTHENTICATIONFAILED] Invalid token\r\n",
+                    // The backend's response code is kept (it has one).
+                    Proto::Pop3 => "-ERR [AUTHENTICATIONFAILED] Invalid token\r\n",
+                    Proto::Smtp => "535 5.7.8 [AUTHENTICATIONFAILED] Invalid token\r\n",
+                };
+                let login = format!(
+                    "<login joe@example.net {} oauthbearer>",
+                    String::from_utf8_lossy(BEARER)
+                );
+                assert_eq!(
+                    out,
+                    format!("{login}{}{failure}", continuation(p, &challenge)),
+                    "{p:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_tokens_are_refused_without_a_continuation_or_a_login() {
+        let big = super::encode_base64(&[BEARER, &[b'A'; 300][..]].concat());
+        for p in ALL {
+            // As initial response: refused at once (no `+`), no login.
+            let t = run_with(
+                p,
+                oauth_policy(256),
+                &[],
+                &[auth_line(p, "OAUTHBEARER", Some(&big)).as_bytes()],
+            );
+            assert!(t.logins.is_empty(), "{p:?}: {}", t.text());
+            assert!(
+                !t.text().starts_with('+') && !t.text().starts_with("334"),
+                "{p:?}: {}",
+                t.text()
+            );
+            // In the continuation form: refused without being forwarded.
+            let input = auth_line(p, "XOAUTH2", None) + &big + "\r\n";
+            let t = run_with(p, oauth_policy(256), &[], &[input.as_bytes()]);
+            assert!(t.logins.is_empty(), "{p:?}: {}", t.text());
+            // Tokens bigger than the password bound (max_literal) but within their own
+            // bound are fine.
+            let long = [
+                &b"n,a=joe,\x01auth=Bearer "[..],
+                &[b'x'; 2000][..],
+                b"\x01\x01",
+            ]
+            .concat();
+            let input = auth_line(p, "OAUTHBEARER", Some(&super::encode_base64(&long)));
+            let t = run_with(p, oauth_policy(32 * 1024), &[], &[input.as_bytes()]);
+            assert_eq!(t.logins.len(), 1, "{p:?}: {}", t.text());
+        }
+    }
+
+    #[test]
+    fn malformed_oauth_messages_count_as_failed_logins() {
+        let bad: [&[u8]; 6] = [
+            b"n,a=joe,auth=Bearer x\x01\x01", // no kvsep after the GS2 header
+            b"p=tls-unique,a=joe,\x01auth=Bearer x\x01\x01", // channel binding
+            b"n,a=joe,\x01auth=Basic x\x01\x01", // not a bearer token
+            b"n,a=jo=2Xe,\x01auth=Bearer x\x01\x01", // bad saslname escape
+            b"n,a=joe,\x01auth=Bearer x y\x01\x01", // not a b64token
+            b"n,a=joe,\x01host=x\x01\x01",    // no auth at all
+        ];
+        for p in ALL {
+            let input: String = bad[..3]
+                .iter()
+                .map(|m| auth_line(p, "OAUTHBEARER", Some(&super::encode_base64(m))))
+                .collect();
+            let t = run_with(p, oauth_policy(4096), &[], &[input.as_bytes()]);
+            assert!(t.logins.is_empty() && t.closed, "{p:?}: {}", t.text());
+        }
+        for m in bad {
+            assert!(
+                super::parse_oauth(crate::proto::Mechanism::OAuthBearer, m).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(m)
+            );
+        }
+    }
+
+    #[test]
+    fn oauth_is_offered_only_where_enabled() {
+        for p in ALL {
+            let b64 = super::encode_base64(BEARER);
+            let t = run(p, 3, &[auth_line(p, "OAUTHBEARER", Some(&b64)).as_bytes()]);
+            assert!(t.logins.is_empty(), "{p:?}: {}", t.text());
+        }
+        let p = oauth_policy(4096);
+        let m = imap::ServerMachine::new(p.clone());
+        let mut d = ServerDriver::scripted(m, &[], LoginOutcome::Unavailable);
+        assert!(d
+            .take_text()
+            .contains("AUTH=PLAIN AUTH=LOGIN AUTH=OAUTHBEARER AUTH=XOAUTH2"));
+        let mut d = ServerDriver::scripted(
+            smtp::ServerMachine::new(p.clone(), vec![]),
+            &[],
+            LoginOutcome::Unavailable,
+        );
+        d.feed(b"EHLO c\r\n");
+        assert!(d
+            .take_text()
+            .contains("250 AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2\r\n"));
+        let mut d =
+            ServerDriver::scripted(pop3::ServerMachine::new(p), &[], LoginOutcome::Unavailable);
+        d.feed(b"CAPA\r\n");
+        assert!(d
+            .take_text()
+            .contains("SASL PLAIN LOGIN OAUTHBEARER XOAUTH2\r\n"));
+    }
+
+    #[test]
+    fn parse_oauth_messages() {
+        let m = super::parse_oauth(crate::proto::Mechanism::OAuthBearer, BEARER).unwrap();
+        assert_eq!(m.user.as_deref(), Some("joe@example.net"));
+        assert_eq!(m.token, b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJqb2UifQ.c2ln");
+        let m = super::parse_oauth(crate::proto::Mechanism::XOAuth2, XOAUTH2).unwrap();
+        assert_eq!(m.user.as_deref(), Some("joe@example.net"));
+        // No authzid: the token alone says who it is.
+        let m = super::parse_oauth(
+            crate::proto::Mechanism::OAuthBearer,
+            b"n,,\x01auth=Bearer abc\x01\x01",
+        )
+        .unwrap();
+        assert_eq!(m.user, None);
+        // Escapes in the GS2 identity.
+        let m = super::parse_oauth(
+            crate::proto::Mechanism::OAuthBearer,
+            b"y,a=a=2Cb=3Dc,\x01auth=Bearer abc==\x01\x01",
+        )
+        .unwrap();
+        assert_eq!(m.user.as_deref(), Some("a,b=c"));
+        // The token never shows in Debug.
+        assert!(!format!("{m:?}").contains("abc"));
     }
 
     #[test]

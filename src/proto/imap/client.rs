@@ -91,6 +91,9 @@ enum State {
     Id,
     /// The login command (partly) sent; the pieces wait for the server's `+`.
     Login(Pieces),
+    /// An OAuth token was refused with this error challenge (base64 JSON); the dummy
+    /// response was sent and the tagged NO is awaited.
+    TokenChallenged(String),
     /// `CAPABILITY` sent after a login refused under remembered capabilities: if the
     /// server's list changed, the login is tried again under the new one, else this
     /// refusal stands.
@@ -118,6 +121,8 @@ pub struct BackendMachine {
     retry: Option<Credentials>,
     /// Capabilities seen in untagged data since the last command was sent.
     seen_caps: Option<String>,
+    /// The login replays a token with this mechanism.
+    token_mechanism: Option<crate::proto::Mechanism>,
     tls_active: bool,
     /// Literal bytes of an untagged response still to skip.
     skip: usize,
@@ -147,6 +152,9 @@ impl BackendMachine {
     pub fn new(policy: BackendPolicy, creds: Option<Credentials>) -> BackendMachine {
         BackendMachine {
             tls_active: policy.tls == BackendTls::Implicit,
+            token_mechanism: creds
+                .as_ref()
+                .and_then(|c| c.token_payload().map(|(_, m)| m)),
             policy,
             creds,
             state: State::Greeting,
@@ -245,6 +253,19 @@ impl BackendMachine {
         }
         let caps = self.caps.clone().unwrap_or_default();
         let tag = self.next_tag();
+        if let Some((payload, mechanism)) = creds.token_payload() {
+            // A token goes with the mechanism it came with, or not at all.
+            if !has_cap(&caps, &format!("AUTH={}", mechanism.sasl_name())) {
+                return self.unavailable(Unavailable::NoMechanism);
+            }
+            let sasl_ir = has_cap(&caps, "SASL-IR");
+            let mut pieces = token_pieces(&tag, payload.expose(), mechanism, sasl_ir);
+            if let Some(first) = pieces.0.pop_front() {
+                self.actions.push_back(BackendAction::Send(first));
+            }
+            self.state = State::Login(pieces);
+            return;
+        }
         let plain = has_cap(&caps, "AUTH=PLAIN");
         let login = !has_cap(&caps, "LOGINDISABLED");
         let login_pieces = |tag: &str, creds: &Credentials| {
@@ -288,8 +309,8 @@ impl BackendMachine {
             self.untagged(rest);
         } else if matches!(self.state, State::Greeting) {
             self.unavailable(Unavailable::Greeting);
-        } else if line.starts_with(b"+") {
-            self.continuation();
+        } else if let Some(data) = line.strip_prefix(b"+") {
+            self.continuation(data);
         } else {
             self.tagged(line);
         }
@@ -341,10 +362,26 @@ impl BackendMachine {
         }
     }
 
-    fn continuation(&mut self) {
+    fn continuation(&mut self, data: &[u8]) {
+        let token = self.token_mechanism;
         match &mut self.state {
             State::Login(pieces) => match pieces.0.pop_front() {
                 Some(next) => self.actions.push_back(BackendAction::Send(next)),
+                // A challenge after the whole token: RFC 7628's error challenge. The
+                // dummy response ends the exchange; the client is shown the challenge.
+                None if token.is_some() => {
+                    let challenge = String::from_utf8_lossy(trim_leading_space(data))
+                        .chars()
+                        .filter(char::is_ascii_graphic)
+                        .take(MAX_CHALLENGE)
+                        .collect::<String>();
+                    let dummy: &[u8] = match token {
+                        Some(crate::proto::Mechanism::OAuthBearer) => b"AQ==\r\n",
+                        _ => b"\r\n",
+                    };
+                    self.actions.push_back(BackendAction::Send(dummy.to_vec()));
+                    self.state = State::TokenChallenged(challenge);
+                }
                 // More SASL steps than PLAIN has: nothing sensible to answer.
                 None => self.unavailable(Unavailable::Protocol),
             },
@@ -424,10 +461,51 @@ impl BackendMachine {
                 }
             }
             State::Relearn(refusal) => self.done(refusal),
+            State::TokenChallenged(challenge) if !ok => {
+                let response = no_response(text).unwrap_or_else(|| AUTH_FAILED.to_owned());
+                self.done(BackendResult::TokenRefused {
+                    challenge,
+                    response,
+                });
+            }
             _ => self.unavailable(Unavailable::Protocol),
         }
     }
 }
+
+/// `AUTHENTICATE OAUTHBEARER|XOAUTH2` with the client's own message: one line with
+/// SASL-IR, else the command and then the message after the server's `+`.
+fn token_pieces(
+    tag: &str,
+    payload: &[u8],
+    mechanism: crate::proto::Mechanism,
+    sasl_ir: bool,
+) -> Pieces {
+    let mut b64 = sasl::encode_base64(payload).into_bytes();
+    let mut line = format!("{tag} AUTHENTICATE {}", mechanism.sasl_name()).into_bytes();
+    let mut pieces = VecDeque::new();
+    if sasl_ir {
+        line.push(b' ');
+        line.extend_from_slice(&b64);
+        line.extend_from_slice(b"\r\n");
+        pieces.push_back(line);
+    } else {
+        line.extend_from_slice(b"\r\n");
+        pieces.push_back(line);
+        let mut resp = b64.clone();
+        resp.extend_from_slice(b"\r\n");
+        pieces.push_back(resp);
+    }
+    crate::proto::wipe(&mut b64);
+    Pieces(pieces)
+}
+
+fn trim_leading_space(s: &[u8]) -> &[u8] {
+    s.strip_prefix(b" ").unwrap_or(s)
+}
+
+/// Longest error challenge kept for the client.
+const MAX_CHALLENGE: usize = 4096;
 
 /// `AUTHENTICATE PLAIN`: one line with SASL-IR, else the command and then the response
 /// after the server's `+`. `None` if the credentials hold NUL.
@@ -1193,6 +1271,7 @@ mod tests {
             allow_plaintext_auth: false,
             limits: crate::proto::Limits::default(),
             hostname: "x".into(),
+            mechanisms: Default::default(),
         });
         s.poll_action();
         let greeting = format!("* OK [CAPABILITY {caps}] hi\r\n");

@@ -44,6 +44,7 @@ pub fn fuzz_server(chunks: &[&[u8]]) {
         max_literal: 100,
         max_auth_failures: 3,
         max_commands: 40,
+        max_sasl_token: 32 * 1024,
     };
     let policy = ServerPolicy {
         tls: match sel % 3 {
@@ -54,6 +55,7 @@ pub fn fuzz_server(chunks: &[&[u8]]) {
         allow_plaintext_auth: sel & 4 != 0,
         limits: limits.clone(),
         hostname: "fuzz.example".into(),
+        mechanisms: Default::default(),
     };
     let answer = |creds: &Credentials| {
         assert!(!creds.secret().is_some_and(|s| s.expose().contains(&0)));

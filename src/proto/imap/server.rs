@@ -266,6 +266,12 @@ enum State {
     },
     /// `Login` was asked for; waiting for `login_done`.
     AwaitLogin { tag: String },
+    /// The backend refused a token with an error challenge, which the client was sent:
+    /// waiting for its answer (`AQ==` or an empty line), then the failure is said.
+    Challenged {
+        tag: String,
+        response: Option<String>,
+    },
     /// `StartTls` was asked for; waiting for `tls_established`.
     AwaitTls,
     /// The final OK is queued; the machine is finished.
@@ -310,11 +316,14 @@ impl ServerMachine {
         if self.policy.tls == ListenerTls::StartTls && !self.tls_active {
             caps.push_str(" STARTTLS");
         }
-        caps.push_str(if self.auth_allowed() {
-            " AUTH=PLAIN AUTH=LOGIN"
+        if self.auth_allowed() {
+            for m in self.policy.mechanisms.iter() {
+                caps.push_str(" AUTH=");
+                caps.push_str(m.sasl_name());
+            }
         } else {
-            " LOGINDISABLED"
-        });
+            caps.push_str(" LOGINDISABLED");
+        }
         caps
     }
 
@@ -564,7 +573,11 @@ impl ServerMachine {
     }
 
     fn authenticate(&mut self, tag: String, mech: &[u8], ir: Option<Vec<u8>>) {
-        let Some(mut exchange) = sasl::Exchange::new(mech, self.policy.limits.max_literal) else {
+        let limits = &self.policy.limits;
+        let offered = self.policy.mechanisms;
+        let exchange =
+            sasl::Exchange::offered(mech, offered, limits.max_literal, limits.max_sasl_token);
+        let Some(mut exchange) = exchange else {
             return self.send_tagged(&tag, "NO", "Unsupported authentication mechanism");
         };
         let step = exchange.begin(ir.as_deref());
@@ -600,11 +613,51 @@ impl ServerMachine {
                 &tag,
                 "[AUTHORIZATIONFAILED] Authorization identity must be the user's own",
             ),
-            Step::Failed(SaslError::Malformed | SaslError::InvalidUser) => {
-                self.auth_failure(&tag, AUTH_FAILED)
-            }
+            Step::Failed(
+                SaslError::Malformed | SaslError::InvalidUser | SaslError::MalformedToken,
+            ) => self.auth_failure(&tag, AUTH_FAILED),
         }
     }
+}
+
+impl ServerMachine {
+    /// The backend rejected the credentials: its text (response code included), else
+    /// the standard one.
+    fn backend_refused(&mut self, tag: &str, response: Option<String>) {
+        let text = response
+            .map(|r| sanitize(r.as_bytes(), MAX_RESPONSE_TEXT))
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| AUTH_FAILED.to_owned());
+        self.auth_failure(tag, &text);
+    }
+
+    /// The longest command line accepted between commands: `max_line`, or, while an
+    /// OAuth mechanism may be used, room for a token as initial response.
+    fn idle_line_bound(&self) -> usize {
+        let limits = &self.policy.limits;
+        if self.policy.mechanisms.has_tokens() && self.auth_allowed() {
+            limits.max_line.max(
+                limits
+                    .max_sasl_token
+                    .saturating_add(MAX_AUTHENTICATE_PREFIX),
+            )
+        } else {
+            limits.max_line
+        }
+    }
+}
+
+/// Room for `tag AUTHENTICATE MECHANISM ` and CRLF in front of an OAuth initial response.
+const MAX_AUTHENTICATE_PREFIX: usize = 128;
+
+/// Whether a command line is an AUTHENTICATE command (only those may be longer than
+/// `max_line`, to carry a token).
+fn is_authenticate(line: &[u8]) -> bool {
+    let mut words = line.splitn(3, |b| *b == b' ');
+    words.next();
+    words
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"AUTHENTICATE"))
 }
 
 /// Moves the bytes of argument `i` out (leaving an empty vector behind).
@@ -632,9 +685,15 @@ impl PreAuth for ServerMachine {
                         self.bye("Too many commands");
                         return input.len();
                     }
-                    match next_line(rest, max_line) {
+                    match next_line(rest, self.idle_line_bound()) {
                         Line::Incomplete => return pos,
                         Line::TooLong => {
+                            self.line_too_long();
+                            return input.len();
+                        }
+                        Line::Complete { content, len }
+                            if len > max_line && !is_authenticate(content) =>
+                        {
                             self.line_too_long();
                             return input.len();
                         }
@@ -682,7 +741,24 @@ impl PreAuth for ServerMachine {
                         }
                     }
                 }
-                State::Sasl { tag, exchange } => match next_line(rest, max_line) {
+                State::Challenged { tag, response } => match next_line(rest, max_line) {
+                    Line::Incomplete => {
+                        self.state = State::Challenged { tag, response };
+                        return pos;
+                    }
+                    Line::TooLong => {
+                        self.line_too_long();
+                        return input.len();
+                    }
+                    // Whatever the client answered, the backend has said no.
+                    Line::Complete { len, .. } => {
+                        pos += len;
+                        self.backend_refused(&tag, response);
+                        return pos;
+                    }
+                },
+                State::Sasl { tag, exchange } => match next_line(rest, exchange.max_line(max_line))
+                {
                     Line::Incomplete => {
                         self.state = State::Sasl { tag, exchange };
                         return pos;
@@ -737,12 +813,15 @@ impl PreAuth for ServerMachine {
                 }
                 self.state = State::Authenticated;
             }
-            LoginOutcome::AuthFailed { response } => {
-                let text = response
-                    .map(|r| sanitize(r.as_bytes(), MAX_RESPONSE_TEXT))
-                    .filter(|r| !r.is_empty())
-                    .unwrap_or_else(|| AUTH_FAILED.to_owned());
-                self.auth_failure(&tag, &text);
+            LoginOutcome::AuthFailed { response } => self.backend_refused(&tag, response),
+            LoginOutcome::Challenged {
+                challenge,
+                response,
+            } => {
+                // RFC 7628 3.2.2: the error challenge, then the client's dummy response.
+                let challenge = sanitize(challenge.as_bytes(), self.policy.limits.max_sasl_token);
+                self.send(format!("+ {challenge}\r\n").into_bytes());
+                self.state = State::Challenged { tag, response };
             }
             LoginOutcome::Unavailable => self.send_tagged(
                 &tag,
@@ -791,6 +870,7 @@ mod tests {
             allow_plaintext_auth,
             limits: Limits::default(),
             hostname: HOST.into(),
+            mechanisms: Default::default(),
         }
     }
 

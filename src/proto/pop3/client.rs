@@ -54,6 +54,10 @@ pub struct BackendMachine {
     caps: Option<Vec<String>>,
     /// The base64 PLAIN message, kept while the server may still ask for it with `+`.
     plain: Option<Secret>,
+    /// The login replays an OAuth token with this mechanism.
+    token: Option<crate::proto::Mechanism>,
+    /// The error challenge the server answered the token with (RFC 7628).
+    challenge: Option<String>,
     actions: VecDeque<BackendAction>,
 }
 
@@ -72,6 +76,9 @@ enum State {
     AuthWait,
     /// The PLAIN response sent after a `+`.
     AuthResponse,
+    /// A token was answered with an error challenge; the dummy response is sent and the
+    /// final `-ERR` is awaited.
+    TokenChallenged,
     Done,
 }
 
@@ -79,7 +86,8 @@ enum State {
 enum Status<'a> {
     Ok,
     Err(&'a [u8]),
-    Continue,
+    /// A continuation, with its challenge (empty for "send your response").
+    Continue(&'a [u8]),
     Other,
 }
 
@@ -89,7 +97,7 @@ fn status(line: &[u8]) -> Status<'_> {
     } else if line == b"-ERR" || line.starts_with(b"-ERR ") {
         Status::Err(line.get(5..).unwrap_or_default())
     } else if line == b"+" || line.starts_with(b"+ ") {
-        Status::Continue
+        Status::Continue(line.get(2..).unwrap_or_default())
     } else {
         Status::Other
     }
@@ -119,6 +127,10 @@ impl BackendMachine {
     pub fn new(policy: BackendPolicy, creds: Option<Credentials>) -> Self {
         let tls_done = policy.tls != BackendTls::StartTls;
         BackendMachine {
+            token: creds
+                .as_ref()
+                .and_then(|c| c.token_payload().map(|(_, m)| m)),
+            challenge: None,
             policy,
             creds,
             tls_done,
@@ -148,11 +160,11 @@ impl BackendMachine {
         })
     }
 
-    fn sasl_plain_offered(&self) -> bool {
+    fn sasl_offered(&self, mechanism: &str) -> bool {
         self.caps.iter().flatten().any(|line| {
             let mut words = line.split(' ').filter(|w| !w.is_empty());
             words.next().is_some_and(|w| w.eq_ignore_ascii_case("SASL"))
-                && words.any(|w| w.eq_ignore_ascii_case("PLAIN"))
+                && words.any(|w| w.eq_ignore_ascii_case(mechanism))
         })
     }
 
@@ -178,7 +190,15 @@ impl BackendMachine {
             let capabilities = self.caps.take().unwrap_or_default();
             return self.finish(BackendResult::Ready { capabilities });
         };
-        if self.sasl_plain_offered() {
+        if let Some((payload, mechanism)) = creds.token_payload() {
+            // A token goes with the mechanism it came with, or not at all.
+            if !self.sasl_offered(mechanism.sasl_name()) {
+                return self.finish(BackendResult::Unavailable(Unavailable::NoMechanism));
+            }
+            let message = Secret::new(sasl::encode_base64(payload.expose()).into_bytes());
+            return self.start_sasl(mechanism.sasl_name(), message);
+        }
+        if self.sasl_offered("PLAIN") {
             self.start_plain(&creds);
         } else if self.caps.is_none() || self.has_cap("USER") {
             self.start_user(creds);
@@ -193,20 +213,43 @@ impl BackendMachine {
                 response: "[AUTH] The password cannot be sent to this server".into(),
             });
         };
-        let message = Secret::new(message.into_bytes());
-        let prefix = b"AUTH PLAIN ";
+        self.start_sasl("PLAIN", Secret::new(message.into_bytes()));
+    }
+
+    /// `AUTH MECHANISM` with the message as initial response when the line stays within
+    /// RFC 5034's bound, else after the server's `+`.
+    fn start_sasl(&mut self, mechanism: &str, message: Secret) {
+        let prefix = format!("AUTH {mechanism} ");
         if prefix.len() + message.expose().len() + 2 <= MAX_COMMAND_LINE {
             let mut line = Vec::with_capacity(prefix.len() + message.expose().len() + 2);
-            line.extend_from_slice(prefix);
+            line.extend_from_slice(prefix.as_bytes());
             line.extend_from_slice(message.expose());
             line.extend_from_slice(b"\r\n");
             self.send(line);
             self.state = State::AuthInitial;
         } else {
-            self.send(&b"AUTH PLAIN\r\n"[..]);
+            self.send(format!("AUTH {mechanism}\r\n").into_bytes());
             self.state = State::AuthWait;
         }
         self.plain = Some(message);
+    }
+
+    /// A `+` with data after the whole token: RFC 7628's error challenge. The dummy
+    /// response ends the exchange; the client will be shown the challenge.
+    fn token_challenged(&mut self, data: &[u8]) {
+        let challenge: String = String::from_utf8_lossy(data)
+            .chars()
+            .filter(char::is_ascii_graphic)
+            .take(4096)
+            .collect();
+        let dummy: &[u8] = match self.token {
+            Some(crate::proto::Mechanism::OAuthBearer) => b"AQ==\r\n",
+            _ => b"\r\n",
+        };
+        self.send(dummy);
+        self.plain = None;
+        self.challenge = Some(challenge);
+        self.state = State::TokenChallenged;
     }
 
     /// Sends the PLAIN message after a `+`, at most once.
@@ -276,6 +319,25 @@ impl BackendMachine {
             (State::Pass | State::AuthInitial | State::AuthResponse, Status::Ok) => {
                 self.finish(BackendResult::LoggedIn { capabilities: None })
             }
+            (State::TokenChallenged, Status::Err(text)) => {
+                let challenge = self.challenge.take().unwrap_or_default();
+                let response = match rejected(text) {
+                    BackendResult::AuthFailed { response } => response,
+                    other => return self.finish(other),
+                };
+                self.finish(BackendResult::TokenRefused {
+                    challenge,
+                    response,
+                });
+            }
+            (State::TokenChallenged, _) => {
+                self.finish(BackendResult::Unavailable(Unavailable::Protocol))
+            }
+            (State::AuthInitial | State::AuthResponse, Status::Continue(data))
+                if self.token.is_some() && !data.is_empty() =>
+            {
+                self.token_challenged(data)
+            }
             (
                 State::User
                 | State::Pass
@@ -287,7 +349,9 @@ impl BackendMachine {
                 let result = rejected(text);
                 self.finish(result);
             }
-            (State::AuthInitial | State::AuthWait, Status::Continue) => self.send_plain_response(),
+            (State::AuthInitial | State::AuthWait, Status::Continue(_)) => {
+                self.send_plain_response()
+            }
             (
                 State::User
                 | State::Pass

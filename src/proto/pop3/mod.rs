@@ -60,6 +60,7 @@ pub fn fuzz_server(chunks: &[&[u8]]) {
         max_literal: 96,
         max_auth_failures: 3,
         max_commands: 40,
+        max_sasl_token: 32 * 1024,
     };
     let policies = [
         (ListenerTls::StartTls, false),
@@ -72,6 +73,7 @@ pub fn fuzz_server(chunks: &[&[u8]]) {
             allow_plaintext_auth,
             limits: limits.clone(),
             hostname: "fuzz.example".into(),
+            mechanisms: Default::default(),
         };
         let driver = || {
             checked(ServerDriver::new(

@@ -60,6 +60,9 @@ enum State {
     Command,
     /// A challenge of this SASL exchange was sent: waiting for the client's response.
     Sasl(sasl::Exchange),
+    /// The backend refused a token with an error challenge, which the client was sent:
+    /// waiting for its answer, then the failure (the backend's text) is said.
+    Challenged(Option<String>),
     /// Action::Login emitted; nothing is read until `login_done`.
     WaitLogin,
     /// Action::StartTls emitted; nothing is read until `tls_established`.
@@ -115,7 +118,10 @@ impl ServerMachine {
     /// does not depend on how the input was split.
     fn line_limit(&self, input: &[u8]) -> usize {
         let limits = &self.policy.limits;
-        let sasl = limits.max_literal.saturating_add(2).max(limits.max_line);
+        let mut sasl = limits.max_literal.saturating_add(2).max(limits.max_line);
+        if self.policy.mechanisms.has_tokens() {
+            sasl = sasl.max(limits.max_sasl_token.saturating_add(2));
+        }
         match self.state {
             State::Command => {
                 let head = &input[..input.len().min(5)];
@@ -190,7 +196,11 @@ impl ServerMachine {
     fn capa(&mut self) {
         let mut out = String::from("+OK Capability list follows\r\nCAPA\r\n");
         if self.auth_allowed() {
-            out.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
+            out.push_str("USER\r\n");
+            let names = self.policy.mechanisms.names();
+            if !names.is_empty() {
+                out.push_str(&format!("SASL {names}\r\n"));
+            }
         }
         if self.stls_offered() {
             out.push_str("STLS\r\n");
@@ -262,13 +272,26 @@ impl ServerMachine {
             .filter(|p| !p.is_empty());
         let (mechanism, initial, extra) = (parts.next(), parts.next(), parts.next());
         let Some(mechanism) = mechanism else {
-            return self.send("+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
+            let mut list = String::from("+OK\r\n");
+            for m in self.policy.mechanisms.iter() {
+                list.push_str(m.sasl_name());
+                list.push_str("\r\n");
+            }
+            list.push_str(".\r\n");
+            return self.send(list.as_str());
         };
         if extra.is_some() {
             return self.send("-ERR Syntax error\r\n");
         }
-        let max = self.policy.limits.max_literal;
-        let Some(mut exchange) = sasl::Exchange::new(mechanism, max) else {
+        let limits = &self.policy.limits;
+        let offered = self.policy.mechanisms;
+        let exchange = sasl::Exchange::offered(
+            mechanism,
+            offered,
+            limits.max_literal,
+            limits.max_sasl_token,
+        );
+        let Some(mut exchange) = exchange else {
             return self.send("-ERR Unsupported authentication mechanism\r\n");
         };
         let step = exchange.begin(initial);
@@ -292,6 +315,9 @@ impl ServerMachine {
             }
             Step::Failed(SaslError::Malformed) => self.fail("-ERR Malformed PLAIN response\r\n"),
             Step::Failed(SaslError::InvalidUser) => self.fail("-ERR Invalid user name\r\n"),
+            Step::Failed(SaslError::MalformedToken) => {
+                self.fail("-ERR [AUTH] Malformed OAuth response\r\n")
+            }
         }
     }
 }
@@ -321,7 +347,10 @@ fn rejection(response: Option<&str>) -> String {
 
 impl PreAuth for ServerMachine {
     fn receive(&mut self, input: &[u8]) -> usize {
-        if !matches!(self.state, State::Command | State::Sasl(_)) {
+        if !matches!(
+            self.state,
+            State::Command | State::Sasl(_) | State::Challenged(_)
+        ) {
             return 0;
         }
         let limit = self.line_limit(input);
@@ -339,6 +368,8 @@ impl PreAuth for ServerMachine {
                         let step = exchange.respond(content);
                         self.sasl_step(exchange, step);
                     }
+                    // Whatever the client answered, the backend has said no.
+                    State::Challenged(response) => self.fail(&rejection(response.as_deref())),
                     _ => self.command(content),
                 }
                 len
@@ -368,6 +399,14 @@ impl PreAuth for ServerMachine {
                 self.state = State::Authenticated;
             }
             LoginOutcome::AuthFailed { response } => self.fail(&rejection(response.as_deref())),
+            LoginOutcome::Challenged {
+                challenge,
+                response,
+            } => {
+                let challenge = sanitize(challenge.as_bytes(), self.policy.limits.max_sasl_token);
+                self.send(format!("+ {challenge}\r\n").as_str());
+                self.state = State::Challenged(response);
+            }
             LoginOutcome::Refused { reason } => {
                 let reason = sanitize(reason.as_bytes(), MAX_TEXT);
                 let reply = match resp_code(&reason) {
@@ -421,6 +460,7 @@ mod tests {
             allow_plaintext_auth,
             limits: Limits::default(),
             hostname: "mail.example".into(),
+            mechanisms: Default::default(),
         }
     }
 

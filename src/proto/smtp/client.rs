@@ -43,8 +43,21 @@ enum Step {
     LoginUser,
     LoginPassword,
     LoginFinal,
+    /// `AUTH OAUTHBEARER|XOAUTH2 <message>` sent.
+    TokenInitial,
+    /// `AUTH OAUTHBEARER|XOAUTH2` sent: waiting for the `334` to send the message.
+    TokenWait,
+    /// The message sent after the `334`.
+    TokenSent,
+    /// The token drew an error challenge (kept in `challenge`); the dummy response is
+    /// sent and the final `535` is awaited.
+    TokenChallenged,
     Done,
 }
+
+/// Longest `AUTH` line with a token as initial response; a longer message goes after the
+/// `334` (Dovecot's submission service refuses AUTH lines over about 1,000 octets).
+const MAX_TOKEN_AUTH_LINE: usize = 500;
 
 /// The backend-facing SMTP machine: greeting, EHLO, STARTTLS, XCLIENT, then the AUTH
 /// replay (or nothing, or QUIT for a probe). Implements [`BackendLogin`]. Its `Debug`
@@ -113,6 +126,10 @@ pub struct BackendMachine {
     tls_done: bool,
     xclient_done: bool,
     keywords: Vec<String>,
+    /// An OAuth token's error challenge (RFC 7628), for the client.
+    challenge: Option<String>,
+    /// The login replays a token with this mechanism.
+    token: Option<crate::proto::Mechanism>,
     actions: VecDeque<BackendAction>,
 }
 
@@ -140,9 +157,10 @@ impl BackendMachine {
     /// Without credentials it is a health probe; bridged credentials open the session
     /// without AUTH.
     pub fn new(policy: BackendPolicy, creds: Option<Credentials>) -> BackendMachine {
+        let token = (creds.as_ref()).and_then(|c| c.token_payload().map(|(_, m)| m));
         let (kind, creds) = match creds {
             None => (Kind::Probe, None),
-            Some(c) if c.secret().is_none() => (Kind::Bridged, None),
+            Some(c) if matches!(c.auth, crate::proto::Auth::Bridged) => (Kind::Bridged, None),
             Some(c) => (Kind::Auth, Some(c)),
         };
         let mut helo: String = policy
@@ -163,6 +181,8 @@ impl BackendMachine {
             step: Step::Greeting,
             xclient_done: false,
             keywords: Vec::new(),
+            challenge: None,
+            token,
             actions: VecDeque::new(),
         }
     }
@@ -303,7 +323,9 @@ impl BackendMachine {
                     self.after_hello();
                 }
             }
-            Step::AuthPlain | Step::LoginFinal if reply.code == 235 => {
+            Step::TokenInitial | Step::TokenSent | Step::AuthPlain | Step::LoginFinal
+                if reply.code == 235 =>
+            {
                 self.finish(BackendResult::LoggedIn { capabilities: None });
             }
             Step::LoginUser if reply.code == 334 => {
@@ -327,9 +349,54 @@ impl BackendMachine {
                 self.send_secret("", encode_base64(password));
                 self.step = Step::LoginFinal;
             }
-            Step::AuthPlain | Step::LoginUser | Step::LoginPassword | Step::LoginFinal => {
-                self.auth_refused(&reply)
+            Step::TokenWait if reply.code == 334 => {
+                let Some((payload, _)) = self.creds.as_ref().and_then(|c| c.token_payload()) else {
+                    self.fail(Unavailable::Protocol);
+                    return;
+                };
+                let b64 = encode_base64(payload.expose());
+                self.creds = None;
+                self.send_secret("", b64);
+                self.step = Step::TokenSent;
             }
+            // RFC 7628 3.2.2: an error challenge after the whole token. The dummy response
+            // ends the exchange; the client is shown the challenge.
+            Step::TokenInitial | Step::TokenSent if reply.code == 334 => {
+                let challenge: String = reply
+                    .text()
+                    .chars()
+                    .filter(char::is_ascii_graphic)
+                    .take(4096)
+                    .collect();
+                let dummy = match self.token {
+                    Some(crate::proto::Mechanism::OAuthBearer) => "AQ==",
+                    _ => "",
+                };
+                self.send(dummy);
+                self.challenge = Some(challenge);
+                self.step = Step::TokenChallenged;
+            }
+            Step::TokenChallenged => match reply.code {
+                500..=599 if ![504, 534, 538].contains(&reply.code) => {
+                    let mut response = sanitize(reply.text().as_bytes(), MAX_FAILURE_TEXT);
+                    if response.is_empty() {
+                        response = "Authentication failed".to_owned();
+                    }
+                    let challenge = self.challenge.take().unwrap_or_default();
+                    self.quit_with(BackendResult::TokenRefused {
+                        challenge,
+                        response,
+                    });
+                }
+                _ => self.auth_refused(&reply),
+            },
+            Step::AuthPlain
+            | Step::LoginUser
+            | Step::LoginPassword
+            | Step::LoginFinal
+            | Step::TokenInitial
+            | Step::TokenWait
+            | Step::TokenSent => self.auth_refused(&reply),
             Step::AwaitTls | Step::Done => {}
         }
     }
@@ -394,6 +461,26 @@ impl BackendMachine {
             self.fail(Unavailable::NoMechanism);
             return;
         };
+        if let Some((payload, mechanism)) = creds.token_payload() {
+            // A token goes with the mechanism it came with, or not at all.
+            if !offers(mechanism.sasl_name()) {
+                self.quit_with(unavailable(Unavailable::NoMechanism));
+                return;
+            }
+            let b64 = encode_base64(payload.expose());
+            let prefix = format!("AUTH {} ", mechanism.sasl_name());
+            if prefix.len() + b64.len() + 2 <= MAX_TOKEN_AUTH_LINE {
+                self.creds = None;
+                self.send_secret(&prefix, b64);
+                self.step = Step::TokenInitial;
+            } else {
+                let mut raw = b64.into_bytes();
+                wipe(&mut raw);
+                self.send(prefix.trim_end());
+                self.step = Step::TokenWait;
+            }
+            return;
+        }
         if offers("PLAIN") {
             if let Some(b64) = encode_plain(creds) {
                 self.creds = None;

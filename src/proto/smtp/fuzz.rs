@@ -18,6 +18,7 @@ fn server_policies() -> Vec<ServerPolicy> {
         max_literal: 30,
         max_auth_failures: 3,
         max_commands: 24,
+        max_sasl_token: 32 * 1024,
     };
     vec![
         ServerPolicy {
@@ -25,12 +26,14 @@ fn server_policies() -> Vec<ServerPolicy> {
             allow_plaintext_auth: false,
             limits: small.clone(),
             hostname: "mx.example".into(),
+            mechanisms: Default::default(),
         },
         ServerPolicy {
             tls: ListenerTls::Implicit,
             allow_plaintext_auth: false,
             limits: Limits::default(),
             hostname: "mx.example".into(),
+            mechanisms: Default::default(),
         },
         ServerPolicy {
             tls: ListenerTls::None,
@@ -40,6 +43,7 @@ fn server_policies() -> Vec<ServerPolicy> {
                 ..small
             },
             hostname: "mx.example".into(),
+            mechanisms: Default::default(),
         },
     ]
 }

@@ -35,6 +35,9 @@ enum State {
     Command,
     /// A `334` challenge of this SASL exchange was sent: waiting for the response.
     Sasl(sasl::Exchange),
+    /// The backend refused a token with an error challenge, which the client was sent
+    /// (`334`): waiting for its answer, then the failure (`535`) is said.
+    Challenged(Option<String>),
     /// An overlong line was answered; dropping its bytes through the next LF.
     SkipLine,
     /// Dropping the chunk of a `BDAT` sent before authentication; `530` follows.
@@ -122,6 +125,7 @@ pub struct ServerMachine {
     listener_tls: ListenerTls,
     allow_plaintext_auth: bool,
     limits: Limits,
+    mechanisms: crate::proto::Mechanisms,
     /// Advertised extensions: the allowed backend ones plus ENHANCEDSTATUSCODES.
     extensions: Vec<String>,
     tls_active: bool,
@@ -163,6 +167,7 @@ impl ServerMachine {
             listener_tls: policy.tls,
             allow_plaintext_auth: policy.allow_plaintext_auth,
             limits: policy.limits,
+            mechanisms: policy.mechanisms,
             extensions,
             hostname,
             hello: Hello::None,
@@ -238,13 +243,18 @@ impl ServerMachine {
     /// first bytes, so a partial `AU` already gets the larger bound) and SASL responses may
     /// carry a base64 payload of up to `max_literal` bytes.
     fn line_limit(&self, input: &[u8]) -> usize {
-        let sasl = self.limits.max_line.max(
+        let mut sasl = self.limits.max_line.max(
             self.limits
                 .max_literal
                 .div_ceil(3)
                 .saturating_mul(4)
                 .saturating_add("AUTH PLAIN \r\n".len()),
         );
+        if self.mechanisms.has_tokens() {
+            // Python's smtplib and others send a whole token on the AUTH line.
+            let token = self.limits.max_sasl_token;
+            sasl = sasl.max(token.saturating_add("AUTH OAUTHBEARER \r\n".len()));
+        }
         match self.state {
             State::Command => {
                 let n = input.len().min(5);
@@ -301,6 +311,7 @@ impl ServerMachine {
             }
         } else {
             match content {
+                Some(_) if matches!(self.state, State::Challenged(_)) => self.challenge_answered(),
                 Some(content) => self.sasl_response(content),
                 None => {
                     self.state = State::Command;
@@ -371,8 +382,9 @@ impl ServerMachine {
         if self.listener_tls == ListenerTls::StartTls && !self.tls_active {
             lines.push("STARTTLS".to_owned());
         }
-        if self.auth_allowed() {
-            lines.push("AUTH PLAIN LOGIN".to_owned());
+        let names = self.mechanisms.names();
+        if self.auth_allowed() && !names.is_empty() {
+            lines.push(format!("AUTH {names}"));
         }
         let mut out = Vec::new();
         let last = lines.len() - 1;
@@ -408,7 +420,14 @@ impl ServerMachine {
             self.reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]");
             return;
         };
-        let Some(mut exchange) = sasl::Exchange::new(mechanism, self.limits.max_literal) else {
+        let (offered, limits) = (self.mechanisms, &self.limits);
+        let exchange = sasl::Exchange::offered(
+            mechanism,
+            offered,
+            limits.max_literal,
+            limits.max_sasl_token,
+        );
+        let Some(mut exchange) = exchange else {
             self.reply("504 5.5.4 Unrecognized authentication type");
             return;
         };
@@ -445,9 +464,17 @@ impl ServerMachine {
             Step::Failed(SaslError::Base64) => self.sasl_failed(BAD_BASE64),
             Step::Failed(SaslError::ForeignAuthzid) => self
                 .sasl_failed("535 5.7.8 Authorization identity must match authentication identity"),
-            Step::Failed(SaslError::Malformed | SaslError::InvalidUser) => {
-                self.sasl_failed(MALFORMED_SASL)
-            }
+            Step::Failed(
+                SaslError::Malformed | SaslError::InvalidUser | SaslError::MalformedToken,
+            ) => self.sasl_failed(MALFORMED_SASL),
+        }
+    }
+
+    /// The client answered the backend's error challenge: the backend has said no.
+    fn challenge_answered(&mut self) {
+        if let State::Challenged(response) = std::mem::replace(&mut self.state, State::Command) {
+            let reply = failure_reply(response.as_deref().unwrap_or(""));
+            self.sasl_failed(&reply);
         }
     }
 
@@ -532,7 +559,7 @@ impl PreAuth for ServerMachine {
                 }
                 take
             }
-            State::Command | State::Sasl(_) => self.receive_line(input),
+            State::Command | State::Sasl(_) | State::Challenged(_) => self.receive_line(input),
         }
     }
 
@@ -578,6 +605,18 @@ impl PreAuth for ServerMachine {
             LoginOutcome::AuthFailed { response } => {
                 let reply = failure_reply(response.as_deref().unwrap_or(""));
                 self.sasl_failed(&reply);
+            }
+            LoginOutcome::Challenged {
+                challenge,
+                response,
+            } => {
+                let challenge: String = challenge
+                    .chars()
+                    .filter(char::is_ascii_graphic)
+                    .take(self.limits.max_sasl_token)
+                    .collect();
+                self.reply(&format!("334 {challenge}"));
+                self.state = State::Challenged(response);
             }
             LoginOutcome::Unavailable => self.reply("454 4.7.0 Temporary authentication failure"),
             LoginOutcome::Refused { reason } => {
@@ -662,6 +701,7 @@ mod tests {
             allow_plaintext_auth,
             limits: Limits::default(),
             hostname: HOST.into(),
+            mechanisms: Default::default(),
         }
     }
 
