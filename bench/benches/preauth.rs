@@ -21,6 +21,7 @@ fn policy() -> ServerPolicy {
         allow_plaintext_auth: false,
         limits: Limits::default(),
         hostname: "bench.example.net".into(),
+        mechanisms: Default::default(),
     }
 }
 
