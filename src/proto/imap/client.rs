@@ -782,6 +782,58 @@ mod tests {
         (sent, other, buf)
     }
 
+    fn token(mechanism: Mechanism) -> Credentials {
+        Credentials::token(
+            "joe".into(),
+            b"n,a=joe,\x01auth=Bearer abc.def.ghi\x01\x01".to_vec(),
+            mechanism,
+        )
+    }
+
+    #[test]
+    fn tokens_are_replayed_with_their_own_mechanism() {
+        let b64 = sasl::encode_base64(b"n,a=joe,\x01auth=Bearer abc.def.ghi\x01\x01");
+        // SASL-IR: one line.
+        let input = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=OAUTHBEARER] hi\r\n\
+                      C1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n";
+        let creds = Some(token(Mechanism::OAuthBearer));
+        let (sent, actions, _) = assert_split_invariant(&plain(), &creds, input);
+        assert_eq!(sent, format!("C1 AUTHENTICATE OAUTHBEARER {b64}\r\n"));
+        assert_eq!(actions, logged_in("IMAP4rev1 IDLE"));
+        // Without SASL-IR: the message after the server's `+`.
+        let input = b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n+ \r\nC1 OK Logged in\r\n";
+        let creds = Some(token(Mechanism::XOAuth2));
+        let (sent, actions, _) = assert_split_invariant(&plain(), &creds, input);
+        assert_eq!(sent, format!("C1 AUTHENTICATE XOAUTH2\r\n{b64}\r\n"));
+        assert_eq!(
+            actions,
+            done(BackendResult::LoggedIn { capabilities: None })
+        );
+        // Not offered: this server cannot serve the login (never a password login).
+        let input = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n";
+        let (sent, actions, _) = assert_split_invariant(&plain(), &creds, input);
+        assert_eq!(sent, "");
+        assert_eq!(actions, unavailable(Unavailable::NoMechanism));
+    }
+
+    #[test]
+    fn a_refused_token_s_error_challenge_is_kept_for_the_client() {
+        let input = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=OAUTHBEARER AUTH=XOAUTH2] hi\r\n\
+                      + eyJzdGF0dXMiOiI0MDEifQ==\r\nC1 NO [AUTHENTICATIONFAILED] Bad token\r\n";
+        for (mechanism, dummy) in [(Mechanism::OAuthBearer, "AQ=="), (Mechanism::XOAuth2, "")] {
+            let creds = Some(token(mechanism));
+            let (sent, actions, _) = assert_split_invariant(&plain(), &creds, input);
+            assert!(sent.ends_with(&format!("\r\n{dummy}\r\n")), "{sent:?}");
+            assert_eq!(
+                actions,
+                done(BackendResult::TokenRefused {
+                    challenge: "eyJzdGF0dXMiOiI0MDEifQ==".into(),
+                    response: "[AUTHENTICATIONFAILED] Bad token".into(),
+                })
+            );
+        }
+    }
+
     /// The same conversation whatever the read boundaries.
     fn assert_split_invariant(
         policy: &BackendPolicy,

@@ -596,6 +596,76 @@ mod tests {
     }
 
     #[test]
+    fn tokens_go_with_their_mechanism_and_long_ones_after_the_continuation() {
+        let short = b"user=joe\x01auth=Bearer abc\x01\x01".to_vec();
+        let b64 = sasl::encode_base64(&short);
+        let creds = Some(Credentials::token("joe".into(), short, Mechanism::XOAuth2));
+        let r = run(
+            BackendTls::None,
+            creds,
+            &[
+                b"+OK hi\r\n",
+                b"+OK\r\nSASL PLAIN XOAUTH2\r\n.\r\n",
+                b"+OK in\r\n",
+            ],
+        );
+        assert_eq!(r.sent, format!("CAPA\r\nAUTH XOAUTH2 {b64}\r\n"));
+        assert_eq!(r.done, logged_in());
+        // Over RFC 5034's 255 octets: the message after `+`.
+        let long = [
+            &b"n,a=joe,\x01auth=Bearer "[..],
+            &[b'x'; 400][..],
+            b"\x01\x01",
+        ]
+        .concat();
+        let b64 = sasl::encode_base64(&long);
+        let creds = Some(Credentials::token(
+            "joe".into(),
+            long,
+            Mechanism::OAuthBearer,
+        ));
+        let r = run(
+            BackendTls::None,
+            creds.clone(),
+            &[
+                b"+OK hi\r\n",
+                b"+OK\r\nSASL OAUTHBEARER\r\n.\r\n",
+                b"+ \r\n",
+                b"+OK in\r\n",
+            ],
+        );
+        assert_eq!(r.sent, format!("CAPA\r\nAUTH OAUTHBEARER\r\n{b64}\r\n"));
+        assert_eq!(r.done, logged_in());
+        // The error challenge: the dummy response, then the failure with the challenge.
+        let r = run(
+            BackendTls::None,
+            creds.clone(),
+            &[
+                b"+OK hi\r\n",
+                b"+OK\r\nSASL OAUTHBEARER\r\n.\r\n",
+                b"+ \r\n",
+                b"+ eyJ9\r\n",
+                b"-ERR [AUTH] no\r\n",
+            ],
+        );
+        assert!(r.sent.ends_with("\r\nAQ==\r\n"), "{}", r.sent);
+        assert_eq!(
+            r.done,
+            Some(BackendResult::TokenRefused {
+                challenge: "eyJ9".into(),
+                response: "[AUTH] no".into()
+            })
+        );
+        // Not offered: unavailable for this login.
+        let r = run(
+            BackendTls::None,
+            creds,
+            &[b"+OK hi\r\n", b"+OK\r\nSASL PLAIN\r\nUSER\r\n.\r\n"],
+        );
+        assert_eq!(r.done, unavailable(Unavailable::NoMechanism));
+    }
+
+    #[test]
     fn plain_when_offered() {
         let r = run(
             BackendTls::None,

@@ -642,6 +642,52 @@ mod tests {
     }
 
     #[test]
+    fn tokens_go_with_their_mechanism_and_long_ones_after_334() {
+        let short = b"user=joe\x01auth=Bearer abc\x01\x01".to_vec();
+        let b64 = encode_base64(&short);
+        let creds = Credentials::token("joe".into(), short, crate::proto::Mechanism::XOAuth2);
+        let mut m = BackendMachine::new(policy(BackendTls::None), Some(creds));
+        step(&mut m, b"220 mx\r\n");
+        let (_, log) = step(&mut m, b"250-mx\r\n250 AUTH PLAIN XOAUTH2\r\n");
+        assert_eq!(log, format!("C: AUTH XOAUTH2 {b64}\r\n"));
+        let (_, log) = step(&mut m, b"235 ok\r\n");
+        assert_eq!(log, logged_in());
+        // A token too long for one AUTH line goes after the 334 (Dovecot's submission
+        // service refuses long AUTH lines); an error challenge gets the dummy response.
+        let long = [
+            &b"n,a=joe,\x01auth=Bearer "[..],
+            &[b'x'; 600][..],
+            b"\x01\x01",
+        ]
+        .concat();
+        let b64 = encode_base64(&long);
+        let creds = Credentials::token("joe".into(), long, crate::proto::Mechanism::OAuthBearer);
+        let mut m = BackendMachine::new(policy(BackendTls::None), Some(creds));
+        step(&mut m, b"220 mx\r\n");
+        let (_, log) = step(&mut m, b"250-mx\r\n250 AUTH OAUTHBEARER\r\n");
+        assert_eq!(log, "C: AUTH OAUTHBEARER\r\n");
+        let (_, log) = step(&mut m, b"334 \r\n");
+        assert_eq!(log, format!("C: {b64}\r\n"));
+        let (_, log) = step(&mut m, b"334 eyJzdGF0dXMiOiI0MDEifQ==\r\n");
+        assert_eq!(log, "C: AQ==\r\n");
+        let (_, log) = step(&mut m, b"535 5.7.8 Bad token\r\n");
+        assert!(
+            log.contains("TokenRefused") && log.contains("eyJzdGF0dXMiOiI0MDEifQ=="),
+            "{log}"
+        );
+        // Not offered: unavailable for this login, never a password login.
+        let creds = Credentials::token(
+            "joe".into(),
+            b"user=joe\x01auth=Bearer a\x01\x01".to_vec(),
+            crate::proto::Mechanism::XOAuth2,
+        );
+        let mut m = BackendMachine::new(policy(BackendTls::None), Some(creds));
+        step(&mut m, b"220 mx\r\n");
+        let (_, log) = step(&mut m, b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n");
+        assert!(log.contains("NoMechanism"), "{log}");
+    }
+
+    #[test]
     fn login_replay() {
         let mut m = BackendMachine::new(policy(BackendTls::None), joe());
         step(&mut m, b"220 mx\r\n");
