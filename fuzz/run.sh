@@ -25,7 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 export RUSTC_BOOTSTRAP=1
 CARGO_FUZZ_VERSION=0.13.2
 
-all_targets="imap_server imap_backend pop3_server pop3_backend smtp_server smtp_server_alphabet smtp_backend config proxy_header"
+all_targets="imap_server imap_backend pop3_server pop3_backend smtp_server smtp_server_alphabet smtp_backend config proxy_header oauth_message"
 targets="${FUZZ_TARGETS:-$all_targets}"
 
 started=$(date +%s)
@@ -49,6 +49,7 @@ dict_for() {
     smtp_*) echo dict/smtp.dict ;;
     config) echo dict/yaml.dict ;;
     proxy_*) echo dict/proxy.dict ;;
+    oauth_*) echo dict/oauth.dict ;;
     esac
 }
 

@@ -174,16 +174,23 @@ fn server_policy(sel: u8, small: Limits) -> ServerPolicy {
             small
         },
         hostname: "fuzz.example".into(),
-        mechanisms: Default::default(),
+        // Every mechanism: OAuth responses are longer and have their own bound.
+        mechanisms: crate::proto::Mechanisms::default()
+            .with(crate::proto::Mechanism::OAuthBearer)
+            .with(crate::proto::Mechanism::XOAuth2),
     }
 }
 
 /// The outcome of the `n`-th login (0-based) of a session: a rotation through every
-/// outcome, starting at `(sel >> 3) % 5`, so that some sessions log in successfully
+/// outcome, starting at `(sel >> 3) % 6`, so that some sessions log in successfully
 /// (and hand leftover bytes to the relay) after some failures.
 fn login_outcome(sel: u8, n: usize) -> LoginOutcome {
-    match ((sel >> 3) as usize + n) % 5 {
+    match ((sel >> 3) as usize + n) % 6 {
         0 => LoginOutcome::AuthFailed { response: None },
+        5 => LoginOutcome::Challenged {
+            challenge: "eyJzdGF0dXMiOiI0MDEifQ==\r\nA1 OK injected".into(),
+            response: Some("[AUTHENTICATIONFAILED] token\r\n* BYE injected".into()),
+        },
         1 => LoginOutcome::Unavailable,
         2 => LoginOutcome::AuthFailed {
             response: Some("[AUTHENTICATIONFAILED] nope\r\nA1 OK injected".into()),
@@ -211,7 +218,7 @@ fn check_server<M: PreAuth>(make: impl Fn() -> M, sel: u8, limits: &Limits, chun
             logins += 1;
             login_outcome(sel, logins - 1)
         })
-        .max_buffer(limits.max_line + limits.max_literal)
+        .max_buffer(limits.max_line.max(limits.max_sasl_token + 128) + limits.max_literal)
     };
     driver().feed_all(chunks).end(sel & 0x80 != 0);
     drive::assert_split_invariant(driver, chunks);
@@ -300,7 +307,7 @@ pub fn imap_server(data: &[u8]) {
         max_literal: 100,
         max_auth_failures: 3,
         max_commands: 40,
-        max_sasl_token: 32 * 1024,
+        max_sasl_token: 300,
     };
     let policy = server_policy(sel, small);
     let limits = policy.limits.clone();
@@ -347,7 +354,7 @@ pub fn pop3_server(data: &[u8]) {
         max_literal: 96,
         max_auth_failures: 3,
         max_commands: 40,
-        max_sasl_token: 32 * 1024,
+        max_sasl_token: 300,
     };
     let policy = server_policy(sel, small);
     let limits = policy.limits.clone();
@@ -394,7 +401,7 @@ fn smtp_server_chunks(sel: u8, chunks: &[&[u8]]) {
         max_literal: 48,
         max_auth_failures: 3,
         max_commands: 30,
-        max_sasl_token: 32 * 1024,
+        max_sasl_token: 300,
     };
     let policy = server_policy(sel, small);
     let limits = policy.limits.clone();
@@ -561,6 +568,51 @@ pub fn proxy_header(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every entry point by its fuzz target name, for the corpus replay test and tools.
+/// OAuth SASL messages and bearer tokens: `data[0]` picks the mechanism (bit 0), the rest
+/// is a client message. Parsing never panics; a parsed message has a valid user name and
+/// a b64token; its token, checked against a fixed key set, is never accepted (no input can
+/// carry a valid signature of a key nobody holds) and never panics, whatever its header,
+/// claims or size.
+pub fn oauth_message(data: &[u8]) {
+    use crate::proto::sasl::{parse_oauth, valid_user};
+    use crate::proto::Mechanism;
+    let Some((&sel, msg)) = data.split_first() else {
+        return;
+    };
+    let mechanism = if sel & 1 == 0 {
+        Mechanism::OAuthBearer
+    } else {
+        Mechanism::XOAuth2
+    };
+    let token = match parse_oauth(mechanism, msg) {
+        Ok(m) => {
+            if let Some(u) = &m.user {
+                assert!(valid_user(u.as_bytes()).is_some(), "{u:?}");
+            }
+            assert!(!m.token.is_empty());
+            m.token.to_vec()
+        }
+        // Also as a bare token: the verifier sees every shape of input.
+        Err(_) => msg.to_vec(),
+    };
+    static KEYS: std::sync::OnceLock<Option<crate::oauth::Jwks>> = std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        // An Ed25519 public key whose private key nobody has (the base point's encoding).
+        let jwks = br#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"k","x":"WAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]}"#;
+        crate::oauth::Jwks::parse(jwks).ok()
+    });
+    if let Some(keys) = keys {
+        let settings = crate::oauth::OAuthSettings::new(
+            crate::oauth::JwksSource::File("fuzz.jwks".into()),
+            "email",
+        );
+        let text = String::from_utf8_lossy(&token);
+        let verified =
+            crate::oauth::Verifier::verify_with_keys(keys, &settings, &text, 1_700_000_000);
+        assert!(verified.is_err(), "a token nobody could sign was accepted");
+    }
+}
+
 pub const TARGETS: &[(&str, Target)] = &[
     ("imap_server", imap_server),
     ("imap_backend", imap_backend),
@@ -571,6 +623,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("smtp_backend", smtp_backend),
     ("config", config),
     ("proxy_header", proxy_header),
+    ("oauth_message", oauth_message),
 ];
 
 #[cfg(test)]

@@ -58,6 +58,7 @@ fn dictionary(target: &str) -> Vec<Vec<u8>> {
         Some("pop3") => "pop3",
         Some("smtp") => "smtp",
         Some("proxy") => "proxy",
+        Some("oauth") => "oauth",
         _ => "yaml",
     };
     let path = fuzz_dir().join("dict").join(format!("{name}.dict"));
@@ -293,4 +294,9 @@ fn smtp_backend() {
 #[test]
 fn config() {
     run_target("config");
+}
+
+#[test]
+fn oauth_message() {
+    run_target("oauth_message");
 }
