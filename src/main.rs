@@ -9,10 +9,18 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cutover::config::{rfc3339, Config, Protocol};
 use cutover::snapshot::Snapshot;
 
+/// `cutover --version`: the version, the git commit it was built from and the TLS stack.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CUTOVER_GIT_COMMIT"),
+    "; TLS: rustls 0.23 with the ring provider)"
+);
+
 #[derive(Parser)]
 #[command(
     name = "cutover",
-    version,
+    version = LONG_VERSION,
     about = "Mail front proxy for migrating users between server pools"
 )]
 struct Cli {
@@ -36,6 +44,40 @@ enum Command {
         /// Configuration file.
         #[arg(long, short, default_value = "routes.yaml")]
         config: PathBuf,
+        /// Take the listening sockets over from the process serving on `upgrade.socket`
+        /// (what `cutover upgrade` starts the new binary with).
+        #[arg(long)]
+        takeover: bool,
+    },
+    /// Replace the running proxy by this binary without refusing a connection: the new
+    /// process takes over the listening sockets, then the old one drains and exits.
+    Upgrade {
+        /// Configuration file (names `upgrade.socket`).
+        #[arg(long, short, default_value = "routes.yaml")]
+        config: PathBuf,
+        /// The binary to start (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Ask the running proxy whether it is ready (exit 0) or not (exit 1), through its
+    /// metrics or admin endpoint (`GET /ready`).
+    Healthcheck {
+        /// Configuration file (names the endpoints).
+        #[arg(long, short, default_value = "routes.yaml")]
+        config: PathBuf,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Write the man pages or shell completions (for packaging).
+    #[command(hide = true)]
+    Generate {
+        /// `man` or `completions`.
+        what: String,
+        /// Directory to write into.
+        dir: PathBuf,
     },
     /// Validate a configuration file (exit 0 if valid) and list its stages.
     Check {
@@ -87,6 +129,16 @@ enum Command {
     },
     /// Run the proxy with embedded demo backends "new", "green" and "mauve" on loopback.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the effective configuration after defaults, secrets redacted.
+    Dump {
+        /// Configuration file.
+        #[arg(long, short, default_value = "routes.yaml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -455,7 +507,7 @@ fn stragglers(config: &Path, hours: u32, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(path: PathBuf, format: LogFormat) -> ExitCode {
+fn run(path: PathBuf, format: LogFormat, takeover: bool) -> ExitCode {
     init_logs(format);
     let snap = match load(&path) {
         Ok(s) => Arc::new(s),
@@ -464,6 +516,30 @@ fn run(path: PathBuf, format: LogFormat) -> ExitCode {
             return fail(e, 2);
         }
     };
+    let upgrade_path = snap.config.upgrade_socket.clone();
+    // Sockets from systemd (socket activation) or from the process this one replaces.
+    let mut inherited = cutover::server::Inherited::new();
+    for (name, fds) in cutover::systemd::activated_sockets() {
+        let socks = fds.into_iter().map(std::net::TcpListener::from).collect();
+        inherited.insert(name, socks);
+    }
+    let mut handover = None;
+    if takeover {
+        let Some(up) = &upgrade_path else {
+            return fail("--takeover needs upgrade.socket in the configuration", 2);
+        };
+        match cutover::upgrade::take_over(up) {
+            Ok((socks, unix, conn)) => {
+                tracing::info!(
+                    sockets = socks.values().map(Vec::len).sum::<usize>(),
+                    "took the listening sockets over"
+                );
+                inherited.extend(socks);
+                handover = Some((unix, conn));
+            }
+            Err(e) => return fail(e, 1),
+        }
+    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start runtime: {e}"), 1),
@@ -472,10 +548,33 @@ fn run(path: PathBuf, format: LogFormat) -> ExitCode {
         let backends = cutover::backend::Backends::with_resolver(
             cutover::backend::resolve::Resolver::new(&snap.config.dns_servers),
         );
-        let running = cutover::server::start(snap, backends).await?;
+        let running = cutover::server::start_with(snap, backends, inherited).await?;
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(cutover::reload::watch(running.clone(), path, stop.clone()));
-        shutdown_signal().await;
+        let taken_over = tokio_util::sync::CancellationToken::new();
+        let mut unix = None;
+        if let Some((u, conn)) = handover {
+            // Serving on the inherited sockets now: the old process may stop accepting.
+            let up = upgrade_path.clone().unwrap_or_default();
+            match tokio::task::spawn_blocking(move || cutover::upgrade::finish_takeover(&up, conn)).await {
+                Ok(Ok(old)) => {
+                    tracing::info!(old_pid = old, "upgrade: the old process drains; this one serves");
+                    cutover::systemd::main_pid();
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "upgrade: the old process did not confirm"),
+                Err(e) => tracing::error!(error = %e, "upgrade: hand-over task failed"),
+            }
+            unix = u;
+        }
+        if let Some(up) = upgrade_path {
+            if let Err(e) = cutover::upgrade::serve(up, unix, running.clone(), taken_over.clone()) {
+                tracing::warn!(error = %e, "upgrade socket unavailable: zero-downtime upgrades disabled");
+            }
+        }
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = taken_over.cancelled() => {}
+        }
         stop.cancel();
         running.shutdown().await;
         Ok::<(), cutover::server::StartError>(())
@@ -486,6 +585,141 @@ fn run(path: PathBuf, format: LogFormat) -> ExitCode {
             tracing::error!("{e}");
             fail(e, 1)
         }
+    }
+}
+
+/// `cutover upgrade`: starts the new binary with `--takeover` and waits until it serves.
+fn upgrade(config: &Path, binary: Option<PathBuf>) -> ExitCode {
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    let Some(socket) = cfg.upgrade_socket else {
+        return fail(
+            format!("{}: no upgrade.socket configured", config.display()),
+            2,
+        );
+    };
+    let old = match cutover::upgrade::serving_pid(&socket) {
+        Ok(pid) => pid,
+        Err(e) => return fail(format!("{e} (is the proxy running?)"), 1),
+    };
+    let binary = match binary.map(Ok).unwrap_or_else(std::env::current_exe) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("cannot find this binary: {e}"), 1),
+    };
+    use std::os::unix::process::CommandExt;
+    let child = std::process::Command::new(&binary)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--takeover")
+        .stdin(std::process::Stdio::null())
+        // Its own process group: a terminal's hangup does not reach it.
+        .process_group(0)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start {}: {e}", binary.display()), 1),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return fail(
+                format!("the new process exited ({status}) before taking over"),
+                1,
+            );
+        }
+        if let Ok(pid) = cutover::upgrade::serving_pid(&socket) {
+            if pid != old {
+                println!("upgraded: pid {pid} serves, pid {old} drains and exits");
+                return ExitCode::SUCCESS;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return fail("the new process did not take over within 60 s", 1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `cutover healthcheck`: `GET /ready` on the metrics endpoint (or the admin endpoint).
+fn healthcheck(config: &Path) -> ExitCode {
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    let (addr, token) = match (cfg.metrics, &cfg.admin) {
+        (Some(m), _) => (m, None),
+        (None, Some(a)) => (a.listen, a.token.clone()),
+        (None, None) => return fail("neither metrics.listen nor admin.listen is configured", 2),
+    };
+    // A wildcard listen address is reached on loopback.
+    let addr = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start runtime: {e}"), 1),
+    };
+    let answer = rt.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            cutover::http::request(addr, "GET", "/ready", token.as_deref()),
+        )
+        .await
+    });
+    match answer {
+        Ok(Ok((200, _))) => {
+            println!("ready");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok((status, body))) => {
+            println!("not ready ({status}: {})", body.trim());
+            ExitCode::from(1)
+        }
+        Ok(Err(e)) => {
+            println!("not ready: {addr}: {e}");
+            ExitCode::from(1)
+        }
+        Err(_) => {
+            println!("not ready: {addr} did not answer within 5 s");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `cutover generate man|completions DIR`: man pages (cutover.1 and one per command) or
+/// completions for bash, zsh and fish.
+fn generate(what: &str, dir: &Path) -> ExitCode {
+    use clap::CommandFactory;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return fail(format!("{}: {e}", dir.display()), 1);
+    }
+    let cmd = Cli::command();
+    let result = match what {
+        "man" => clap_mangen::generate_to(cmd, dir),
+        "completions" => [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ]
+        .into_iter()
+        .try_for_each(|shell| {
+            clap_complete::generate_to(shell, &mut Cli::command(), "cutover", dir).map(|_| ())
+        }),
+        other => return fail(format!("{other:?}: expected man or completions"), 2),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("{}: {e}", dir.display()), 1),
     }
 }
 
@@ -507,7 +741,19 @@ fn main() -> ExitCode {
                 route(&config, &protocol, at.as_deref(), json, &user)
             }
         }
-        Command::Run { config } => run(config, cli.log_format),
+        Command::Run { config, takeover } => run(config, cli.log_format, takeover),
+        Command::Upgrade { config, binary } => upgrade(&config, binary),
+        Command::Healthcheck { config } => healthcheck(&config),
+        Command::Config {
+            action: ConfigAction::Dump { config },
+        } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", cutover::config::dump::to_yaml(&c));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 2),
+        },
+        Command::Generate { what, dir } => generate(&what, &dir),
         Command::Kick(a) => admin_user(&a, "kick"),
         Command::Hold(a) => admin_user(&a, "hold"),
         Command::Release(a) => admin_user(&a, "release"),

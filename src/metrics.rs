@@ -459,11 +459,16 @@ fn process_start_time() -> Option<f64> {
     Some(btime + start_ticks / clock_ticks())
 }
 
-/// Serves `GET /metrics` until `stop` is cancelled.
+/// Whether the proxy is ready (`GET /ready`).
+pub type Readiness = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Serves `GET /metrics` and `GET /ready` (200 `ready`, or 503 while starting or
+/// draining) until `stop` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     collect: Collector,
+    ready: Readiness,
     stop: CancellationToken,
 ) {
     loop {
@@ -478,7 +483,7 @@ pub async fn serve(
             },
             _ = stop.cancelled() => return,
         };
-        let (handle, collect) = (handle.clone(), collect.clone());
+        let (handle, collect, ready) = (handle.clone(), collect.clone(), ready.clone());
         tokio::spawn(async move {
             let Some(req) = crate::http::read_request(&mut sock).await else {
                 return;
@@ -493,6 +498,13 @@ pub async fn serve(
                     &body,
                 )
                 .await;
+            } else if req.method == "GET" && req.path == "/ready" {
+                let (status, body) = if ready() {
+                    (200, "ready\n")
+                } else {
+                    (503, "not ready\n")
+                };
+                crate::http::respond(&mut sock, status, "text/plain", body).await;
             } else {
                 crate::http::respond(&mut sock, 404, "text/plain", "not found\n").await;
             }

@@ -123,7 +123,20 @@ struct ListenerTask {
     addr: SocketAddr,
     bound: SocketAddr,
     stop: CancellationToken,
+    /// The listening sockets (copies of the workers' descriptors), for a hand-over to
+    /// the next process at an upgrade.
+    sockets: Vec<std::net::TcpListener>,
 }
+
+/// Listening sockets a new process starts with instead of binding: from systemd socket
+/// activation, or from the process it takes over from at an upgrade. Keyed by listener
+/// name; `@metrics` and `@admin` name the endpoints' sockets.
+pub type Inherited = BTreeMap<String, Vec<std::net::TcpListener>>;
+
+/// The name of the metrics endpoint's socket in an [`Inherited`] set.
+pub const METRICS_SOCKET: &str = "@metrics";
+/// The name of the admin endpoint's socket in an [`Inherited`] set.
+pub const ADMIN_SOCKET: &str = "@admin";
 
 /// A started proxy. Cheap to clone: every clone controls the same proxy.
 #[derive(Clone)]
@@ -140,9 +153,54 @@ pub struct Running {
     background: CancellationToken,
     reload_lock: Arc<tokio::sync::Mutex<()>>,
     workers: Arc<Workers>,
+    /// The endpoints' listening sockets (copies), for a hand-over.
+    endpoint_sockets: Arc<Vec<(String, std::net::TcpListener)>>,
+    /// Becomes true once the first health round is done (readiness).
+    first_round: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Running {
+    /// Copies of every listening socket (listeners and endpoints), by name, for the
+    /// process that takes over at an upgrade.
+    pub fn sockets(&self) -> std::io::Result<Inherited> {
+        let mut out = Inherited::new();
+        if let Ok(table) = self.listeners.lock() {
+            for (name, task) in table.iter() {
+                let copies: std::io::Result<Vec<_>> =
+                    task.sockets.iter().map(|s| s.try_clone()).collect();
+                out.insert(name.clone(), copies?);
+            }
+        }
+        for (name, sock) in self.endpoint_sockets.iter() {
+            out.insert(name.clone(), vec![sock.try_clone()?]);
+        }
+        Ok(out)
+    }
+
+    /// Waits until the first round of health checks is done (at most `limit`), so that a
+    /// proxy that says it is ready knows which servers are up.
+    pub async fn first_health_round(&self, limit: Duration) {
+        let mut rx = self.first_round.clone();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
+    }
+
+    /// Ready to serve: started, and not draining.
+    pub fn is_ready(&self) -> bool {
+        self.control.is_ready()
+    }
+
+    /// A status line for systemd (`STATUS=`): the stage in force and the sessions.
+    pub fn status_line(&self) -> String {
+        let snap = self.control.snapshot();
+        let stage = snap
+            .config
+            .routes_at(crate::config::rfc3339::now())
+            .0
+            .unwrap_or("(initial)")
+            .to_string();
+        let sessions = self.control.state.sessions().snapshot().len();
+        format!("stage {stage}, {sessions} relayed sessions")
+    }
     /// The bound address of the listener named `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
         self.listeners.lock().ok()?.get(name).map(|t| t.bound)
@@ -224,6 +282,7 @@ impl Running {
         for l in &fresh {
             bound.push((l.clone(), bind(l, self.workers.len())?));
         }
+        crate::systemd::reloading();
         let moved = self.control.install(snap.clone());
         if self.metrics.is_some() {
             crate::metrics::prime(&snap.config);
@@ -250,6 +309,7 @@ impl Running {
             }
         }
         self.restart_health(snap);
+        crate::systemd::ready(&self.status_line());
         Ok(moved)
     }
 
@@ -260,6 +320,7 @@ impl Running {
             .unwrap_or(l.listen);
         tracing::info!(listener = %l.name, protocol = %l.protocol, addr = %bound, tls = ?l.tls, sockets = socks.len(), "listening");
         let stop = self.control.drain.child_token();
+        let sockets = socks.iter().filter_map(|s| s.try_clone().ok()).collect();
         for (sock, worker) in socks.into_iter().zip(self.workers.handles.iter().cycle()) {
             let (l, control, tracker, stop) = (
                 l.clone(),
@@ -278,6 +339,7 @@ impl Running {
             });
         }
         ListenerTask {
+            sockets,
             addr: l.listen,
             bound,
             stop,
@@ -285,6 +347,14 @@ impl Running {
     }
 
     fn restart_health(&self, snap: Arc<Snapshot>) {
+        self.restart_health_reporting(snap, None);
+    }
+
+    fn restart_health_reporting(
+        &self,
+        snap: Arc<Snapshot>,
+        first_round: Option<tokio::sync::watch::Sender<bool>>,
+    ) {
         let token = self.background.child_token();
         if let Ok(mut h) = self.health.lock() {
             h.cancel();
@@ -294,6 +364,7 @@ impl Running {
             self.control.backends.clone(),
             snap,
             token,
+            first_round,
         ));
     }
 
@@ -305,6 +376,7 @@ impl Running {
             grace_ms = grace.as_millis() as u64,
             "draining: no new connections"
         );
+        crate::systemd::stopping("draining");
         self.control.drain.cancel();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
@@ -374,25 +446,77 @@ fn bind(l: &Listener, sockets: usize) -> Result<Vec<std::net::TcpListener>, Star
 
 /// Binds every listener and the metrics and admin endpoints and starts serving.
 pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, StartError> {
+    start_with(snap, backends, Inherited::new()).await
+}
+
+/// A socket of `inherited` named `name`, if any, made non-blocking for tokio.
+fn take_inherited(
+    inherited: &mut Inherited,
+    name: &str,
+) -> Result<Option<Vec<std::net::TcpListener>>, StartError> {
+    let Some(socks) = inherited.remove(name) else {
+        return Ok(None);
+    };
+    for s in &socks {
+        s.set_nonblocking(true).map_err(|source| StartError::Bind {
+            name: name.to_string(),
+            addr: s
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            source,
+        })?;
+    }
+    Ok(Some(socks))
+}
+
+/// Binds an endpoint (metrics, admin), or takes its inherited socket.
+async fn endpoint_socket(
+    inherited: &mut Inherited,
+    name: &str,
+    addr: SocketAddr,
+) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind {
+        name: name.trim_start_matches('@').into(),
+        addr,
+        source,
+    };
+    match take_inherited(inherited, name)?.and_then(|mut v| v.pop()) {
+        Some(sock) => TcpListener::from_std(sock).map_err(err),
+        None => TcpListener::bind(addr).await.map_err(err),
+    }
+}
+
+/// Starts the proxy, serving on `inherited` sockets where they are given (by listener
+/// name, see [`Inherited`]) and binding the others.
+pub async fn start_with(
+    snap: Arc<Snapshot>,
+    backends: Backends,
+    mut inherited: Inherited,
+) -> Result<Running, StartError> {
     let control = Control::new(snap.clone(), backends);
     let background = CancellationToken::new();
     let workers =
         Workers::start(snap.config.workers).map_err(|source| StartError::Workers { source })?;
     let mut sockets = Vec::new();
     for l in &snap.config.listeners {
-        sockets.push((l.clone(), bind(l, workers.len())?));
+        let socks = match take_inherited(&mut inherited, &l.name)? {
+            Some(socks) => socks,
+            None => bind(l, workers.len())?,
+        };
+        sockets.push((l.clone(), socks));
     }
+    for name in inherited.keys().filter(|n| !n.starts_with('@')) {
+        tracing::warn!(listener = %name, "an inherited socket names no listener: closed");
+    }
+    let mut endpoint_sockets = Vec::new();
     let metrics_addr = match snap.config.metrics {
         Some(addr) => {
             let handle = crate::metrics::install();
             crate::metrics::prime(&snap.config);
-            let sock = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    name: "metrics".into(),
-                    addr,
-                    source,
-                })?;
+            let sock = endpoint_socket(&mut inherited, METRICS_SOCKET, addr).await?;
+            if let Ok(copy) = sock.local_addr().and_then(|_| socket_copy(&sock)) {
+                endpoint_sockets.push((METRICS_SOCKET.to_string(), copy));
+            }
             let local = sock.local_addr().ok();
             // Histograms keep their samples until rendered: drain them even when nobody
             // scrapes, so memory does not grow with the number of logins.
@@ -409,10 +533,13 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
             let c = control.clone();
             let collect: crate::metrics::Collector =
                 Arc::new(move |out: &mut String| c.collect(out));
+            let c = control.clone();
+            let ready: crate::metrics::Readiness = Arc::new(move || c.is_ready());
             tokio::spawn(crate::metrics::serve(
                 sock,
                 handle,
                 collect,
+                ready,
                 background.clone(),
             ));
             local
@@ -421,13 +548,10 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
     };
     let admin_addr = match &snap.config.admin {
         Some(a) => {
-            let sock = TcpListener::bind(a.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    name: "admin".into(),
-                    addr: a.listen,
-                    source,
-                })?;
+            let sock = endpoint_socket(&mut inherited, ADMIN_SOCKET, a.listen).await?;
+            if let Ok(copy) = socket_copy(&sock) {
+                endpoint_sockets.push((ADMIN_SOCKET.to_string(), copy));
+            }
             let local = sock.local_addr().ok();
             tokio::spawn(crate::admin::serve(
                 sock,
@@ -438,6 +562,7 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
         }
         None => None,
     };
+    let (first_round_tx, first_round_rx) = tokio::sync::watch::channel(false);
     let running = Running {
         control: control.clone(),
         metrics: metrics_addr,
@@ -448,15 +573,71 @@ pub async fn start(snap: Arc<Snapshot>, backends: Backends) -> Result<Running, S
         background,
         reload_lock: Arc::new(tokio::sync::Mutex::new(())),
         workers: Arc::new(workers),
+        endpoint_sockets: Arc::new(endpoint_sockets),
+        first_round: first_round_rx,
     };
     if let Ok(mut table) = running.listeners.lock() {
         for (l, sock) in sockets {
             table.insert(l.name.clone(), running.spawn_listener(&l, sock));
         }
     }
-    running.restart_health(snap);
+    running.restart_health_reporting(snap, Some(first_round_tx));
     tokio::spawn(control.clone().run_stage_clock());
+    tokio::spawn(watchdog(running.clone()));
+    let starting = running.clone();
+    tokio::spawn(async move {
+        // Ready once the servers' state is known (or after a bounded wait for it).
+        starting.first_health_round(FIRST_ROUND_LIMIT).await;
+        starting.control.set_started();
+        crate::systemd::ready(&starting.status_line());
+        tracing::info!("ready");
+    });
     Ok(running)
+}
+
+/// The longest wait for the first health round before the proxy says it is ready.
+const FIRST_ROUND_LIMIT: Duration = Duration::from_secs(30);
+
+/// A copy of a tokio listener's socket (same kernel socket, another descriptor).
+fn socket_copy(sock: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    socket2::SockRef::from(sock)
+        .try_clone()
+        .map(std::net::TcpListener::from)
+}
+
+/// With `WatchdogSec=`, pings systemd while every session worker answers: a ping is sent
+/// only after each worker ran a task of ours, so a stuck worker stops the pings.
+async fn watchdog(running: Running) {
+    let Some(interval) = crate::systemd::watchdog_interval() else {
+        return;
+    };
+    let every = (interval / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = running.background.cancelled() => return,
+        }
+        let mut answers = Vec::new();
+        for worker in &running.workers.handles {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            worker.spawn(async move {
+                let _ = tx.send(());
+            });
+            answers.push(rx);
+        }
+        let all = async {
+            for rx in answers {
+                if rx.await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        match tokio::time::timeout(every, all).await {
+            Ok(true) => crate::systemd::watchdog(),
+            _ => tracing::warn!("a session worker did not answer in time: no watchdog ping"),
+        }
+    }
 }
 
 async fn accept_loop(

@@ -658,8 +658,22 @@ pub async fn run_health_checks(
     backends: Backends,
     snap: Arc<Snapshot>,
     stop: tokio_util::sync::CancellationToken,
+    first_round: Option<tokio::sync::watch::Sender<bool>>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    // Servers whose first probe has not finished; the last one reports the round done.
+    let probed: usize = (snap.config.pools.values())
+        .filter(|p| !p.health.interval.is_zero())
+        .flat_map(|p| p.protocols.values())
+        .map(|pp| pp.servers.len())
+        .sum();
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(probed));
+    let first_round = Arc::new(first_round);
+    if probed == 0 {
+        if let Some(tx) = first_round.as_ref() {
+            let _ = tx.send(true);
+        }
+    }
     for pool in snap.config.pools.values() {
         if pool.health.interval.is_zero() {
             continue;
@@ -668,7 +682,9 @@ pub async fn run_health_checks(
             for addr in &pp.servers {
                 let (backends, snap, stop) = (backends.clone(), snap.clone(), stop.clone());
                 let (pool_name, protocol, addr) = (pool.name.clone(), *protocol, addr.clone());
+                let (pending, first_round) = (pending.clone(), first_round.clone());
                 tasks.spawn(async move {
+                    let mut first = true;
                     let Some(pool) = snap.config.pools.get(&pool_name) else { return };
                     let server = addr.as_str().to_owned();
                     let state = backends.registry.get(&pool_name, protocol, &server);
@@ -679,6 +695,13 @@ pub async fn run_health_checks(
                                 tracing::debug!(pool = %pool_name, %protocol, %server, reason = f.as_str(), "probe failed");
                                 count_failure(&pool_name, protocol, &server, f);
                                 state.record_failure(&pool.health);
+                            }
+                        }
+                        if std::mem::take(&mut first)
+                            && pending.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1
+                        {
+                            if let Some(tx) = first_round.as_ref() {
+                                let _ = tx.send(true);
                             }
                         }
                         tokio::select! {

@@ -60,6 +60,16 @@ pub struct RawConfig {
     pub lookups: BTreeMap<String, RawLookup>,
     /// Verify OAuth bearer tokens in cutover.
     pub oauth: Option<RawOAuth>,
+    /// Zero-downtime binary upgrades.
+    pub upgrade: Option<RawUpgrade>,
+}
+
+/// `upgrade:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpgrade {
+    /// The Unix socket the running process hands its listening sockets over on.
+    pub socket: String,
 }
 
 /// `oauth:`

@@ -8,6 +8,7 @@
 //! ([`ConfigError`]). `names` holds user-name normalization and the stable hash, which
 //! routing and validation share.
 
+pub mod dump;
 pub mod file;
 mod names;
 pub mod rfc3339;
@@ -671,6 +672,8 @@ pub struct Config {
     pub lookups: BTreeMap<String, Lookup>,
     /// OAuth token verification (None: tokens go to the backends unverified).
     pub oauth: Option<crate::oauth::OAuthSettings>,
+    /// The Unix socket of the upgrade hand-over (None: no zero-downtime upgrade).
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Config {

@@ -141,6 +141,7 @@ pub(super) fn config(text: &str, file: &Path, base: &Path) -> Result<Config, Con
         redis: redis(&cx, &raw)?,
         lookups,
         oauth: oauth(&cx, &raw)?,
+        upgrade_socket: raw.upgrade.as_ref().map(|u| cx.resolve(&u.socket)),
     })
 }
 

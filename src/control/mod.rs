@@ -77,6 +77,8 @@ pub struct Control {
     installed: tokio::sync::Notify,
     /// Whether the last reload succeeded.
     last_reload_ok: std::sync::atomic::AtomicBool,
+    /// Listeners bound and the first health round done.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -112,6 +114,7 @@ impl Control {
             hard_stop: CancellationToken::new(),
             installed: tokio::sync::Notify::new(),
             last_reload_ok: std::sync::atomic::AtomicBool::new(true),
+            started: std::sync::atomic::AtomicBool::new(false),
         });
         // `forget` from another proxy of the fleet.
         let me = Arc::downgrade(&control);
@@ -167,6 +170,17 @@ impl Control {
         if !same {
             *v = cfg.oauth.clone().map(crate::oauth::Verifier::new);
         }
+    }
+
+    /// Every listener is bound and the first health round is done.
+    pub fn set_started(&self) {
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Ready for clients: started and not draining (`GET /ready`, `cutover healthcheck`).
+    pub fn is_ready(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Acquire) && !self.drain.is_cancelled()
     }
 
     /// Records how the last reload went (`cutover_config_last_reload_successful`).
