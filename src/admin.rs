@@ -11,6 +11,7 @@
 //! | `GET /holds` | held users (of the fleet, with shared state); `?scope=local`: the holds this proxy enforces now |
 //! | `GET /sessions` | relayed sessions (user, protocol, pool) |
 //! | `GET /stragglers?hours=N` | users seen on a legacy pool or without TLS in the last N hours (JSON) |
+//! | `GET /config` | the configuration in force, as `cutover config dump` shows it (JSON, secrets not shown) |
 //! | `GET /ready` | 200 once listening and the first health round is done, 503 while starting or draining |
 //! | `POST /forget?user=U` | U's cached route lookup answers are stale: the next login asks the database (on every proxy of the fleet) |
 //! | `GET /route?user=U&protocol=P` | where U's next login goes, through this proxy's lookup caches (JSON, as `cutover route --json`) |
@@ -102,6 +103,7 @@ async fn answer(control: &Control, cfg: &Config, req: &Request) -> (u16, String)
             tracing::info!(%user, "admin: release");
             json(serde_json::json!({"user": user, "released": was}))
         }
+        ("GET", "/config", _) => json(control.effective_config()),
         ("GET", "/ready", _) if control.is_ready() => (200, "{\"ready\":true}\n".to_string()),
         ("GET", "/ready", _) => (503, "not ready\n".to_string()),
         ("POST", "/forget", Some(user)) => {

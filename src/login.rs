@@ -362,6 +362,12 @@ async fn token_identity(at: Place<'_>, req: &mut LoginRequest<'_>) -> Result<(),
         return Err(claimed);
     }
     if claimed.is_empty() {
+        // The backend gets the verified identity in the message too.
+        if let Some(msg) =
+            crate::proto::sasl::with_identity(mechanism, payload.expose(), &verified.identity)
+        {
+            req.credentials = crate::proto::Credentials::token(String::new(), msg, mechanism);
+        }
         req.credentials.user = verified.identity;
     }
     Ok(())

@@ -294,7 +294,29 @@ fn check(path: &Path) -> ExitCode {
             println!("           {}", r.text);
         }
     }
+    running_differences(path, c);
     ExitCode::SUCCESS
+}
+
+/// With a running proxy (reachable through the admin endpoint the file names): which
+/// changed settings a reload will not apply.
+fn running_differences(path: &Path, file: &Config) {
+    let Ok(body) = admin(path, "GET", "/config") else {
+        return;
+    };
+    let Ok(running) = serde_json::from_str::<serde_json::Value>(&body) else {
+        return;
+    };
+    let wanted = cutover::config::dump::to_value(file);
+    let keys = cutover::config::dump::restart_keys(&running, &wanted);
+    if keys.is_empty() {
+        println!("  running  a reload applies every change in this file");
+    } else {
+        println!(
+            "  running  a reload applies this file except {}: they need a restart (or cutover upgrade)",
+            keys.join(", ")
+        );
+    }
 }
 
 fn route(config: &Path, protocol: &str, at: Option<&str>, json: bool, user: &str) -> ExitCode {

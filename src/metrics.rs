@@ -114,6 +114,9 @@ pub const LOOKUP_UP: &str = "cutover_lookup_up";
 /// Answers held in a lookup's cache, by `lookup`.
 pub const LOOKUP_CACHE_ENTRIES: &str = "cutover_lookup_cache_entries";
 
+/// 1 for each key changed in the file that takes effect only at the next start, by `key`.
+pub const RESTART_REQUIRED: &str = "cutover_config_restart_required";
+
 /// Every metric cutover exports.
 pub const CATALOGUE: &[Def] = &[
     Def {
@@ -149,6 +152,7 @@ pub const CATALOGUE: &[Def] = &[
     Def { name: PROCESS_START, kind: Kind::Gauge, labels: &[], help: "Start time of the process (Unix seconds)." },
     Def { name: PROCESS_MAX_FDS, kind: Kind::Gauge, labels: &[], help: "The most file descriptors the process may open." },
     Def { name: POOL_INFO, kind: Kind::Gauge, labels: &["pool", "legacy"], help: "Always 1 per configured pool; legacy says whether the stragglers report counts it as legacy." },
+    Def { name: RESTART_REQUIRED, kind: Kind::Gauge, labels: &["key"], help: "1 for each setting changed in the file that a reload cannot apply (workers, instance_name, state): it takes effect at the next start or upgrade." },
     Def { name: RELOAD_SUCCESS, kind: Kind::Gauge, labels: &[], help: "1 if the last configuration reload succeeded (or none was tried), else 0." },
     Def { name: STATE_UP, kind: Kind::Gauge, labels: &["instance_name"], help: "1 while the shared state store (state.redis) answers; absent without one." },
     Def { name: LOOKUP_QUERIES, kind: Kind::Counter, labels: &["lookup", "result"], help: "Route lookup queries to the database: found, not_found, error, timeout." },

@@ -153,8 +153,8 @@ pub struct Running {
     background: CancellationToken,
     reload_lock: Arc<tokio::sync::Mutex<()>>,
     workers: Arc<Workers>,
-    /// The endpoints' listening sockets (copies), for a hand-over.
-    endpoint_sockets: Arc<Vec<(String, std::net::TcpListener)>>,
+    /// The metrics and admin endpoints, by [`METRICS_SOCKET`] / [`ADMIN_SOCKET`].
+    endpoints: Arc<Mutex<BTreeMap<&'static str, Endpoint>>>,
     /// Becomes true once the first health round is done (readiness).
     first_round: tokio::sync::watch::Receiver<bool>,
 }
@@ -171,10 +171,84 @@ impl Running {
                 out.insert(name.clone(), copies?);
             }
         }
-        for (name, sock) in self.endpoint_sockets.iter() {
-            out.insert(name.clone(), vec![sock.try_clone()?]);
+        if let Ok(endpoints) = self.endpoints.lock() {
+            for (name, e) in endpoints.iter() {
+                if let Some(sock) = &e.socket {
+                    out.insert(name.to_string(), vec![sock.try_clone()?]);
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// Where the metrics endpoint listens now (it may have moved on reload).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.endpoints.lock().ok()?.get(METRICS_SOCKET)?.bound
+    }
+
+    /// Where the admin endpoint listens now (it may have moved on reload).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.endpoints.lock().ok()?.get(ADMIN_SOCKET)?.bound
+    }
+
+    /// Binds the endpoints whose address is new in `new`: what [`Running::swap_endpoints`]
+    /// puts in force once the reload goes ahead (a failure here leaves everything as it
+    /// was). `None` for an endpoint to stop.
+    async fn rebind_endpoints(
+        &self,
+        old: &crate::config::Config,
+        new: &crate::config::Config,
+    ) -> Result<Vec<(&'static str, Option<(SocketAddr, TcpListener)>)>, StartError> {
+        let mut plan = Vec::new();
+        let pairs = [
+            (METRICS_SOCKET, old.metrics, new.metrics),
+            (
+                ADMIN_SOCKET,
+                old.admin.as_ref().map(|a| a.listen),
+                new.admin.as_ref().map(|a| a.listen),
+            ),
+        ];
+        for (name, before, after) in pairs {
+            if before == after {
+                continue;
+            }
+            let sock = match after {
+                Some(addr) => {
+                    let sock =
+                        TcpListener::bind(addr)
+                            .await
+                            .map_err(|source| StartError::Bind {
+                                name: name.trim_start_matches('@').into(),
+                                addr,
+                                source,
+                            })?;
+                    Some((addr, sock))
+                }
+                None => None,
+            };
+            plan.push((name, sock));
+        }
+        Ok(plan)
+    }
+
+    /// Moves endpoints as planned by [`Running::rebind_endpoints`].
+    fn swap_endpoints(&self, plan: Vec<(&'static str, Option<(SocketAddr, TcpListener)>)>) {
+        let Ok(mut endpoints) = self.endpoints.lock() else {
+            return;
+        };
+        for (name, sock) in plan {
+            if let Some(old) = endpoints.remove(name) {
+                old.stop.cancel();
+            }
+            if let Some((addr, sock)) = sock {
+                if name == METRICS_SOCKET {
+                    crate::metrics::install();
+                }
+                let e = spawn_endpoint(name, addr, sock, &self.control, &self.background);
+                tracing::info!(endpoint = name.trim_start_matches('@'), addr = ?e.bound, "endpoint moved");
+                endpoints.insert(name, e);
+            }
+        }
     }
 
     /// Waits until the first round of health checks is done (at most `limit`), so that a
@@ -247,23 +321,17 @@ impl Running {
     pub async fn apply(&self, snap: Arc<Snapshot>) -> Result<usize, StartError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let old = self.control.snapshot();
-        if old.config.metrics != snap.config.metrics
-            || old.config.admin.as_ref().map(|a| a.listen)
-                != snap.config.admin.as_ref().map(|a| a.listen)
-        {
-            tracing::warn!("metrics or admin address changed: restart required for that part");
+        // What a reload cannot change waits for the next start: said, counted, shown.
+        let pending = crate::config::dump::restart_keys(
+            &self.control.effective_config(),
+            &crate::config::dump::to_value(&snap.config),
+        );
+        for key in &pending {
+            tracing::warn!(%key, "changed in the file: takes effect at the next start or upgrade");
         }
-        if old.config.dns_servers != snap.config.dns_servers {
-            tracing::warn!("dns.servers changed: restart required for that part");
-        }
-        if old.config.workers != snap.config.workers {
-            tracing::warn!("workers changed: restart required for that part");
-        }
-        if old.config.redis != snap.config.redis
-            || old.config.instance_name != snap.config.instance_name
-        {
-            tracing::warn!("state.redis or instance_name changed: restart required for that part");
-        }
+        self.control.set_restart_required(&pending);
+        // The endpoints move to their new addresses (bound before anything changes).
+        let endpoints = self.rebind_endpoints(&old.config, &snap.config).await?;
         // Bind what is new or moved.
         let mut fresh = Vec::new();
         {
@@ -283,7 +351,15 @@ impl Running {
             bound.push((l.clone(), bind(l, self.workers.len())?));
         }
         crate::systemd::reloading();
+        if old.config.dns_servers != snap.config.dns_servers {
+            tracing::info!(servers = ?snap.config.dns_servers, "dns.servers changed: new lookups use them");
+            self.control
+                .backends
+                .resolver
+                .set_servers(&snap.config.dns_servers);
+        }
         let moved = self.control.install(snap.clone());
+        self.swap_endpoints(endpoints);
         if self.metrics.is_some() {
             crate::metrics::prime(&snap.config);
         }
@@ -508,60 +584,32 @@ pub async fn start_with(
     for name in inherited.keys().filter(|n| !n.starts_with('@')) {
         tracing::warn!(listener = %name, "an inherited socket names no listener: closed");
     }
-    let mut endpoint_sockets = Vec::new();
-    let metrics_addr = match snap.config.metrics {
-        Some(addr) => {
-            let handle = crate::metrics::install();
-            crate::metrics::prime(&snap.config);
-            let sock = endpoint_socket(&mut inherited, METRICS_SOCKET, addr).await?;
-            if let Ok(copy) = sock.local_addr().and_then(|_| socket_copy(&sock)) {
-                endpoint_sockets.push((METRICS_SOCKET.to_string(), copy));
-            }
-            let local = sock.local_addr().ok();
-            // Histograms keep their samples until rendered: drain them even when nobody
-            // scrapes, so memory does not grow with the number of logins.
-            let upkeep = handle.clone();
-            let stop = background.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
-                        _ = stop.cancelled() => return,
-                    }
+    let mut endpoints = BTreeMap::new();
+    if let Some(addr) = snap.config.metrics {
+        crate::metrics::prime(&snap.config);
+        // Histograms keep their samples until rendered: drain them even when nobody
+        // scrapes, so memory does not grow with the number of logins.
+        let upkeep = crate::metrics::install();
+        let stop = background.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                    _ = stop.cancelled() => return,
                 }
-            });
-            let c = control.clone();
-            let collect: crate::metrics::Collector =
-                Arc::new(move |out: &mut String| c.collect(out));
-            let c = control.clone();
-            let ready: crate::metrics::Readiness = Arc::new(move || c.is_ready());
-            tokio::spawn(crate::metrics::serve(
-                sock,
-                handle,
-                collect,
-                ready,
-                background.clone(),
-            ));
-            local
-        }
-        None => None,
-    };
-    let admin_addr = match &snap.config.admin {
-        Some(a) => {
-            let sock = endpoint_socket(&mut inherited, ADMIN_SOCKET, a.listen).await?;
-            if let Ok(copy) = socket_copy(&sock) {
-                endpoint_sockets.push((ADMIN_SOCKET.to_string(), copy));
             }
-            let local = sock.local_addr().ok();
-            tokio::spawn(crate::admin::serve(
-                sock,
-                control.clone(),
-                background.clone(),
-            ));
-            local
-        }
-        None => None,
-    };
+        });
+        let sock = endpoint_socket(&mut inherited, METRICS_SOCKET, addr).await?;
+        let e = spawn_endpoint(METRICS_SOCKET, addr, sock, &control, &background);
+        endpoints.insert(METRICS_SOCKET, e);
+    }
+    if let Some(a) = &snap.config.admin {
+        let sock = endpoint_socket(&mut inherited, ADMIN_SOCKET, a.listen).await?;
+        let e = spawn_endpoint(ADMIN_SOCKET, a.listen, sock, &control, &background);
+        endpoints.insert(ADMIN_SOCKET, e);
+    }
+    let bound = |name| endpoints.get(name).and_then(|e: &Endpoint| e.bound);
+    let (metrics_addr, admin_addr) = (bound(METRICS_SOCKET), bound(ADMIN_SOCKET));
     let (first_round_tx, first_round_rx) = tokio::sync::watch::channel(false);
     let running = Running {
         control: control.clone(),
@@ -573,7 +621,7 @@ pub async fn start_with(
         background,
         reload_lock: Arc::new(tokio::sync::Mutex::new(())),
         workers: Arc::new(workers),
-        endpoint_sockets: Arc::new(endpoint_sockets),
+        endpoints: Arc::new(Mutex::new(endpoints)),
         first_round: first_round_rx,
     };
     if let Ok(mut table) = running.listeners.lock() {
@@ -593,6 +641,50 @@ pub async fn start_with(
         tracing::info!("ready");
     });
     Ok(running)
+}
+
+/// A metrics or admin endpoint: its server and a copy of its socket (for an upgrade).
+struct Endpoint {
+    bound: Option<SocketAddr>,
+    stop: CancellationToken,
+    socket: Option<std::net::TcpListener>,
+}
+
+/// Serves the endpoint `name` ([`METRICS_SOCKET`] or [`ADMIN_SOCKET`]) on `sock` until
+/// its own token (a child of `background`) is cancelled.
+fn spawn_endpoint(
+    name: &'static str,
+    addr: SocketAddr,
+    sock: TcpListener,
+    control: &Arc<Control>,
+    background: &CancellationToken,
+) -> Endpoint {
+    let bound = sock.local_addr().ok().or(Some(addr));
+    let stop = background.child_token();
+    // Not expected to fail (a dup of an open socket); without it an upgrade's new
+    // process binds this endpoint itself.
+    let socket = socket_copy(&sock).ok();
+    if name == METRICS_SOCKET {
+        let c = control.clone();
+        let collect: crate::metrics::Collector = Arc::new(move |out: &mut String| c.collect(out));
+        let c = control.clone();
+        let ready: crate::metrics::Readiness = Arc::new(move || c.is_ready());
+        let handle = crate::metrics::install();
+        tokio::spawn(crate::metrics::serve(
+            sock,
+            handle,
+            collect,
+            ready,
+            stop.clone(),
+        ));
+    } else {
+        tokio::spawn(crate::admin::serve(sock, control.clone(), stop.clone()));
+    }
+    Endpoint {
+        bound,
+        stop,
+        socket,
+    }
 }
 
 /// The longest wait for the first health round before the proxy says it is ready.

@@ -178,7 +178,16 @@ async fn verified_tokens_pass_and_bad_ones_never_reach_a_backend() {
     // No GS2 identity: the token's claim is the user (and routes the login).
     let r = authenticate(&proxy, "OAUTHBEARER", &bearer(None, &good)).await;
     assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
-    assert_eq!(new.received.lock().unwrap().len(), 2);
+    let received = new.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2);
+    // The backend got the verified identity in the message (Dovecot requires `a=`).
+    let replayed = received[1].rsplit(' ').next().unwrap_or_default();
+    let replayed = STANDARD.decode(replayed).unwrap();
+    assert!(
+        replayed.starts_with(b"n,a=alice@example.net,\x01"),
+        "{:?}",
+        String::from_utf8_lossy(&replayed)
+    );
     let refused = [
         bearer(
             Some("alice@example.net"),

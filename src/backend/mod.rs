@@ -560,7 +560,14 @@ impl<'a> PoolLogin<'a> {
                 Err(f) => f,
             };
             // A paired POP3 check server's failure was counted against that server.
-            if failure != Failure::PairedPop3 {
+            // A server without the token's mechanism cannot serve this login, but it is
+            // not down: password logins still go to it.
+            let this_login_only =
+                failure == Failure::NoMechanism && creds.token_payload().is_some();
+            if this_login_only {
+                tracing::info!(pool = pool_name, %protocol, %server, mechanism = creds.mechanism(), "server does not offer the login's mechanism; trying the next");
+                count_failure(pool_name, protocol, &server, failure);
+            } else if failure != Failure::PairedPop3 {
                 tracing::warn!(pool = pool_name, %protocol, %server, reason = failure.as_str(), "backend unavailable");
                 count_failure(pool_name, protocol, &server, failure);
                 state.record_failure(&self.pool.health);

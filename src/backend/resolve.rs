@@ -17,7 +17,8 @@ use crate::config::Host;
 /// period has passed (a DNS outage must not take the backends with it).
 #[derive(Clone)]
 pub struct Resolver {
-    inner: TokioResolver,
+    /// Swapped whole when `dns.servers` changes on reload (every clone sees it).
+    inner: Arc<std::sync::RwLock<TokioResolver>>,
     last_good: Arc<Mutex<HashMap<String, LastGood>>>,
 }
 
@@ -42,6 +43,23 @@ impl Resolver {
 
     /// A resolver asking `servers` (ip:port) when given, else the system's configuration.
     pub fn new(servers: &[std::net::SocketAddr]) -> Resolver {
+        Resolver {
+            inner: Arc::new(std::sync::RwLock::new(Resolver::build(servers))),
+            last_good: Arc::default(),
+        }
+    }
+
+    /// Asks `servers` from now on (the system's configuration when empty); the last good
+    /// answers are kept.
+    pub fn set_servers(&self, servers: &[std::net::SocketAddr]) {
+        let fresh = Resolver::build(servers);
+        match self.inner.write() {
+            Ok(mut g) => *g = fresh,
+            Err(p) => *p.into_inner() = fresh,
+        }
+    }
+
+    fn build(servers: &[std::net::SocketAddr]) -> TokioResolver {
         if !servers.is_empty() {
             use hickory_resolver::config::{NameServerConfig, NameServerConfigGroup};
             let mut group = NameServerConfigGroup::new();
@@ -62,10 +80,7 @@ impl Resolver {
             opts.timeout = Duration::from_secs(2);
             opts.attempts = 2;
             opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
-            return Resolver {
-                inner: builder.build(),
-                last_good: Arc::default(),
-            };
+            return builder.build();
         }
         let builder = match TokioResolver::builder_tokio() {
             Ok(b) => b,
@@ -82,10 +97,7 @@ impl Resolver {
         opts.timeout = Duration::from_secs(2);
         opts.attempts = 2;
         opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Always;
-        Resolver {
-            inner: builder.build(),
-            last_good: Arc::default(),
-        }
+        builder.build()
     }
 
     /// All addresses of a host, in the resolver's order. If the lookup fails, the last
@@ -103,13 +115,17 @@ impl Resolver {
             .lock()
             .map(|m| m.contains_key(name))
             .unwrap_or(false);
+        let inner = match self.inner.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
         let lookup = if have_stale {
-            match tokio::time::timeout(STALE_AFTER, self.inner.lookup_ip(name.as_str())).await {
+            match tokio::time::timeout(STALE_AFTER, inner.lookup_ip(name.as_str())).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("DNS did not answer in time".to_string()),
             }
         } else {
-            self.inner
+            inner
                 .lookup_ip(name.as_str())
                 .await
                 .map_err(|e| e.to_string())

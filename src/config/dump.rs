@@ -320,6 +320,19 @@ pub fn to_value(c: &Config) -> Value {
     v
 }
 
+/// Keys that a reload cannot change in a running proxy: their new values take effect at
+/// the next start (or upgrade).
+pub const RESTART_KEYS: &[&str] = &["workers", "instance_name", "state"];
+
+/// The keys of [`RESTART_KEYS`] whose values differ between two dumps.
+pub fn restart_keys(running: &Value, file: &Value) -> Vec<&'static str> {
+    RESTART_KEYS
+        .iter()
+        .copied()
+        .filter(|k| running.get(k) != file.get(k))
+        .collect()
+}
+
 /// The configuration in force, as YAML.
 pub fn to_yaml(c: &Config) -> String {
     let header = format!(

@@ -79,6 +79,11 @@ pub struct Control {
     last_reload_ok: std::sync::atomic::AtomicBool,
     /// Listeners bound and the first health round done.
     started: std::sync::atomic::AtomicBool,
+    /// Keys changed in the file that take effect only at the next start.
+    restart_required: std::sync::Mutex<Vec<&'static str>>,
+    /// The snapshot the process started with: what is in force for the settings a
+    /// reload cannot change.
+    started_with: Arc<Snapshot>,
 }
 
 impl Control {
@@ -103,6 +108,7 @@ impl Control {
         let lookups = Lookups::new(&snap.config);
         let oauth = snap.config.oauth.clone().map(crate::oauth::Verifier::new);
         let control = Arc::new(Control {
+            started_with: snap.clone(),
             oauth: RwLock::new(oauth),
             snapshot: RwLock::new(snap),
             backends,
@@ -115,6 +121,7 @@ impl Control {
             installed: tokio::sync::Notify::new(),
             last_reload_ok: std::sync::atomic::AtomicBool::new(true),
             started: std::sync::atomic::AtomicBool::new(false),
+            restart_required: std::sync::Mutex::new(Vec::new()),
         });
         // `forget` from another proxy of the fleet.
         let me = Arc::downgrade(&control);
@@ -170,6 +177,38 @@ impl Control {
         if !same {
             *v = cfg.oauth.clone().map(crate::oauth::Verifier::new);
         }
+    }
+
+    /// The configuration in force, as `cutover config dump` shows it: the settings a
+    /// reload cannot change as the process started with them.
+    pub fn effective_config(&self) -> serde_json::Value {
+        let snap = self.snapshot();
+        let mut v = crate::config::dump::to_value(&snap.config);
+        let started = crate::config::dump::to_value(&self.started_with.config);
+        if let Some(obj) = v.as_object_mut() {
+            for key in crate::config::dump::RESTART_KEYS {
+                match started.get(key) {
+                    Some(x) => obj.insert(key.to_string(), x.clone()),
+                    None => obj.remove(*key),
+                };
+            }
+        }
+        v
+    }
+
+    /// The keys of the last reload that wait for the next start.
+    pub fn set_restart_required(&self, keys: &[&'static str]) {
+        if let Ok(mut k) = self.restart_required.lock() {
+            *k = keys.to_vec();
+        }
+    }
+
+    /// Keys changed in the file that take effect only at the next start (or upgrade).
+    pub fn restart_required(&self) -> Vec<&'static str> {
+        self.restart_required
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_default()
     }
 
     /// Every listener is bound and the first health round is done.
@@ -251,6 +290,12 @@ impl Control {
             t.sample(m::STATE_UP, &labels, f64::from(u8::from(up)));
         }
         self.lookups.collect(&mut t);
+        t.family(m::RESTART_REQUIRED);
+        let pending = self.restart_required();
+        for key in crate::config::dump::RESTART_KEYS {
+            let v = f64::from(u8::from(pending.contains(key)));
+            t.sample(m::RESTART_REQUIRED, &[("key", key)], v);
+        }
         t.family(m::RELOAD_SUCCESS);
         let ok = self
             .last_reload_ok

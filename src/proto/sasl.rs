@@ -121,6 +121,37 @@ pub fn parse_oauth(mechanism: Mechanism, msg: &[u8]) -> Result<OAuthMessage<'_>,
     })
 }
 
+/// The message with `identity` as the identity it claims, for a message that claims none
+/// (the token's verified identity then goes to the backend too, which may require it:
+/// Dovecot does for OAUTHBEARER). `None` if the message already claims one or is not an
+/// OAuth message.
+pub fn with_identity(mechanism: Mechanism, msg: &[u8], identity: &str) -> Option<Vec<u8>> {
+    if parse_oauth(mechanism, msg).ok()?.user.is_some() {
+        return None;
+    }
+    match mechanism {
+        Mechanism::OAuthBearer => {
+            // `n,,` or `y,,`: the GS2 header with an empty authzid.
+            let flag = msg.first().copied()?;
+            let rest = msg.strip_prefix(&[flag, b',', b','][..])?;
+            let escaped = identity.replace('=', "=3D").replace(',', "=2C");
+            let mut out = Vec::with_capacity(msg.len() + escaped.len() + 2);
+            out.push(flag);
+            out.extend_from_slice(b",a=");
+            out.extend_from_slice(escaped.as_bytes());
+            out.push(b',');
+            out.extend_from_slice(rest);
+            Some(out)
+        }
+        Mechanism::XOAuth2 => {
+            let mut out = format!("user={identity}\x01").into_bytes();
+            out.extend_from_slice(msg);
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
 fn split_once(s: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
     let i = s.iter().position(|b| *b == sep)?;
     Some((&s[..i], &s[i + 1..]))
@@ -975,6 +1006,24 @@ mod servers {
         assert!(d
             .take_text()
             .contains("SASL PLAIN LOGIN OAUTHBEARER XOAUTH2\r\n"));
+    }
+
+    #[test]
+    fn a_verified_identity_is_added_to_a_message_that_claims_none() {
+        use crate::proto::Mechanism::{OAuthBearer, XOAuth2};
+        let m =
+            super::with_identity(OAuthBearer, b"n,,\x01auth=Bearer abc\x01\x01", "a,b=c").unwrap();
+        assert_eq!(m, b"n,a=a=2Cb=3Dc,\x01auth=Bearer abc\x01\x01");
+        assert_eq!(
+            super::parse_oauth(OAuthBearer, &m).unwrap().user.as_deref(),
+            Some("a,b=c")
+        );
+        let m = super::with_identity(XOAuth2, b"auth=Bearer abc\x01\x01", "joe").unwrap();
+        assert_eq!(
+            super::parse_oauth(XOAuth2, &m).unwrap().user.as_deref(),
+            Some("joe")
+        );
+        assert_eq!(super::with_identity(OAuthBearer, BEARER, "joe"), None);
     }
 
     #[test]
