@@ -551,11 +551,22 @@ fn run(path: PathBuf, format: LogFormat, takeover: bool) -> ExitCode {
             return fail("--takeover needs upgrade.socket in the configuration", 2);
         };
         match cutover::upgrade::take_over(up) {
-            Ok((socks, unix, conn)) => {
+            Ok((mut socks, unix, conn)) => {
                 tracing::info!(
                     sockets = socks.values().map(Vec::len).sum::<usize>(),
                     "took the listening sockets over"
                 );
+                // A listener whose address changed in the file is bound anew: the old
+                // process's socket for it is left to close with the old process.
+                for l in &snap.config.listeners {
+                    let moved = socks.get(&l.name).and_then(|v| v.first()).is_some_and(|s| {
+                        l.listen.port() != 0 && s.local_addr().is_ok_and(|a| a != l.listen)
+                    });
+                    if moved {
+                        tracing::info!(listener = %l.name, addr = %l.listen, "listener address changed: binding it anew");
+                        socks.remove(&l.name);
+                    }
+                }
                 inherited.extend(socks);
                 handover = Some((unix, conn));
             }

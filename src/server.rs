@@ -700,6 +700,21 @@ fn socket_copy(sock: &TcpListener) -> std::io::Result<std::net::TcpListener> {
 /// With `WatchdogSec=`, pings systemd while every session worker answers: a ping is sent
 /// only after each worker ran a task of ours, so a stuck worker stops the pings.
 async fn watchdog(running: Running) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        // `systemctl status` shows the stage in force and the sessions, kept current.
+        let status = running.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    _ = status.background.cancelled() => return,
+                }
+                if status.control.is_ready() {
+                    crate::systemd::status(&status.status_line());
+                }
+            }
+        });
+    }
     let Some(interval) = crate::systemd::watchdog_interval() else {
         return;
     };
