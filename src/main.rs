@@ -150,6 +150,18 @@ struct AdminArgs {
     user: String,
 }
 
+/// Where logs go once an upgrade handed this process the old one's standard error (the
+/// service's journal); until then, this process's own.
+static LOG_TARGET: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// The log writer: the handed-over target, else standard error.
+fn log_writer() -> Box<dyn std::io::Write> {
+    match LOG_TARGET.get() {
+        Some(f) => Box::new(f),
+        None => Box::new(std::io::stderr()),
+    }
+}
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -157,7 +169,7 @@ fn init_logs(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(log_writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
@@ -551,21 +563,37 @@ fn run(path: PathBuf, format: LogFormat, takeover: bool) -> ExitCode {
             return fail("--takeover needs upgrade.socket in the configuration", 2);
         };
         match cutover::upgrade::take_over(up) {
-            Ok((mut socks, unix, conn)) => {
+            Ok((mut socks, unix, log_target, conn)) => {
                 tracing::info!(
                     sockets = socks.values().map(Vec::len).sum::<usize>(),
                     "took the listening sockets over"
                 );
-                // A listener whose address changed in the file is bound anew: the old
-                // process's socket for it is left to close with the old process.
-                for l in &snap.config.listeners {
-                    let moved = socks.get(&l.name).and_then(|v| v.first()).is_some_and(|s| {
-                        l.listen.port() != 0 && s.local_addr().is_ok_and(|a| a != l.listen)
+                // A listener or endpoint whose address changed in the file is bound anew:
+                // the old process's socket for it closes with the old process.
+                let cfg = &snap.config;
+                let wanted = (cfg
+                    .listeners
+                    .iter()
+                    .map(|l| (l.name.as_str(), Some(l.listen))))
+                .chain([
+                    (cutover::server::METRICS_SOCKET, cfg.metrics),
+                    (
+                        cutover::server::ADMIN_SOCKET,
+                        cfg.admin.as_ref().map(|a| a.listen),
+                    ),
+                ]);
+                for (name, addr) in wanted {
+                    let moved = socks.get(name).and_then(|v| v.first()).is_some_and(|s| {
+                        addr.is_none_or(|a| a.port() != 0 && s.local_addr().is_ok_and(|b| b != a))
                     });
                     if moved {
-                        tracing::info!(listener = %l.name, addr = %l.listen, "listener address changed: binding it anew");
-                        socks.remove(&l.name);
+                        tracing::info!(listener = %name, addr = ?addr, "address changed: binding it anew");
+                        socks.remove(name);
                     }
+                }
+                // From now on this process logs where the old one did (its journal).
+                if let Some(fd) = log_target {
+                    let _ = LOG_TARGET.set(std::fs::File::from(fd));
                 }
                 inherited.extend(socks);
                 handover = Some((unix, conn));
@@ -604,12 +632,16 @@ fn run(path: PathBuf, format: LogFormat, takeover: bool) -> ExitCode {
                 tracing::warn!(error = %e, "upgrade socket unavailable: zero-downtime upgrades disabled");
             }
         }
-        tokio::select! {
-            _ = shutdown_signal() => {}
-            _ = taken_over.cancelled() => {}
-        }
+        let handed_over = tokio::select! {
+            _ = shutdown_signal() => false,
+            _ = taken_over.cancelled() => true,
+        };
         stop.cancel();
-        running.shutdown().await;
+        if handed_over {
+            running.handed_over().await;
+        } else {
+            running.shutdown().await;
+        }
         Ok::<(), cutover::server::StartError>(())
     });
     match result {
@@ -642,12 +674,26 @@ fn upgrade(config: &Path, binary: Option<PathBuf>) -> ExitCode {
         Err(e) => return fail(format!("cannot find this binary: {e}"), 1),
     };
     use std::os::unix::process::CommandExt;
+    let startup_log = PathBuf::from(format!("{}.log", socket.display()));
+    let show_log = || {
+        if let Ok(text) = std::fs::read_to_string(&startup_log) {
+            eprint!("{text}");
+        }
+    };
     let child = std::process::Command::new(&binary)
         .arg("run")
         .arg("--config")
         .arg(config)
         .arg("--takeover")
         .stdin(std::process::Stdio::null())
+        // Nothing of it stays on this command's output (whoever reads it would wait for
+        // the new proxy to exit): it logs to a file until the hand-over, then where the
+        // old process logged.
+        .stdout(std::process::Stdio::null())
+        .stderr(match std::fs::File::create(&startup_log) {
+            Ok(f) => std::process::Stdio::from(f),
+            Err(_) => std::process::Stdio::null(),
+        })
         // Its own process group: a terminal's hangup does not reach it.
         .process_group(0)
         .spawn();
@@ -658,6 +704,7 @@ fn upgrade(config: &Path, binary: Option<PathBuf>) -> ExitCode {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
+            show_log();
             return fail(
                 format!("the new process exited ({status}) before taking over"),
                 1,
@@ -671,6 +718,7 @@ fn upgrade(config: &Path, binary: Option<PathBuf>) -> ExitCode {
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
+            show_log();
             return fail("the new process did not take over within 60 s", 1);
         }
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -291,6 +291,8 @@ impl Running {
     /// Reads, validates and applies the configuration file. On any error the running
     /// configuration stays in force. Counted in `cutover_config_reloads_total`.
     pub async fn reload_from(&self, path: &Path) -> Result<usize, StartError> {
+        // systemd hears of every reload, also one that fails (READY=1 follows either way).
+        crate::systemd::reloading();
         let result = async {
             let config = Config::load(path)?;
             let snap = Snapshot::build(config).map_err(|source| StartError::Tls {
@@ -301,6 +303,7 @@ impl Running {
         }
         .await;
         self.control.reload_result(result.is_ok());
+        crate::systemd::ready(&self.status_line());
         match &result {
             Ok(moved) => {
                 tracing::info!(file = %path.display(), moved_sessions = moved, "configuration reloaded");
@@ -350,7 +353,6 @@ impl Running {
         for l in &fresh {
             bound.push((l.clone(), bind(l, self.workers.len())?));
         }
-        crate::systemd::reloading();
         if old.config.dns_servers != snap.config.dns_servers {
             tracing::info!(servers = ?snap.config.dns_servers, "dns.servers changed: new lookups use them");
             self.control
@@ -385,7 +387,6 @@ impl Running {
             }
         }
         self.restart_health(snap);
-        crate::systemd::ready(&self.status_line());
         Ok(moved)
     }
 
@@ -394,8 +395,16 @@ impl Running {
             .first()
             .and_then(|s| s.local_addr().ok())
             .unwrap_or(l.listen);
+        // One socket (systemd's) is shared by every worker: each accepts from it.
+        let mut socks = socks;
+        if socks.len() == 1 && self.workers.len() > 1 {
+            let extra: Vec<_> = (1..self.workers.len())
+                .filter_map(|_| socks[0].try_clone().ok())
+                .collect();
+            socks.extend(extra);
+        }
         tracing::info!(listener = %l.name, protocol = %l.protocol, addr = %bound, tls = ?l.tls, sockets = socks.len(), "listening");
-        let stop = self.control.drain.child_token();
+        let stop = self.control.accepting.child_token();
         let sockets = socks.iter().filter_map(|s| s.try_clone().ok()).collect();
         for (sock, worker) in socks.into_iter().zip(self.workers.handles.iter().cycle()) {
             let (l, control, tracker, stop) = (
@@ -444,15 +453,44 @@ impl Running {
         ));
     }
 
+    /// After another process took the listening sockets over (an upgrade): stops
+    /// accepting and serving the endpoints (the new process answers them now), lets every
+    /// session go on (those that have not logged in yet may still log in here) for up to
+    /// the drain timeout, then closes what is left as [`Running::shutdown`] does. systemd
+    /// is not told this process stops: the service goes on in the new one.
+    pub async fn handed_over(self) {
+        let grace = self.control.snapshot().config.timeouts.drain;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            sessions = self.tracker.len(),
+            "handed over: no new connections here; draining"
+        );
+        self.control.accepting.cancel();
+        if let Ok(endpoints) = self.endpoints.lock() {
+            for e in endpoints.values() {
+                e.stop.cancel();
+            }
+        }
+        self.tracker.close();
+        let _ = tokio::time::timeout(grace, self.tracker.wait()).await;
+        self.finish_drain(Duration::ZERO).await;
+    }
+
     /// Stops accepting, lets relayed sessions finish for up to the drain timeout, then
     /// closes what is left (IMAP sessions get `* BYE`) and returns.
     pub async fn shutdown(self) {
+        crate::systemd::stopping("draining");
         let grace = self.control.snapshot().config.timeouts.drain;
         tracing::info!(
             grace_ms = grace.as_millis() as u64,
             "draining: no new connections"
         );
-        crate::systemd::stopping("draining");
+        self.finish_drain(grace).await;
+    }
+
+    /// The drain: sessions not logged in get their goodbye, relayed ones may finish for
+    /// `grace`, then the rest are closed.
+    async fn finish_drain(self, grace: Duration) {
         self.control.drain.cancel();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())

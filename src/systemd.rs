@@ -41,9 +41,11 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
-/// After an upgrade hand-over: this process is the service's main process now.
+/// After an upgrade hand-over: this process is the service's main process now (its
+/// `READY=1` comes once its first health round is done; the unit needs
+/// `NotifyAccess=all` for systemd to take either from it).
 pub fn main_pid() {
-    send(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+    send(&[NotifyState::MainPid(std::process::id())]);
 }
 
 /// One watchdog ping.

@@ -31,6 +31,8 @@ use crate::server::{Inherited, Running};
 
 /// The name of the upgrade socket itself in a hand-over.
 const UPGRADE_SOCKET: &str = "@upgrade";
+/// The name of the old process's standard error in a hand-over (the new one logs there).
+const STDERR: &str = "@stderr";
 /// Descriptors per message (the kernel takes at most 253).
 const BATCH: usize = 200;
 /// Longest wait for the other side at each step.
@@ -135,6 +137,13 @@ fn answer(mut conn: UnixStream, running: &Running, own: &UnixListener) -> std::i
                 }
             }
             sockets.push((UPGRADE_SOCKET.into(), OwnedFd::from(own.try_clone()?)));
+            {
+                use std::os::fd::AsFd;
+                sockets.push((
+                    STDERR.into(),
+                    std::io::stderr().as_fd().try_clone_to_owned()?,
+                ));
+            }
             for batch in sockets.chunks(BATCH) {
                 let names: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
                 let fds: Vec<RawFd> = batch.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
@@ -164,18 +173,20 @@ fn answer(mut conn: UnixStream, running: &Running, own: &UnixListener) -> std::i
     }
 }
 
+/// What the new process receives: the listening sockets, the upgrade socket, the old
+/// process's standard error, and the connection to finish on ([`finish_takeover`]).
+pub type TakeOver = (Inherited, Option<UnixListener>, Option<OwnedFd>, UnixStream);
+
 /// The new process's side, before it starts: takes the listening sockets from the process
-/// serving on `path`. Returns them with the connection to finish on
-/// ([`finish_takeover`]) and the upgrade socket itself.
-pub fn take_over(
-    path: &Path,
-) -> Result<(Inherited, Option<UnixListener>, UnixStream), UpgradeError> {
+/// serving on `path`.
+pub fn take_over(path: &Path) -> Result<TakeOver, UpgradeError> {
     let conn = UnixStream::connect(path).map_err(io(path))?;
     conn.set_read_timeout(Some(STEP_TIMEOUT))
         .map_err(io(path))?;
     (&conn).write_all(b"TAKEOVER\n").map_err(io(path))?;
     let mut inherited = Inherited::new();
     let mut upgrade_socket = None;
+    let mut stderr = None;
     // Bytes after the last complete line; descriptors arrive with the header lines.
     let mut pending: Vec<u8> = Vec::new();
     let mut names: std::collections::VecDeque<String> = Default::default();
@@ -222,6 +233,8 @@ pub fn take_over(
     for (name, fd) in names.into_iter().zip(fds_in) {
         if name == UPGRADE_SOCKET {
             upgrade_socket = Some(UnixListener::from(fd));
+        } else if name == STDERR {
+            stderr = Some(fd);
         } else {
             inherited
                 .entry(name)
@@ -229,7 +242,7 @@ pub fn take_over(
                 .push(std::net::TcpListener::from(fd));
         }
     }
-    Ok((inherited, upgrade_socket, conn))
+    Ok((inherited, upgrade_socket, stderr, conn))
 }
 
 /// The new process serves: tells the old one, which stops accepting and drains. Returns

@@ -71,6 +71,10 @@ pub struct Control {
     pub disconnects: limits::Disconnects,
     /// Cancelled when the proxy starts draining.
     pub drain: CancellationToken,
+    /// Cancelled when the listeners stop accepting: at a drain, or when another process
+    /// took the listening sockets over (then sessions that have not logged in yet may
+    /// still do so).
+    pub accepting: CancellationToken,
     /// Cancelled when the drain grace period is over.
     pub hard_stop: CancellationToken,
     /// Wakes the stage clock when a new snapshot is installed (it may add stages).
@@ -106,6 +110,7 @@ impl Control {
         state: Arc<dyn SharedState>,
     ) -> Arc<Control> {
         let lookups = Lookups::new(&snap.config);
+        let drain = CancellationToken::new();
         let oauth = snap.config.oauth.clone().map(crate::oauth::Verifier::new);
         let control = Arc::new(Control {
             started_with: snap.clone(),
@@ -116,7 +121,8 @@ impl Control {
             lookups,
             admission: Arc::new(limits::Admission::default()),
             disconnects: limits::Disconnects::default(),
-            drain: CancellationToken::new(),
+            drain: drain.clone(),
+            accepting: drain.child_token(),
             hard_stop: CancellationToken::new(),
             installed: tokio::sync::Notify::new(),
             last_reload_ok: std::sync::atomic::AtomicBool::new(true),
@@ -219,7 +225,7 @@ impl Control {
 
     /// Ready for clients: started and not draining (`GET /ready`, `cutover healthcheck`).
     pub fn is_ready(&self) -> bool {
-        self.started.load(std::sync::atomic::Ordering::Acquire) && !self.drain.is_cancelled()
+        self.started.load(std::sync::atomic::Ordering::Acquire) && !self.accepting.is_cancelled()
     }
 
     /// Records how the last reload went (`cutover_config_last_reload_successful`).
