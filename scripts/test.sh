@@ -100,6 +100,8 @@ install_packages() {
 
 install_packages
 stop_system_services
+# cargo-deb for scripts/package.sh (tests/e2e/test_package.py skips without it); built once, a few minutes
+cargo deb --version 2>/dev/null | grep -qx 'cargo-deb 3.8.0' || cargo install cargo-deb --locked --version 3.8.0 || log "cargo-deb could not be installed"
 
 log "cargo build --locked --bins"
 cargo build --locked --bins

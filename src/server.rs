@@ -743,9 +743,11 @@ async fn watchdog(running: Running) {
         let status = running.clone();
         tokio::spawn(async move {
             loop {
+                // Not after this process stopped accepting: systemd hears of the service
+                // from the process that serves it (after an upgrade, the new one).
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-                    _ = status.background.cancelled() => return,
+                    _ = status.control.accepting.cancelled() => return,
                 }
                 if status.control.is_ready() {
                     crate::systemd::status(&status.status_line());
@@ -760,7 +762,7 @@ async fn watchdog(running: Running) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = running.background.cancelled() => return,
+            _ = running.control.accepting.cancelled() => return,
         }
         let mut answers = Vec::new();
         for worker in &running.workers.handles {
