@@ -9,6 +9,7 @@
 #   2. cargo build --locked --bins, a check that the sans-IO layers (src/proto,
 #      src/route.rs, src/config) use no tokio, then cargo test --locked,
 #   3. /usr/bin/python3 -m pytest -q tests/e2e with CUTOVER_BIN=target/debug/cutover,
+#      then scripts/soak.sh 60s (the soak test for a minute; summary in target/soak-summary.txt),
 #   4. fuzz/run.sh: every fuzz target for a few seconds (FUZZ_SECONDS, default 8).
 #
 # Exits non-zero if any step fails. A build failure stops at once; a failing
@@ -125,6 +126,11 @@ log "end-to-end tests: /usr/bin/python3 -m pytest -q tests/e2e"
 export CUTOVER_BIN="${CUTOVER_BIN:-target/debug/cutover}"
 if ! /usr/bin/python3 -m pytest -q tests/e2e "$@"; then
     failed+=("pytest tests/e2e")
+fi
+
+log "soak test: scripts/soak.sh 60s (all protocols under reloads, kicks, holds, backend and Redis restarts; about 75 s)"
+if ! bash scripts/soak.sh 60s; then
+    failed+=("scripts/soak.sh 60s")
 fi
 
 log "bounded fuzzing: fuzz/run.sh (about a minute of fuzzing, after the build)"
