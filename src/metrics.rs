@@ -30,6 +30,12 @@ pub const BACKEND_CONNECT_SECONDS: &str = "cutover_backend_connect_seconds";
 pub const FAILOVERS: &str = "cutover_failovers_total";
 /// Failed attempts to use a backend server, by `pool`, `protocol`, `server`, `reason`.
 pub const BACKEND_FAILURES: &str = "cutover_backend_connect_failures_total";
+/// Logins served by a server other than the first of the user's try order, by `pool`,
+/// `protocol`.
+pub const LOGINS_STANDBY: &str = "cutover_logins_standby_total";
+/// Relayed sessions whose backend connection ended with the client still there, by
+/// `pool`, `protocol`, `reason` (eof | reset | timeout | error | goodbye).
+pub const BACKEND_DISCONNECTS: &str = "cutover_backend_disconnects_total";
 /// Accepted client connections, by `listener`, `protocol`.
 pub const CONNECTIONS: &str = "cutover_connections_total";
 /// Open client connections, by `listener`, `protocol`.
@@ -132,6 +138,8 @@ pub const CATALOGUE: &[Def] = &[
     Def { name: BACKEND_CONNECT_SECONDS, kind: Kind::Histogram, labels: &["pool", "protocol", "server"], help: "TCP connect time to a backend server." },
     Def { name: FAILOVERS, kind: Kind::Counter, labels: &["pool", "protocol"], help: "Moves to the next server of a pool after one was unavailable." },
     Def { name: BACKEND_FAILURES, kind: Kind::Counter, labels: &["pool", "protocol", "server", "reason"], help: "Failed attempts to use a backend server: refused, timeout, tls, greeting, protocol, resolve, no_mechanism." },
+    Def { name: LOGINS_STANDBY, kind: Kind::Counter, labels: &["pool", "protocol"], help: "Logins served by a server other than the preferred one (the first of the user's try order): its standby carries the user." },
+    Def { name: BACKEND_DISCONNECTS, kind: Kind::Counter, labels: &["pool", "protocol", "reason"], help: "Relayed sessions whose backend connection ended with the client still there (no LOGOUT or QUIT): eof, reset, timeout, error, or goodbye (the backend said its own BYE, 421 or -ERR first)." },
     Def { name: CONNECTIONS, kind: Kind::Counter, labels: &["listener", "protocol"], help: "Accepted client connections." },
     Def { name: CONNECTIONS_ACTIVE, kind: Kind::Gauge, labels: &["listener", "protocol"], help: "Open client connections." },
     Def { name: REFUSED, kind: Kind::Counter, labels: &["listener", "protocol", "reason"], help: "Client connections refused or ended by a limit." },
@@ -252,6 +260,10 @@ pub fn prime(cfg: &crate::config::Config) {
         for (proto, pp) in &pool.protocols {
             let p = proto.as_str();
             metrics::counter!(FAILOVERS, "pool" => name.clone(), "protocol" => p).increment(0);
+            metrics::counter!(LOGINS_STANDBY, "pool" => name.clone(), "protocol" => p).increment(0);
+            for reason in crate::relay::DISCONNECT_REASONS {
+                metrics::counter!(BACKEND_DISCONNECTS, "pool" => name.clone(), "protocol" => p, "reason" => reason).increment(0);
+            }
             metrics::gauge!(SESSIONS_ACTIVE, "pool" => name.clone(), "protocol" => p)
                 .increment(0.0);
             for dir in ["client_to_backend", "backend_to_client"] {

@@ -453,6 +453,18 @@ impl Running {
         ));
     }
 
+    /// Drops this process's copies of the listening sockets (kept for a hand-over): once
+    /// the accept loops have stopped, the kernel refuses new connections (or, after an
+    /// upgrade, only the new process has them).
+    fn close_listeners(&self) {
+        if let Ok(mut table) = self.listeners.lock() {
+            for task in table.values() {
+                task.stop.cancel();
+            }
+            table.clear();
+        }
+    }
+
     /// After another process took the listening sockets over (an upgrade): stops
     /// accepting and serving the endpoints (the new process answers them now), lets every
     /// session go on (those that have not logged in yet may still log in here) for up to
@@ -466,6 +478,7 @@ impl Running {
             "handed over: no new connections here; draining"
         );
         self.control.accepting.cancel();
+        self.close_listeners();
         if let Ok(endpoints) = self.endpoints.lock() {
             for e in endpoints.values() {
                 e.stop.cancel();
@@ -492,6 +505,7 @@ impl Running {
     /// `grace`, then the rest are closed.
     async fn finish_drain(self, grace: Duration) {
         self.control.drain.cancel();
+        self.close_listeners();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
             .await
@@ -624,10 +638,11 @@ pub async fn start_with(
     }
     let mut endpoints = BTreeMap::new();
     if let Some(addr) = snap.config.metrics {
+        // The recorder first: series primed before it would be lost.
+        let upkeep = crate::metrics::install();
         crate::metrics::prime(&snap.config);
         // Histograms keep their samples until rendered: drain them even when nobody
         // scrapes, so memory does not grow with the number of logins.
-        let upkeep = crate::metrics::install();
         let stop = background.clone();
         tokio::spawn(async move {
             loop {

@@ -91,6 +91,12 @@ pub enum SessionEnd {
     HeldTooLong,
     /// Relayed until one side closed.
     Relayed,
+    /// The backend connection ended (EOF, reset, timeout) with the client still there and
+    /// not leaving: the client got the protocol's goodbye if it stood between responses.
+    BackendDied,
+    /// The backend said its own goodbye (IMAP BYE, SMTP 421, POP3 -ERR) and closed, with
+    /// the client still there (an idle timeout, a restart).
+    BackendClosed,
     /// The relay failed.
     RelayError,
     /// Ended by the drain timeout on shutdown.
@@ -118,6 +124,8 @@ impl SessionEnd {
             SessionEnd::Refused => "refused",
             SessionEnd::HeldTooLong => "held_too_long",
             SessionEnd::Relayed => "relayed",
+            SessionEnd::BackendDied => "backend_died",
+            SessionEnd::BackendClosed => "backend_closed",
             SessionEnd::RelayError => "relay_error",
             SessionEnd::Stopped => "stopped",
             SessionEnd::Kicked => "kicked",
@@ -348,10 +356,13 @@ async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Sum
         return;
     }
     let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
+    let mut tracker = relay::tracker(ctx.listener.protocol);
+    tracker.backend_sent(&backend.leftover);
+    tracker.client_sent(&pending);
     drop(pending);
     backend.leftover = Vec::new(); // its buffer is not needed while relaying
     let relay_started = Instant::now();
-    let mut relay = relay::Relay::new(&mut client, &mut backend.stream);
+    let mut relay = relay::Relay::new(&mut client, &mut backend.stream).tracking(tracker);
     let end = tokio::select! {
         r = &mut relay => match r {
             Ok(()) => RelayEnd::Closed,
@@ -363,10 +374,14 @@ async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Sum
     let (up, down) = (relay.bytes_up(), relay.bytes_down());
     let backend_first = relay.backend_ended_first();
     let goodbye_asked = relay.client_said_goodbye();
+    let died = relay.backend_end().filter(|_| !goodbye_asked);
     drop(relay);
+    if let (Some(d), RelayEnd::Closed | RelayEnd::Error(_)) = (&died, &end) {
+        d.record(&pool, ctx.listener.protocol);
+    }
     let ends = Ends {
         backend_first,
-        goodbye_asked,
+        died,
     };
     let pool_cfg = snap.config.pools.get(&pool);
     let spread = pool_cfg.map(|p| p.disconnect_spread).unwrap_or_default();
@@ -394,8 +409,8 @@ async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Sum
 struct Ends {
     /// The backend's side ended first.
     backend_first: bool,
-    /// The client said LOGOUT/QUIT before the end.
-    goodbye_asked: bool,
+    /// The backend's side ended first, the client not leaving (no LOGOUT/QUIT).
+    died: Option<relay::BackendEnd>,
 }
 
 /// Closes both sides the way the end calls for: a backend that went away is relayed as a
@@ -411,7 +426,7 @@ async fn finish_relay(
 ) {
     let Ends {
         backend_first,
-        goodbye_asked,
+        died,
     } = ends;
     match end {
         RelayEnd::Closed | RelayEnd::Error(_) => {
@@ -419,7 +434,7 @@ async fn finish_relay(
                 tracing::debug!(error = %e, backend_first, "relay ended with an error");
                 summary.end = SessionEnd::RelayError;
             }
-            summary.closed_by = Some(if backend_first {
+            summary.closed_by = Some(if backend_first || died.is_some() {
                 Side::Backend
             } else {
                 Side::Client
@@ -428,8 +443,18 @@ async fn finish_relay(
                 // The backend closed and everything it sent was relayed.
                 backend.stream.reset_on_close();
             }
-            if backend_first && !goodbye_asked {
+            if let Some(died) = died {
+                // Spread like the closes; the goodbye (at a response boundary) goes last.
                 spread_close(ctx, spread, backend, client).await;
+                if let Some(bye) = died.goodbye() {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), client.write_all(bye)).await;
+                }
+                summary.end = if died.backend_said_goodbye() {
+                    SessionEnd::BackendClosed
+                } else {
+                    SessionEnd::BackendDied
+                };
             }
             // TLS: close_notify. Plain TCP: the close when `client` drops sends the FIN; a
             // shutdown first would only cost a system call per session.

@@ -563,7 +563,7 @@ async fn drain_says_goodbye_before_login_and_after_the_grace_period() {
 }
 
 #[tokio::test]
-async fn a_dying_backend_closes_its_clients_promptly_and_spreads_a_crowd() {
+async fn a_dying_backend_says_goodbye_to_its_clients_promptly_and_spreads_a_crowd() {
     let backend = fake("b", Protocol::Imap, |_| {}).await;
     let proxy = imap_proxy_for(backend.addr, "none", "").await;
     let spread_yaml = proxy_yaml(
@@ -583,13 +583,20 @@ async fn a_dying_backend_closes_its_clients_promptly_and_spreads_a_crowd() {
     let t = Instant::now();
     backend.stop();
     // Each client watched on its own: which sessions get the prompt closes depends on
-    // their order and ids, not on the order of this list.
+    // their order and ids, not on the order of this list. Each idles between responses:
+    // it hears the BYE, then the close, both spread alike.
     let watchers: Vec<_> = clients
         .into_iter()
         .map(|mut c| {
             tokio::spawn(async move {
+                let bye = c.line().await;
+                let at = t.elapsed();
+                assert_eq!(
+                    bye.as_deref(),
+                    Some("* BYE [UNAVAILABLE] Lost the connection to the mail server, please reconnect")
+                );
                 assert!(c.closed().await);
-                t.elapsed()
+                at
             })
         })
         .collect();

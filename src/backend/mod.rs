@@ -513,6 +513,13 @@ impl<'a> PoolLogin<'a> {
                     leftover,
                 }) => {
                     state.record_login_success();
+                    if order.first().is_some_and(|preferred| *preferred != server) {
+                        // Served, but not by the user's preferred server: its standby
+                        // carries the user (after a failover here, or because the
+                        // preferred one was already known down and skipped).
+                        metrics::counter!(m::LOGINS_STANDBY, "pool" => pool_name.to_string(), "protocol" => protocol.as_str())
+                            .increment(1);
+                    }
                     return PoolResult::LoggedIn(Connected {
                         stream,
                         leftover,

@@ -22,6 +22,7 @@
 //! literal), bounded by [`Limits`]. After every call the driver drains `poll_action()`
 //! until it returns `None`, and calls `receive` again while it keeps consuming.
 
+pub mod boundary;
 pub mod drive;
 pub mod imap;
 pub mod line;

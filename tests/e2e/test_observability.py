@@ -41,6 +41,16 @@
   series: when they fire after a lookup's database goes down, that they stay while
   logins only hit the cache and clear once it answers again (no proxy needed).
 
+* ``test_standby_alert_fires_and_clears_in_time``: the same for CutoverServedByStandby:
+  standby logins for 10 minutes fire it, one failover never does, and it clears about 5
+  minutes after the preferred server serves again.
+
+* ``test_standby_logins_are_counted_when_the_first_server_is_known_down``: green's IMAP
+  is stopped and the health checks mark it down; bob's logins then go straight to
+  mauve (no attempt on green, no failover) and each one counts in
+  ``cutover_logins_standby_total`` (issue 17 item 2). The Prometheus test above also
+  sees the failover green -> mauve counted there, and CutoverServedByStandby pending.
+
 * ``test_logs_carry_no_secrets``: cutover runs with ``--log-format json`` and
   CUTOVER_LOG=debug; the test logs in with every mechanism (IMAP LOGIN quoted and
   as literals, AUTHENTICATE PLAIN with SASL-IR and with a continuation, AUTHENTICATE
@@ -665,6 +675,65 @@ def test_lookup_alerts_fire_and_clear_in_time():
     ])
 
 
+def test_standby_alert_fires_and_clears_in_time():
+    """CutoverServedByStandby of dashboards/alerts.yml, run by promtool on synthetic
+    series (one sample every 15 s). From 5m on, pool legacy's IMAP logins are served by
+    its standby (one more every 15 s) until 25m: pending at once, firing once that has
+    lasted 10 minutes, clear about 5 minutes after the preferred server is back. One
+    failover (a single standby login) never fires it."""
+    labels = 'job="cutover", instance="proxy:9898", pool="legacy", protocol="imap"'
+    standby = f"cutover_logins_standby_total{{{labels}}}"
+    fired = [{"exp_labels": {"job": "cutover", "instance": "proxy:9898", "pool": "legacy",
+                             "protocol": "imap", "severity": "warning"}}]
+
+    def case(values, expect):
+        return {"interval": "15s",
+                "input_series": [{"series": standby, "values": values}],
+                "alert_rule_test": [{"eval_time": t, "alertname": "CutoverServedByStandby",
+                                     "exp_alerts": fired if fires else []} for t, fires in expect]}
+
+    promtool_test_rules({"CutoverServedByStandby": alert_rule("CutoverServedByStandby")}, [
+        case("0x19 1+1x80 81x60",
+             [("4m45s", False), ("6m", False), ("14m", False), ("16m", True), ("25m", True),
+              ("29m", True), ("31m", False), ("40m", False)]),
+        # one failover at 5m: pending for 5 minutes, never firing
+        case("0x19 1x100", [("6m", False), ("12m", False), ("16m", False), ("30m", False)]),
+    ])
+
+
+def test_standby_logins_are_counted_when_the_first_server_is_known_down(env, servers, proxy):
+    """green's IMAP stopped, health checks every second mark it down; then every login of
+    bob goes straight to mauve: counted as standby, not as a failover."""
+    cfg = harness.proxy_config(env)
+    cfg["pools"]["legacy"]["health"] = {"interval": "1s", "fall": 1, "rise": 1}
+    proxy.reconfigure(cfg)
+    harness.wait_until(lambda: harness.port_open(PROXY_IP, METRICS_PORT), 10,
+                       what="the metrics listener")
+    green = f"{harness.GREEN_IP}:143"
+
+    def value(name, **labels):
+        return c.metric_sum(scrape_text(), name, **labels)
+
+    c.wait_for(lambda: value("cutover_backend_up", pool="legacy", protocol="imap", server=green) == 1,
+               10, interval=0.2, what=f"{green} up")
+    with servers.green.imap.stopped():
+        c.wait_for(lambda: c.metric_values(scrape_text(), "cutover_backend_up", pool="legacy",
+                                           protocol="imap", server=green) == [0.0],
+                   10, interval=0.2, what=f"the health checks to mark {green} down")
+        standby = value("cutover_logins_standby_total", pool="legacy", protocol="imap")
+        failovers = value("cutover_failovers_total", pool="legacy", protocol="imap")
+        for _ in range(3):
+            assert imap_try(env, "bob", USERS["bob"]) == "hello from mauve"
+        assert value("cutover_logins_standby_total", pool="legacy", protocol="imap") == standby + 3
+        assert value("cutover_failovers_total", pool="legacy", protocol="imap") == failovers, \
+            "green was known down: no attempt, no failover"
+    # green back and up: bob is served by his preferred server again, not counted
+    c.wait_for(lambda: value("cutover_backend_up", pool="legacy", protocol="imap", server=green) == 1,
+               15, interval=0.2, what=f"the health checks to see {green} up again")
+    assert imap_try(env, "bob", USERS["bob"]) == "hello from green"
+    assert value("cutover_logins_standby_total", pool="legacy", protocol="imap") == standby + 3
+
+
 def test_dashboard_is_importable_as_is():
     """Static checks of dashboards/cutover.json (Grafana import format)."""
     dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
@@ -738,6 +807,10 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
                 assert v and v >= 1, f"Prometheus has no {proto} {result} login (got {v})"
         v = prom.value(f'sum(cutover_failovers_total{{job="{PROM_JOB}", pool="legacy", protocol="imap"}})')
         assert v and v >= 1, f"the failover green -> mauve was not counted ({v})"
+        v = prom.value(f'sum(cutover_logins_standby_total{{job="{PROM_JOB}", pool="legacy", protocol="imap"}})')
+        assert v and v >= 1, f"the login mauve served for green was not counted as standby ({v})"
+        v = prom.value(f'sum(cutover_logins_standby_total{{job="{PROM_JOB}", pool="new"}})')
+        assert v == 0, f"logins of the one-server pool counted as standby ({v})"
         v = prom.value(f'sum(cutover_fallbacks_total{{job="{PROM_JOB}", from="gone", to="legacy", '
                        f'reason="unavailable"}})')
         assert v and v >= 3, f"fallbacks gone -> legacy not counted ({v})"
@@ -814,6 +887,8 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
         want |= {("CutoverBackendDown", "gone", f"{ip}:143", None) for ip in DEAD_SERVERS}
         want |= {("CutoverLookupFailing", None, None, DEAD_LOOKUP),
                  ("CutoverLookupRejectedRows", None, None, LOOKUP)}
+        # mauve served bob for green: pending (it fires only if that lasts 10 minutes)
+        want |= {("CutoverServedByStandby", "legacy", None, None)}
         seen = {}
 
         def active():
@@ -823,7 +898,8 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
             seen["missing"], seen["active"] = want - got, got
             return alerts if want <= got else None
         try:
-            alerts = c.wait_for(active, PROM_BOUND, what="alerts for the dead pool and the failed reload")
+            alerts = c.wait_for(active, PROM_BOUND,
+                                what="alerts for the dead pool, the failed reload and the standby")
         except AssertionError:
             pytest.fail(f"alerts never became active: {sorted(seen['missing'], key=str)}; "
                         f"active: {sorted(seen['active'], key=str)}", pytrace=False)
@@ -831,7 +907,8 @@ def test_dashboard_and_alert_queries_against_prometheus(env, servers, obs_proxy,
                  for a in alerts}
         for bad in (("CutoverScrapeDown", None), ("CutoverMetricsAbsent", None),
                     ("CutoverPoolDown", "new"), ("CutoverPoolDown", "legacy"),
-                    ("CutoverSharedStateDown", None), ("CutoverLookupFailing", LOOKUP)):
+                    ("CutoverSharedStateDown", None), ("CutoverLookupFailing", LOOKUP),
+                    ("CutoverServedByStandby", "new")):
             assert bad not in names, f"{bad} is active on a healthy setup: {alerts}"
     finally:
         c.imap_logout(held)
