@@ -27,6 +27,11 @@
 #                  redis-server, control propagation, login rate with state.redis) runs
 #                  with cutover
 #   --no-fleet     skip the fleet section
+#   --no-lookups   skip the route lookups section (bench/lookups.py: a throw-away
+#                  PostgreSQL with 10 million users (1 million with --quick), logins with a
+#                  warm and a cold lookup cache against a cohort file, cache memory at a
+#                  million entries (100,000 with --quick); about 10 minutes, 2 with --quick;
+#                  runs with cutover; a run without it keeps the section of an earlier run)
 #   --legacy       the fake backend greets and answers like an older server (bare `* OK`
 #                  greeting, AUTH=PLAIN without SASL-IR or LITERAL+, a bare login OK)
 #   --cutover BIN  measure this cutover binary (e.g. an experimental build) instead of
@@ -40,7 +45,7 @@
 # mirror, or GitHub) and built there with cargo once (several minutes; also with
 # --no-build). If that fails the run goes on and the report says why the column is n/a.
 #
-# Needs root for apt-get (nginx, libnginx-mod-mail, haproxy, openssl). Every address is on
+# Needs root for apt-get (nginx, libnginx-mod-mail, haproxy, openssl, postgresql). Every address is on
 # 127.0.0.0/8; every load loop is bounded in time and count; every process started here
 # is stopped on exit.
 set -euo pipefail
@@ -55,6 +60,7 @@ KEEP=0
 ONLY="direct,haproxy,nginx,cutover,stalwart"
 CUTOVER_BIN=""
 FLEET=1
+LOOKUPS=1
 STYLE=modern
 STALWART_WANTED=1
 while [ $# -gt 0 ]; do
@@ -68,9 +74,10 @@ while [ $# -gt 0 ]; do
         --only) ONLY="$2"; shift ;;
         --cutover) CUTOVER_BIN=$(realpath "$2"); shift ;;
         --no-fleet) FLEET=0 ;;
+        --no-lookups) LOOKUPS=0 ;;
         --legacy) STYLE=legacy ;;
         --no-stalwart) STALWART_WANTED=0 ;;
-        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
     shift
@@ -111,6 +118,9 @@ if [ "$INSTALL" = 1 ]; then
     command -v taskset >/dev/null || need+=(util-linux)
     command -v pgrep >/dev/null || need+=(procps)
     command -v redis-server >/dev/null || need+=(redis-server)
+    if [ "$LOOKUPS" = 1 ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+        need+=(postgresql)
+    fi
     if [ ${#need[@]} -gt 0 ]; then
         log "installing ${need[*]}"
         apt-get update -qq
@@ -826,6 +836,30 @@ if [ "$FLEET" = 1 ] && [[ ",$ONLY," == *",cutover,"* ]]; then
     fi
 fi
 
+# Route lookups: a throw-away PostgreSQL, warm and cold lookup caches against a cohort
+# file, cache memory (bench/lookups.py).
+LOOKUPS_MD="$WORK/lookups.md"
+if [ "$LOOKUPS" = 1 ] && [[ ",$ONLY," == *",cutover,"* ]]; then
+    log "route lookups: PostgreSQL, warm and cold lookup cache, cache memory (log: $WORK/lookups.log)"
+    wait_quiet
+    LOOKUPS_ARGS=(--login-s "$LOGIN_S" --reps "$REPS")
+    [ "$MODE" = quick ] && LOOKUPS_ARGS+=(--quick)
+    if ! python3 "$ROOT/bench/lookups.py" --cutover "$CUTOVER" --load "$LOAD" \
+            --backend "$BACKEND:$PLAIN" --backend-pid "$FAKEPID" --out "$LOOKUPS_MD" "${LOOKUPS_ARGS[@]}" \
+            >&2 2> >(tee -a "$WORK/lookups.log" >&2); then
+        warn "bench/lookups.py failed (see $WORK/lookups.log)"
+        printf '## Route lookups (PostgreSQL)\n\nn/a: bench/lookups.py failed in this run.\n' >"$LOOKUPS_MD"
+    fi
+elif [ -f "$OUT" ]; then
+    # Not measured in this run: the section of an earlier run (it carries its own date).
+    python3 - "$OUT" "$LOOKUPS_MD" <<'PY'
+import re, sys
+m = re.search(r"\n(## Route lookups \(PostgreSQL\)\n.*?)(?=\n## |\Z)", open(sys.argv[1]).read(), flags=re.S)
+if m:
+    open(sys.argv[2], "w").write(m.group(1))
+PY
+fi
+
 # --- report ------------------------------------------------------------------------------
 ELAPSED=$(( $(date +%s) - STARTED ))
 META="$WORK/meta.tsv"
@@ -886,17 +920,20 @@ META="$WORK/meta.tsv"
 
 log "report"
 "$LOAD" report --results "$RESULTS" --meta "$META" --out "$OUT"
-if [ -s "$FLEET_MD" ]; then
-    # The fleet section goes before the findings (kept across runs by the report writer).
-    python3 - "$OUT" "$FLEET_MD" <<'PY'
+# The fleet and route lookup sections go before the findings (which the report writer
+# keeps across runs), in that order.
+for section_md in "$FLEET_MD" "$LOOKUPS_MD"; do
+    [ -s "$section_md" ] || continue
+    python3 - "$OUT" "$section_md" <<'PY'
 import re, sys
-out, fleet = sys.argv[1], open(sys.argv[2]).read().rstrip() + "\n\n"
+out, section = sys.argv[1], open(sys.argv[2]).read().rstrip() + "\n\n"
+heading = section.split("\n", 1)[0]
 text = open(out).read()
-text = re.sub(r"\n## Fleet\n.*?(?=\n## )", "\n", text, flags=re.S)
+text = re.sub(r"\n" + re.escape(heading) + r"\n.*?(?=\n## |\Z)", "\n", text, flags=re.S)
 at = text.find("\n## Findings")
-text = text + "\n" + fleet if at < 0 else text[:at + 1] + fleet + text[at + 1:]
+text = text + "\n" + section if at < 0 else text[:at + 1] + section + text[at + 1:]
 open(out, "w").write(text)
 PY
-fi
+done
 FAILED=0
 echo "raw results: $RESULTS (kept only with --keep)" >&2

@@ -16,6 +16,9 @@
 //! * `report`: turns a results file written by `compare.sh` into the table and
 //!   `BENCHMARKS.md`.
 //!
+//! With `--users-count N` every login (any mode) is a different user, `PREFIX<k>`
+//! (`--users-order`), as `bench/lookups.py` needs for warm and cold lookup caches.
+//!
 //! Every loop is bounded in time (and count), every I/O step has a timeout, and targets
 //! are whatever address is given: `compare.sh` only ever gives loopback addresses.
 
@@ -62,6 +65,21 @@ struct Target {
     /// Login password.
     #[arg(long, default_value = "secret")]
     pass: String,
+    /// With `--users-count`: log in as PREFIX<k> instead of `--user`, a different user
+    /// per login (k from `--users-start`, see `--users-order`).
+    #[arg(long, default_value = "user")]
+    users_prefix: String,
+    /// Distinct user names to cycle through (0: every login uses `--user`).
+    #[arg(long, default_value_t = 0)]
+    users_count: u64,
+    /// First k of the user names.
+    #[arg(long, default_value_t = 0)]
+    users_start: u64,
+    /// `seq`: the n-th login (over all loops) is user start + (n mod count); `spread`: the
+    /// same n mapped through a fixed permutation of 0..count (consecutive logins far apart
+    /// in the name space; still each of the count users once per count logins).
+    #[arg(long, default_value = "seq", value_parser = ["seq", "spread"])]
+    users_order: String,
     /// Per-step I/O timeout, seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
@@ -260,6 +278,8 @@ struct Dialer {
     )>,
     timeout: Duration,
     login: Vec<u8>,
+    /// Logins started so far (picks the user with `--users-count`).
+    logins: std::sync::atomic::AtomicU64,
 }
 
 impl Dialer {
@@ -283,7 +303,35 @@ impl Dialer {
             t,
             tls,
             login,
+            logins: std::sync::atomic::AtomicU64::new(0),
         }))
+    }
+
+    /// The LOGIN command of the next login: `--user`, or the next of `--users-count`.
+    fn login_line(&self) -> std::borrow::Cow<'_, [u8]> {
+        let count = self.t.users_count;
+        if count == 0 {
+            return std::borrow::Cow::Borrowed(&self.login);
+        }
+        let n = self
+            .logins
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % count;
+        let k = if self.t.users_order == "spread" {
+            spread(n, count)
+        } else {
+            n
+        };
+        let user = format!("{}{}", self.t.users_prefix, self.t.users_start + k);
+        std::borrow::Cow::Owned(
+            format!("a1 LOGIN {} {}\r\n", quote(&user), quote(&self.t.pass)).into_bytes(),
+        )
+    }
+
+    /// LOGIN commands handed out so far (with `--users-count`: distinct users while
+    /// below the count).
+    fn logins_taken(&self) -> u64 {
+        self.logins.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn step<T>(
@@ -324,7 +372,8 @@ impl Dialer {
 
     /// Sends LOGIN and waits for its tagged reply.
     async fn login(&self, c: &mut Conn) -> Result<(), String> {
-        self.step("login send", c.send(&self.login)).await?;
+        let line = self.login_line();
+        self.step("login send", c.send(&line)).await?;
         let mut lit = 0;
         if self.step("login reply", c.tagged(b"a1", &mut lit)).await? {
             Ok(())
@@ -332,6 +381,16 @@ impl Dialer {
             Err("login: not OK".into())
         }
     }
+}
+
+/// A permutation of 0..count: n times a prime multiplier, mod count (a bijection when
+/// the prime does not divide count; otherwise n itself).
+fn spread(n: u64, count: u64) -> u64 {
+    const P: u128 = 2_654_435_761;
+    if u128::from(count) % P == 0 {
+        return n;
+    }
+    ((u128::from(n) * P + 12_345) % u128::from(count)) as u64
 }
 
 /// IMAP quoted string.
@@ -464,7 +523,7 @@ async fn login(
     );
     errors.print();
     println!(
-        "{},\"concurrency\":{concurrency},\"ok\":{},\"errors\":{},\"elapsed_s\":{},\"rate\":{},\"p50_ms\":{},\"p99_ms\":{},\"cpu_ticks\":{}}}",
+        "{},\"concurrency\":{concurrency},\"ok\":{},\"errors\":{},\"elapsed_s\":{},\"rate\":{},\"p50_ms\":{},\"p99_ms\":{},\"users_taken\":{},\"cpu_ticks\":{}}}",
         d.t.json_head("login"),
         lat.len(),
         errors.total,
@@ -472,6 +531,7 @@ async fn login(
         json_f(rate),
         json_f(p50 / 1000.0),
         json_f(p99 / 1000.0),
+        d.logins_taken(),
         cutover_bench::self_cpu_ticks()
     );
     Ok(())
