@@ -162,6 +162,52 @@ fn log_writer() -> Box<dyn std::io::Write> {
     }
 }
 
+/// Whether standard error is the systemd journal (`JOURNAL_STREAM` names its device and
+/// inode): then the journal adds the time, and the level goes as a syslog priority.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    match std::fs::File::from(fd).metadata() {
+        Ok(m) => dev.parse() == Ok(m.dev()) && ino.parse() == Ok(m.ino()),
+        Err(_) => false,
+    }
+}
+
+/// Text lines for the journal: `<priority>` (sd-daemon(3)) instead of a time and a level.
+struct JournalFormat<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalFormat<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -171,6 +217,16 @@ fn init_logs(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(log_writer);
     match format {
+        LogFormat::Text if stderr_is_journal() => {
+            let plain = tracing_subscriber::fmt::format()
+                .without_time()
+                .with_level(false)
+                .with_ansi(false);
+            builder
+                .with_ansi(false)
+                .event_format(JournalFormat(plain))
+                .init()
+        }
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
             .json()

@@ -34,6 +34,24 @@ struct Conn {
     server_column: Option<usize>,
     /// The query takes the protocol as `$2`.
     takes_protocol: bool,
+    /// Queries in flight on this connection.
+    in_flight: AtomicUsize,
+}
+
+/// Counts a query in flight on a connection while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The PostgreSQL side of one lookup.
@@ -122,6 +140,7 @@ impl Postgres {
 
     async fn query_on(&self, slot: &Slot, user: &str, protocol: Protocol) -> Fetched {
         let conn = self.connection(slot).await?;
+        let _counted = InFlight::new(&conn.in_flight);
         let result = if conn.takes_protocol {
             conn.client
                 .query(&conn.statement, &[&user, &protocol.as_str()])
@@ -140,14 +159,16 @@ impl Postgres {
         }
     }
 
-    /// Drops a slot's connection (the next query opens another) and cancels what runs on
-    /// it on the server.
+    /// Takes a slot's connection out of use (the next query opens another) and, when no
+    /// other query is in flight on it, cancels the stalled one on the server. Queries of
+    /// other users pipelined on it finish there undisturbed (a cancel would hit whichever
+    /// query the server runs at that moment).
     fn abandon(&self, slot: &Slot) {
         let taken = match slot.conn.lock() {
             Ok(mut g) => g.take(),
             Err(p) => p.into_inner().take(),
         };
-        if let Some(conn) = taken {
+        if let Some(conn) = taken.filter(|c| c.in_flight.load(Ordering::Acquire) == 0) {
             let token = conn.client.cancel_token();
             let tls = self.tls.clone();
             self.runtime.spawn(async move {
@@ -188,6 +209,7 @@ impl Postgres {
         };
         let conn = Arc::new(Conn {
             takes_protocol: statement.params().len() >= 2,
+            in_flight: AtomicUsize::new(0),
             client,
             statement,
             pool_column,

@@ -74,6 +74,7 @@ OPS_IPS = {
     "stale": "127.0.0.90",
     "moved": "127.0.0.91",
     "moved-metrics": "127.0.0.92",
+    "journal": "127.0.0.93",
 }
 IMAP, IMAPS, PLAIN = 11143, 11993, 11144
 METRICS, ADMIN = 19898, 19899
@@ -1225,3 +1226,36 @@ def test_version_names_the_version_commit_and_tls(env):
     known = subprocess.run(["git", "-C", str(harness.REPO), "cat-file", "-e", f"{m[2]}^{{commit}}"],
                            capture_output=True)
     assert known.returncode == 0, f"commit {m[2]} is not a commit of this repository"
+
+
+def test_logs_for_the_journal_carry_a_priority_and_no_time_of_their_own(env, tmp_path):
+    """With standard error on the journal (JOURNAL_STREAM names it), each line starts with
+    its syslog priority and carries no timestamp (the journal adds one); otherwise lines
+    keep their time and level."""
+    ip = OPS_IPS["journal"]
+    path = tmp_path / "routes.yaml"
+    path.write_text(harness.to_yaml(ops_config(env, ip)) + "\n")
+    log = tmp_path / "stderr.log"
+    for journal in (True, False):
+        with open(log, "wb") as err:
+            st = os.fstat(err.fileno())
+            envv = dict(os.environ)
+            envv.pop("JOURNAL_STREAM", None)
+            if journal:
+                envv["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+            p = subprocess.Popen([str(harness.resolve_cutover_bin()), "run", "--config", str(path)],
+                                 stdout=subprocess.DEVNULL, stderr=err, env=envv)
+            try:
+                c.wait_for(lambda: "ready" in log.read_text(errors="replace"), 20,
+                           what="cutover ready")
+            finally:
+                p.send_signal(signal.SIGTERM)
+                p.wait(20)
+        lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
+        assert lines, "no log lines"
+        if journal:
+            assert all(re.match(r"<[3467]>", l) for l in lines), lines[:5]
+            assert not any(re.search(r"\d{4}-\d\d-\d\dT\d\d:", l) for l in lines), lines[:5]
+            assert any(l.startswith("<6>") and "listening" in l for l in lines), lines[:5]
+        else:
+            assert all(re.match(r"\d{4}-\d\d-\d\dT", l) for l in lines), lines[:5]
