@@ -168,18 +168,7 @@ pub fn to_value(c: &Config) -> Value {
             "local_domains": c.users.local_domains,
             "case_insensitive": c.users.case_insensitive,
         },
-        "limits": {
-            "max_line": c.limits.max_line,
-            "max_literal": c.limits.max_literal,
-            "max_sasl_token": c.limits.max_sasl_token,
-            "max_auth_failures": c.limits.max_auth_failures,
-            "max_commands": c.limits.max_commands,
-            "preauth_timeout": duration(c.timeouts.preauth),
-            "tls_handshake_timeout": duration(c.timeouts.tls_handshake),
-            "tls_handshakes_per_worker": c.conn_limits.tls_handshakes_per_worker,
-            "max_connections": c.conn_limits.max_connections,
-            "max_connections_per_ip": c.conn_limits.max_per_ip,
-        },
+        "limits": limits(c),
         "auth_throttle": {
             "ip_failures": c.throttle.ip_failures,
             "user_failures": c.throttle.user_failures,
@@ -205,119 +194,143 @@ pub fn to_value(c: &Config) -> Value {
     let Some(o) = v.as_object_mut() else {
         return v;
     };
-    if let Some(m) = c.metrics {
-        o.insert("metrics".into(), json!({ "listen": m.to_string() }));
-    }
-    if let Some(a) = &c.admin {
-        let mut admin = json!({
-            "listen": a.listen.to_string(),
-            "hold_max_wait": duration(a.hold_max_wait),
-        });
-        if let Some(ao) = admin.as_object_mut() {
-            if let Some(f) = &a.token_file {
-                ao.insert("token_file".into(), json!(f.display().to_string()));
-            }
-            if a.token.is_some() {
-                ao.insert("token".into(), json!("(set, not shown)"));
-            }
+    let optional = [
+        (
+            "metrics",
+            c.metrics.map(|m| json!({ "listen": m.to_string() })),
+        ),
+        ("admin", c.admin.as_ref().map(admin)),
+        (
+            "state",
+            c.redis.as_ref().map(|r| json!({ "redis": redis(r) })),
+        ),
+        ("lookups", (!c.lookups.is_empty()).then(|| lookups(c))),
+        (
+            "upgrade",
+            (c.upgrade_socket.as_ref()).map(|u| json!({ "socket": u.display().to_string() })),
+        ),
+        ("oauth", c.oauth.as_ref().map(oauth)),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            o.insert(key.into(), value);
         }
-        o.insert("admin".into(), admin);
-    }
-    if let Some(r) = &c.redis {
-        let urls: Vec<String> = r.urls.iter().map(|u| redact_dsn(u)).collect();
-        let mut redis = json!({
-            "key_prefix": r.key_prefix,
-            "timeout": duration(r.timeout),
-        });
-        if let Some(ro) = redis.as_object_mut() {
-            if r.cluster {
-                ro.insert("cluster".into(), json!({ "nodes": urls }));
-            } else {
-                ro.insert("url".into(), json!(urls.first()));
-            }
-        }
-        o.insert("state".into(), json!({ "redis": redis }));
-    }
-    if !c.lookups.is_empty() {
-        let lookups: Map<String, Value> = c
-            .lookups
-            .iter()
-            .map(|(name, l)| {
-                let source = match &l.source {
-                    LookupSource::Postgres {
-                        url,
-                        query,
-                        connections,
-                        ca_file,
-                    } => json!({ "postgres": {
-                        "url": redact_dsn(url),
-                        "query": query,
-                        "connections": connections,
-                        "ca_file": ca_file.as_ref().map(|p| p.display().to_string()),
-                    }}),
-                    LookupSource::Redis { url, key, ca_file } => json!({ "redis": {
-                        "url": redact_dsn(url),
-                        "key": key,
-                        "ca_file": ca_file.as_ref().map(|p| p.display().to_string()),
-                    }}),
-                };
-                let mut lv = source;
-                if let Some(lo) = lv.as_object_mut() {
-                    lo.insert("timeout".into(), json!(duration(l.timeout)));
-                    lo.insert(
-                        "cache".into(),
-                        json!({
-                            "ttl": duration(l.cache.ttl),
-                            "negative_ttl": duration(l.cache.negative_ttl),
-                            "max_entries": l.cache.max_entries,
-                            "stale_for": duration(l.cache.stale_for),
-                        }),
-                    );
-                    lo.insert(
-                        "on_error".into(),
-                        json!(if l.on_error_next { "next" } else { "tempfail" }),
-                    );
-                    lo.insert(
-                        "pinned".into(),
-                        json!(if l.pinned_strict {
-                            "strict"
-                        } else {
-                            "failover"
-                        }),
-                    );
-                }
-                (name.clone(), lv)
-            })
-            .collect();
-        o.insert("lookups".into(), Value::Object(lookups));
-    }
-    if let Some(u) = &c.upgrade_socket {
-        o.insert(
-            "upgrade".into(),
-            json!({ "socket": u.display().to_string() }),
-        );
-    }
-    if let Some(oa) = &c.oauth {
-        let mut oauth = json!({
-            "claim": oa.claim,
-            "issuer": oa.issuer,
-            "audience": oa.audience,
-            "leeway": duration(oa.leeway),
-            "refresh": duration(oa.refresh),
-        });
-        if let Some(oo) = oauth.as_object_mut() {
-            match &oa.jwks {
-                crate::oauth::JwksSource::File(p) => {
-                    oo.insert("jwks_file".into(), json!(p.display().to_string()))
-                }
-                crate::oauth::JwksSource::Url(_) => {
-                    oo.insert("jwks_url".into(), json!(oa.jwks.to_string()))
-                }
-            };
-        }
-        o.insert("oauth".into(), oauth);
     }
     v
+}
+
+fn limits(c: &Config) -> Value {
+    json!({
+        "max_line": c.limits.max_line,
+        "max_literal": c.limits.max_literal,
+        "max_sasl_token": c.limits.max_sasl_token,
+        "max_auth_failures": c.limits.max_auth_failures,
+        "max_commands": c.limits.max_commands,
+        "preauth_timeout": duration(c.timeouts.preauth),
+        "tls_handshake_timeout": duration(c.timeouts.tls_handshake),
+        "tls_handshakes_per_worker": c.conn_limits.tls_handshakes_per_worker,
+        "max_connections": c.conn_limits.max_connections,
+        "max_connections_per_ip": c.conn_limits.max_per_ip,
+    })
+}
+
+/// The admin endpoint: the token is never shown, only whether one is set.
+fn admin(a: &super::Admin) -> Value {
+    let mut admin = json!({
+        "listen": a.listen.to_string(),
+        "hold_max_wait": duration(a.hold_max_wait),
+    });
+    if let Some(ao) = admin.as_object_mut() {
+        if let Some(f) = &a.token_file {
+            ao.insert("token_file".into(), json!(f.display().to_string()));
+        }
+        if a.token.is_some() {
+            ao.insert("token".into(), json!("(set, not shown)"));
+        }
+    }
+    admin
+}
+
+/// `state.redis`, URLs without their passwords.
+fn redis(r: &super::RedisState) -> Value {
+    let urls: Vec<String> = r.urls.iter().map(|u| redact_dsn(u)).collect();
+    let mut redis = json!({
+        "key_prefix": r.key_prefix,
+        "timeout": duration(r.timeout),
+    });
+    if let Some(ro) = redis.as_object_mut() {
+        if r.cluster {
+            ro.insert("cluster".into(), json!({ "nodes": urls }));
+        } else {
+            ro.insert("url".into(), json!(urls.first()));
+        }
+    }
+    redis
+}
+
+/// `lookups`, URLs without their passwords.
+fn lookups(c: &Config) -> Value {
+    let by_name = c.lookups.iter().map(|(name, l)| {
+        let mut lv = match &l.source {
+            LookupSource::Postgres {
+                url,
+                query,
+                connections,
+                ca_file,
+            } => json!({ "postgres": {
+                "url": redact_dsn(url),
+                "query": query,
+                "connections": connections,
+                "ca_file": ca_file.as_ref().map(|p| p.display().to_string()),
+            }}),
+            LookupSource::Redis { url, key, ca_file } => json!({ "redis": {
+                "url": redact_dsn(url),
+                "key": key,
+                "ca_file": ca_file.as_ref().map(|p| p.display().to_string()),
+            }}),
+        };
+        if let Some(lo) = lv.as_object_mut() {
+            lo.insert("timeout".into(), json!(duration(l.timeout)));
+            lo.insert(
+                "cache".into(),
+                json!({
+                    "ttl": duration(l.cache.ttl),
+                    "negative_ttl": duration(l.cache.negative_ttl),
+                    "max_entries": l.cache.max_entries,
+                    "stale_for": duration(l.cache.stale_for),
+                }),
+            );
+            let on_error = if l.on_error_next { "next" } else { "tempfail" };
+            lo.insert("on_error".into(), json!(on_error));
+            let pinned = if l.pinned_strict {
+                "strict"
+            } else {
+                "failover"
+            };
+            lo.insert("pinned".into(), json!(pinned));
+        }
+        (name.clone(), lv)
+    });
+    Value::Object(by_name.collect())
+}
+
+/// `oauth`: a JWKS URL without user information or query.
+fn oauth(oa: &crate::oauth::OAuthSettings) -> Value {
+    let mut oauth = json!({
+        "claim": oa.claim,
+        "issuer": oa.issuer,
+        "audience": oa.audience,
+        "leeway": duration(oa.leeway),
+        "refresh": duration(oa.refresh),
+    });
+    if let Some(oo) = oauth.as_object_mut() {
+        let (key, value) = match &oa.jwks {
+            crate::oauth::JwksSource::File(p) => ("jwks_file", p.display().to_string()),
+            crate::oauth::JwksSource::Url(_) => ("jwks_url", oa.jwks.to_string()),
+        };
+        oo.insert(key.into(), json!(value));
+    }
+    oauth
 }
 
 /// Keys that a reload cannot change in a running proxy: their new values take effect at

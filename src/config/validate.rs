@@ -224,6 +224,58 @@ fn lookup(cx: &Ctx<'_>, name: &str, l: &RawLookup) -> Result<Lookup, ConfigError
             "a lookup name is letters, digits, - and _",
         ));
     }
+    let source = lookup_source(cx, name, l)?;
+    let timeout = cx.duration(k("timeout"), &l.timeout, Duration::from_millis(300))?;
+    if timeout.is_zero() {
+        return Err(cx.err(k("timeout"), "must be more than 0"));
+    }
+    let c = l.cache.as_ref();
+    let none = None;
+    let cache = LookupCache {
+        ttl: cx.duration(
+            k("cache.ttl"),
+            c.map_or(&none, |c| &c.ttl),
+            Duration::from_secs(60),
+        )?,
+        negative_ttl: cx.duration(
+            k("cache.negative_ttl"),
+            c.map_or(&none, |c| &c.negative_ttl),
+            Duration::from_secs(10),
+        )?,
+        max_entries: c.and_then(|c| c.max_entries).unwrap_or(1_000_000),
+        stale_for: cx.duration(
+            k("cache.stale_for"),
+            c.map_or(&none, |c| &c.stale_for),
+            Duration::from_secs(300),
+        )?,
+    };
+    let on_error_next = match l.on_error.as_deref() {
+        None | Some("tempfail") => false,
+        Some("next") => true,
+        Some(other) => {
+            return Err(cx.err(k("on_error"), format!("{other:?} is not tempfail or next")))
+        }
+    };
+    let pinned_strict = match l.pinned.as_deref() {
+        None | Some("failover") => false,
+        Some("strict") => true,
+        Some(other) => {
+            return Err(cx.err(k("pinned"), format!("{other:?} is not failover or strict")))
+        }
+    };
+    Ok(Lookup {
+        name: name.to_string(),
+        source,
+        timeout,
+        cache,
+        on_error_next,
+        pinned_strict,
+    })
+}
+
+/// The database of `lookups.NAME`: exactly one of `postgres:` or `redis:`.
+fn lookup_source(cx: &Ctx<'_>, name: &str, l: &RawLookup) -> Result<LookupSource, ConfigError> {
+    let k = |f: &str| format!("lookups.{name}.{f}");
     let source = match (&l.postgres, &l.redis) {
         (Some(pg), None) => {
             let url = url_or_file(cx, &k("postgres"), &pg.url, &pg.url_file)?;
@@ -282,52 +334,7 @@ fn lookup(cx: &Ctx<'_>, name: &str, l: &RawLookup) -> Result<Lookup, ConfigError
             ))
         }
     };
-    let timeout = cx.duration(k("timeout"), &l.timeout, Duration::from_millis(300))?;
-    if timeout.is_zero() {
-        return Err(cx.err(k("timeout"), "must be more than 0"));
-    }
-    let c = l.cache.as_ref();
-    let none = None;
-    let cache = LookupCache {
-        ttl: cx.duration(
-            k("cache.ttl"),
-            c.map_or(&none, |c| &c.ttl),
-            Duration::from_secs(60),
-        )?,
-        negative_ttl: cx.duration(
-            k("cache.negative_ttl"),
-            c.map_or(&none, |c| &c.negative_ttl),
-            Duration::from_secs(10),
-        )?,
-        max_entries: c.and_then(|c| c.max_entries).unwrap_or(1_000_000),
-        stale_for: cx.duration(
-            k("cache.stale_for"),
-            c.map_or(&none, |c| &c.stale_for),
-            Duration::from_secs(300),
-        )?,
-    };
-    let on_error_next = match l.on_error.as_deref() {
-        None | Some("tempfail") => false,
-        Some("next") => true,
-        Some(other) => {
-            return Err(cx.err(k("on_error"), format!("{other:?} is not tempfail or next")))
-        }
-    };
-    let pinned_strict = match l.pinned.as_deref() {
-        None | Some("failover") => false,
-        Some("strict") => true,
-        Some(other) => {
-            return Err(cx.err(k("pinned"), format!("{other:?} is not failover or strict")))
-        }
-    };
-    Ok(Lookup {
-        name: name.to_string(),
-        source,
-        timeout,
-        cache,
-        on_error_next,
-        pinned_strict,
-    })
+    Ok(source)
 }
 
 fn hostname(cx: &Ctx<'_>, raw: &RawConfig) -> Result<String, ConfigError> {

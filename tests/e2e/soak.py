@@ -76,13 +76,15 @@ import clients  # noqa: E402
 import harness  # noqa: E402
 from harness import USERS  # noqa: E402
 
-PROXY_IP = "127.0.0.160"
-NEW_IP = "127.0.0.161"
-GREEN_IP = "127.0.0.162"
-MAUVE_IP = "127.0.0.163"
-REDIS_IP = "127.0.0.164"
+#: the first of the six addresses (CUTOVER_SOAK_BASE=170 runs a second soak beside the first)
+_BASE = int(os.environ.get("CUTOVER_SOAK_BASE", "160"))
+PROXY_IP = f"127.0.0.{_BASE}"
+NEW_IP = f"127.0.0.{_BASE + 1}"
+GREEN_IP = f"127.0.0.{_BASE + 2}"
+MAUVE_IP = f"127.0.0.{_BASE + 3}"
+REDIS_IP = f"127.0.0.{_BASE + 4}"
 REDIS_PORT = 16383
-CLIENT_IP = "127.0.0.165"
+CLIENT_IP = f"127.0.0.{_BASE + 5}"
 PORTS = {"imap": 11143, "imaps": 11993, "pop3": 11110, "pop3s": 11995,
          "submission": 11587, "submissions": 11465}
 METRICS_PORT = 19898
