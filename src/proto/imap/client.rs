@@ -481,8 +481,17 @@ fn token_pieces(
     mechanism: crate::proto::Mechanism,
     sasl_ir: bool,
 ) -> Pieces {
-    let mut b64 = sasl::encode_base64(payload).into_bytes();
-    let mut line = format!("{tag} AUTHENTICATE {}", mechanism.sasl_name()).into_bytes();
+    let b64 = sasl::encode_base64(payload).into_bytes();
+    sasl_pieces(tag, mechanism.sasl_name(), b64, sasl_ir)
+}
+
+/// `tag AUTHENTICATE MECHANISM` with the base64 response: on the same line with SASL-IR,
+/// else as the piece sent after the server's `+`. The response buffer is wiped.
+fn sasl_pieces(tag: &str, mechanism: &str, mut b64: Vec<u8>, sasl_ir: bool) -> Pieces {
+    let mut line = Vec::with_capacity(tag.len() + mechanism.len() + b64.len() + 20);
+    line.extend_from_slice(tag.as_bytes());
+    line.extend_from_slice(b" AUTHENTICATE ");
+    line.extend_from_slice(mechanism.as_bytes());
     let mut pieces = VecDeque::new();
     if sasl_ir {
         line.push(b' ');
@@ -492,7 +501,8 @@ fn token_pieces(
     } else {
         line.extend_from_slice(b"\r\n");
         pieces.push_back(line);
-        let mut resp = b64.clone();
+        let mut resp = Vec::with_capacity(b64.len() + 2);
+        resp.extend_from_slice(&b64);
         resp.extend_from_slice(b"\r\n");
         pieces.push_back(resp);
     }
@@ -510,27 +520,8 @@ const MAX_CHALLENGE: usize = 4096;
 /// `AUTHENTICATE PLAIN`: one line with SASL-IR, else the command and then the response
 /// after the server's `+`. `None` if the credentials hold NUL.
 fn plain_pieces(tag: &str, creds: &Credentials, sasl_ir: bool) -> Option<Pieces> {
-    let b64 = sasl::encode_plain(creds)?;
-    let mut b64 = b64.into_bytes();
-    let mut pieces = VecDeque::new();
-    let mut line = Vec::with_capacity(tag.len() + b64.len() + 32);
-    line.extend_from_slice(tag.as_bytes());
-    line.extend_from_slice(b" AUTHENTICATE PLAIN");
-    if sasl_ir {
-        line.push(b' ');
-        line.extend_from_slice(&b64);
-        line.extend_from_slice(b"\r\n");
-        pieces.push_back(line);
-    } else {
-        line.extend_from_slice(b"\r\n");
-        pieces.push_back(line);
-        let mut resp = Vec::with_capacity(b64.len() + 2);
-        resp.extend_from_slice(&b64);
-        resp.extend_from_slice(b"\r\n");
-        pieces.push_back(resp);
-    }
-    crate::proto::wipe(&mut b64);
-    Some(Pieces(pieces))
+    let b64 = sasl::encode_plain(creds)?.into_bytes();
+    Some(sasl_pieces(tag, "PLAIN", b64, sasl_ir))
 }
 
 /// Whether the user name and password fit quoted strings (one line, no literal).
