@@ -873,10 +873,7 @@ fn admit_and_serve(ctx: SessionCtx, tcp: TcpStream, origin: Origin, tracker: &Ta
     let limits = &ctx.snap.config.conn_limits;
     match ctx.control.admission.admit(origin.client.ip(), limits) {
         Ok(ticket) => {
-            tracker.spawn(async move {
-                session::run(ctx, tcp, origin).await;
-                drop(ticket);
-            });
+            tracker.spawn(session::run(ctx, tcp, origin, ticket));
         }
         Err(refusal) => {
             let l = &ctx.listener;

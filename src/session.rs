@@ -250,8 +250,17 @@ enum RelayEnd {
     Kicked(KickReason),
 }
 
-/// Serves one accepted connection to its end.
-pub async fn run(ctx: SessionCtx, tcp: TcpStream, origin: Origin) {
+/// Serves one accepted connection to its end; `ticket` is its admission, given back when
+/// it ends.
+///
+/// Not an `async fn`: the session's future is built here in one piece (a nested `async`
+/// layer would hold a second copy of its arguments for the whole session).
+pub fn run(
+    ctx: SessionCtx,
+    tcp: TcpStream,
+    origin: Origin,
+    ticket: crate::control::limits::Ticket,
+) -> impl std::future::Future<Output = ()> + Send {
     let id = new_id();
     let peer = origin.client;
     let span = tracing::info_span!(
@@ -272,40 +281,46 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream, origin: Origin) {
             tracing::debug!(parent: &span, client_tls = via.client_tls.as_deref(), authority = via.authority.as_deref(), "the balancer's view of the client");
         }
     }
-    let fut = async move {
-        let started = Instant::now();
-        let handles = m::handles::listener(&ctx.listener.name, ctx.listener.protocol);
-        handles.connections.increment(1);
-        let _active = GaugeGuard::new(handles.connections_active.clone());
-        drop(handles);
-        let mut summary = Summary {
-            user: None,
-            pool: None,
-            server: None,
-            end: SessionEnd::Closed,
-            closed_by: None,
-            up: 0,
-            down: 0,
-        };
-        serve(&ctx, tcp, &origin, &mut summary).await;
-        tracing::info!(
-            outcome = summary.end.as_str(),
-            user = summary.user.as_deref().unwrap_or("-"),
-            pool = summary.pool.as_deref().unwrap_or("-"),
-            server = summary.server.as_deref().unwrap_or("-"),
-            duration_ms = started.elapsed().as_millis() as u64,
-            closed_by = match summary.closed_by {
-                Some(Side::Client) => "client",
-                Some(Side::Backend) => "backend",
-                None => "-",
-            },
-            bytes_up = summary.up,
-            bytes_down = summary.down,
-            "session end"
-        );
-    }
-    .instrument(span);
-    SESSION_ID.scope(id, fut).await
+    SESSION_ID.scope(id, session(ctx, tcp, origin, ticket).instrument(span))
+}
+
+async fn session(
+    ctx: SessionCtx,
+    tcp: TcpStream,
+    origin: Origin,
+    ticket: crate::control::limits::Ticket,
+) {
+    let started = Instant::now();
+    let handles = m::handles::listener(&ctx.listener.name, ctx.listener.protocol);
+    handles.connections.increment(1);
+    let _active = GaugeGuard::new(handles.connections_active.clone());
+    drop(handles);
+    let mut summary = Summary {
+        user: None,
+        pool: None,
+        server: None,
+        end: SessionEnd::Closed,
+        closed_by: None,
+        up: 0,
+        down: 0,
+    };
+    serve(&ctx, tcp, &origin, &mut summary).await;
+    drop(ticket);
+    tracing::info!(
+        outcome = summary.end.as_str(),
+        user = summary.user.as_deref().unwrap_or("-"),
+        pool = summary.pool.as_deref().unwrap_or("-"),
+        server = summary.server.as_deref().unwrap_or("-"),
+        duration_ms = started.elapsed().as_millis() as u64,
+        closed_by = match summary.closed_by {
+            Some(Side::Client) => "client",
+            Some(Side::Backend) => "backend",
+            None => "-",
+        },
+        bytes_up = summary.up,
+        bytes_down = summary.down,
+        "session end"
+    );
 }
 
 async fn serve(ctx: &SessionCtx, tcp: TcpStream, origin: &Origin, summary: &mut Summary) {
