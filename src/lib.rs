@@ -72,6 +72,7 @@ pub mod relay;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod server_tls;
 pub mod session;
 pub mod snapshot;
 pub mod stream;

@@ -646,14 +646,13 @@ async fn tls_accept(
     let timeout = config.timeouts.tls_handshake;
     let per_worker = config.conn_limits.tls_handshakes_per_worker;
     let cfg = ctx.snap.server_tls.clone()?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let count = |result: &'static str, version: &'static str| {
         metrics::counter!(m::TLS_HANDSHAKES, "listener" => ctx.listener.name.clone(), "mode" => mode, "result" => result, "version" => version)
             .increment(1);
     };
     let handshake = async {
         let _slot = crate::tls::handshake_slot(per_worker).await;
-        acceptor.accept(tcp).await
+        crate::server_tls::ServerTls::accept(cfg, tcp).await
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(t)) => {

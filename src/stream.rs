@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A client connection (server-side TLS).
-pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type ClientStream = Stream<crate::server_tls::ServerTls>;
 /// A backend connection (client-side TLS).
 pub type BackendStream = Stream<tokio_rustls::client::TlsStream<TcpStream>>;
 
@@ -60,7 +60,7 @@ impl ClientStream {
     pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
         match self {
             Stream::Plain(_) => None,
-            Stream::Tls(t) => t.get_ref().1.protocol_version(),
+            Stream::Tls(t) => t.protocol_version(),
         }
     }
 }

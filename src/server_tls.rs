@@ -1,0 +1,617 @@
+//! Server-side TLS for client connections that holds no buffer while the session is idle.
+//!
+//! rustls' buffered connection keeps a 4 KiB receive buffer for as long as the connection
+//! lives (plus queues for plaintext and records), which is most of what an idle TLS
+//! session costs. [`ServerTls`] drives rustls' unbuffered API instead: TLS records are read
+//! into a per-thread scratch buffer and processed there; only a partial record, decrypted
+//! bytes the reader had no room for, or encrypted bytes the socket did not take stay with
+//! the connection, each in a vector that is freed again once it is empty.
+//!
+//! The stream reads like tokio-rustls' did for the relay: EOF at the client's
+//! `close_notify`, and also at a TCP close without one (the relay's own end of the session
+//! tells truncation apart where it matters: a half-written command reaches the backend as
+//! such). A client that keeps sending after its `close_notify` is not read any further.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::server::{ServerConfig, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The largest TLS record on the wire: 16 KiB of payload, the header and the largest
+/// expansion TLS 1.2 allows (TLS 1.3 needs less).
+const MAX_RECORD: usize = 5 + 16384 + 2048;
+/// Plaintext encrypted per write call: four full records.
+const MAX_WRITE: usize = 4 * 16384;
+/// Bytes read from the socket per read during the handshake.
+const HANDSHAKE_READ: usize = 4096;
+
+thread_local! {
+    /// Where records are read and processed: a leftover partial record, then a read.
+    static READ_SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 2 * MAX_RECORD]);
+    /// Where plaintext is encrypted before the socket takes it.
+    static WRITE_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A TLS connection with a client, after its handshake.
+pub struct ServerTls {
+    tcp: TcpStream,
+    conn: UnbufferedServerConnection,
+    /// TLS bytes received and not processed yet (a partial record). Empty while idle.
+    incoming: Vec<u8>,
+    /// Encrypted bytes the socket has not taken yet, and how many of them it has.
+    outgoing: Vec<u8>,
+    sent: usize,
+    /// Decrypted bytes the reader had no room for, and how many of them were read.
+    plaintext: Vec<u8>,
+    taken: usize,
+    /// The client's side ended (`close_notify`, or TCP EOF).
+    read_closed: bool,
+    /// Our `close_notify` is queued.
+    close_queued: bool,
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Drops a vector's memory when it is empty, so an idle connection keeps none.
+fn release_if_empty(v: &mut Vec<u8>) {
+    if v.is_empty() && v.capacity() > 0 {
+        *v = Vec::new();
+    }
+}
+
+/// What processing the records at hand came to.
+enum Processed {
+    /// Every complete record is processed; more bytes are needed.
+    NeedInput,
+    /// The handshake is done and nothing else is waiting.
+    Traffic,
+    /// The client sent `close_notify` (or the connection is closed both ways).
+    PeerClosed,
+}
+
+/// Where the states that carry bytes put them.
+struct Kept<'a> {
+    outgoing: &'a mut Vec<u8>,
+    plaintext: &'a mut Vec<u8>,
+}
+
+impl Kept<'_> {
+    /// Takes the bytes of a state that carries some: decrypted application data (to
+    /// `into` as far as it has room, the rest kept) or a handshake message to send (queued
+    /// in `outgoing`, sent before anything that follows).
+    fn take<Data>(
+        self,
+        state: ConnectionState<'_, '_, Data>,
+        mut into: Option<&mut ReadBuf<'_>>,
+    ) -> io::Result<()> {
+        match state {
+            ConnectionState::ReadTraffic(mut records) => {
+                while let Some(record) = records.next_record() {
+                    let mut payload = record.map_err(tls_error)?.payload;
+                    if let Some(buf) = into.as_deref_mut() {
+                        let n = payload.len().min(buf.remaining());
+                        buf.put_slice(&payload[..n]);
+                        payload = &payload[n..];
+                    }
+                    self.plaintext.extend_from_slice(payload);
+                }
+                Ok(())
+            }
+            ConnectionState::EncodeTlsData(mut data) => {
+                let at = self.outgoing.len();
+                let mut room = HANDSHAKE_READ;
+                loop {
+                    self.outgoing.resize(at + room, 0);
+                    match data.encode(&mut self.outgoing[at..]) {
+                        Ok(n) => {
+                            self.outgoing.truncate(at + n);
+                            return Ok(());
+                        }
+                        Err(EncodeError::InsufficientSize(s)) => room = s.required_size,
+                        Err(e) => {
+                            self.outgoing.truncate(at);
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                        }
+                    }
+                }
+            }
+            ConnectionState::TransmitTlsData(data) => {
+                data.done();
+                Ok(())
+            }
+            // Early data is never accepted (`max_early_data_size` is 0); states added to
+            // rustls later are not expected here.
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unexpected TLS state",
+            )),
+        }
+    }
+}
+
+impl ServerTls {
+    /// Runs the server side of a TLS handshake on `tcp`.
+    pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<ServerTls> {
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        let mut tls = ServerTls {
+            tcp,
+            conn,
+            incoming: Vec::new(),
+            outgoing: Vec::new(),
+            sent: 0,
+            plaintext: Vec::new(),
+            taken: 0,
+            read_closed: false,
+            close_queued: false,
+        };
+        std::future::poll_fn(|cx| tls.poll_handshake(cx)).await?;
+        Ok(tls)
+    }
+
+    /// The negotiated protocol version.
+    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.conn.protocol_version()
+    }
+
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.poll_send(cx))?;
+            let mut input = std::mem::take(&mut self.incoming);
+            let processed = self.process(&mut input, None);
+            self.incoming = input;
+            let (processed, used) = processed?;
+            self.incoming.drain(..used);
+            match processed {
+                // TLS 1.3 lets the server send before the client's Finished: the
+                // handshake is over when that has arrived.
+                Processed::Traffic if self.conn.is_handshaking() => {}
+                Processed::Traffic => {
+                    // Tickets and anything else queued after the handshake go out first.
+                    if self.outgoing.is_empty() {
+                        release_if_empty(&mut self.incoming);
+                        return Poll::Ready(Ok(()));
+                    }
+                    continue;
+                }
+                Processed::PeerClosed => {
+                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                }
+                Processed::NeedInput => {}
+            }
+            if !self.outgoing.is_empty() {
+                continue;
+            }
+            if self.incoming.len() >= 2 * MAX_RECORD + 65536 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS handshake message too large",
+                )));
+            }
+            let have = self.incoming.len();
+            self.incoming.resize(have + HANDSHAKE_READ, 0);
+            let mut rb = ReadBuf::new(&mut self.incoming[have..]);
+            let polled = Pin::new(&mut self.tcp).poll_read(cx, &mut rb);
+            let n = rb.filled().len();
+            self.incoming.truncate(have + n);
+            ready!(polled)?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Processes the complete records at the front of `input`: handshake messages are
+    /// answered into `outgoing`, application data goes to `into` as far as it has room,
+    /// then to `plaintext`. Returns what that came to and how many bytes were consumed
+    /// (the rest is a partial record).
+    fn process(
+        &mut self,
+        input: &mut [u8],
+        mut into: Option<&mut ReadBuf<'_>>,
+    ) -> io::Result<(Processed, usize)> {
+        let mut start = 0;
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut input[start..]);
+            let state = state.map_err(tls_error)?;
+            let step = match state {
+                ConnectionState::BlockedHandshake => Some(Processed::NeedInput),
+                ConnectionState::WriteTraffic(_) => Some(Processed::Traffic),
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    Some(Processed::PeerClosed)
+                }
+                other => {
+                    let kept = Kept {
+                        outgoing: &mut self.outgoing,
+                        plaintext: &mut self.plaintext,
+                    };
+                    kept.take(other, into.as_deref_mut())?;
+                    None
+                }
+            };
+            start += discard;
+            if let Some(done) = step {
+                return Ok((done, start));
+            }
+        }
+    }
+
+    /// Sends what is queued in `outgoing`.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.outgoing.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.outgoing.clear();
+        self.sent = 0;
+        release_if_empty(&mut self.outgoing);
+        Poll::Ready(Ok(()))
+    }
+
+    /// Moves decrypted bytes kept from earlier reads into `buf`.
+    fn take_plaintext(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.taken >= self.plaintext.len() {
+            return false;
+        }
+        let n = (self.plaintext.len() - self.taken).min(buf.remaining());
+        buf.put_slice(&self.plaintext[self.taken..self.taken + n]);
+        self.taken += n;
+        if self.taken == self.plaintext.len() {
+            self.plaintext.clear();
+            self.taken = 0;
+            release_if_empty(&mut self.plaintext);
+        }
+        true
+    }
+
+    /// Encrypts `data` (at most [`MAX_WRITE`] of it) and sends it; what the socket does not
+    /// take is kept in `outgoing`. Returns the plaintext bytes taken.
+    fn encrypt(&mut self, cx: &mut Context<'_>, data: &[u8]) -> io::Result<usize> {
+        let data = &data[..data.len().min(MAX_WRITE)];
+        WRITE_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut empty: [u8; 0] = [];
+            let written = loop {
+                let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut empty);
+                match state.map_err(tls_error)? {
+                    ConnectionState::WriteTraffic(mut traffic) => {
+                        if self.close_queued {
+                            return Err(io::ErrorKind::BrokenPipe.into());
+                        }
+                        break loop {
+                            match traffic.encrypt(data, &mut scratch[..]) {
+                                Ok(n) => break n,
+                                Err(EncryptError::InsufficientSize(s)) => {
+                                    scratch.resize(s.required_size, 0)
+                                }
+                                Err(e) => {
+                                    return Err(io::Error::new(io::ErrorKind::InvalidData, e))
+                                }
+                            }
+                        };
+                    }
+                    ConnectionState::PeerClosed => self.read_closed = true,
+                    ConnectionState::Closed | ConnectionState::BlockedHandshake => {
+                        return Err(io::ErrorKind::BrokenPipe.into())
+                    }
+                    // Post-handshake messages (a key update's answer, tickets) are queued
+                    // first.
+                    other => Kept {
+                        outgoing: &mut self.outgoing,
+                        plaintext: &mut self.plaintext,
+                    }
+                    .take(other, None)?,
+                }
+            };
+            // Whatever is queued goes before this record.
+            let mut off = 0;
+            if self.outgoing.is_empty() {
+                while off < written {
+                    match Pin::new(&mut self.tcp).poll_write(cx, &scratch[off..written]) {
+                        Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                        Poll::Ready(Ok(n)) => off += n,
+                        Poll::Ready(Err(e)) => return Err(e),
+                        Poll::Pending => break,
+                    }
+                }
+            }
+            self.outgoing.extend_from_slice(&scratch[off..written]);
+            if scratch.len() > 2 * MAX_WRITE {
+                *scratch = Vec::new();
+            }
+            Ok(data.len())
+        })
+    }
+
+    /// Reads from the socket into the scratch buffer (behind any partial record kept),
+    /// processes the records there, and keeps what is left.
+    fn poll_receive(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        READ_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let have = self.incoming.len();
+            if scratch.len() < have + MAX_RECORD {
+                scratch.resize(have + MAX_RECORD, 0);
+            }
+            scratch[..have].copy_from_slice(&self.incoming);
+            let mut rb = ReadBuf::new(&mut scratch[have..]);
+            ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                self.read_closed = true;
+                self.incoming = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+            let (processed, used) = self.process(&mut scratch[..have + n], Some(buf))?;
+            // Only a partial record is left: keep exactly that.
+            self.incoming.clear();
+            self.incoming.extend_from_slice(&scratch[used..have + n]);
+            if self.incoming.len() * 2 < self.incoming.capacity() {
+                self.incoming.shrink_to_fit();
+            }
+            if let Processed::PeerClosed = processed {
+                self.read_closed = true;
+            }
+            Poll::Ready(Ok(()))
+        })
+    }
+}
+
+impl AsyncRead for ServerTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.take_plaintext(buf) || this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            // Anything a read made rustls answer (a key update) goes out first; a socket
+            // that takes nothing now does not hold the read up.
+            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            let before = buf.filled().len();
+            ready!(this.poll_receive(cx, buf))?;
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ServerTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        Poll::Ready(this.encrypt(cx, data))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_queued {
+            ready!(this.poll_send(cx))?;
+            let mut empty: [u8; 0] = [];
+            loop {
+                let UnbufferedStatus { state, .. } = this.conn.process_tls_records(&mut empty);
+                match state {
+                    Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                        let mut alert = [0u8; 64];
+                        if let Ok(n) = traffic.queue_close_notify(&mut alert) {
+                            this.outgoing.extend_from_slice(&alert[..n]);
+                        }
+                        break;
+                    }
+                    Ok(ConnectionState::PeerClosed) => this.read_closed = true,
+                    // Closed, or failed: nothing to say.
+                    Ok(ConnectionState::Closed | ConnectionState::BlockedHandshake) | Err(_) => {
+                        break
+                    }
+                    Ok(other) => Kept {
+                        outgoing: &mut this.outgoing,
+                        plaintext: &mut this.plaintext,
+                    }
+                    .take(other, None)?,
+                }
+            }
+            this.close_queued = true;
+        }
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn server_config() -> Arc<ServerConfig> {
+        server_config_with(|_| {})
+    }
+
+    fn server_config_with(change: impl FnOnce(&mut ServerConfig)) -> Arc<ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+        let certs = crate::tls::load_certs(&dir.join("proxy.pem")).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("proxy-key.pem")).unwrap();
+        let cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let mut cfg = cfg;
+        change(&mut cfg);
+        Arc::new(cfg)
+    }
+
+    fn client_config(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ClientConfig> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in crate::tls::load_certs(&dir.join("ca.pem")).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(cfg)
+    }
+
+    async fn pair(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (ServerTls, tokio_rustls::client::TlsStream<TcpStream>) {
+        pair_with(versions, server_config()).await
+    }
+
+    async fn pair_with(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        server_cfg: Arc<ServerConfig>,
+    ) -> (ServerTls, tokio_rustls::client::TlsStream<TcpStream>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connector = tokio_rustls::TlsConnector::from(client_config(versions));
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp).await.unwrap()
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let server = ServerTls::accept(server_cfg, tcp).await.unwrap();
+        (server, client.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn carries_bytes_both_ways_and_keeps_no_buffer_while_idle() {
+        for versions in [
+            &[&rustls::version::TLS13][..],
+            &[&rustls::version::TLS12][..],
+        ] {
+            let (mut server, mut client) = pair(versions).await;
+            assert_eq!(server.protocol_version(), Some(versions[0].version));
+            client.write_all(b"a1 NOOP\r\n").await.unwrap();
+            client.flush().await.unwrap();
+            let mut line = [0u8; 9];
+            server.read_exact(&mut line).await.unwrap();
+            assert_eq!(&line, b"a1 NOOP\r\n");
+            // Idle: nothing kept.
+            assert_eq!(server.incoming.capacity(), 0);
+            assert_eq!(server.outgoing.capacity(), 0);
+            assert_eq!(server.plaintext.capacity(), 0);
+
+            // A megabyte each way, in pieces that do not line up with records.
+            let big: Vec<u8> = (0..1_048_576u32).map(|i| (i % 251) as u8).collect();
+            let expect = big.clone();
+            let writer = tokio::spawn(async move {
+                for piece in big.chunks(10_007) {
+                    server.write_all(piece).await.unwrap();
+                }
+                server.flush().await.unwrap();
+                server
+            });
+            let mut got = vec![0u8; expect.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert!(got == expect, "server -> client bytes differ");
+            let mut server = writer.await.unwrap();
+
+            let up = expect.clone();
+            let sender = tokio::spawn(async move {
+                client.write_all(&up).await.unwrap();
+                client.flush().await.unwrap();
+                client
+            });
+            let mut got = vec![0u8; expect.len()];
+            let mut off = 0;
+            while off < got.len() {
+                // A small reader: records are larger than its buffer.
+                let end = (off + 1000).min(got.len());
+                let n = server.read(&mut got[off..end]).await.unwrap();
+                assert!(n > 0);
+                off += n;
+            }
+            assert!(got == expect, "client -> server bytes differ");
+            let mut client = sender.await.unwrap();
+
+            // The client's close_notify is an EOF; ours reaches the client as one.
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            server.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tcp_close_without_close_notify_is_an_eof() {
+        // No tickets: the client's socket must hold nothing unread, or closing it resets.
+        let cfg = server_config_with(|c| c.send_tls13_tickets = 0);
+        let (mut server, client) = pair_with(&[&rustls::version::TLS13], cfg).await;
+        let (tcp, _) = client.into_inner();
+        drop(tcp);
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn garbage_instead_of_a_handshake_fails_it() {
+        let server_cfg = server_config();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"a1 LOGIN user pass\r\n").await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tcp.read_to_end(&mut rest).await;
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        assert!(ServerTls::accept(server_cfg, tcp).await.is_err());
+        client.await.unwrap();
+    }
+}
