@@ -18,7 +18,7 @@ pub struct Origin {
     /// connection's own. Limits, throttles, the bridge, logs and backends all use it.
     pub client: SocketAddr,
     /// The balancer that relayed the connection, when it sent a header.
-    pub via: Option<Via>,
+    pub via: Option<Box<Via>>,
 }
 
 impl Origin {
@@ -98,11 +98,11 @@ pub async fn origin(
     };
     Ok(Origin {
         client: header.client.map_or(conn_peer, unmap),
-        via: Some(Via {
+        via: Some(Box::new(Via {
             balancer: conn_peer,
             client_tls: header.client_tls,
             authority: header.authority,
-        }),
+        })),
     })
 }
 

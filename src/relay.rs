@@ -402,6 +402,15 @@ where
         self
     }
 
+    /// Tells the tracker of bytes relayed before the relay started: the backend's that
+    /// followed its login reply, and the client's pipelined behind its login.
+    pub fn already_relayed(&mut self, from_backend: &[u8], from_client: &[u8]) {
+        if let Some(t) = self.tracker.as_mut() {
+            t.backend_sent(from_backend);
+            t.client_sent(from_client);
+        }
+    }
+
     /// How the backend's side ended, if it ended first with the client still there: its
     /// EOF or read error came first, or writing the client's bytes to it failed. None when
     /// the client ended first, or its side failed.

@@ -810,6 +810,9 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(10);
+    // This listener's settings in the configuration last seen, shared by its sessions
+    // until a reload brings another.
+    let mut current: Option<(Arc<Snapshot>, Arc<Listener>)> = None;
     loop {
         let accepted = tokio::select! {
             r = sock.accept() => r,
@@ -823,13 +826,21 @@ async fn accept_loop(
                 let snap = control.snapshot();
                 // Its current settings; a listener just removed by a reload (this loop is
                 // about to stop) still serves what it accepted with its last settings.
-                let listener = snap
-                    .config
-                    .listeners
-                    .iter()
-                    .find(|l| l.name == own.name)
-                    .cloned()
-                    .unwrap_or_else(|| own.clone());
+                let listener = match &current {
+                    Some((seen, l)) if Arc::ptr_eq(seen, &snap) => l.clone(),
+                    _ => {
+                        let l = snap
+                            .config
+                            .listeners
+                            .iter()
+                            .find(|l| l.name == own.name)
+                            .cloned()
+                            .unwrap_or_else(|| own.clone());
+                        let l = Arc::new(l);
+                        current = Some((snap.clone(), l.clone()));
+                        l
+                    }
+                };
                 let peer = normalize_peer(peer);
                 let ctx = SessionCtx {
                     snap,

@@ -42,8 +42,8 @@ pub struct SessionCtx {
     /// The configuration in force when the connection was accepted (see the module
     /// documentation for when the session moves to another one).
     pub snap: Arc<Snapshot>,
-    /// The listener that accepted it.
-    pub listener: Listener,
+    /// The listener that accepted it (shared by its sessions).
+    pub listener: Arc<Listener>,
     /// Live process state: backends, shared state, shutdown.
     pub control: Arc<Control>,
 }
@@ -284,43 +284,48 @@ pub fn run(
     SESSION_ID.scope(id, session(ctx, tcp, origin, ticket).instrument(span))
 }
 
-async fn session(
+/// The session's own future. An `async` block rather than an `async fn`: an `async fn`
+/// keeps its arguments twice (as received, and moved into its body) for the whole session.
+#[allow(clippy::manual_async_fn)]
+fn session(
     ctx: SessionCtx,
     tcp: TcpStream,
     origin: Origin,
     ticket: crate::control::limits::Ticket,
-) {
-    let started = Instant::now();
-    let handles = m::handles::listener(&ctx.listener.name, ctx.listener.protocol);
-    handles.connections.increment(1);
-    let _active = GaugeGuard::new(handles.connections_active.clone());
-    drop(handles);
-    let mut summary = Summary {
-        user: None,
-        pool: None,
-        server: None,
-        end: SessionEnd::Closed,
-        closed_by: None,
-        up: 0,
-        down: 0,
-    };
-    serve(&ctx, tcp, &origin, &mut summary).await;
-    drop(ticket);
-    tracing::info!(
-        outcome = summary.end.as_str(),
-        user = summary.user.as_deref().unwrap_or("-"),
-        pool = summary.pool.as_deref().unwrap_or("-"),
-        server = summary.server.as_deref().unwrap_or("-"),
-        duration_ms = started.elapsed().as_millis() as u64,
-        closed_by = match summary.closed_by {
-            Some(Side::Client) => "client",
-            Some(Side::Backend) => "backend",
-            None => "-",
-        },
-        bytes_up = summary.up,
-        bytes_down = summary.down,
-        "session end"
-    );
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let started = Instant::now();
+        let handles = m::handles::listener(&ctx.listener.name, ctx.listener.protocol);
+        handles.connections.increment(1);
+        let _active = GaugeGuard::new(handles.connections_active.clone());
+        drop(handles);
+        let mut summary = Summary {
+            user: None,
+            pool: None,
+            server: None,
+            end: SessionEnd::Closed,
+            closed_by: None,
+            up: 0,
+            down: 0,
+        };
+        serve(&ctx, tcp, &origin, &mut summary).await;
+        drop(ticket);
+        tracing::info!(
+            outcome = summary.end.as_str(),
+            user = summary.user.as_deref().unwrap_or("-"),
+            pool = summary.pool.as_deref().unwrap_or("-"),
+            server = summary.server.as_deref().unwrap_or("-"),
+            duration_ms = started.elapsed().as_millis() as u64,
+            closed_by = match summary.closed_by {
+                Some(Side::Client) => "client",
+                Some(Side::Backend) => "backend",
+                None => "-",
+            },
+            bytes_up = summary.up,
+            bytes_down = summary.down,
+            "session end"
+        );
+    }
 }
 
 async fn serve(ctx: &SessionCtx, tcp: TcpStream, origin: &Origin, summary: &mut Summary) {
@@ -349,75 +354,78 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, origin: &Origin, summary: &mut 
 /// Hand-off and relay: backend bytes that followed its login reply go to the client, the
 /// client's pipelined bytes go to the backend, then bytes flow both ways until one side
 /// closes, a kick, or the drain deadline.
-async fn relay_session(ctx: &SessionCtx, handoff: Handoff<'_>, summary: &mut Summary) {
-    let Handoff {
-        snap,
-        mut client,
-        mut backend,
-        pending,
-        pool,
-        registered: _registered,
-        kick,
-    } = handoff;
-    summary.end = SessionEnd::Relayed;
-    let pool_metrics = m::handles::pool(&pool, ctx.listener.protocol);
-    let _sessions = GaugeGuard::new(pool_metrics.sessions_active.clone());
-    if !backend.leftover.is_empty() && client.write_all(&backend.leftover).await.is_err() {
-        summary.end = SessionEnd::ClientError;
-        return;
+#[allow(clippy::manual_async_fn)]
+fn relay_session<'a>(
+    ctx: &'a SessionCtx,
+    mut handoff: Handoff<'a>,
+    summary: &'a mut Summary,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    // An `async` block, not an `async fn`: the hand-off is not kept twice while relaying.
+    async move {
+        // Used in place (its `_registered` guard lives to the end): no copy of it is kept.
+        let Handoff {
+            snap,
+            client,
+            backend,
+            pending,
+            pool,
+            kick,
+            ..
+        } = &mut handoff;
+        summary.end = SessionEnd::Relayed;
+        let pool_metrics = m::handles::pool(pool, ctx.listener.protocol);
+        let _sessions = GaugeGuard::new(pool_metrics.sessions_active.clone());
+        if !backend.leftover.is_empty() && client.write_all(&backend.leftover).await.is_err() {
+            summary.end = SessionEnd::ClientError;
+            return;
+        }
+        if !pending.is_empty() && backend.stream.write_all(pending).await.is_err() {
+            summary.end = SessionEnd::BackendError;
+            return;
+        }
+        let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
+        let leftover = std::mem::take(&mut backend.leftover); // not needed while relaying
+        let relay_started = Instant::now();
+        let mut relay = relay::Relay::new(&mut *client, &mut backend.stream)
+            .tracking(relay::tracker(ctx.listener.protocol));
+        relay.already_relayed(&leftover, pending);
+        drop(leftover);
+        *pending = Vec::new();
+        let end = tokio::select! {
+            r = &mut relay => match r {
+                Ok(()) => RelayEnd::Closed,
+                Err(e) => RelayEnd::Error(e),
+            },
+            _ = ctx.control.hard_stop.cancelled() => RelayEnd::Stopped,
+            reason = kick.requested() => RelayEnd::Kicked(reason),
+        };
+        let (up, down) = (relay.bytes_up(), relay.bytes_down());
+        let backend_first = relay.backend_ended_first();
+        let goodbye_asked = relay.client_said_goodbye();
+        let died = relay.backend_end().filter(|_| !goodbye_asked);
+        drop(relay);
+        if let (Some(d), RelayEnd::Closed | RelayEnd::Error(_)) = (&died, &end) {
+            d.record(pool, ctx.listener.protocol);
+        }
+        let ends = Ends {
+            backend_first,
+            died,
+        };
+        let pool_cfg = snap.config.pools.get(pool.as_str());
+        let spread = pool_cfg.map(|p| p.disconnect_spread).unwrap_or_default();
+        // Boxed: only needed at the end; the session's own future stays small while it relays.
+        Box::pin(finish_relay(
+            ctx, end, ends, spread, client, backend, summary,
+        ))
+        .await;
+        summary.up = up + extra_up;
+        summary.down = down + extra_down;
+        pool_metrics
+            .session_seconds
+            .record(relay_started.elapsed().as_secs_f64());
+        pool_metrics.bytes_up.increment(summary.up);
+        pool_metrics.bytes_down.increment(summary.down);
     }
-    if !pending.is_empty() && backend.stream.write_all(&pending).await.is_err() {
-        summary.end = SessionEnd::BackendError;
-        return;
-    }
-    let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
-    let mut tracker = relay::tracker(ctx.listener.protocol);
-    tracker.backend_sent(&backend.leftover);
-    tracker.client_sent(&pending);
-    drop(pending);
-    backend.leftover = Vec::new(); // its buffer is not needed while relaying
-    let relay_started = Instant::now();
-    let mut relay = relay::Relay::new(&mut client, &mut backend.stream).tracking(tracker);
-    let end = tokio::select! {
-        r = &mut relay => match r {
-            Ok(()) => RelayEnd::Closed,
-            Err(e) => RelayEnd::Error(e),
-        },
-        _ = ctx.control.hard_stop.cancelled() => RelayEnd::Stopped,
-        reason = kick.requested() => RelayEnd::Kicked(reason),
-    };
-    let (up, down) = (relay.bytes_up(), relay.bytes_down());
-    let backend_first = relay.backend_ended_first();
-    let goodbye_asked = relay.client_said_goodbye();
-    let died = relay.backend_end().filter(|_| !goodbye_asked);
-    drop(relay);
-    if let (Some(d), RelayEnd::Closed | RelayEnd::Error(_)) = (&died, &end) {
-        d.record(&pool, ctx.listener.protocol);
-    }
-    let ends = Ends {
-        backend_first,
-        died,
-    };
-    let pool_cfg = snap.config.pools.get(&pool);
-    let spread = pool_cfg.map(|p| p.disconnect_spread).unwrap_or_default();
-    // Boxed: only needed at the end; the session's own future stays small while it relays.
-    Box::pin(finish_relay(
-        ctx,
-        end,
-        ends,
-        spread,
-        &mut client,
-        &mut backend,
-        summary,
-    ))
-    .await;
-    summary.up = up + extra_up;
-    summary.down = down + extra_down;
-    pool_metrics
-        .session_seconds
-        .record(relay_started.elapsed().as_secs_f64());
-    pool_metrics.bytes_up.increment(summary.up);
-    pool_metrics.bytes_down.increment(summary.down);
 }
 
 /// What the relay saw of how it ended.
@@ -580,7 +588,7 @@ impl Drop for InputBuf {
 
 /// Turns away a connection over a limit with the protocol's temporary-failure greeting
 /// (on implicit-TLS listeners the connection is just closed: no handshake is spent on it).
-pub async fn refuse(listener: Listener, mut tcp: TcpStream) {
+pub async fn refuse(listener: Arc<Listener>, mut tcp: TcpStream) {
     if listener.tls != ListenerTls::Implicit {
         let msg: &[u8] = match listener.protocol {
             Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
@@ -684,7 +692,7 @@ struct Handoff<'a> {
     pool: String,
     /// In the sessions registry from before the client hears its login succeeded, so a
     /// kick or a move right after the login cannot miss it.
-    registered: Registration<'a>,
+    _registered: Registration<'a>,
     kick: Arc<Kick>,
 }
 
@@ -771,7 +779,7 @@ async fn preauth<'a>(
                 backend: l.backend,
                 pending: inbuf.take(),
                 pool: l.pool,
-                registered: l.registered,
+                _registered: l.registered,
                 kick: l.kick,
             });
         }

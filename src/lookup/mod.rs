@@ -365,7 +365,9 @@ pub async fn route(
                 }
             }
         };
-        let (looked, is_new) = lookups.ask(&name, user, protocol).await;
+        // Boxed: the query's future (cache, single flight, the database client) is large,
+        // and a login whose route reads no lookup should not carry its room.
+        let (looked, is_new) = Box::pin(lookups.ask(&name, user, protocol)).await;
         tracing::debug!(lookup = %name, row = %row_text(&looked.row), cache = looked.cache.as_str(), "lookup answered");
         changed |= is_new;
         asked.push(looked.clone());

@@ -297,11 +297,16 @@ def socket_inode(server, client):
     """Inode of the server side of the established TCP connection ``client`` -> ``server``
     (both (ip, port)), from /proc/net/tcp; None if not found."""
     local, remote = _hex_addr(*server), _hex_addr(*client)
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[1] == local and fields[2] == remote and fields[3] == "01":
-                return fields[9]
+    # The kernel writes /proc/net/tcp a page at a time from a table that other connections
+    # keep changing (the login stream): one read can miss an entry that is there all along.
+    # A connection that is really gone is missing from every read.
+    for _ in range(5):
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[1] == local and fields[2] == remote and fields[3] == "01":
+                    return fields[9]
+        time.sleep(0.02)
     return None
 
 
