@@ -4,17 +4,31 @@
 # workloads, same certificate, same machine, one run. Prints the table and writes
 # BENCHMARKS.md.
 #
-#   bench/compare.sh            # full run (~20 minutes on 2 cores)
-#   bench/compare.sh --quick    # short run (~5 minutes), single repetitions
+#   bench/compare.sh              # full run (~35 minutes on 2 cores, + ~10 for lookups)
+#   bench/compare.sh --quick      # short run (~8 minutes), single repetitions
+#   bench/compare.sh --scale-only # only the scale section (~11 minutes; --quick: ~3)
 #
 # The login rates are measured twice: with every process free to use every CPU, and with
 # the running proxy's threads moved to CPU 1 and the fake backend and the load generator
 # to CPU 0 (taskset on the running processes, undone afterwards): rows "... proxy pinned
-# to CPU 1". A login storm row: NOOP p99 of 50 logged-in sessions while TLS logins run
-# at 200 concurrent against the same target.
+# to CPU 1". "server CPU per login" is user+system time of the server's processes
+# (/proc/PID/stat), shown split into user space and kernel time below it. Login storm rows:
+# NOOP p99 of 50 logged-in sessions while TLS logins run against the same target, once as
+# fast as 200 concurrent loops go (each target's own maximum rate) and once capped at the
+# same rate for every target (--storm-rate, default 800 TLS logins/s), with the rate
+# achieved beside it.
+#
+# The scale section ("## Scale", and a plot drawn with gnuplot as SVG): RSS per idle
+# logged-in session at 2,000, 8,000 and 16,000 sessions, plain and implicit TLS, each from a
+# freshly started proxy (HAProxy and cutover); a size that does not fit the descriptor
+# limit (a proxy holds 2 descriptors per session; `ulimit -Hn` is read at run time) is
+# reported n/a with the reason, and the largest size that fits is measured instead.
+# Logins/s and p99 login latency at 1, 50, 200 and 1,000 concurrent login loops, plain
+# and TLS (direct, HAProxy, cutover), 5 s per point, 3 runs interleaved, the median.
 #
 # Options:
-#   --quick        short durations, 1 repetition, 500 idle sessions
+#   --quick        short durations, 1 repetition, 500 idle sessions; scale: 500, 2,000
+#                  and 4,000 idle sessions, 2 s per login point, 1 run
 #   --pin          pin each proxy to CPU 1 and the load generator + fake backend to CPU 0
 #                  from their start, for every row (default: no pinning, every process
 #                  may use every CPU, except in the "pinned" login rows, which --pin skips)
@@ -37,6 +51,19 @@
 #   --cutover BIN  measure this cutover binary (e.g. an experimental build) instead of
 #                  target/release/cutover
 #   --no-stalwart  skip Stalwart's proxy (its column reads n/a)
+#   --storm-rate N the capped login storm's rate, TLS logins/s in all, the same for every
+#                  target (default 800, below every target's maximum here; 0: no capped row)
+#   --no-scale     skip the scale section (a run without it keeps the section and the plot
+#                  of an earlier run)
+#   --scale-only   only the scale section: no other workload, no fleet, no lookups; the
+#                  section is spliced into --out, the rest of the file is left as it is
+#   --scale-sessions LIST  idle session counts (default 2000,8000,16000; --quick
+#                  500,2000,4000)
+#   --scale-loops LIST     concurrent login loops (default 1,50,200,1000)
+#   --scale-targets LIST   targets of the scale section (default direct,haproxy,cutover;
+#                  direct only has login points: it is not a proxy)
+#   --scale-svg FILE       where to draw the plot (default: bench/scale.svg with the default
+#                  --out, else next to --out as NAME-scale.svg)
 #
 # Stalwart's migration proxy (github.com/stalwartlabs/proxy, AGPL-3.0; built and run for
 # the comparison only, none of its code is copied here) at a pinned commit: $STALWART_BIN
@@ -45,9 +72,9 @@
 # mirror, or GitHub) and built there with cargo once (several minutes; also with
 # --no-build). If that fails the run goes on and the report says why the column is n/a.
 #
-# Needs root for apt-get (nginx, libnginx-mod-mail, haproxy, openssl, postgresql). Every address is on
-# 127.0.0.0/8; every load loop is bounded in time and count; every process started here
-# is stopped on exit.
+# Needs root for apt-get (nginx, libnginx-mod-mail, haproxy, openssl, postgresql,
+# gnuplot-nox). Every address is on 127.0.0.0/8; every load loop is bounded in time and
+# count; every process started here is stopped on exit.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,6 +90,13 @@ FLEET=1
 LOOKUPS=1
 STYLE=modern
 STALWART_WANTED=1
+STORM_RATE=800
+SCALE=1
+MAIN=1
+SCALE_SESSIONS=""
+SCALE_LOOPS="1,50,200,1000"
+SCALE_TARGETS="direct,haproxy,cutover"
+SCALE_SVG=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -77,7 +111,14 @@ while [ $# -gt 0 ]; do
         --no-lookups) LOOKUPS=0 ;;
         --legacy) STYLE=legacy ;;
         --no-stalwart) STALWART_WANTED=0 ;;
-        -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
+        --storm-rate) STORM_RATE="$2"; shift ;;
+        --no-scale) SCALE=0 ;;
+        --scale-only) SCALE=1; MAIN=0; FLEET=0; LOOKUPS=0 ;;
+        --scale-sessions) SCALE_SESSIONS="$2"; shift ;;
+        --scale-loops) SCALE_LOOPS="$2"; shift ;;
+        --scale-targets) SCALE_TARGETS="$2"; shift ;;
+        --scale-svg) SCALE_SVG=$(realpath -m "$2"); shift ;;
+        -h|--help) sed -n '2,/^set -euo pipefail/{/^#/p}' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
     shift
@@ -86,9 +127,30 @@ done
 if [ "$MODE" = quick ]; then
     REPS=1; LOGIN_S=3; UNLOADED_S=2; FETCH_S=2; IDLE_N=500; NOOP_N=3000; FLEET_TRIALS=50
     STORM_S=3
+    SCALE_LOGIN_S=2; SCALE_REPS=1; SCALE_SESSIONS=${SCALE_SESSIONS:-500,2000,4000}
 else
     REPS=3; LOGIN_S=10; UNLOADED_S=3; FETCH_S=5; IDLE_N=2000; NOOP_N=20000; FLEET_TRIALS=200
     STORM_S=10
+    SCALE_LOGIN_S=5; SCALE_REPS=3; SCALE_SESSIONS=${SCALE_SESSIONS:-2000,8000,16000}
+fi
+for list in "$SCALE_SESSIONS" "$SCALE_LOOPS"; do
+    [[ "$list" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || { echo "not a list of counts: $list" >&2; exit 2; }
+done
+[[ "$STORM_RATE" =~ ^[0-9]+$ ]] || { echo "--storm-rate: not a whole number: $STORM_RATE" >&2; exit 2; }
+# --scale-only: only the targets the scale section measures are started.
+if [ "$MAIN" = 0 ]; then
+    keep=""
+    for t in ${ONLY//,/ }; do
+        [[ ",$SCALE_TARGETS," == *",$t,"* ]] && keep="$keep${keep:+,}$t"
+    done
+    ONLY=$keep
+fi
+if [ -z "$SCALE_SVG" ]; then
+    if [ "$OUT" = "$ROOT/BENCHMARKS.md" ]; then
+        SCALE_SVG="$ROOT/bench/scale.svg"
+    else
+        SCALE_SVG="${OUT%.md}-scale.svg"
+    fi
 fi
 CONC=200
 STORM_N=50
@@ -118,6 +180,7 @@ if [ "$INSTALL" = 1 ]; then
     command -v taskset >/dev/null || need+=(util-linux)
     command -v pgrep >/dev/null || need+=(procps)
     command -v redis-server >/dev/null || need+=(redis-server)
+    [ "$SCALE" = 1 ] && ! command -v gnuplot >/dev/null && need+=(gnuplot-nox)
     if [ "$LOOKUPS" = 1 ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
         need+=(postgresql)
     fi
@@ -574,6 +637,16 @@ proc_ticks() {
     done
     echo $s
 }
+# proc_ticks_split PID...: "USER SYSTEM" ticks of the processes (utime, stime).
+proc_ticks_split() {
+    local u=0 k=0 p pu pk
+    for p in "$@"; do
+        [ -r "/proc/$p/stat" ] || continue
+        read -r pu pk < <(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12, $13}')
+        u=$((u + pu)); k=$((k + pk))
+    done
+    echo "$u $k"
+}
 # The processes that do a target's server-side work: the fake backend for "direct", the
 # proxy otherwise (nginx: master and workers).
 server_pids() {
@@ -594,8 +667,18 @@ our_pids() {
 # measurement and QUIET_BUDGET seconds in all; then measure anyway and count it).
 QUIET_BUDGET=${QUIET_BUDGET:-300}
 WAITED=0
+# fake_alive: stops the run if the fake backend has exited (every measurement after that
+# would only count errors), with its exit status (128+N: killed by signal N).
+fake_alive() {
+    local st=0
+    kill -0 "$FAKEPID" 2>/dev/null && return 0
+    wait "$FAKEPID" 2>/dev/null || st=$?
+    echo "the fake backend (pid $FAKEPID) has exited, status $st; see $WORK/fake.log" >&2
+    exit 1
+}
 wait_quiet() {
     local tries=0 b0 i0 b1 i1 o0 o1 busy
+    fake_alive
     while :; do
         read -r b0 i0 < <(sys_ticks); o0=$(proc_ticks $(our_pids))
         sleep 0.5
@@ -619,17 +702,18 @@ wait_quiet() {
 # (not ours, not the load generator) took meanwhile.
 load() {
     local target=$1 mode=$2; shift 2
-    local out b0 i0 b1 i1 s0 s1 o0 o1 lt other
-    read -r b0 i0 < <(sys_ticks); s0=$(proc_ticks $(server_pids "$target")); o0=$(proc_ticks $(our_pids))
+    local out b0 i0 b1 i1 s0 s1 u0 u1 k0 k1 o0 o1 lt other
+    read -r b0 i0 < <(sys_ticks); read -r u0 k0 < <(proc_ticks_split $(server_pids "$target")); o0=$(proc_ticks $(our_pids))
     if ! out=$("${LOAD_CPU[@]}" "$LOAD" "$mode" --label "$target" "$@" 2>>"$WORK/load.log"); then
         warn "$mode against $target failed (see $WORK/load.log)"
         tail -3 "$WORK/load.log" >&2
         return 0
     fi
-    read -r b1 i1 < <(sys_ticks); s1=$(proc_ticks $(server_pids "$target")); o1=$(proc_ticks $(our_pids))
+    read -r b1 i1 < <(sys_ticks); read -r u1 k1 < <(proc_ticks_split $(server_pids "$target")); o1=$(proc_ticks $(our_pids))
+    s0=$((u0 + k0)); s1=$((u1 + k1))
     lt=$(echo "$out" | json cpu_ticks); lt=${lt:-0}
     other=$(( 100 * ((b1 - b0) - (o1 - o0) - lt) / ((b1 - b0) + (i1 - i0) + 1) ))
-    out="${out%\}},\"server_cpu_ticks\":$((s1 - s0)),\"other_cpu_pct\":$other}"
+    out="${out%\}},\"server_cpu_ticks\":$((s1 - s0)),\"server_user_ticks\":$((u1 - u0)),\"server_sys_ticks\":$((k1 - k0)),\"other_cpu_pct\":$other}"
     echo "$out" >>"$RAW"
     echo "$out"
 }
@@ -647,6 +731,8 @@ record_login() {
     record "$t" "${k}_p99_ms" "$(echo "$out" | json p99_ms)"
     record "$t" "${k}_errors" "$(echo "$out" | json errors)"
     record "$t" "${k}_cpu_us" "$(per_op "$(echo "$out" | json server_cpu_ticks)" "$(echo "$out" | json ok)")"
+    record "$t" "${k}_cpu_user_us" "$(per_op "$(echo "$out" | json server_user_ticks)" "$(echo "$out" | json ok)")"
+    record "$t" "${k}_cpu_sys_us" "$(per_op "$(echo "$out" | json server_sys_ticks)" "$(echo "$out" | json ok)")"
     record _ other_cpu_pct "$(echo "$out" | json other_cpu_pct)"
 }
 
@@ -690,138 +776,249 @@ pin() {
 unpin() { set_affinity "$CPU_ALL" "$FAKEPID" $(server_pids "$1"); }
 
 # --- workloads ---------------------------------------------------------------------------
-for kind in plain tls; do
-    for rep in $(seq "$REPS"); do
-        for t in "${TARGETS[@]}"; do
-            log "login $kind, $CONC concurrent, ${LOGIN_S}s: $t (run $rep/$REPS)"
-            wait_quiet
-            # shellcheck disable=SC2046
-            out=$(load "$t" login $(${kind}_args "$t") --concurrency $CONC --duration $LOGIN_S)
-            echo "$out" >&2
-            record_login "$t" "login_${kind}" "$out"
-            sleep 1
-        done
-    done
-done
+# idle_measure TARGET KIND N: restarts TARGET (so that memory freed by earlier load and kept
+# by the allocator does not hide the sessions' cost), warms it up, holds N logged-in
+# sessions in IDLE and leaves the load generator's JSON line in IDLE_OUT (empty if the
+# load generator failed); status 1 if the proxy did not restart. Not in a subshell: it
+# changes PID and PIDS.
+IDLE_OUT=""
+idle_measure() {
+    local t=$1 kind=$2 n=$3
+    IDLE_OUT=""
+    stop "${PID[$t]}"
+    if ! start_proxy "$t"; then
+        warn "$t did not restart (see $WORK/$t.log); idle figures not recorded"
+        return 1
+    fi
+    # Warm-up: every worker has served a few sessions before the baseline is read.
+    wait_quiet
+    # shellcheck disable=SC2046
+    load "$t" login $(${kind}_args "$t") --concurrency 10 --duration 0.5 >/dev/null
+    sleep 0.5
+    # shellcheck disable=SC2046
+    IDLE_OUT=$(load "$t" idle $(${kind}_args "$t") --sessions "$n" --concurrency 50 \
+        --pid "$(rss_pids "$t")" --settle 2)
+}
 
-# The same login runs with the running processes pinned: the proxy (every thread) on
-# CPU 1, the fake backend on CPU 0, the load generator started on CPU 0; then all CPUs
-# back for the next run and the other workloads.
-if [ "$PINNED_ROWS" = 1 ]; then
+if [ "$MAIN" = 1 ]; then
     for kind in plain tls; do
         for rep in $(seq "$REPS"); do
             for t in "${TARGETS[@]}"; do
-                log "login $kind, $CONC concurrent, ${LOGIN_S}s, proxy pinned to CPU 1: $t (run $rep/$REPS)"
-                if ! pin "$t"; then
-                    warn "could not pin $t (see $WORK/taskset.log); pinned run skipped"
-                    unpin "$t" || warn "could not unpin $t (see $WORK/taskset.log)"
-                    continue
-                fi
+                log "login $kind, $CONC concurrent, ${LOGIN_S}s: $t (run $rep/$REPS)"
                 wait_quiet
-                LOAD_CPU=(taskset -c 0)
                 # shellcheck disable=SC2046
-                out=$(load "$t" login $(${kind}_args "$t") --concurrency $CONC --duration $LOGIN_S --pinned)
-                LOAD_CPU=()
-                if ! unpin "$t"; then
-                    warn "could not unpin $t (see $WORK/taskset.log); the run stops here"
-                    exit 1
-                fi
+                out=$(load "$t" login $(${kind}_args "$t") --concurrency $CONC --duration $LOGIN_S)
                 echo "$out" >&2
-                record_login "$t" "login_${kind}_pinned" "$out"
+                record_login "$t" "login_${kind}" "$out"
                 sleep 1
             done
         done
     done
-fi
 
-# Latency, throughput and NOOP: like the login rates, REPS runs interleaved across the
-# targets, the median reported (a single run can land on a bad scheduling pattern).
-for kind in plain tls; do
-    for rep in $(seq "$REPS"); do
-    for t in "${TARGETS[@]}"; do
-        log "unloaded login latency, $kind: $t (run $rep/$REPS)"
-        wait_quiet
-        # shellcheck disable=SC2046
-        out=$(load "$t" login $(${kind}_args "$t") --concurrency 1 --duration $UNLOADED_S)
-        echo "$out" >&2
-        record "$t" "unloaded_${kind}_p50_ms" "$(echo "$out" | json p50_ms)"
-    done
-    done
-done
+    # The same login runs with the running processes pinned: the proxy (every thread) on
+    # CPU 1, the fake backend on CPU 0, the load generator started on CPU 0; then all CPUs
+    # back for the next run and the other workloads.
+    if [ "$PINNED_ROWS" = 1 ]; then
+        for kind in plain tls; do
+            for rep in $(seq "$REPS"); do
+                for t in "${TARGETS[@]}"; do
+                    log "login $kind, $CONC concurrent, ${LOGIN_S}s, proxy pinned to CPU 1: $t (run $rep/$REPS)"
+                    if ! pin "$t"; then
+                        warn "could not pin $t (see $WORK/taskset.log); pinned run skipped"
+                        unpin "$t" || warn "could not unpin $t (see $WORK/taskset.log)"
+                        continue
+                    fi
+                    wait_quiet
+                    LOAD_CPU=(taskset -c 0)
+                    # shellcheck disable=SC2046
+                    out=$(load "$t" login $(${kind}_args "$t") --concurrency $CONC --duration $LOGIN_S --pinned)
+                    LOAD_CPU=()
+                    if ! unpin "$t"; then
+                        warn "could not unpin $t (see $WORK/taskset.log); the run stops here"
+                        exit 1
+                    fi
+                    echo "$out" >&2
+                    record_login "$t" "login_${kind}_pinned" "$out"
+                    sleep 1
+                done
+            done
+        done
+    fi
 
-for kind in plain tls; do
-    for rep in $(seq "$REPS"); do
-    for t in "${TARGETS[@]}"; do
-        log "FETCH 1 MiB throughput, $kind: $t (run $rep/$REPS)"
-        wait_quiet
-        # shellcheck disable=SC2046
-        out=$(load "$t" throughput $(${kind}_args "$t") --duration $FETCH_S --pipeline 2)
-        echo "$out" >&2
-        record "$t" "fetch_${kind}_mbps" "$(echo "$out" | json mbps)"
-        record "$t" "fetch_${kind}_cpu_us_per_mb" "$(per_op "$(echo "$out" | json server_cpu_ticks)" "$(echo "$out" | json bytes | awk '{print $1/1e6}')")"
-    done
-    done
-done
-
-for rep in $(seq "$REPS"); do
-for t in "${TARGETS[@]}"; do
-    log "NOOP round trip: $t (run $rep/$REPS)"
-    wait_quiet
-    # shellcheck disable=SC2046
-    out=$(load "$t" noop $(plain_args "$t") --count $NOOP_N --duration 20)
-    echo "$out" >&2
-    record "$t" noop_p50_us "$(echo "$out" | json p50_us)"
-    record "$t" noop_p99_us "$(echo "$out" | json p99_us)"
-done
-done
-
-# Login storm: NOOPs of established plaintext sessions while TLS logins run flat out
-# against the same target (direct: the fake backend's own TLS port).
-for rep in $(seq "$REPS"); do
-for t in "${TARGETS[@]}"; do
-    log "NOOP of $STORM_N sessions during a TLS login storm ($CONC concurrent), ${STORM_S}s: $t (run $rep/$REPS)"
-    wait_quiet
-    # shellcheck disable=SC2046
-    out=$(load "$t" storm $(plain_args "$t") --ca "$CA" --tls-addr "$(addr_of "$t"):$TLSP" \
-        --sessions $STORM_N --storm-concurrency $CONC --duration $STORM_S)
-    echo "$out" >&2
-    record "$t" storm_noop_p50_us "$(echo "$out" | json noop_p50_us)"
-    record "$t" storm_noop_p99_us "$(echo "$out" | json noop_p99_us)"
-    record "$t" storm_rate "$(echo "$out" | json storm_rate)"
-    record "$t" storm_errors "$(echo "$out" | json errors)"
-    sleep 1
-done
-done
-
-# Idle memory: each proxy restarted fresh for each measurement, so memory freed by the
-# earlier load (kept by the allocator) does not hide the sessions' cost.
-for t in "${TARGETS[@]}"; do
-    [ "$t" = direct ] && continue
+    # Latency, throughput and NOOP: like the login rates, REPS runs interleaved across the
+    # targets, the median reported (a single run can land on a bad scheduling pattern).
     for kind in plain tls; do
-        log "RSS per idle session, $kind, $IDLE_N sessions: $t (fresh process)"
-        stop "${PID[$t]}"
-        if ! start_proxy "$t"; then
-            warn "$t did not restart (see $WORK/$t.log); idle figures not recorded"
-            break
-        fi
-        # Warm-up: every worker has served a few sessions before the baseline is read.
+        for rep in $(seq "$REPS"); do
+        for t in "${TARGETS[@]}"; do
+            log "unloaded login latency, $kind: $t (run $rep/$REPS)"
+            wait_quiet
+            # shellcheck disable=SC2046
+            out=$(load "$t" login $(${kind}_args "$t") --concurrency 1 --duration $UNLOADED_S)
+            echo "$out" >&2
+            record "$t" "unloaded_${kind}_p50_ms" "$(echo "$out" | json p50_ms)"
+        done
+        done
+    done
+
+    for kind in plain tls; do
+        for rep in $(seq "$REPS"); do
+        for t in "${TARGETS[@]}"; do
+            log "FETCH 1 MiB throughput, $kind: $t (run $rep/$REPS)"
+            wait_quiet
+            # shellcheck disable=SC2046
+            out=$(load "$t" throughput $(${kind}_args "$t") --duration $FETCH_S --pipeline 2)
+            echo "$out" >&2
+            record "$t" "fetch_${kind}_mbps" "$(echo "$out" | json mbps)"
+            record "$t" "fetch_${kind}_cpu_us_per_mb" "$(per_op "$(echo "$out" | json server_cpu_ticks)" "$(echo "$out" | json bytes | awk '{print $1/1e6}')")"
+        done
+        done
+    done
+
+    for rep in $(seq "$REPS"); do
+    for t in "${TARGETS[@]}"; do
+        log "NOOP round trip: $t (run $rep/$REPS)"
         wait_quiet
         # shellcheck disable=SC2046
-        load "$t" login $(${kind}_args "$t") --concurrency 10 --duration 0.5 >/dev/null
-        sleep 0.5
-        # shellcheck disable=SC2046
-        out=$(load "$t" idle $(${kind}_args "$t") --sessions $IDLE_N --concurrency 50 \
-            --pid "$(rss_pids "$t")" --settle 2)
+        out=$(load "$t" noop $(plain_args "$t") --count $NOOP_N --duration 20)
         echo "$out" >&2
-        per=$(echo "$out" | json bytes_per_session)
-        if [ "$(echo "$out" | json errors)" != 0 ]; then
-            warn "idle $kind against $t: some sessions failed; figure not recorded"
-        elif [ -n "$per" ] && [ "$per" != null ]; then
-            record "$t" "idle_${kind}_kib" "$(awk -v b="$per" 'BEGIN{printf "%.2f", b/1024}')"
-        fi
+        record "$t" noop_p50_us "$(echo "$out" | json p50_us)"
+        record "$t" noop_p99_us "$(echo "$out" | json p99_us)"
+    done
+    done
+
+    # Login storm: NOOPs of established plaintext sessions while TLS logins run flat out
+    # against the same target (direct: the fake backend's own TLS port).
+    for rep in $(seq "$REPS"); do
+    for t in "${TARGETS[@]}"; do
+        log "NOOP of $STORM_N sessions during a TLS login storm ($CONC concurrent), ${STORM_S}s: $t (run $rep/$REPS)"
+        wait_quiet
+        # shellcheck disable=SC2046
+        out=$(load "$t" storm $(plain_args "$t") --ca "$CA" --tls-addr "$(addr_of "$t"):$TLSP" \
+            --sessions $STORM_N --storm-concurrency $CONC --duration $STORM_S)
+        echo "$out" >&2
+        record "$t" storm_noop_p50_us "$(echo "$out" | json noop_p50_us)"
+        record "$t" storm_noop_p99_us "$(echo "$out" | json noop_p99_us)"
+        record "$t" storm_rate "$(echo "$out" | json storm_rate)"
+        record "$t" storm_errors "$(echo "$out" | json errors)"
         sleep 1
     done
+    done
+
+    # The same storm capped at one rate for every target (--storm-rate): the sessions' wait
+    # compared at equal work, and with the load generator's own handshakes well below its
+    # limit. The concurrency stays an upper bound; the rate achieved is recorded.
+    if [ "$STORM_RATE" -gt 0 ]; then
+        record _ storm_cap "$STORM_RATE"
+        for rep in $(seq "$REPS"); do
+        for t in "${TARGETS[@]}"; do
+            log "NOOP of $STORM_N sessions during a TLS login storm capped at $STORM_RATE/s (up to $CONC concurrent), ${STORM_S}s: $t (run $rep/$REPS)"
+            wait_quiet
+            # shellcheck disable=SC2046
+            out=$(load "$t" storm $(plain_args "$t") --ca "$CA" --tls-addr "$(addr_of "$t"):$TLSP" \
+                --sessions $STORM_N --storm-concurrency $CONC --storm-rate "$STORM_RATE" --duration $STORM_S)
+            echo "$out" >&2
+            record "$t" storm_capped_noop_p50_us "$(echo "$out" | json noop_p50_us)"
+            record "$t" storm_capped_noop_p99_us "$(echo "$out" | json noop_p99_us)"
+            record "$t" storm_capped_rate "$(echo "$out" | json storm_rate)"
+            record "$t" storm_capped_errors "$(echo "$out" | json errors)"
+            sleep 1
+        done
+        done
+    fi
+
+    # Idle memory: each proxy restarted fresh for each measurement (idle_measure).
+    for t in "${TARGETS[@]}"; do
+        [ "$t" = direct ] && continue
+        for kind in plain tls; do
+            log "RSS per idle session, $kind, $IDLE_N sessions: $t (fresh process)"
+            idle_measure "$t" "$kind" "$IDLE_N" || break
+            out=$IDLE_OUT
+            echo "$out" >&2
+            per=$(echo "$out" | json bytes_per_session)
+            if [ "$(echo "$out" | json errors)" != 0 ]; then
+                warn "idle $kind against $t: some sessions failed; figure not recorded"
+            elif [ -n "$per" ] && [ "$per" != null ]; then
+                record "$t" "idle_${kind}_kib" "$(awk -v b="$per" 'BEGIN{printf "%.2f", b/1024}')"
+            fi
+            sleep 1
+        done
+    done
+fi
+
+# --- scale -------------------------------------------------------------------------------
+# RSS per idle session against the number of sessions (each size from a fresh proxy), and
+# logins/s and p99 against the number of concurrent login loops; `cutover-load
+# scale-report` writes the section and draws the plot from these results.
+SCALE_IDLE=()
+SCALE_LOGIN=()
+for t in "${TARGETS[@]}"; do
+    [[ ",$SCALE_TARGETS," == *",$t,"* ]] || continue
+    SCALE_LOGIN+=("$t")
+    [ "$t" = direct ] || SCALE_IDLE+=("$t")
 done
+# Descriptors: a proxy holds 2 per session (its client's and its backend's) and some of
+# its own (listeners, epoll, logs; SCALE_FD_SPARE are left for them); the load generator
+# and the fake backend 1 per session each. A size that does not fit is n/a, and the
+# largest size that fits (a multiple of 500) is measured instead.
+SCALE_FD_SPARE=500
+SCALE_FIT=$(( (NOFILE - SCALE_FD_SPARE) / 2 / 500 * 500 ))
+SCALE_N=()
+SCALE_NA=()
+if [ "$SCALE" = 1 ]; then
+    record _ nofile "$NOFILE"
+    for n in ${SCALE_SESSIONS//,/ }; do
+        if [ $((2 * n + SCALE_FD_SPARE)) -le "$NOFILE" ]; then
+            SCALE_N+=("$n")
+        else
+            SCALE_NA+=("$n")
+            record _ scale_idle_na "$n"
+            warn "scale: $n idle sessions need ~$((2 * n)) descriptors in one proxy process, the limit here is $NOFILE: n/a"
+        fi
+    done
+    if [ ${#SCALE_NA[@]} -gt 0 ] && [ "$SCALE_FIT" -gt 0 ]; then
+        big=0
+        for n in "${SCALE_N[@]}"; do [ "$n" -gt "$big" ] && big=$n; done
+        [ "$SCALE_FIT" -gt "$big" ] && SCALE_N+=("$SCALE_FIT")
+    fi
+    if [ ${#SCALE_N[@]} -gt 0 ]; then
+        mapfile -t SCALE_N < <(printf '%s\n' "${SCALE_N[@]}" | sort -n -u)
+    fi
+
+    for n in "${SCALE_N[@]}"; do
+        for kind in plain tls; do
+            for t in "${SCALE_IDLE[@]}"; do
+                log "scale: RSS per idle session, $kind, $n sessions: $t (fresh process)"
+                idle_measure "$t" "$kind" "$n" || continue
+                out=$IDLE_OUT
+                echo "$out" >&2
+                per=$(echo "$out" | json bytes_per_session)
+                if [ -n "$per" ] && [ "$per" != null ]; then
+                    record "$t" "scale_idle_${kind}_${n}_kib" "$(awk -v b="$per" 'BEGIN{printf "%.2f", b/1024}')"
+                    record "$t" "scale_idle_${kind}_${n}_mib" "$(awk -v a="$(echo "$out" | json rss_after_kib)" \
+                        -v b="$(echo "$out" | json rss_before_kib)" 'BEGIN{ if (a != "" && b != "") printf "%.2f", (a - b) / 1024 }')"
+                    record "$t" "scale_idle_${kind}_${n}_errors" "$(echo "$out" | json errors)"
+                fi
+                sleep 1
+            done
+        done
+    done
+
+    for kind in plain tls; do
+        for rep in $(seq "$SCALE_REPS"); do
+            for c in ${SCALE_LOOPS//,/ }; do
+                for t in "${SCALE_LOGIN[@]}"; do
+                    log "scale: login $kind, $c concurrent, ${SCALE_LOGIN_S}s: $t (run $rep/$SCALE_REPS)"
+                    wait_quiet
+                    # shellcheck disable=SC2046
+                    out=$(load "$t" login $(${kind}_args "$t") --concurrency "$c" --duration "$SCALE_LOGIN_S")
+                    echo "$out" >&2
+                    record_login "$t" "scale_login_${kind}_${c}" "$out"
+                    sleep 0.5
+                done
+            done
+        done
+    done
+fi
 
 # Fleet: three cutovers sharing a redis-server (bench/fleet.py).
 FLEET_MD="$WORK/fleet.md"
@@ -850,14 +1047,6 @@ if [ "$LOOKUPS" = 1 ] && [[ ",$ONLY," == *",cutover,"* ]]; then
         warn "bench/lookups.py failed (see $WORK/lookups.log)"
         printf '## Route lookups (PostgreSQL)\n\nn/a: bench/lookups.py failed in this run.\n' >"$LOOKUPS_MD"
     fi
-elif [ -f "$OUT" ]; then
-    # Not measured in this run: the section of an earlier run (it carries its own date).
-    python3 - "$OUT" "$LOOKUPS_MD" <<'PY'
-import re, sys
-m = re.search(r"\n(## Route lookups \(PostgreSQL\)\n.*?)(?=\n## |\Z)", open(sys.argv[1]).read(), flags=re.S)
-if m:
-    open(sys.argv[2], "w").write(m.group(1))
-PY
 fi
 
 # --- report ------------------------------------------------------------------------------
@@ -898,6 +1087,10 @@ META="$WORK/meta.tsv"
         printf 'setting\t%s\n' "$PINNED_NOTE"
     fi
     printf 'setting\tLogin storm: %s plaintext sessions logged in and warmed up with 50 `NOOP`s each, then for %s s each does one `NOOP` at a time (round trip: send to tagged OK) while %s loops of TLS logins, as in the login rows (connect, TLS 1.3 full handshake, greeting, `LOGIN`, tagged OK, `LOGOUT`), run as fast as they can against the same target'"'"'s implicit-TLS port; p50/p99 over all the NOOPs of the sessions; the storm'"'"'s logins/s is reported with them. The sessions run on a thread of the load generator with a runtime of its own, so their replies do not wait behind the storm'"'"'s handshakes inside the load generator (the CPUs are shared by every process, as in the unpinned rows). Direct: the fake backend'"'"'s plaintext and TLS ports. %s run(s) per target, interleaved, the median reported.\n' $STORM_N $STORM_S $CONC $REPS
+    if [ "$STORM_RATE" -gt 0 ]; then
+        printf 'setting\tLogin storm at an equal rate ("... at %s TLS logins/s"): the same storm, but its TLS logins start at most %s times a second in all, evenly spaced (each login loop takes the next free start slot; a loop that falls behind does not make up with a burst), still up to %s loops at once; the rate achieved is the row below it. One rate for every target (`--storm-rate`), below each one'"'"'s maximum here, so that the sessions'"'"' NOOPs are compared at equal work for the proxy and with the load generator'"'"'s own handshakes far from taking both CPUs. %s run(s) per target, interleaved, the median reported.\n' "$STORM_RATE" "$STORM_RATE" $CONC $REPS
+    fi
+    printf 'setting\tServer CPU per login: user and system time (`utime`, `stime` of /proc/PID/stat, in clock ticks of 1/%s s, summed over the server'"'"'s processes) from before to after the run, over the logins that succeeded; the total, then the same split into user space ("of which user space") and kernel ("of which kernel, system time": the system calls, and the TCP work the kernel does on the process'"'"'s behalf, including on loopback the receiving side of what it sends). The kernel counts a tick to whichever mode the process was in when the tick came, so the split is a sample: fine over a run of thousands of logins, not for one.\n' "$CLK"
     printf 'setting\tnginx: mail module (libnginx-mod-mail), `auth_http` to a `location` of the same nginx that returns `Auth-Status: OK`, `Auth-Server`, `Auth-Port` (no external auth service), `worker_processes auto`, `worker_connections 8192`, listen backlog 4096, other settings default (`proxy_buffer`, `ssl_session_tickets`, no TCP_NODELAY: the mail module has no such setting).\n'
     printf 'setting\tHAProxy: `mode tcp`, one frontend with a plaintext bind and an `ssl crt` bind, backlog 4096, maxconn %s, other settings default (16 KiB buffers, no splicing).\n' $HAPROXY_MAXCONN
     if [[ " ${TARGETS[*]} " == *" stalwart "* ]]; then
@@ -916,24 +1109,84 @@ META="$WORK/meta.tsv"
         printf 'setting\tStalwart proxy: n/a: %s.\n' "${STALWART_NA:-not measured in this run}"
     fi
     printf 'setting\tcutover: `cutover run --config` with a generated file: a plaintext listener (`allow_plaintext_auth: true`) and an implicit-TLS one, one pool `fake` with the fake backend, `health: { interval: 0s }`, `limits.max_connections(_per_ip): 100000` (every connection comes from 127.0.0.1; the default of 200 per address would refuse the load), one route, the Prometheus endpoint on, `workers` left at one per CPU (each with its own SO_REUSEPORT socket per listener); `CUTOVER_LOG=warn` (no per-session line, as the nginx mail module writes none at its default error_log level).\n'
+    if [ "$SCALE" = 1 ]; then
+        # Thousands separators, display names.
+        thousands() { sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|[^0-9]\)/\1,\2\3/' -e 'ta'; }
+        names() {
+            local t out=""
+            for t in "$@"; do
+                case $t in haproxy) t=HAProxy ;; stalwart) t="Stalwart proxy" ;; esac
+                out="$out${out:+, }$t"
+            done
+            echo "${out:-none}"
+        }
+        sizes=$(printf '%s, ' "${SCALE_N[@]}" | thousands); sizes=${sizes%, }
+        printf 'scale_setting\tIdle sessions (%s): each size and kind from a freshly started proxy, configured as for the table above, warmed up with 10 login loops for 0.5 s, VmRSS read, then the sessions logged in and left in `IDLE` (set up 50 at a time), VmRSS read again 2 s later; KiB per session = (after - before) / sessions (1 KiB = 1024 bytes). Sizes asked: %s; measured: %s. Descriptors: %s per process (`ulimit -n`, raised to the hard limit `ulimit -Hn`); a proxy holds 2 per session (its client'"'"'s and its backend'"'"'s) besides its own, the load generator and the fake backend 1 per session each, so a size needs 2 x sessions + %s descriptors in the proxy to be measured.\n' \
+            "$(names "${SCALE_IDLE[@]}")" "$(echo "$SCALE_SESSIONS" | sed 's/,/, /g' | thousands)" "${sizes:-none}" "$(echo "$NOFILE" | thousands)" "$SCALE_FD_SPARE"
+        printf 'scale_setting\tLogin loops (%s): the login workload of the table (connect, [TLS 1.3 full handshake], greeting, `LOGIN`, tagged OK, `LOGOUT`, the server'"'"'s close) at %s concurrent loops, %s s per point, %s run(s) per point, interleaved across the targets, the median reported; p99 from connect to the tagged OK of `LOGIN`. Direct: the fake backend'"'"'s own ports. With 1 loop the rate is 1 / latency; beyond the knee more loops only queue (p99 grows, the rate does not). Every process shares the %s CPUs (the load generator'"'"'s TLS handshakes included).\n' \
+            "$(names "${SCALE_LOGIN[@]}")" "$(echo "$SCALE_LOOPS" | sed 's/,/, /g' | thousands)" "$SCALE_LOGIN_S" "$SCALE_REPS" "$NPROC"
+    fi
 } >"$META"
 
-log "report"
-"$LOAD" report --results "$RESULTS" --meta "$META" --out "$OUT"
-# The fleet and route lookup sections go before the findings (which the report writer
-# keeps across runs), in that order.
-for section_md in "$FLEET_MD" "$LOOKUPS_MD"; do
-    [ -s "$section_md" ] || continue
-    python3 - "$OUT" "$section_md" <<'PY'
+# The sections written apart (scale, fleet, route lookups) are spliced in before the
+# findings (which the report writer keeps across runs); a section of the earlier file
+# that this run did not write (not measured this time, or written by hand, like the soak
+# run) is kept where it was.
+OLD_MD="$WORK/old.md"
+if [ -f "$OUT" ]; then cp "$OUT" "$OLD_MD"; else : >"$OLD_MD"; fi
+if [ "$MAIN" = 1 ]; then
+    log "report"
+    "$LOAD" report --results "$RESULTS" --meta "$META" --out "$OUT"
+elif [ ! -s "$OUT" ]; then
+    printf '# Benchmarks\n' >"$OUT"
+fi
+SCALE_MD="$WORK/scale.md"
+if [ "$SCALE" = 1 ]; then
+    log "scale section and plot ($SCALE_SVG)"
+    mkdir -p "$(dirname "$SCALE_SVG")"
+    if ! "$LOAD" scale-report --results "$RESULTS" --meta "$META" --out "$SCALE_MD" \
+            --svg "$SCALE_SVG" --svg-link "$(realpath -m --relative-to="$(dirname "$OUT")" "$SCALE_SVG")" \
+            --script "$WORK/scale.gp" 2>>"$WORK/scale-report.log"; then
+        warn "cutover-load scale-report failed (see $WORK/scale-report.log)"
+        printf '## Scale\n\nn/a: the scale report failed in this run.\n' >"$SCALE_MD"
+    fi
+fi
+python3 - "$OUT" "$OLD_MD" "$SCALE_MD" "$FLEET_MD" "$LOOKUPS_MD" <<'PY'
 import re, sys
-out, section = sys.argv[1], open(sys.argv[2]).read().rstrip() + "\n\n"
-heading = section.split("\n", 1)[0]
-text = open(out).read()
-text = re.sub(r"\n" + re.escape(heading) + r"\n.*?(?=\n## |\Z)", "\n", text, flags=re.S)
-at = text.find("\n## Findings")
-text = text + "\n" + section if at < 0 else text[:at + 1] + section + text[at + 1:]
-open(out, "w").write(text)
+out, old_path, generated = sys.argv[1], sys.argv[2], sys.argv[3:]
+# The report writer's own sections; everything else between them and the findings is
+# spliced here.
+REPORT = {"Machine and versions", "Settings", "Results", "Targets"}
+
+def split(text):
+    """(sections before the findings as (heading or None, text), the findings to the end)"""
+    at = re.search(r"(?m)^## Findings\b", text)
+    head, findings = (text[:at.start()], text[at.start():]) if at else (text, "")
+    parts = []
+    for p in re.split(r"(?m)^(?=## )", head):
+        if not p.strip():
+            continue
+        h = p.split("\n", 1)[0][3:].strip() if p.startswith("## ") else None
+        parts.append((h, p.rstrip("\n") + "\n\n"))
+    return parts, findings
+
+new_parts, findings = split(open(out).read())
+old_parts, _ = split(open(old_path).read())
+gen = {}
+for g in generated:
+    try:
+        t = open(g).read().strip()
+    except OSError:
+        continue
+    if t.startswith("## "):
+        gen[t.split("\n", 1)[0][3:].strip()] = t + "\n\n"
+body = [t for h, t in new_parts if h is None or h in REPORT]
+old_extra = [h for h, _ in old_parts if h is not None and h not in REPORT]
+old_text = dict(old_parts)
+extra = [gen[h] for h in gen if h not in old_extra]
+extra += [gen.get(h, old_text[h]) for h in old_extra]
+text = "".join(body + extra) + findings
+open(out, "w").write(text.rstrip("\n") + "\n")
 PY
-done
 FAILED=0
 echo "raw results: $RESULTS (kept only with --keep)" >&2

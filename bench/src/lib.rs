@@ -3,7 +3,8 @@
 //! * `cutover-fake-imap` (`src/bin/fake_imap.rs`): a small, fast IMAP backend that accepts
 //!   any login; it is what every proxy under test relays to.
 //! * `cutover-load` (`src/bin/load.rs`): the load generator (modes `login`, `throughput`,
-//!   `idle`, `noop`, `storm`) and the `report` step that turns a run's results into `BENCHMARKS.md`.
+//!   `idle`, `noop`, `storm`) and the `report` and `scale-report` steps that turn a run's
+//!   results into `BENCHMARKS.md` and its `## Scale` section (with a gnuplot plot).
 //! * `benches/preauth.rs`: criterion micro-benchmarks of the sans-IO pre-auth machines.
 //!
 //! `bench/compare.sh` runs all of it against the fake backend directly, HAProxy, nginx's

@@ -4,7 +4,8 @@
 //!
 //! * `login`: `--concurrency` loops of connect, (implicit TLS 1.3, full handshake), greeting,
 //!   `LOGIN`, tagged `OK`, `LOGOUT`, until `--duration`; logins/s, p50/p99 of the login
-//!   latency (connect until the tagged OK of LOGIN), errors.
+//!   latency (connect until the tagged OK of LOGIN), errors. `--rate N` caps the loops
+//!   together at N login starts per second, evenly spaced.
 //! * `throughput`: logged-in sessions that `SELECT` then `FETCH` the server's literal again
 //!   and again (`--pipeline` requests in flight); MB/s (10^6 bytes) of literal data.
 //! * `idle`: `--sessions` logged-in sessions sitting in `IDLE`; reads `VmRSS` of `--pid`
@@ -12,9 +13,12 @@
 //! * `noop`: one session, `NOOP` round trips; p50/p99.
 //! * `storm`: `--sessions` logged-in sessions on `--addr`, each doing `NOOP` round trips
 //!   one at a time while `--storm-concurrency` TLS login loops (as in `login`) run against
-//!   `--tls-addr`; p50/p99/max of the NOOPs, the storm's logins/s, errors.
+//!   `--tls-addr`; p50/p99/max of the NOOPs, the storm's logins/s, errors. `--storm-rate N`
+//!   caps the storm at N TLS logins per second in all, evenly spaced (the concurrency
+//!   stays an upper bound), so that every target can be stormed at the same rate.
 //! * `report`: turns a results file written by `compare.sh` into the table and
-//!   `BENCHMARKS.md`.
+//!   `BENCHMARKS.md`; `scale-report`: the `## Scale` section from the same file, and its
+//!   plot (gnuplot, SVG).
 //!
 //! With `--users-count N` every login (any mode) is a different user, `PREFIX<k>`
 //! (`--users-order`), as `bench/lookups.py` needs for warm and cold lookup caches.
@@ -121,6 +125,9 @@ enum Mode {
         /// Upper bound on login cycles.
         #[arg(long, default_value_t = 5_000_000)]
         max_count: u64,
+        /// Cap on login starts per second, all loops together, evenly spaced (0: none).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
     },
     /// MB/s of FETCH literals.
     Throughput {
@@ -188,15 +195,27 @@ enum Mode {
         /// Upper bound on the storm's login cycles.
         #[arg(long, default_value_t = 5_000_000)]
         max_count: u64,
+        /// Cap on the storm's TLS login starts per second, all its loops together, evenly
+        /// spaced (0: as fast as the loops go). `--storm-concurrency` stays the upper
+        /// bound on logins in flight.
+        #[arg(long, default_value_t = 0.0)]
+        storm_rate: f64,
     },
     /// Writes the table and BENCHMARKS.md from a results file of compare.sh.
     Report(report::ReportArgs),
+    /// Writes the `## Scale` section (and its plot, with gnuplot) from the same results.
+    ScaleReport(report::ScaleArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Mode::Report(a) = &cli.mode {
-        return match report::run(a) {
+    let reported = match &cli.mode {
+        Mode::Report(a) => Some(report::run(a)),
+        Mode::ScaleReport(a) => Some(report::scale(a)),
+        _ => None,
+    };
+    if let Some(r) = reported {
+        return match r {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("report: {e}");
@@ -223,7 +242,8 @@ fn main() -> std::process::ExitCode {
                 concurrency,
                 duration,
                 max_count,
-            } => login(t, concurrency, duration, max_count).await,
+                rate,
+            } => login(t, concurrency, duration, max_count, rate).await,
             Mode::Throughput {
                 t,
                 concurrency,
@@ -246,6 +266,7 @@ fn main() -> std::process::ExitCode {
                 storm_concurrency,
                 duration,
                 max_count,
+                storm_rate,
             } => {
                 storm(
                     t,
@@ -254,10 +275,11 @@ fn main() -> std::process::ExitCode {
                     storm_concurrency,
                     duration,
                     max_count,
+                    storm_rate,
                 )
                 .await
             }
-            Mode::Report(_) => Ok(()),
+            Mode::Report(_) | Mode::ScaleReport(_) => Ok(()),
         }
     });
     match r {
@@ -441,20 +463,51 @@ fn json_f(v: f64) -> String {
     }
 }
 
+/// Evenly spaced start times for a capped rate, shared by every loop: each login takes
+/// the next slot, `1 / rate` after the one before, but never one in the past, so loops
+/// that fell behind (all busy) do not make up for it with a burst.
+struct Pacer {
+    interval: Duration,
+    next: std::sync::Mutex<Instant>,
+}
+
+impl Pacer {
+    /// `None` for no cap (a rate of zero, negative or not a number).
+    fn new(rate: f64) -> Option<Arc<Pacer>> {
+        if !(rate.is_finite() && rate > 0.0) {
+            return None;
+        }
+        Some(Arc::new(Pacer {
+            interval: Duration::from_secs_f64(1.0 / rate),
+            next: std::sync::Mutex::new(Instant::now()),
+        }))
+    }
+
+    /// Takes the next slot: the instant the caller may start its login.
+    fn slot(&self) -> Instant {
+        let now = Instant::now();
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (*next).max(now);
+        *next = slot + self.interval;
+        slot
+    }
+}
+
 /// `concurrency` loops of login cycles (connect, [TLS], greeting, `LOGIN`, tagged OK,
-/// `LOGOUT`, the server's close) until `deadline` or `max_count` cycles in all: the login
-/// latencies in microseconds (connect until the tagged OK of LOGIN; unsorted) and the
-/// errors.
+/// `LOGOUT`, the server's close) until `deadline` or `max_count` cycles in all, each
+/// started at its slot of `pace` if given: the login latencies in microseconds (connect
+/// until the tagged OK of LOGIN; unsorted) and the errors.
 async fn login_loops(
     d: &Arc<Dialer>,
     concurrency: usize,
     deadline: Instant,
     max_count: u64,
+    pace: Option<Arc<Pacer>>,
 ) -> std::io::Result<(Vec<u32>, Errors)> {
     let budget = Arc::new(std::sync::atomic::AtomicU64::new(max_count));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (d, budget) = (d.clone(), budget.clone());
+        let (d, budget, pace) = (d.clone(), budget.clone(), pace.clone());
         tasks.spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(4096);
             let mut errors = Errors::default();
@@ -467,6 +520,13 @@ async fn login_loops(
                     )
                     .is_ok()
             {
+                if let Some(p) = &pace {
+                    let slot = p.slot();
+                    if slot >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep_until(slot.into()).await;
+                }
                 let t0 = Instant::now();
                 let r: Result<(), String> = async {
                     let mut c = d.open(4096).await?;
@@ -503,11 +563,14 @@ async fn login(
     concurrency: usize,
     duration: f64,
     max_count: u64,
+    rate_cap: f64,
 ) -> std::io::Result<()> {
     let d = Dialer::new(t)?;
+    let pace = Pacer::new(rate_cap);
+    let cap = if pace.is_some() { rate_cap } else { f64::NAN };
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(duration);
-    let (mut lat, errors) = login_loops(&d, concurrency, deadline, max_count).await?;
+    let (mut lat, errors) = login_loops(&d, concurrency, deadline, max_count, pace).await?;
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort_unstable();
     let rate = lat.len() as f64 / elapsed;
@@ -523,8 +586,9 @@ async fn login(
     );
     errors.print();
     println!(
-        "{},\"concurrency\":{concurrency},\"ok\":{},\"errors\":{},\"elapsed_s\":{},\"rate\":{},\"p50_ms\":{},\"p99_ms\":{},\"users_taken\":{},\"cpu_ticks\":{}}}",
+        "{},\"concurrency\":{concurrency},\"rate_cap\":{},\"ok\":{},\"errors\":{},\"elapsed_s\":{},\"rate\":{},\"p50_ms\":{},\"p99_ms\":{},\"users_taken\":{},\"cpu_ticks\":{}}}",
         d.t.json_head("login"),
+        json_f(cap),
         lat.len(),
         errors.total,
         json_f(elapsed),
@@ -865,6 +929,7 @@ async fn storm(
     storm_concurrency: usize,
     duration: f64,
     max_count: u64,
+    storm_rate: f64,
 ) -> std::io::Result<()> {
     if t.ca.is_none() {
         return Err(std::io::Error::other("storm: the TLS logins need --ca"));
@@ -900,8 +965,10 @@ async fn storm(
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(duration);
     let _ = go_tx.send(deadline);
+    let pace = Pacer::new(storm_rate);
+    let cap = if pace.is_some() { storm_rate } else { f64::NAN };
     let (mut storm_lat, storm_errors) =
-        login_loops(&ds, storm_concurrency, deadline, max_count).await?;
+        login_loops(&ds, storm_concurrency, deadline, max_count, pace).await?;
     let elapsed = start.elapsed().as_secs_f64();
     let (mut lat, noop_errors, ready) = join().await?;
     lat.sort_unstable();
@@ -912,13 +979,18 @@ async fn storm(
     let (s50, s99) = (percentile(&storm_lat, 50.0), percentile(&storm_lat, 99.0));
     eprintln!(
         "storm {}{} with TLS logins on {tls_addr}: {ready}/{sessions} sessions, {} NOOPs, p50 {p50:.0} us, \
-         p99 {p99:.0} us, max {max:.0} us, {} errors; storm: {} logins in {elapsed:.2}s = {rate:.0}/s, \
+         p99 {p99:.0} us, max {max:.0} us, {} errors; storm: {} logins in {elapsed:.2}s = {rate:.0}/s{}, \
          p50 {:.3} ms, p99 {:.3} ms, {} errors",
         d.t.addr,
         if d.t.tls { " tls" } else { "" },
         lat.len(),
         noop_errors.total,
         storm_lat.len(),
+        if cap.is_finite() {
+            format!(" (cap {cap:.0}/s)")
+        } else {
+            String::new()
+        },
         s50 / 1000.0,
         s99 / 1000.0,
         storm_errors.total
@@ -926,13 +998,14 @@ async fn storm(
     noop_errors.print();
     storm_errors.print();
     println!(
-        "{},\"sessions\":{ready},\"noops\":{},\"noop_p50_us\":{},\"noop_p99_us\":{},\"noop_max_us\":{},\"noop_errors\":{},\"storm_concurrency\":{storm_concurrency},\"storm_logins\":{},\"storm_rate\":{},\"storm_p50_ms\":{},\"storm_p99_ms\":{},\"storm_errors\":{},\"errors\":{},\"elapsed_s\":{},\"cpu_ticks\":{}}}",
+        "{},\"sessions\":{ready},\"noops\":{},\"noop_p50_us\":{},\"noop_p99_us\":{},\"noop_max_us\":{},\"noop_errors\":{},\"storm_concurrency\":{storm_concurrency},\"storm_rate_cap\":{},\"storm_logins\":{},\"storm_rate\":{},\"storm_p50_ms\":{},\"storm_p99_ms\":{},\"storm_errors\":{},\"errors\":{},\"elapsed_s\":{},\"cpu_ticks\":{}}}",
         d.t.json_head("storm"),
         lat.len(),
         json_f(p50),
         json_f(p99),
         json_f(max),
         noop_errors.total,
+        json_f(cap),
         storm_lat.len(),
         json_f(rate),
         json_f(s50 / 1000.0),
@@ -943,4 +1016,26 @@ async fn storm(
         cutover_bench::self_cpu_ticks()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_spaces_the_slots_and_does_not_make_up_for_lost_time() {
+        assert!(Pacer::new(0.0).is_none());
+        assert!(Pacer::new(-5.0).is_none());
+        assert!(Pacer::new(f64::NAN).is_none());
+        let p = Pacer::new(1000.0).expect("a pacer");
+        let (a, b, c) = (p.slot(), p.slot(), p.slot());
+        assert_eq!(b - a, p.interval);
+        assert_eq!(c - b, p.interval);
+        // Behind schedule: the next slot is now, not a burst of past ones.
+        std::thread::sleep(Duration::from_millis(20));
+        let now = Instant::now();
+        let d = p.slot();
+        assert!(d >= now);
+        assert_eq!(p.slot() - d, p.interval);
+    }
 }
