@@ -175,7 +175,7 @@ impl Lookup {
 
 /// rustls needs a process-wide provider for the Redis client's TLS (`rediss://`).
 fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_default_provider();
 }
 
 /// Every lookup of the configuration in force.
