@@ -161,11 +161,6 @@ impl ServerTls {
         self.conn.protocol_version()
     }
 
-    /// The TCP connection underneath.
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
-    }
-
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_send(cx))?;
