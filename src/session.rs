@@ -344,7 +344,11 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, origin: &Origin, summary: &mut 
     let mut sm = new_machine(ctx, peer).await;
     // Boxed: the pre-auth and login futures are large and only needed until login; the
     // session's own future stays small for the hours it may spend relaying.
-    let handoff = Box::pin(preauth(ctx, sm.as_mut(), client, origin, summary)).await;
+    // The hand-off is boxed too: moved from here into the relay, it would otherwise take
+    // its room twice in this future for as long as the session relays.
+    let handoff = Box::pin(preauth(ctx, sm.as_mut(), client, origin, summary))
+        .await
+        .map(Box::new);
     drop(sm);
     if let Some(handoff) = handoff {
         relay_session(ctx, handoff, summary).await;
@@ -357,7 +361,7 @@ async fn serve(ctx: &SessionCtx, tcp: TcpStream, origin: &Origin, summary: &mut 
 #[allow(clippy::manual_async_fn)]
 fn relay_session<'a>(
     ctx: &'a SessionCtx,
-    mut handoff: Handoff<'a>,
+    mut handoff: Box<Handoff<'a>>,
     summary: &'a mut Summary,
 ) -> impl std::future::Future<Output = ()> + Send + 'a {
     // An `async` block, not an `async fn`: the hand-off is not kept twice while relaying.
@@ -371,7 +375,7 @@ fn relay_session<'a>(
             pool,
             kick,
             ..
-        } = &mut handoff;
+        } = &mut *handoff;
         summary.end = SessionEnd::Relayed;
         let pool_metrics = m::handles::pool(pool, ctx.listener.protocol);
         let _sessions = GaugeGuard::new(pool_metrics.sessions_active.clone());
@@ -384,12 +388,12 @@ fn relay_session<'a>(
             return;
         }
         let (extra_down, extra_up) = (backend.leftover.len() as u64, pending.len() as u64);
-        let leftover = std::mem::take(&mut backend.leftover); // not needed while relaying
         let relay_started = Instant::now();
         let mut relay = relay::Relay::new(&mut *client, &mut backend.stream)
             .tracking(relay::tracker(ctx.listener.protocol));
-        relay.already_relayed(&leftover, pending);
-        drop(leftover);
+        relay.already_relayed(&backend.leftover, pending);
+        // Neither is needed while relaying.
+        backend.leftover = Vec::new();
         *pending = Vec::new();
         let end = tokio::select! {
             r = &mut relay => match r {
