@@ -811,8 +811,10 @@ async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(10);
     // This listener's settings in the configuration last seen, shared by its sessions
-    // until a reload brings another.
-    let mut current: Option<(Arc<Snapshot>, Arc<Listener>)> = None;
+    // until a reload brings another. The configuration is held weakly: a quiet listener
+    // does not keep a replaced one alive (and the allocation the `Weak` keeps cannot be
+    // reused for a newer one, so the pointer comparison cannot be fooled).
+    let mut current: Option<(std::sync::Weak<Snapshot>, Arc<Listener>)> = None;
     loop {
         let accepted = tokio::select! {
             r = sock.accept() => r,
@@ -827,7 +829,7 @@ async fn accept_loop(
                 // Its current settings; a listener just removed by a reload (this loop is
                 // about to stop) still serves what it accepted with its last settings.
                 let listener = match &current {
-                    Some((seen, l)) if Arc::ptr_eq(seen, &snap) => l.clone(),
+                    Some((seen, l)) if std::ptr::eq(seen.as_ptr(), Arc::as_ptr(&snap)) => l.clone(),
                     _ => {
                         let l = snap
                             .config
@@ -837,7 +839,7 @@ async fn accept_loop(
                             .cloned()
                             .unwrap_or_else(|| own.clone());
                         let l = Arc::new(l);
-                        current = Some((snap.clone(), l.clone()));
+                        current = Some((Arc::downgrade(&snap), l.clone()));
                         l
                     }
                 };
