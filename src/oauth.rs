@@ -36,10 +36,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use aws_lc_rs::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
-use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use rustls::client::ClientConfig;
 use rustls::pki_types::ServerName;
 use serde::Deserialize;
@@ -1233,8 +1233,8 @@ fn dechunk(data: &[u8]) -> Result<Option<Vec<u8>>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::rand::SystemRandom;
-    use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
     use serde_json::json;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -1270,7 +1270,7 @@ mod tests {
             .decode(b64)
             .unwrap();
         let kp = RsaKeyPair::from_pkcs8(&der).unwrap();
-        let c: RsaPublicKeyComponents<Vec<u8>> = kp.public().into();
+        let c: RsaPublicKeyComponents<Vec<u8>> = kp.public_key().into();
         let jwk = json!({"kty": "RSA", "kid": kid, "use": "sig", "n": enc(&c.n), "e": enc(&c.e)});
         TestKey {
             kid,
@@ -1287,7 +1287,7 @@ mod tests {
             &signature::ECDSA_P256_SHA256_FIXED_SIGNING
         };
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
-        let kp = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let kp = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref()).unwrap();
         let point = kp.public_key().as_ref();
         let half = (point.len() - 1) / 2;
         let jwk = json!({
@@ -1338,7 +1338,7 @@ mod tests {
                     "PS512" => &signature::RSA_PSS_SHA512,
                     _ => &signature::RSA_PKCS1_SHA256,
                 };
-                let mut sig = vec![0; kp.public().modulus_len()];
+                let mut sig = vec![0; kp.public_modulus_len()];
                 kp.sign(pad, &rng, input.as_bytes(), &mut sig).unwrap();
                 sig
             }
@@ -1695,8 +1695,8 @@ mod tests {
         let header = enc(br#"{"alg":"HS256","kid":"r"}"#);
         let input = format!("{header}.{payload}");
         let n = B64.decode(r.jwk["n"].as_str().unwrap()).unwrap();
-        let tag = ring::hmac::sign(
-            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &n),
+        let tag = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &n),
             input.as_bytes(),
         );
         let hs = format!("{input}.{}", enc(tag.as_ref()));
@@ -2298,7 +2298,7 @@ mod tests {
         let certs = crate::tls::load_certs(&dir.join("proxy.pem")).unwrap();
         let key = PrivateKeyDer::from_pem_file(dir.join("proxy-key.pem")).unwrap();
         let server_cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()

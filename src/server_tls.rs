@@ -456,7 +456,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        crate::tls::provider()
     }
 
     fn server_config() -> Arc<ServerConfig> {

@@ -1,17 +1,17 @@
 //! TLS, both ways: the server side for clients (certificates chosen by SNI) and the client
 //! side for backends (verified against a pool's `ca` or the system roots, failing closed).
 //!
-//! The crypto provider is rustls' `ring` (or aws-lc-rs with the `aws-lc-rs` feature); every
+//! The crypto provider ([`provider`]) is rustls' ring with aws-lc-rs' key exchanges; every
 //! config is built explicitly with it, so no process-wide default has to be installed.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::client::ClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::server::{ClientHello, ProducesTickets, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 
@@ -37,20 +37,45 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// The crypto provider of every TLS config: ring, or aws-lc-rs when built with the
-/// `aws-lc-rs` feature.
+/// The crypto provider of every TLS config: ring, with aws-lc-rs' key exchanges.
+///
+/// Measured per TLS 1.3 server handshake with an ECDSA P-256 certificate
+/// (`cargo bench -p cutover-bench --bench handshake`, BENCHMARKS.md "Crypto provider"):
+/// ring alone spends 68 µs of its 118 on the X25519 exchange (portable 64-bit code);
+/// aws-lc's X25519 is ADX/BMI2 assembly and takes 37, but aws-lc-rs' key schedule and
+/// record keys cost more than ring's (95 µs in all) and its AES-GCM keys hold ~250 bytes
+/// more per idle session. Taking the key exchanges from aws-lc-rs and the rest from ring
+/// gives 87 µs and ring's memory. aws-lc-rs' list also puts the post-quantum
+/// X25519MLKEM768 hybrid first for clients that offer it.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(default_provider())
+    Arc::new(base_provider())
 }
 
-#[cfg(not(feature = "aws-lc-rs"))]
-fn default_provider() -> rustls::crypto::CryptoProvider {
-    rustls::crypto::ring::default_provider()
+/// [`provider`], unwrapped.
+pub fn base_provider() -> rustls::crypto::CryptoProvider {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.kx_groups = rustls::crypto::aws_lc_rs::default_provider().kx_groups;
+    p
 }
 
-#[cfg(feature = "aws-lc-rs")]
-fn default_provider() -> rustls::crypto::CryptoProvider {
-    rustls::crypto::aws_lc_rs::default_provider()
+/// Session tickets sent after a TLS 1.3 handshake, unless the client asks for more.
+pub const TICKETS_PER_HANDSHAKE: usize = 1;
+
+/// The most tickets a client may ask for (RFC 9149 `ticket_request`).
+pub const MAX_TICKETS_PER_HANDSHAKE: usize = 4;
+
+/// The process's session-ticket keys: stateless tickets, encrypted under keys that
+/// rotate every six hours, shared by every worker and kept across reloads. A client that
+/// reconnects resumes on any worker, a handshake takes no shared lock and the proxy keeps
+/// no per-session state (rustls' default is a 256-entry cache behind one mutex, which a
+/// few hundred logins a second turn over before any client comes back).
+fn ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
+    static TICKETER: OnceLock<Arc<dyn ProducesTickets>> = OnceLock::new();
+    if let Some(t) = TICKETER.get() {
+        return Ok(t.clone());
+    }
+    let made = rustls::crypto::ring::Ticketer::new()?;
+    Ok(TICKETER.get_or_init(|| made).clone())
 }
 
 /// The provider for client connections: the same suites, AES-128-GCM with SHA-256 first.
@@ -65,7 +90,7 @@ fn server_provider() -> rustls::crypto::CryptoProvider {
         TLS13_AES_128_GCM_SHA256, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
         TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
     };
-    let mut p = default_provider();
+    let mut p = base_provider();
     let first = [
         TLS13_AES_128_GCM_SHA256,
         TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
@@ -79,7 +104,7 @@ fn server_provider() -> rustls::crypto::CryptoProvider {
 /// Makes this build's provider the process-wide default (for libraries that build their
 /// own TLS configs from it, like redis' client). A default already set stays.
 pub fn install_default_provider() {
-    let _ = default_provider().install_default();
+    let _ = base_provider().install_default();
 }
 
 /// Reads a PEM certificate chain.
@@ -172,6 +197,9 @@ pub fn server_config(files: &[CertFiles]) -> Result<Arc<ServerConfig>, TlsError>
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     cfg.ignore_client_order = true;
+    cfg.ticketer = ticketer()?;
+    cfg.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
+    cfg.max_tls13_tickets = MAX_TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(cfg))
 }
 
@@ -342,7 +370,7 @@ mod tests {
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
         );
         let mut ours: Vec<_> = p.cipher_suites.iter().map(|s| s.suite()).collect();
-        let mut all: Vec<_> = default_provider()
+        let mut all: Vec<_> = base_provider()
             .cipher_suites
             .iter()
             .map(|s| s.suite())
@@ -372,5 +400,96 @@ mod tests {
             "{t}"
         );
         assert_eq!(der_not_after(b"\x30\x03\x02\x01"), None);
+    }
+
+    use rustls::client::{ClientSessionMemoryCache, ClientSessionStore};
+    use rustls::client::{Tls12ClientSessionValue, Tls13ClientSessionValue};
+    use rustls::NamedGroup;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A client's session cache that counts the tickets it is given.
+    #[derive(Debug)]
+    struct CountingStore {
+        inner: ClientSessionMemoryCache,
+        tickets: AtomicUsize,
+    }
+
+    impl ClientSessionStore for CountingStore {
+        fn set_kx_hint(&self, name: ServerName<'static>, group: NamedGroup) {
+            self.inner.set_kx_hint(name, group)
+        }
+        fn kx_hint(&self, name: &ServerName<'_>) -> Option<NamedGroup> {
+            self.inner.kx_hint(name)
+        }
+        fn set_tls12_session(&self, name: ServerName<'static>, v: Tls12ClientSessionValue) {
+            self.inner.set_tls12_session(name, v)
+        }
+        fn tls12_session(&self, name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+            self.inner.tls12_session(name)
+        }
+        fn remove_tls12_session(&self, name: &ServerName<'static>) {
+            self.inner.remove_tls12_session(name)
+        }
+        fn insert_tls13_ticket(&self, name: ServerName<'static>, v: Tls13ClientSessionValue) {
+            self.tickets.fetch_add(1, Ordering::SeqCst);
+            self.inner.insert_tls13_ticket(name, v)
+        }
+        fn take_tls13_ticket(&self, name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(name)
+        }
+    }
+
+    /// Runs one in-memory handshake; returns how it went for the client.
+    fn handshake(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> rustls::HandshakeKind {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets().unwrap();
+            }
+            let mut wire = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets().unwrap();
+            }
+            if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write() {
+                break;
+            }
+        }
+        c.handshake_kind().unwrap()
+    }
+
+    #[test]
+    fn one_ticket_per_handshake_and_it_resumes_after_a_reload() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+        let files = [CertFiles {
+            cert: dir.join("proxy.pem"),
+            key: dir.join("proxy-key.pem"),
+        }];
+        let before = server_config(&files).unwrap();
+        // A reload builds a new config: the ticket keys are the process's, not the config's.
+        let after = server_config(&files).unwrap();
+        let store = Arc::new(CountingStore {
+            inner: ClientSessionMemoryCache::new(8),
+            tickets: AtomicUsize::new(0),
+        });
+        let mut client = (*client_config(Some(&dir.join("ca.pem"))).unwrap()).clone();
+        client.resumption = rustls::client::Resumption::store(store.clone());
+        let client = Arc::new(client);
+
+        assert_eq!(handshake(&before, &client), rustls::HandshakeKind::Full);
+        assert_eq!(store.tickets.load(Ordering::SeqCst), TICKETS_PER_HANDSHAKE);
+        assert_eq!(handshake(&after, &client), rustls::HandshakeKind::Resumed);
     }
 }

@@ -4,10 +4,10 @@
 //! refused before any backend sees them, and a pop-before-smtp pool refuses tokens.
 mod common;
 
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use common::*;
-use ring::signature::{Ed25519KeyPair, KeyPair};
 
 /// An IMAP backend that takes any OAuth message and logs in, and records the lines.
 async fn oauth_backend(name: &'static str) -> Scripted {
@@ -126,7 +126,7 @@ struct Issuer {
 
 impl Issuer {
     fn new() -> Issuer {
-        let rng = ring::rand::SystemRandom::new();
+        let rng = aws_lc_rs::rand::SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
         let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
         let dir = TempDir::new("oauth");
