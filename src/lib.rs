@@ -78,4 +78,5 @@ pub mod snapshot;
 pub mod stream;
 pub mod systemd;
 pub mod tls;
+pub mod tls_records;
 pub mod upgrade;

@@ -23,6 +23,8 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedS
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::tls_records::{self, Opened, Records};
+
 /// The largest TLS record on the wire: 16 KiB of payload, the header and the largest
 /// expansion TLS 1.2 allows (TLS 1.3 needs less).
 const MAX_RECORD: usize = 5 + 16384 + 2048;
@@ -38,10 +40,20 @@ thread_local! {
     static WRITE_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Who protects the records.
+enum Conn {
+    /// rustls: the handshake, and TLS 1.2 sessions after it.
+    Rustls(Box<UnbufferedServerConnection>),
+    /// TLS 1.3 after the handshake (`tls_records`): keys and sequence numbers only.
+    Records(Box<Records>),
+    /// Lost while changing hands (cannot happen with a config `tls_records::enable`d).
+    Gone,
+}
+
 /// A TLS connection with a client, after its handshake.
 pub struct ServerTls {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
+    conn: Conn,
     /// TLS bytes received and not processed yet (a partial record). Empty while idle.
     incoming: Vec<u8>,
     /// Encrypted bytes the socket has not taken yet, and how many of them it has.
@@ -143,7 +155,7 @@ impl ServerTls {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         let mut tls = ServerTls {
             tcp,
-            conn,
+            conn: Conn::Rustls(Box::new(conn)),
             incoming: Vec::new(),
             outgoing: Vec::new(),
             sent: 0,
@@ -153,12 +165,46 @@ impl ServerTls {
             close_queued: false,
         };
         std::future::poll_fn(|cx| tls.poll_handshake(cx)).await?;
+        tls.hand_over()?;
         Ok(tls)
+    }
+
+    /// Hands a TLS 1.3 connection's records from rustls to [`Records`].
+    fn hand_over(&mut self) -> io::Result<()> {
+        let Conn::Rustls(conn) = &self.conn else {
+            return Ok(());
+        };
+        if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
+            || !self.outgoing.is_empty()
+        {
+            return Ok(());
+        }
+        let Conn::Rustls(conn) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            return Ok(());
+        };
+        let (extracted, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
+        let records = Records::new(extracted, kernel).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "TLS 1.3 record keys unusable")
+        })?;
+        self.conn = Conn::Records(Box::new(records));
+        Ok(())
     }
 
     /// The negotiated protocol version.
     pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
-        self.conn.protocol_version()
+        match &self.conn {
+            Conn::Rustls(conn) => conn.protocol_version(),
+            Conn::Records(_) => Some(rustls::ProtocolVersion::TLSv1_3),
+            Conn::Gone => None,
+        }
+    }
+
+    /// The rustls connection, while it has the records.
+    fn rustls(&mut self) -> io::Result<&mut UnbufferedServerConnection> {
+        match &mut self.conn {
+            Conn::Rustls(conn) => Ok(conn),
+            _ => Err(io::ErrorKind::BrokenPipe.into()),
+        }
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -172,7 +218,7 @@ impl ServerTls {
             match processed {
                 // TLS 1.3 lets the server send before the client's Finished: the
                 // handshake is over when that has arrived.
-                Processed::Traffic if self.conn.is_handshaking() => {}
+                Processed::Traffic if self.rustls()?.is_handshaking() => {}
                 Processed::Traffic => {
                     // Tickets and anything else queued after the handshake go out first.
                     if self.outgoing.is_empty() {
@@ -217,10 +263,22 @@ impl ServerTls {
         input: &mut [u8],
         mut into: Option<&mut ReadBuf<'_>>,
     ) -> io::Result<(Processed, usize)> {
+        let conn = match &mut self.conn {
+            Conn::Rustls(conn) => conn,
+            Conn::Records(records) => {
+                return open_records(
+                    records,
+                    input,
+                    into,
+                    &mut self.plaintext,
+                    &mut self.outgoing,
+                )
+            }
+            Conn::Gone => return Err(io::ErrorKind::BrokenPipe.into()),
+        };
         let mut start = 0;
         loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut input[start..]);
+            let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut input[start..]);
             let state = state.map_err(tls_error)?;
             let step = match state {
                 ConnectionState::BlockedHandshake => Some(Processed::NeedInput),
@@ -281,38 +339,19 @@ impl ServerTls {
         let data = &data[..data.len().min(MAX_WRITE)];
         WRITE_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let mut empty: [u8; 0] = [];
-            let written = loop {
-                let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut empty);
-                match state.map_err(tls_error)? {
-                    ConnectionState::WriteTraffic(mut traffic) => {
-                        if self.close_queued {
-                            return Err(io::ErrorKind::BrokenPipe.into());
-                        }
-                        break loop {
-                            match traffic.encrypt(data, &mut scratch[..]) {
-                                Ok(n) => break n,
-                                Err(EncryptError::InsufficientSize(s)) => {
-                                    scratch.resize(s.required_size, 0)
-                                }
-                                Err(e) => {
-                                    return Err(io::Error::new(io::ErrorKind::InvalidData, e))
-                                }
-                            }
-                        };
+            let written = match &mut self.conn {
+                Conn::Records(records) => {
+                    if self.close_queued {
+                        return Err(io::ErrorKind::BrokenPipe.into());
                     }
-                    ConnectionState::PeerClosed => self.read_closed = true,
-                    ConnectionState::Closed | ConnectionState::BlockedHandshake => {
-                        return Err(io::ErrorKind::BrokenPipe.into())
-                    }
-                    // Post-handshake messages (a key update's answer, tickets) are queued
-                    // first.
-                    other => Kept {
-                        outgoing: &mut self.outgoing,
-                        plaintext: &mut self.plaintext,
-                    }
-                    .take(other, None)?,
+                    scratch.clear();
+                    records
+                        .seal(data, &mut scratch)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    scratch.len()
                 }
+                Conn::Rustls(_) => self.encrypt_rustls(data, &mut scratch)?,
+                Conn::Gone => return Err(io::ErrorKind::BrokenPipe.into()),
             };
             // Whatever is queued goes before this record.
             let mut off = 0;
@@ -332,6 +371,44 @@ impl ServerTls {
             }
             Ok(data.len())
         })
+    }
+
+    /// Encrypts `data` with rustls into `scratch`; returns the bytes written there.
+    fn encrypt_rustls(&mut self, data: &[u8], scratch: &mut Vec<u8>) -> io::Result<usize> {
+        let mut empty: [u8; 0] = [];
+        loop {
+            let Conn::Rustls(conn) = &mut self.conn else {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            };
+            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut empty);
+            match state.map_err(tls_error)? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    if self.close_queued {
+                        return Err(io::ErrorKind::BrokenPipe.into());
+                    }
+                    return loop {
+                        match traffic.encrypt(data, &mut scratch[..]) {
+                            Ok(n) => break Ok(n),
+                            Err(EncryptError::InsufficientSize(s)) => {
+                                scratch.resize(s.required_size, 0)
+                            }
+                            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                        }
+                    };
+                }
+                ConnectionState::PeerClosed => self.read_closed = true,
+                ConnectionState::Closed | ConnectionState::BlockedHandshake => {
+                    return Err(io::ErrorKind::BrokenPipe.into())
+                }
+                // Post-handshake messages (a key update's answer, tickets) are queued
+                // first.
+                other => Kept {
+                    outgoing: &mut self.outgoing,
+                    plaintext: &mut self.plaintext,
+                }
+                .take(other, None)?,
+            }
+        }
     }
 
     /// Reads from the socket into the scratch buffer (behind any partial record kept),
@@ -368,6 +445,44 @@ impl ServerTls {
             }
             Poll::Ready(Ok(()))
         })
+    }
+}
+
+/// Opens the complete records at the front of `input` with [`Records`]: application data
+/// goes to `into` as far as it has room, then to `plaintext`. A refused record queues its
+/// alert in `outgoing` and fails the read.
+fn open_records(
+    records: &mut Records,
+    input: &mut [u8],
+    mut into: Option<&mut ReadBuf<'_>>,
+    plaintext: &mut Vec<u8>,
+    outgoing: &mut Vec<u8>,
+) -> io::Result<(Processed, usize)> {
+    let mut start = 0;
+    loop {
+        match records.open(&mut input[start..]) {
+            Ok(None) => return Ok((Processed::NeedInput, start)),
+            Ok(Some((Opened::Data(range), wire))) => {
+                let mut payload = &input[start + range.start..start + range.end];
+                if let Some(buf) = into.as_deref_mut() {
+                    let n = payload.len().min(buf.remaining());
+                    buf.put_slice(&payload[..n]);
+                    payload = &payload[n..];
+                }
+                plaintext.extend_from_slice(payload);
+                start += wire;
+            }
+            Ok(Some((Opened::CloseNotify, wire))) => {
+                return Ok((Processed::PeerClosed, start + wire))
+            }
+            Ok(Some((Opened::Nothing, wire))) => start += wire,
+            Err(e) => {
+                if let Some(alert) = e.alert {
+                    let _ = records.seal_alert(alert, outgoing);
+                }
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
     }
 }
 
@@ -422,7 +537,15 @@ impl AsyncWrite for ServerTls {
             ready!(this.poll_send(cx))?;
             let mut empty: [u8; 0] = [];
             loop {
-                let UnbufferedStatus { state, .. } = this.conn.process_tls_records(&mut empty);
+                let conn = match &mut this.conn {
+                    Conn::Rustls(conn) => conn,
+                    Conn::Records(records) => {
+                        let _ = records.seal_alert(tls_records::CLOSE_NOTIFY, &mut this.outgoing);
+                        break;
+                    }
+                    Conn::Gone => break,
+                };
+                let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut empty);
                 match state {
                     Ok(ConnectionState::WriteTraffic(mut traffic)) => {
                         let mut alert = [0u8; 64];
@@ -476,6 +599,7 @@ mod tests {
             .with_single_cert(certs, key)
             .unwrap();
         let mut cfg = cfg;
+        crate::tls_records::enable(&mut cfg);
         change(&mut cfg);
         Arc::new(cfg)
     }
@@ -527,6 +651,12 @@ mod tests {
         ] {
             let (mut server, mut client) = pair(versions).await;
             assert_eq!(server.protocol_version(), Some(versions[0].version));
+            // TLS 1.3 records are ours after the handshake; TLS 1.2 stays with rustls.
+            let ours = matches!(server.conn, Conn::Records(_));
+            assert_eq!(
+                ours,
+                versions[0].version == rustls::ProtocolVersion::TLSv1_3
+            );
             client.write_all(b"a1 NOOP\r\n").await.unwrap();
             client.flush().await.unwrap();
             let mut line = [0u8; 9];
@@ -608,5 +738,122 @@ mod tests {
         let (tcp, _) = listener.accept().await.unwrap();
         assert!(ServerTls::accept(server_cfg, tcp).await.is_err());
         client.await.unwrap();
+    }
+
+    /// A client that offers only `suite`.
+    async fn pair_with_suite(
+        suite: rustls::SupportedCipherSuite,
+    ) -> (ServerTls, tokio_rustls::client::TlsStream<TcpStream>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut p = (*provider()).clone();
+        p.cipher_suites = vec![suite];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in crate::tls::load_certs(&dir.join("ca.pem")).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(p))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp).await.unwrap()
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let server = ServerTls::accept(server_config(), tcp).await.unwrap();
+        (server, client.await.unwrap())
+    }
+
+    /// Sends `n` bytes each way and checks them.
+    async fn exchange(
+        server: &mut ServerTls,
+        client: &mut tokio_rustls::client::TlsStream<TcpStream>,
+        n: usize,
+    ) {
+        let down: Vec<u8> = (0..n).map(|i| (i % 253) as u8).collect();
+        let up: Vec<u8> = (0..n).map(|i| (i % 241) as u8).collect();
+        let (r, ()) = tokio::join!(
+            async {
+                server.write_all(&down).await.unwrap();
+                server.flush().await.unwrap();
+                let mut got = vec![0u8; n];
+                server.read_exact(&mut got).await.unwrap();
+                got
+            },
+            async {
+                let mut got = vec![0u8; n];
+                client.read_exact(&mut got).await.unwrap();
+                assert!(got == down, "server -> client bytes differ");
+                client.write_all(&up).await.unwrap();
+                client.flush().await.unwrap();
+            }
+        );
+        assert!(r == up, "client -> server bytes differ");
+    }
+
+    #[tokio::test]
+    async fn every_tls13_suite_and_key_updates_both_ways() {
+        let suites = provider().cipher_suites.clone();
+        let tls13: Vec<_> = suites.into_iter().filter(|s| s.tls13().is_some()).collect();
+        assert_eq!(tls13.len(), 3);
+        for suite in tls13 {
+            let (mut server, mut client) = pair_with_suite(suite).await;
+            assert!(matches!(server.conn, Conn::Records(_)), "{suite:?}");
+            exchange(&mut server, &mut client, 70_000).await;
+            // We update our keys and ask the client to update its own: it must read our
+            // next records with its next keys, and we must read its.
+            for _ in 0..3 {
+                let Conn::Records(records) = &mut server.conn else {
+                    unreachable!()
+                };
+                records.request_key_update(&mut server.outgoing).unwrap();
+                exchange(&mut server, &mut client, 20_000).await;
+            }
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        }
+    }
+
+    /// Writes `bytes` on the client's TCP socket under its TLS and returns how the server's
+    /// read ended and what the client read after it.
+    async fn server_reads_raw(bytes: &[u8]) -> (io::Error, String) {
+        let (mut server, mut client) = pair(&[&rustls::version::TLS13]).await;
+        assert!(matches!(server.conn, Conn::Records(_)));
+        client.get_mut().0.write_all(bytes).await.unwrap();
+        let mut buf = [0u8; 64];
+        let err = server.read(&mut buf).await.unwrap_err();
+        let _ = server.flush().await;
+        drop(server);
+        let seen = match client.read(&mut buf).await {
+            Ok(n) => format!("read {n}"),
+            Err(e) => e.to_string(),
+        };
+        (err, seen)
+    }
+
+    #[tokio::test]
+    async fn bad_records_after_the_handshake_fail_with_the_right_alert() {
+        // A record that does not authenticate.
+        let mut forged = vec![23, 3, 3, 0, 40];
+        forged.extend([7u8; 40]);
+        let (err, seen) = server_reads_raw(&forged).await;
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("authenticate"), "{err}");
+        assert!(seen.contains("BadRecordMac"), "{seen}");
+        // A record longer than TLS 1.3 allows.
+        let (err, seen) = server_reads_raw(&[23, 3, 3, 0x48, 0x01]).await;
+        assert!(err.to_string().contains("too long"), "{err}");
+        assert!(seen.contains("RecordOverflow"), "{seen}");
+        // An unprotected alert after the handshake.
+        let (err, seen) = server_reads_raw(&[21, 3, 3, 0, 2, 2, 40]).await;
+        assert!(err.to_string().contains("unprotected"), "{err}");
+        assert!(seen.contains("UnexpectedMessage"), "{seen}");
     }
 }

@@ -200,6 +200,7 @@ pub fn server_config(files: &[CertFiles]) -> Result<Arc<ServerConfig>, TlsError>
     cfg.ticketer = ticketer()?;
     cfg.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     cfg.max_tls13_tickets = MAX_TICKETS_PER_HANDSHAKE;
+    crate::tls_records::enable(&mut cfg);
     Ok(Arc::new(cfg))
 }
 
