@@ -5,8 +5,9 @@
 //! (section 4.6.3) and say `close_notify`. rustls' connection object keeps ~2 KiB for
 //! that (its state machine, the handshake's fragment table, its record layer) next to the
 //! AEAD keys: most of what an idle TLS session costs. [`Records`] keeps the keys, the
-//! nonces' static parts, the sequence numbers and the traffic secrets (for key updates),
-//! nothing else: it is what the kernel's kTLS does, in user space.
+//! nonces' static parts, the sequence numbers and rustls' key schedule (for key updates),
+//! nothing else: it is what the kernel's kTLS does, in user space (this machine's kernel
+//! has no `tls` module; where one is loaded, kTLS would be the next step).
 //!
 //! Sans-IO: [`Records::seal`] appends records to a buffer, [`Records::open`] decrypts one
 //! record in place. rustls hands over through its kernel-connection API (the one meant
