@@ -14,7 +14,7 @@ const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (commit ",
     env!("CUTOVER_GIT_COMMIT"),
-    "; TLS: rustls 0.23 with the aws-lc-rs provider)"
+    "; TLS: rustls 0.23 with ring, key exchange from aws-lc-rs)"
 );
 
 #[derive(Parser)]
