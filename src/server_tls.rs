@@ -11,6 +11,11 @@
 //! `close_notify`, and also at a TCP close without one (the relay's own end of the session
 //! tells truncation apart where it matters: a half-written command reaches the backend as
 //! such). A client that keeps sending after its `close_notify` is not read any further.
+//!
+//! Once a TLS 1.3 handshake is done, rustls hands the records over to
+//! [`crate::tls_records::Records`] (keys, sequence numbers and what key updates need), and
+//! the rustls connection object is dropped: an idle TLS 1.3 session keeps only that. TLS
+//! 1.2 sessions stay with rustls.
 
 use std::cell::RefCell;
 use std::io;
