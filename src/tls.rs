@@ -40,7 +40,7 @@ pub enum TlsError {
 /// The crypto provider of every TLS config: ring, with aws-lc-rs' key exchanges.
 ///
 /// Measured per TLS 1.3 server handshake with an ECDSA P-256 certificate
-/// (`cargo bench -p cutover-bench --bench handshake`, BENCHMARKS.md "Crypto provider"):
+/// (`cargo bench -p cutover-bench --bench handshake`; BENCHMARKS.md, R3):
 /// ring alone spends 68 µs of its 118 on the X25519 exchange (portable 64-bit code);
 /// aws-lc's X25519 is ADX/BMI2 assembly and takes 37, but aws-lc-rs' key schedule and
 /// record keys cost more than ring's (95 µs in all) and its AES-GCM keys hold ~250 bytes
@@ -52,7 +52,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// [`provider`], unwrapped.
-pub fn base_provider() -> rustls::crypto::CryptoProvider {
+fn base_provider() -> rustls::crypto::CryptoProvider {
     let mut p = rustls::crypto::ring::default_provider();
     p.kx_groups = rustls::crypto::aws_lc_rs::default_provider().kx_groups;
     p
