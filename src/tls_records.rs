@@ -110,6 +110,15 @@ fn direction(secrets: ConnectionTrafficSecrets, seq: u64) -> Option<Direction> {
     })
 }
 
+/// One direction's keys after a key update.
+fn rekeyed(
+    update: Result<(u64, ConnectionTrafficSecrets), rustls::Error>,
+) -> Result<Direction, RecordError> {
+    let failed = || refuse(UNEXPECTED_MESSAGE, "key update failed");
+    let (seq, secrets) = update.map_err(|_| failed())?;
+    direction(secrets, seq).ok_or_else(failed)
+}
+
 /// The record layer of one TLS 1.3 connection, the server's side.
 pub struct Records {
     /// What rustls keeps to derive the next keys.
@@ -171,20 +180,14 @@ impl Records {
         Ok(())
     }
 
+    /// Our next keys (rustls' key schedule derives them).
     fn next_tx(&mut self) -> Result<Direction, RecordError> {
-        let (seq, secrets) = self
-            .kernel
-            .update_tx_secret()
-            .map_err(|_| refuse(UNEXPECTED_MESSAGE, "key update failed"))?;
-        direction(secrets, seq).ok_or(refuse(UNEXPECTED_MESSAGE, "key update failed"))
+        rekeyed(self.kernel.update_tx_secret())
     }
 
+    /// The peer's next keys.
     fn next_rx(&mut self) -> Result<Direction, RecordError> {
-        let (seq, secrets) = self
-            .kernel
-            .update_rx_secret()
-            .map_err(|_| refuse(UNEXPECTED_MESSAGE, "key update failed"))?;
-        direction(secrets, seq).ok_or(refuse(UNEXPECTED_MESSAGE, "key update failed"))
+        rekeyed(self.kernel.update_rx_secret())
     }
 
     fn seal_record(
