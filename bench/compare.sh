@@ -206,7 +206,8 @@ fi
 CUTOVER="${CUTOVER_BIN:-$ROOT/target/release/cutover}"
 FAKE="$ROOT/target/release/cutover-fake-imap"
 LOAD="$ROOT/target/release/cutover-load"
-for b in "$CUTOVER" "$FAKE" "$LOAD"; do
+FLOOR_RELAY="$ROOT/target/release/cutover-floor-relay"
+for b in "$CUTOVER" "$FAKE" "$LOAD" "$FLOOR_RELAY"; do
     [ -x "$b" ] || { echo "missing binary: $b" >&2; exit 1; }
 done
 
@@ -404,6 +405,7 @@ HAPROXY=127.0.0.3
 NGINX=127.0.0.4
 CUT=127.0.0.5
 STAL=127.0.0.6
+FLOOR=127.0.0.7
 PLAIN=10143
 TLSP=10993
 AUTHP=10080
@@ -546,6 +548,7 @@ EOF
 
 # --- start everything --------------------------------------------------------------------
 log "starting the fake backend and the proxies"
+declare -A PID
 FAKE_STYLE=()
 [ "$STYLE" = legacy ] && FAKE_STYLE=(--legacy)
 start fake "${LOAD_CPU[@]}" "$FAKE" --listen "$BACKEND:$PLAIN" --tls-listen "$BACKEND:$TLSP" \
@@ -553,8 +556,11 @@ start fake "${LOAD_CPU[@]}" "$FAKE" --listen "$BACKEND:$PLAIN" --tls-listen "$BA
 FAKEPID=$LASTPID
 wait_port $BACKEND $PLAIN
 wait_port $BACKEND $TLSP
+# The floor of a relayed round trip (NOOP rows): a blocking two-thread relay.
+start floor "${PROXY_CPU[@]}" "$FLOOR_RELAY" --listen "$FLOOR:$PLAIN" --to "$BACKEND:$PLAIN"
+PID[floor]=$LASTPID
+wait_port $FLOOR $PLAIN
 
-declare -A PID
 # start_proxy NAME: fails (status 1) if the proxy does not listen on both ports.
 start_proxy() {
     case $1 in
@@ -589,7 +595,7 @@ rss_pids() {
 addr_of() {
     case $1 in
         direct) echo $BACKEND ;; haproxy) echo $HAPROXY ;; nginx) echo $NGINX ;;
-        cutover) echo $CUT ;; stalwart) echo $STAL ;;
+        cutover) echo $CUT ;; stalwart) echo $STAL ;; floor) echo $FLOOR ;;
     esac
 }
 
@@ -659,7 +665,7 @@ server_pids() {
 our_pids() {
     local t
     echo "$FAKEPID"
-    for t in haproxy nginx cutover stalwart; do [ -n "${PID[$t]:-}" ] && server_pids "$t"; done
+    for t in haproxy nginx cutover stalwart floor; do [ -n "${PID[$t]:-}" ] && server_pids "$t"; done
 }
 
 # Other engineers' builds or fuzzers on the same machine skew every figure: before each
@@ -719,6 +725,11 @@ load() {
 }
 # per_op TICKS COUNT: microseconds of CPU per operation.
 per_op() { awk -v t="$1" -v n="$2" -v c="$CLK" 'BEGIN{ if (n > 0 && t != "") printf "%.1f", t * 1e6 / c / n }'; }
+
+# noop_cpu JSON: the server's CPU per NOOP round trip (warm-up included: it ran too).
+noop_cpu() {
+    per_op "$(echo "$1" | json server_cpu_ticks)" "$(echo "$1" | json count | awk -v w=500 '{print $1 + w}')"
+}
 
 tls_args() { echo "--tls --ca $CA --addr $(addr_of "$1"):$TLSP"; }
 plain_args() { echo "--addr $(addr_of "$1"):$PLAIN"; }
@@ -883,7 +894,18 @@ if [ "$MAIN" = 1 ]; then
         echo "$out" >&2
         record "$t" noop_p50_us "$(echo "$out" | json p50_us)"
         record "$t" noop_p99_us "$(echo "$out" | json p99_us)"
+        record "$t" noop_cpu_us "$(noop_cpu "$out")"
     done
+        # The floor relay, in every repetition next to the others: its figures go in the
+        # "direct" column (they describe the machine, not a proxy).
+        log "NOOP round trip: the floor relay (run $rep/$REPS)"
+        wait_quiet
+        # shellcheck disable=SC2046
+        out=$(load floor noop $(plain_args floor) --count $NOOP_N --duration 20)
+        echo "$out" >&2
+        record direct noop_floor_p50_us "$(echo "$out" | json p50_us)"
+        record direct noop_floor_p99_us "$(echo "$out" | json p99_us)"
+        record direct noop_floor_cpu_us "$(noop_cpu "$out")"
     done
 
     # Login storm: NOOPs of established plaintext sessions while TLS logins run flat out
@@ -1080,7 +1102,7 @@ META="$WORK/meta.tsv"
     printf 'setting\tLogins: %s concurrent loops of connect, [TLS], greeting, `LOGIN`, tagged OK, `LOGOUT`, wait for the server to close; %s s per run, %s run(s) per target interleaved across targets, the median reported. Latency: from connect to the tagged OK of LOGIN. Unloaded latency: one loop for %s s; it, FETCH and NOOP are also run %s time(s) per target, interleaved, the median reported.\n' $CONC $LOGIN_S $REPS $UNLOADED_S $REPS
     printf 'setting\tFETCH: one logged-in session, `SELECT`, then `FETCH 1 BODY[]` with 2 in flight, each answered with a 1 MiB (1,048,576-byte) literal, for %s s; MB/s counts literal bytes (10^6 bytes per MB).\n' $FETCH_S
     printf 'setting\tIdle memory: each proxy restarted, warmed up with 10 login loops for 0.5 s, VmRSS read (nginx: sum of its worker processes; the others are one process each), then %s sessions logged in and left in `IDLE` (set up 50 at a time), VmRSS read again 2 s later; (after - before) / sessions. KiB = 1024 bytes.\n' $IDLE_N
-    printf 'setting\tNOOP: one logged-in session, 500 round trips of warm-up, then %s, one at a time.\n' $NOOP_N
+    printf 'setting\tNOOP: one logged-in session, 500 round trips of warm-up, then %s, one at a time. "server CPU per round trip": user+system time of the server (the fake backend for direct, else the proxy) over the run, warm-up included, per round trip. The floor ("direct" column, rows "through the floor relay"): the same run through `cutover-floor-relay` (%s), a relay with one blocking thread per direction (`recv` then `send`, nothing else: no event loop, no parsing), the least any user-space relay can cost a round trip on this machine; measured in every repetition after the proxies.\n' $NOOP_N $FLOOR
     if [ "$PINNED_ROWS" = 1 ]; then
         printf 'setting\tPinned login rows ("proxy pinned to CPU 1"): the login runs above (plain and implicit TLS, %s concurrent, %s s, %s run(s) per target interleaved, the median reported) once more, after all the unpinned ones, with the CPU affinity of the running processes changed by `taskset -a -cp` for each run: every thread of the proxy'"'"'s processes (nginx: master and workers) on CPU 1, the fake backend on CPU 0, the load generator started under `taskset -c 0` (for direct, the fake backend is the server and goes on CPU 1); afterwards every process gets all CPUs (%s) back for the next run and the other workloads. The proxies keep the workers they started with (one per CPU, now sharing CPU 1), unlike `--pin`, which starts each proxy on CPU 1 (so with one worker). The rows without that suffix are measured with every process free to use all %s CPUs.\n' $CONC $LOGIN_S $REPS "$CPU_ALL" $NPROC
     else
