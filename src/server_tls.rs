@@ -617,11 +617,13 @@ mod tests {
         for c in crate::tls::load_certs(&dir.join("ca.pem")).unwrap() {
             roots.add(c).unwrap();
         }
-        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // For the tests that write the client's records themselves.
+        cfg.enable_secret_extraction = true;
         Arc::new(cfg)
     }
 
@@ -860,5 +862,116 @@ mod tests {
         let (err, seen) = server_reads_raw(&[21, 3, 3, 0, 2, 2, 40]).await;
         assert!(err.to_string().contains("unprotected"), "{err}");
         assert!(seen.contains("UnexpectedMessage"), "{seen}");
+    }
+
+    /// A TLS 1.3 connection whose records are ours, and the client's end of them (no
+    /// tickets: the client gives up its keys before it would have read them, and its
+    /// sequence numbers must match ours).
+    async fn records_and_peer() -> (ServerTls, crate::tls_records::Peer) {
+        let cfg = server_config_with(|c| c.send_tls13_tickets = 0);
+        let (server, client) = pair_with(&[&rustls::version::TLS13], cfg).await;
+        assert!(matches!(server.conn, Conn::Records(_)));
+        let (_tcp, conn) = client.into_inner();
+        let secrets = conn.dangerous_extract_secrets().unwrap();
+        (server, crate::tls_records::Peer::new(secrets))
+    }
+
+    /// Opens one record with the server's records: its data as text, or what it was.
+    fn open_one(
+        server: &mut ServerTls,
+        mut wire: Vec<u8>,
+    ) -> Result<String, crate::tls_records::RecordError> {
+        let Conn::Records(records) = &mut server.conn else {
+            unreachable!()
+        };
+        let (opened, used) = records.open(&mut wire)?.expect("a whole record");
+        assert_eq!(used, wire.len());
+        Ok(match opened {
+            Opened::Data(r) => String::from_utf8_lossy(&wire[r]).into_owned(),
+            other => format!("{other:?}"),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_key_update_split_over_records_counts_once_whole() {
+        use crate::tls_records::{APPLICATION_DATA, BAD_RECORD_MAC, HANDSHAKE, KEY_UPDATE};
+        let (mut server, mut client) = records_and_peer().await;
+        let hello = client.record(APPLICATION_DATA, b"a1 NOOP\r\n");
+        assert_eq!(open_one(&mut server, hello).unwrap(), "a1 NOOP\r\n");
+        // KeyUpdate(update_requested) in three records (RFC 8446 section 5.1 allows it):
+        // each piece opens under the client's old key (nothing changed before the message
+        // was whole); after the last, the old key opens nothing more.
+        let pieces: [&[u8]; 3] = [&[KEY_UPDATE], &[0, 0], &[1, 1]];
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let r = client.record(HANDSHAKE, piece);
+            assert_eq!(open_one(&mut server, r).unwrap(), "Nothing", "piece {i}");
+        }
+        let stale = client.record(APPLICATION_DATA, b"a2 NOOP\r\n");
+        let err = open_one(&mut server, stale).unwrap_err();
+        assert_eq!(err.alert, Some(BAD_RECORD_MAC), "{err}");
+        // The client asked for ours: it leads our next records, under our current key.
+        let (mut server, mut client) = records_and_peer().await;
+        let whole = client.record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 1]);
+        assert_eq!(open_one(&mut server, whole).unwrap(), "Nothing");
+        let Conn::Records(records) = &mut server.conn else {
+            unreachable!()
+        };
+        let mut out = Vec::new();
+        records.seal(b"a2 OK\r\n", &mut out).unwrap();
+        let (ty, update, used) = client.open(&mut out);
+        assert_eq!((ty, update), (HANDSHAKE, vec![KEY_UPDATE, 0, 0, 1, 0]));
+        assert!(out.len() > used, "data follows the key update");
+    }
+
+    #[tokio::test]
+    async fn handshake_records_that_break_the_rules_are_refused() {
+        use crate::tls_records::*;
+        /// Records (content type, content) the client sends, the alert owed, and a word
+        /// of the error.
+        type Case = (&'static [(u8, &'static [u8])], u8, &'static str);
+        let cases: [Case; 6] = [
+            // Data between the pieces of a KeyUpdate.
+            (
+                &[(HANDSHAKE, &[KEY_UPDATE, 0]), (APPLICATION_DATA, b"x")],
+                UNEXPECTED_MESSAGE,
+                "interrupted",
+            ),
+            // More after the KeyUpdate in its last record.
+            (
+                &[(HANDSHAKE, &[KEY_UPDATE, 0, 0]), (HANDSHAKE, &[1, 0, 22])],
+                UNEXPECTED_MESSAGE,
+                "after the handshake",
+            ),
+            // Another handshake message (a client Certificate nobody asked for).
+            (
+                &[(HANDSHAKE, &[11, 0])],
+                UNEXPECTED_MESSAGE,
+                "after the handshake",
+            ),
+            (&[(HANDSHAKE, &[])], UNEXPECTED_MESSAGE, "empty"),
+            (
+                &[(HANDSHAKE, &[KEY_UPDATE, 0, 0, 2])],
+                DECODE_ERROR,
+                "length",
+            ),
+            (
+                &[(HANDSHAKE, &[KEY_UPDATE, 0]), (HANDSHAKE, &[0, 1, 2])],
+                ILLEGAL_PARAMETER,
+                "request",
+            ),
+        ];
+        for (records, alert, what) in cases {
+            let (mut server, mut client) = records_and_peer().await;
+            let mut last = Ok(String::new());
+            for (ty, data) in records {
+                last = open_one(&mut server, client.record(*ty, data));
+                if last.is_err() {
+                    break;
+                }
+            }
+            let err = last.expect_err(what);
+            assert_eq!(err.alert, Some(alert), "{what}: {err}");
+            assert!(err.what.contains(what), "{what}: {err}");
+        }
     }
 }

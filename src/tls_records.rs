@@ -23,17 +23,19 @@ use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, SupportedCipherSuite};
 
 /// Content types (RFC 8446 section 5.1).
 const ALERT: u8 = 21;
-const HANDSHAKE: u8 = 22;
-const APPLICATION_DATA: u8 = 23;
-/// Handshake type of `KeyUpdate`.
-const KEY_UPDATE: u8 = 24;
+pub(crate) const HANDSHAKE: u8 = 22;
+pub(crate) const APPLICATION_DATA: u8 = 23;
+/// Handshake type of `KeyUpdate`, and the length of the whole message (type, 3-byte
+/// length, the request byte).
+pub(crate) const KEY_UPDATE: u8 = 24;
+const KEY_UPDATE_LEN: usize = 5;
 /// Alert descriptions.
 pub const CLOSE_NOTIFY: u8 = 0;
-const UNEXPECTED_MESSAGE: u8 = 10;
-const BAD_RECORD_MAC: u8 = 20;
+pub(crate) const UNEXPECTED_MESSAGE: u8 = 10;
+pub(crate) const BAD_RECORD_MAC: u8 = 20;
 const RECORD_OVERFLOW: u8 = 22;
-const ILLEGAL_PARAMETER: u8 = 47;
-const DECODE_ERROR: u8 = 50;
+pub(crate) const ILLEGAL_PARAMETER: u8 = 47;
+pub(crate) const DECODE_ERROR: u8 = 50;
 const USER_CANCELED: u8 = 90;
 
 /// Largest plaintext in one record.
@@ -91,6 +93,48 @@ impl Direction {
         }
         Ok(Nonce::assume_unique_for_key(nonce))
     }
+
+    /// Appends one record of `content_type` holding `data` to `out`.
+    fn seal(
+        &mut self,
+        content_type: u8,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        let len = data.len() + 1 + TAG;
+        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        let nonce = self.next_nonce()?;
+        let start = out.len();
+        out.extend_from_slice(&header);
+        out.extend_from_slice(data);
+        out.push(content_type);
+        let body = &mut out[start + HEADER..];
+        match self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
+        {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(_) => {
+                out.truncate(start);
+                Err(refuse(UNEXPECTED_MESSAGE, "encryption failed"))
+            }
+        }
+    }
+
+    /// Decrypts a record's `body` in place: its plaintext (content, type, padding).
+    fn open<'a>(
+        &mut self,
+        header: [u8; HEADER],
+        body: &'a mut [u8],
+    ) -> Result<&'a mut [u8], RecordError> {
+        let nonce = self.next_nonce()?;
+        self.key
+            .open_in_place(nonce, Aad::from(header), body)
+            .map_err(|_| refuse(BAD_RECORD_MAC, "record does not authenticate"))
+    }
 }
 
 /// Builds one direction from rustls' secrets.
@@ -130,6 +174,9 @@ pub struct Records {
     limit: u64,
     /// The peer asked for our key update: it goes before our next record.
     update_owed: bool,
+    /// The start of a `KeyUpdate` whose rest is in the peer's next record.
+    partial: [u8; KEY_UPDATE_LEN - 1],
+    partial_len: u8,
 }
 
 impl Records {
@@ -153,6 +200,8 @@ impl Records {
             kernel,
             limit,
             update_owed: false,
+            partial: [0; KEY_UPDATE_LEN - 1],
+            partial_len: 0,
         })
     }
 
@@ -198,40 +247,10 @@ impl Records {
     ) -> Result<(), RecordError> {
         if content_type == APPLICATION_DATA && (self.update_owed || self.tx.seq >= self.limit) {
             self.update_owed = false;
-            self.seal_one(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
+            self.tx.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
             self.tx = self.next_tx()?;
         }
-        self.seal_one(content_type, data, out)
-    }
-
-    fn seal_one(
-        &mut self,
-        content_type: u8,
-        data: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), RecordError> {
-        let len = data.len() + 1 + TAG;
-        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
-        let nonce = self.tx.next_nonce()?;
-        let start = out.len();
-        out.extend_from_slice(&header);
-        out.extend_from_slice(data);
-        out.push(content_type);
-        let body = &mut out[start + HEADER..];
-        match self
-            .tx
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
-        {
-            Ok(tag) => {
-                out.extend_from_slice(tag.as_ref());
-                Ok(())
-            }
-            Err(_) => {
-                out.truncate(start);
-                Err(refuse(UNEXPECTED_MESSAGE, "encryption failed"))
-            }
-        }
+        self.tx.seal(content_type, data, out)
     }
 
     /// Opens the record at the front of `input` in place. `None`: no complete record yet;
@@ -256,12 +275,7 @@ impl Records {
         let Some(body) = input.get_mut(HEADER..HEADER + len) else {
             return Ok(None);
         };
-        let nonce = self.rx.next_nonce()?;
-        let plain = self
-            .rx
-            .key
-            .open_in_place(nonce, Aad::from(header), body)
-            .map_err(|_| refuse(BAD_RECORD_MAC, "record does not authenticate"))?;
+        let plain = self.rx.open(header, body)?;
         // The content type is the last non-zero byte; zeros after it are padding.
         let Some(end) = plain.iter().rposition(|&b| b != 0) else {
             return Err(refuse(UNEXPECTED_MESSAGE, "record without a content type"));
@@ -270,6 +284,12 @@ impl Records {
             return Err(refuse(RECORD_OVERFLOW, "record plaintext too long"));
         }
         let wire = HEADER + len;
+        if self.partial_len > 0 && plain[end] != HANDSHAKE {
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                "a handshake message interrupted by another record",
+            ));
+        }
         let opened = match plain[end] {
             APPLICATION_DATA => Opened::Data(HEADER..HEADER + end),
             ALERT => match &plain[..end] {
@@ -283,34 +303,103 @@ impl Records {
                 }
                 _ => return Err(refuse(DECODE_ERROR, "malformed alert")),
             },
-            HANDSHAKE => {
-                // Only a KeyUpdate may follow the handshake here (no post-handshake
-                // authentication is asked for), and it ends its record (section 5.1).
-                match &plain[..end] {
-                    [KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => {
-                        let request = *request == 1;
-                        self.rx = self.next_rx()?;
-                        self.update_owed |= request;
-                        Opened::Nothing
-                    }
-                    [KEY_UPDATE, 0, 0, 1, _] => {
-                        return Err(refuse(ILLEGAL_PARAMETER, "bad key update request"))
-                    }
-                    _ => {
-                        return Err(refuse(
-                            UNEXPECTED_MESSAGE,
-                            "handshake message after the handshake",
-                        ))
-                    }
-                }
-            }
+            HANDSHAKE => self.handshake(&plain[..end])?,
             _ => return Err(refuse(UNEXPECTED_MESSAGE, "unknown content type")),
         };
         Ok(Some((opened, wire)))
+    }
+
+    /// Takes one record's handshake bytes. Only a `KeyUpdate` may follow the handshake
+    /// here (no post-handshake authentication is asked for). Section 5.1 lets a handshake
+    /// message span records as long as nothing comes between its pieces, and makes a
+    /// `KeyUpdate` end its record (the key changes after it): so one may arrive in pieces,
+    /// kept in `partial` until it is whole, but nothing may follow it in its record.
+    fn handshake(&mut self, bytes: &[u8]) -> Result<Opened, RecordError> {
+        if bytes.is_empty() {
+            return Err(refuse(UNEXPECTED_MESSAGE, "empty handshake record"));
+        }
+        let had = usize::from(self.partial_len);
+        let total = had + bytes.len();
+        if total > KEY_UPDATE_LEN {
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                "handshake message after the handshake",
+            ));
+        }
+        let mut msg = [0u8; KEY_UPDATE_LEN];
+        msg[..had].copy_from_slice(&self.partial[..had]);
+        msg[had..total].copy_from_slice(bytes);
+        if msg[0] != KEY_UPDATE {
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                "handshake message after the handshake",
+            ));
+        }
+        // Its length: one byte of body.
+        let length_seen = total.min(4);
+        if msg[1..length_seen] != [0, 0, 1][..length_seen - 1] {
+            return Err(refuse(DECODE_ERROR, "key update of the wrong length"));
+        }
+        if total < KEY_UPDATE_LEN {
+            self.partial[..total].copy_from_slice(&msg[..total]);
+            self.partial_len = total as u8;
+            return Ok(Opened::Nothing);
+        }
+        self.partial_len = 0;
+        match msg[4] {
+            request @ (0 | 1) => {
+                self.rx = self.next_rx()?;
+                self.update_owed |= request == 1;
+                Ok(Opened::Nothing)
+            }
+            _ => Err(refuse(ILLEGAL_PARAMETER, "bad key update request")),
+        }
     }
 }
 
 /// Lets connections made with `config` hand their TLS 1.3 records to [`Records`].
 pub fn enable(config: &mut rustls::ServerConfig) {
     config.enable_secret_extraction = true;
+}
+
+/// The client's end of a connection's records, for tests: seals records with the client's
+/// keys and opens the server's, from the secrets a rustls client gives up.
+#[cfg(test)]
+pub(crate) struct Peer {
+    tx: Direction,
+    rx: Direction,
+}
+
+#[cfg(test)]
+impl Peer {
+    pub(crate) fn new(secrets: ExtractedSecrets) -> Peer {
+        let ExtractedSecrets {
+            tx: (tx_seq, tx),
+            rx: (rx_seq, rx),
+        } = secrets;
+        Peer {
+            tx: direction(tx, tx_seq).expect("a known suite"),
+            rx: direction(rx, rx_seq).expect("a known suite"),
+        }
+    }
+
+    /// One record of `content_type` holding `data`, under the client's key.
+    pub(crate) fn record(&mut self, content_type: u8, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.tx.seal(content_type, data, &mut out).expect("seal");
+        out
+    }
+
+    /// Opens the server's record at the front of `wire`: its content type, its content,
+    /// and its length on the wire.
+    pub(crate) fn open(&mut self, wire: &mut [u8]) -> (u8, Vec<u8>, usize) {
+        let len = usize::from(u16::from_be_bytes([wire[3], wire[4]]));
+        let header: [u8; HEADER] = wire[..HEADER].try_into().expect("a header");
+        let plain = self
+            .rx
+            .open(header, &mut wire[HEADER..HEADER + len])
+            .expect("the server's record opens");
+        let end = plain.iter().rposition(|&b| b != 0).expect("a content type");
+        (plain[end], plain[..end].to_vec(), HEADER + len)
+    }
 }
