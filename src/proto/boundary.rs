@@ -31,11 +31,13 @@
 //!   its count).
 //!
 //! # What can fool it
-//! IMAP: a line that ends in `{n}` inside human-readable text (`a NO Mailbox doesn't
-//! exist: x{99}`, which some servers echo from the client's command) is taken as a
-//! literal; after it the stream is followed again from the next line end past the
-//! count. Only the client's own session is affected, and only when its backend dies: the
-//! worst is a goodbye inside a response, or none. The client's lines are scanned without
+//! IMAP: a `{n}` at the end of human-readable text is text in a tagged response, a
+//! continuation request and an untagged `OK`/`NO`/`BAD`/`BYE` (`a NO Mailbox doesn't
+//! exist: x{99}`, which some servers echo from the client's command); in an untagged data
+//! response whose text ends that way (none in the RFCs' grammar) it is taken as a
+//! literal, and the stream is followed again from the next line end past the count.
+//! Only the client's own session is affected, and only when its backend dies: the worst
+//! is a goodbye inside a response, or none. The client's lines are scanned without
 //! regard to its literals (a line of an appended message that reads `x COMPRESS` makes
 //! the session opaque: no goodbye, the safe side), and a `COMPRESS` whose tag is longer
 //! than about 20 characters is not seen. POP3 and SMTP have no literals; their commands
@@ -241,6 +243,8 @@ struct Lines<const H: usize, const T: usize> {
     tail_full: bool,
     /// IMAP: literal bytes still to come.
     literal: u64,
+    /// IMAP: the current line announced a literal already (so it is a data response).
+    had_literal: bool,
     /// A literal could not be counted: the stream cannot be followed any more.
     lost: bool,
 }
@@ -269,6 +273,7 @@ impl<const H: usize, const T: usize> Lines<H, T> {
             tail_len: 0,
             tail_full: false,
             literal: 0,
+            had_literal: false,
             lost: false,
         }
     }
@@ -326,6 +331,7 @@ impl<const H: usize, const T: usize> Lines<H, T> {
             self.text_len = 0;
             self.tail_len = 0;
             self.tail_full = false;
+            self.had_literal = false;
         }
         if data.is_empty() {
             return (0, false);
@@ -355,9 +361,11 @@ impl<const H: usize, const T: usize> Lines<H, T> {
             };
             match marker {
                 Marker::None => {}
+                _ if !self.may_announce_literal() => {}
                 Marker::Literal(n) => {
                     // The line goes on after the literal; a marker is looked for anew.
                     self.literal = n;
+                    self.had_literal = true;
                     self.tail_len = 0;
                     self.tail_full = false;
                     return (p + 1, false);
@@ -367,6 +375,32 @@ impl<const H: usize, const T: usize> Lines<H, T> {
         }
         self.ended = true;
         (p + 1, true)
+    }
+
+    /// IMAP: whether the current line may announce a literal at its end. Only untagged
+    /// data responses carry literals (RFC 9051 and 3501, formal syntax): a tagged
+    /// response, a continuation request and an untagged status response (`OK`, `NO`,
+    /// `BAD`, `BYE`) end in human-readable text, where a `{n}` (`a5 NO Mailbox doesn't
+    /// exist: x{99}`, echoed from the client's command) is text. Undecided (the head too
+    /// short to show the status word) counts as a data response: the literal is followed.
+    fn may_announce_literal(&self) -> bool {
+        if self.had_literal {
+            return true;
+        }
+        match self.head() {
+            [] => true,
+            [b'*', b' ', rest @ ..] => {
+                let word = first_word(rest);
+                let whole = rest.len() > word.len();
+                !(whole
+                    && [&b"OK"[..], b"NO", b"BAD", b"BYE"]
+                        .iter()
+                        .any(|w| word.eq_ignore_ascii_case(w)))
+            }
+            [b'*', ..] => true,
+            // A tag, or `+`: a tagged status response or a continuation request.
+            _ => false,
+        }
     }
 
     /// Takes text bytes of the current line (into the head while it has room).
@@ -977,6 +1011,31 @@ mod tests {
         // A literal too large to count.
         let s = [S::B(b"* 1 FETCH (BODY[] {999999999999999999999}\r\n")];
         assert_eq!(standing(Tracker::imap, &s), Unknown);
+    }
+
+    #[test]
+    fn imap_text_that_ends_in_a_count_is_not_a_literal() {
+        for line in [
+            &b"a5 NO Mailbox doesn't exist: x{99}\r\n"[..],
+            b"* NO [ALERT] quota {12}\r\n",
+            b"* OK still here {3}\r\n",
+            b"* bad command {5}\r\n",
+            b"+ go ahead {7}\r\n",
+            b"a6 NO x {99999999999999999999}\r\n",
+        ] {
+            assert_eq!(standing(Tracker::imap, &[S::B(line)]), Boundary, "{line:?}");
+        }
+        // Data responses still announce them, also after a first literal on the line.
+        for line in [
+            &b"* 3 FETCH (BODY[] {5}\r\n"[..],
+            b"* 3 FETCH (BODY[1] {2}\r\nab BODY[2] {4}\r\n",
+            b"* OKAY {5}\r\n",
+        ] {
+            assert_eq!(standing(Tracker::imap, &[S::B(line)]), Within, "{line:?}");
+        }
+        // The backend's own goodbye, even with a count at its end.
+        let bye = [S::B(b"* BYE closing {4}\r\n")];
+        assert_eq!(standing(Tracker::imap, &bye), BackendGoodbye);
     }
 
     #[test]
