@@ -25,7 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 export RUSTC_BOOTSTRAP=1
 CARGO_FUZZ_VERSION=0.13.2
 
-all_targets="imap_server imap_backend pop3_server pop3_backend smtp_server smtp_server_alphabet smtp_backend config proxy_header oauth_message"
+all_targets="imap_server imap_backend pop3_server pop3_backend smtp_server smtp_server_alphabet smtp_backend config proxy_header oauth_message boundary"
 targets="${FUZZ_TARGETS:-$all_targets}"
 
 started=$(date +%s)
@@ -50,6 +50,7 @@ dict_for() {
     config) echo dict/yaml.dict ;;
     proxy_*) echo dict/proxy.dict ;;
     oauth_*) echo dict/oauth.dict ;;
+    boundary) echo dict/boundary.dict ;;
     esac
 }
 

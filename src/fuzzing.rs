@@ -575,7 +575,6 @@ pub fn proxy_header(data: &[u8]) {
 /// A fuzz entry point.
 pub type Target = fn(&[u8]);
 
-/// Every entry point by its fuzz target name, for the corpus replay test and tools.
 /// OAuth SASL messages and bearer tokens: `data[0]` picks the mechanism (bit 0), the rest
 /// is a client message. Parsing never panics; a parsed message has a valid user name and
 /// a b64token; its token, checked against a fixed key set, is never accepted (no input can
@@ -621,6 +620,51 @@ pub fn oauth_message(data: &[u8]) {
     }
 }
 
+/// The relay's session tracker ([`crate::proto::boundary`]) on arbitrary traffic, as it
+/// follows every relayed session: `data[0]` picks the protocol (IMAP, POP3, SMTP: the
+/// byte mod 3), the rest is chunks (the format above), each one read from one side: the
+/// chunk's first byte says whose (bit 0 set: the client's), the rest is what was read.
+/// Checks: no panic, and the same traffic fed one byte at a time stands where it does
+/// when fed in the fuzzer's reads, after every read (the module's promise: the answer
+/// does not depend on how the stream was split into reads).
+pub fn boundary(data: &[u8]) {
+    use crate::proto::boundary::Tracker;
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let new = match sel % 3 {
+        0 => Tracker::imap,
+        1 => Tracker::pop3,
+        _ => Tracker::smtp,
+    };
+    let feed = |t: &mut Tracker, client: bool, bytes: &[u8]| {
+        if client {
+            t.client_sent(bytes)
+        } else {
+            t.backend_sent(bytes)
+        }
+    };
+    let (mut reads, mut bytewise) = (new(), new());
+    for chunk in split(rest) {
+        let Some((&side, bytes)) = chunk.split_first() else {
+            continue;
+        };
+        let client = side & 1 == 1;
+        feed(&mut reads, client, bytes);
+        for b in bytes.chunks(1) {
+            feed(&mut bytewise, client, b);
+        }
+        assert_eq!(
+            reads.standing(),
+            bytewise.standing(),
+            "after a read of {} bytes from the {}",
+            bytes.len(),
+            if client { "client" } else { "backend" }
+        );
+    }
+}
+
+/// Every entry point by its fuzz target name, for the corpus replay test and tools.
 pub const TARGETS: &[(&str, Target)] = &[
     ("imap_server", imap_server),
     ("imap_backend", imap_backend),
@@ -632,6 +676,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("proxy_header", proxy_header),
     ("oauth_message", oauth_message),
+    ("boundary", boundary),
 ];
 
 #[cfg(test)]

@@ -59,6 +59,7 @@ fn dictionary(target: &str) -> Vec<Vec<u8>> {
         Some("smtp") => "smtp",
         Some("proxy") => "proxy",
         Some("oauth") => "oauth",
+        Some("boundary") => "boundary",
         _ => "yaml",
     };
     let path = fuzz_dir().join("dict").join(format!("{name}.dict"));
@@ -299,4 +300,14 @@ fn config() {
 #[test]
 fn oauth_message() {
     run_target("oauth_message");
+}
+
+#[test]
+fn proxy_header() {
+    run_target("proxy_header");
+}
+
+#[test]
+fn boundary() {
+    run_target("boundary");
 }
