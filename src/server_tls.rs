@@ -876,15 +876,20 @@ mod tests {
         (server, crate::tls_records::Peer::new(secrets))
     }
 
+    /// The server's TLS 1.3 records (after the handshake).
+    fn records_of(server: &mut ServerTls) -> &mut Records {
+        let Conn::Records(records) = &mut server.conn else {
+            panic!("not a TLS 1.3 connection whose records are ours")
+        };
+        records
+    }
+
     /// Opens one record with the server's records: its data as text, or what it was.
     fn open_one(
         server: &mut ServerTls,
         mut wire: Vec<u8>,
     ) -> Result<String, crate::tls_records::RecordError> {
-        let Conn::Records(records) = &mut server.conn else {
-            unreachable!()
-        };
-        let (opened, used) = records.open(&mut wire)?.expect("a whole record");
+        let (opened, used) = records_of(server).open(&mut wire)?.expect("a whole record");
         assert_eq!(used, wire.len());
         Ok(match opened {
             Opened::Data(r) => String::from_utf8_lossy(&wire[r]).into_owned(),
@@ -913,11 +918,10 @@ mod tests {
         let (mut server, mut client) = records_and_peer().await;
         let whole = client.record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 1]);
         assert_eq!(open_one(&mut server, whole).unwrap(), "Nothing");
-        let Conn::Records(records) = &mut server.conn else {
-            unreachable!()
-        };
         let mut out = Vec::new();
-        records.seal(b"a2 OK\r\n", &mut out).unwrap();
+        records_of(&mut server)
+            .seal(b"a2 OK\r\n", &mut out)
+            .unwrap();
         let (ty, update, used) = client.open(&mut out);
         assert_eq!((ty, update), (HANDSHAKE, vec![KEY_UPDATE, 0, 0, 1, 0]));
         assert!(out.len() > used, "data follows the key update");

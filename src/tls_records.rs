@@ -320,7 +320,8 @@ impl Records {
         }
         let had = usize::from(self.partial_len);
         let total = had + bytes.len();
-        if total > KEY_UPDATE_LEN {
+        let kind = if had > 0 { self.partial[0] } else { bytes[0] };
+        if kind != KEY_UPDATE || total > KEY_UPDATE_LEN {
             return Err(refuse(
                 UNEXPECTED_MESSAGE,
                 "handshake message after the handshake",
@@ -329,12 +330,6 @@ impl Records {
         let mut msg = [0u8; KEY_UPDATE_LEN];
         msg[..had].copy_from_slice(&self.partial[..had]);
         msg[had..total].copy_from_slice(bytes);
-        if msg[0] != KEY_UPDATE {
-            return Err(refuse(
-                UNEXPECTED_MESSAGE,
-                "handshake message after the handshake",
-            ));
-        }
         // Its length: one byte of body.
         let length_seen = total.min(4);
         if msg[1..length_seen] != [0, 0, 1][..length_seen - 1] {
