@@ -726,9 +726,10 @@ load() {
 # per_op TICKS COUNT: microseconds of CPU per operation.
 per_op() { awk -v t="$1" -v n="$2" -v c="$CLK" 'BEGIN{ if (n > 0 && t != "") printf "%.1f", t * 1e6 / c / n }'; }
 
-# noop_cpu JSON: the server's CPU per NOOP round trip (warm-up included: it ran too).
+# noop_cpu JSON: the server's CPU per NOOP round trip (over every round trip the run
+# made, warm-up included: the CPU was spent on those too).
 noop_cpu() {
-    per_op "$(echo "$1" | json server_cpu_ticks)" "$(echo "$1" | json count | awk -v w=500 '{print $1 + w}')"
+    per_op "$(echo "$1" | json server_cpu_ticks)" "$(echo "$1" | json round_trips)"
 }
 
 tls_args() { echo "--tls --ca $CA --addr $(addr_of "$1"):$TLSP"; }

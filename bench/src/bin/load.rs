@@ -802,24 +802,27 @@ const NOOP_WARMUP: u64 = 500;
 
 async fn noop(t: Target, count: u64, duration: f64) -> std::io::Result<()> {
     let d = Dialer::new(t)?;
-    let r: Result<Vec<u32>, String> = async {
+    // The latencies measured, and every round trip made (warm-up included).
+    let r: Result<(Vec<u32>, u64), String> = async {
         let mut c = session(&d, 16 * 1024).await?;
         let deadline = Instant::now() + Duration::from_secs_f64(duration);
         let mut lat = Vec::with_capacity(count as usize);
+        let mut made = 0;
         for i in 0..(NOOP_WARMUP + count) {
             if Instant::now() >= deadline {
                 break;
             }
             let rtt = noop_round_trip(&d, &mut c, i).await?;
+            made += 1;
             if i >= NOOP_WARMUP {
                 lat.push(micros(rtt));
             }
         }
         logout(&d, &mut c).await;
-        Ok(lat)
+        Ok((lat, made))
     }
     .await;
-    let mut lat = r.map_err(std::io::Error::other)?;
+    let (mut lat, made) = r.map_err(std::io::Error::other)?;
     lat.sort_unstable();
     let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
     eprintln!(
@@ -829,7 +832,7 @@ async fn noop(t: Target, count: u64, duration: f64) -> std::io::Result<()> {
         lat.len()
     );
     println!(
-        "{},\"count\":{},\"p50_us\":{},\"p99_us\":{},\"cpu_ticks\":{}}}",
+        "{},\"count\":{},\"round_trips\":{made},\"p50_us\":{},\"p99_us\":{},\"cpu_ticks\":{}}}",
         d.t.json_head("noop"),
         lat.len(),
         json_f(p50),
