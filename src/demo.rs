@@ -91,7 +91,11 @@ pub struct FakeBackend {
 impl FakeBackend {
     /// Binds `addr` and serves until stopped or dropped.
     pub async fn start(addr: SocketAddr, cfg: FakeConfig) -> std::io::Result<FakeBackend> {
-        let listener = TcpListener::bind(addr).await?;
+        Self::serve_on(TcpListener::bind(addr).await?, cfg)
+    }
+
+    /// Serves on a listener the caller already holds, until stopped or dropped.
+    pub fn serve_on(listener: TcpListener, cfg: FakeConfig) -> std::io::Result<FakeBackend> {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let received = Arc::new(Mutex::new(Vec::new()));

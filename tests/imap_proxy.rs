@@ -182,7 +182,8 @@ async fn fails_over_when_a_server_accepts_but_never_greets() {
 #[tokio::test]
 async fn recovered_server_is_used_again() {
     // green starts dead; active checks every 100 ms bring it back once it listens.
-    let green_addr = dead_addr().await;
+    let green_socket = dead_socket();
+    let green_addr = green_socket.local_addr().unwrap();
     let mauve_only = fake("mauve", Protocol::Imap, |_| {}).await;
     let s = setup(
         Some(format!("\"{green_addr}\", \"{}\"", mauve_only.addr)),
@@ -193,11 +194,10 @@ async fn recovered_server_is_used_again() {
         served_by(&s.proxy, "bob", "password").await.unwrap(),
         "Subject: hello from mauve"
     );
-    let _green = FakeBackend::start(
-        green_addr,
+    let _green = FakeBackend::serve_on(
+        green_socket.listen(64).unwrap(),
         cutover::demo::FakeConfig::new("green", Protocol::Imap),
     )
-    .await
     .unwrap();
     let mut landed = String::new();
     for _ in 0..50 {

@@ -74,7 +74,7 @@ async fn every_catalogued_metric_is_exported_and_nothing_else() {
     let green = fake("green", Protocol::Imap, |_| {}).await;
     let dir = common::TempDir::new("metrics");
     let c = certs();
-    let (new_addr, green_addr, dead) = (new.addr, green.addr, dead_addr_sync());
+    let (new_addr, green_addr, dead) = (new.addr, green.addr, dead_addr().await);
     let yaml = |routes: &str| {
         format!(
             r#"
@@ -258,11 +258,6 @@ state:
         "no user names in metrics"
     );
     running.shutdown().await;
-}
-
-fn dead_addr_sync() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 #[tokio::test]

@@ -44,11 +44,24 @@ pub async fn fake(name: &str, protocol: Protocol, f: impl FnOnce(&mut FakeConfig
 }
 
 /// A loopback address where nothing listens (connections are refused).
+/// An address where connections are refused. The port stays bound (but not listening) for
+/// the rest of the test binary's life, so a server started by a test running beside this
+/// one cannot be given the same port and answer where nothing should.
 pub async fn dead_addr() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    drop(l);
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = dead_socket();
+    let a = socket.local_addr().unwrap();
+    HELD.lock().unwrap().push(socket);
     a
+}
+
+/// A bound socket that does not listen: connecting to its address is refused until the test
+/// calls `listen` on it (a server that comes back on the same port, with no window in which
+/// another test could take the port).
+pub fn dead_socket() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket
 }
 
 /// A server that accepts connections and never says anything.
