@@ -42,7 +42,7 @@ const USER_CANCELED: u8 = 90;
 pub const MAX_PLAINTEXT: usize = 16384;
 /// Largest encrypted payload of a record (plaintext, content type, padding, tag).
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
-const HEADER: usize = 5;
+pub(crate) const HEADER: usize = 5;
 const TAG: usize = 16;
 
 /// Why a record was refused: the alert to send (if any) and what to say.
