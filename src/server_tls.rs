@@ -45,7 +45,7 @@ const HANDSHAKE_READ: usize = 4096;
 
 thread_local! {
     /// Where records are read and processed: a leftover partial record, then a read.
-    static READ_SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 2 * MAX_RECORD]);
+    static READ_SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; PAGE + 2 * MAX_RECORD]);
     /// Where plaintext is encrypted before the socket takes it.
     static WRITE_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
@@ -82,22 +82,23 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Drops a vector's memory when it is empty, so an idle connection keeps none.
-/// Where in the write buffer (at `buf`) the records for plaintext at `data` begin.
+/// Where in a buffer (at `buf`) records begin whose plaintext is copied from or to `data`.
 ///
-/// Sealing copies the plaintext behind each record's five-byte header. glibc's `memcpy`
-/// (`rep movsb` on CPUs that announce fast string moves) slows to a twentieth of its speed
-/// on some of them (AMD Zen 4, glibc before 2.39) when the destination lies a few bytes
-/// past the source modulo the page size: two buffers of the same size allocated one after
-/// the other are exactly that far apart, plus the header. Starting the records at the right
-/// offset puts the first record's plaintext half a page from its source; the records
-/// behind it drift by their 22 bytes of overhead each, nowhere near the bad distances.
+/// Sealing copies the plaintext behind each record's five-byte header; opening copies it
+/// out from there into the reader's buffer. glibc's `memcpy` (`rep movsb` on CPUs that
+/// announce fast string moves) slows to a twentieth of its speed on some of them (AMD Zen 4,
+/// glibc before 2.39) when the destination lies a few bytes past the source modulo the page
+/// size: two buffers of the same size allocated one after the other are exactly that far
+/// apart, plus the header. Starting the records at the right offset puts the first record's
+/// plaintext half a page from the other side of the copy; the records behind it drift by
+/// their 22 bytes of overhead each, nowhere near the bad distances.
 fn lead_for(buf: *const u8, data: *const u8) -> usize {
     let plaintext = (buf as usize).wrapping_add(tls_records::HEADER);
     let distance = plaintext.wrapping_sub(data as usize) % PAGE;
     (PAGE + PAGE / 2 - distance) % PAGE
 }
 
+/// Drops a vector's memory when it is empty, so an idle connection keeps none.
 fn release_if_empty(v: &mut Vec<u8>) {
     if v.is_empty() && v.capacity() > 0 {
         *v = Vec::new();
@@ -459,9 +460,14 @@ impl ServerTls {
         READ_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let have = self.incoming.len();
-            if scratch.len() < have + MAX_RECORD {
-                scratch.resize(have + MAX_RECORD, 0);
+            if scratch.len() < PAGE + have + MAX_RECORD {
+                scratch.resize(PAGE + have + MAX_RECORD, 0);
             }
+            // The records start where their payload is far (modulo a page) from where it
+            // is copied to: the reader's buffer (see `lead_for`).
+            let to = buf.filled().as_ptr().wrapping_add(buf.filled().len());
+            let lead = lead_for(scratch.as_ptr(), to);
+            let scratch = &mut scratch[lead..];
             scratch[..have].copy_from_slice(&self.incoming);
             let mut rb = ReadBuf::new(&mut scratch[have..]);
             ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
