@@ -22,7 +22,8 @@
 //! 3. Key: the keys with the token's `kid` when it has one, else every key of a fitting
 //!    type. Header fields that point at keys elsewhere (`jku`, `jwk`, `x5u`, `x5c`) are
 //!    ignored: keys come from the configured set only.
-//! 4. Signature, then claims: `exp` when present (`now < exp + leeway`), `nbf` when
+//! 4. Signature, then claims: `exp` (`now < exp + leeway`; a token without one is refused
+//!    unless `require_exp` is off, as RFC 9068 makes it required of access tokens), `nbf` when
 //!    present (`now + leeway >= nbf`), `iss` and `aud` when configured (`aud` a string or
 //!    an array), and the identity claim: a non-empty string of at most 1024 bytes without
 //!    control characters (it becomes a user name).
@@ -95,13 +96,17 @@ pub struct OAuthSettings {
     pub claim: String,
     /// Clock skew allowed for `exp` and `nbf` ([`DEFAULT_LEEWAY`]).
     pub leeway: Duration,
+    /// Refuse a token that has no `exp` (on by default: such a token, once leaked, would
+    /// log in for ever).
+    pub require_exp: bool,
     /// How often a `jwks_url` is fetched again ([`DEFAULT_REFRESH`]); a `jwks_file` is
     /// re-read when its mtime (or size) changes instead.
     pub refresh: Duration,
 }
 
 impl OAuthSettings {
-    /// Settings with no issuer or audience check and the default leeway and refresh.
+    /// Settings with no issuer or audience check, `exp` required, and the default leeway and
+    /// refresh.
     pub fn new(jwks: JwksSource, claim: impl Into<String>) -> OAuthSettings {
         OAuthSettings {
             jwks,
@@ -109,6 +114,7 @@ impl OAuthSettings {
             audience: None,
             claim: claim.into(),
             leeway: DEFAULT_LEEWAY,
+            require_exp: true,
             refresh: DEFAULT_REFRESH,
         }
     }
@@ -154,6 +160,9 @@ pub enum TokenError {
     /// `exp` has passed (beyond the leeway).
     #[error("token expired")]
     Expired,
+    /// There is no `exp`, and one is required.
+    #[error("token has no expiry (exp)")]
+    NoExpiry,
     /// `nbf` is still ahead (beyond the leeway).
     #[error("token not valid yet")]
     NotYetValid,
@@ -607,8 +616,10 @@ fn check_claims(
     let claims: Map<String, Value> = json_object(&payload)?;
     let leeway = i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX);
     let exp = numeric_date(&claims, "exp")?;
-    if exp.is_some_and(|exp| now >= exp.saturating_add(leeway)) {
-        return Err(TokenError::Expired);
+    match exp {
+        Some(exp) if now >= exp.saturating_add(leeway) => return Err(TokenError::Expired),
+        None if settings.require_exp => return Err(TokenError::NoExpiry),
+        _ => {}
     }
     if numeric_date(&claims, "nbf")?.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
         return Err(TokenError::NotYetValid);
@@ -1382,6 +1393,7 @@ mod tests {
             audience: Some("cutover".into()),
             claim: "email".into(),
             leeway: DEFAULT_LEEWAY,
+            require_exp: true,
             refresh: DEFAULT_REFRESH,
         }
     }
@@ -1430,10 +1442,15 @@ mod tests {
             check(&keys, &sign(&ed, "Ed25519", &claims())),
             ok("joe@example.net")
         );
-        // Another identity claim; no exp at all.
+        // Another identity claim; no exp at all: refused unless exp is not required.
         let mut s = settings();
         s.claim = "sub".into();
         let t = sign(&p256, "ES256", &without(claims(), "exp"));
+        assert_eq!(
+            Verifier::verify_with_keys(&keys, &s, &t, NOW),
+            Err(TokenError::NoExpiry)
+        );
+        s.require_exp = false;
         assert_eq!(
             Verifier::verify_with_keys(&keys, &s, &t, NOW),
             Ok(Verified {

@@ -140,11 +140,14 @@ impl Issuer {
 
     fn token(&self, email: &str, aud: &str, exp_in: i64) -> String {
         let now = cutover::config::rfc3339::now();
-        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": "k1"});
-        let claims = serde_json::json!({
+        self.token_with(serde_json::json!({
             "iss": "https://issuer.test", "aud": aud, "email": email,
             "iat": now, "exp": now + exp_in,
-        });
+        }))
+    }
+
+    fn token_with(&self, claims: serde_json::Value) -> String {
+        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": "k1"});
         let signing_input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -155,11 +158,41 @@ impl Issuer {
     }
 
     fn config(&self) -> String {
+        self.config_with("")
+    }
+
+    fn config_with(&self, more: &str) -> String {
         format!(
-            "oauth: {{ jwks_file: {}, issuer: \"https://issuer.test\", audience: mail, claim: email }}",
+            "oauth: {{ jwks_file: {}, issuer: \"https://issuer.test\", audience: mail, claim: email{more} }}",
             self.dir.join("jwks.json").display()
         )
     }
+}
+
+#[tokio::test]
+async fn a_token_without_expiry_is_refused_unless_the_config_allows_it() {
+    let (new, old) = (oauth_backend("new").await, oauth_backend("old").await);
+    let issuer = Issuer::new();
+    let forever = bearer(
+        Some("alice@example.net"),
+        &issuer.token_with(serde_json::json!({
+            "iss": "https://issuer.test", "aud": "mail", "email": "alice@example.net",
+        })),
+    );
+    let proxy = Proxy::start(&yaml(&new, &old, &issuer.config())).await;
+    let r = authenticate(&proxy, "OAUTHBEARER", &forever).await;
+    assert_eq!(
+        r.last().unwrap(),
+        "a NO [AUTHENTICATIONFAILED] Invalid or expired token"
+    );
+    assert!(new.received.lock().unwrap().is_empty());
+    proxy.stop().await;
+    let lenient = issuer.config_with(", require_exp: false");
+    let proxy = Proxy::start(&yaml(&new, &old, &lenient)).await;
+    let r = authenticate(&proxy, "OAUTHBEARER", &forever).await;
+    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
+    assert_eq!(new.received.lock().unwrap().len(), 1);
+    proxy.stop().await;
 }
 
 #[tokio::test]

@@ -321,6 +321,7 @@ fn oauth(oa: &crate::oauth::OAuthSettings) -> Value {
         "issuer": oa.issuer,
         "audience": oa.audience,
         "leeway": duration(oa.leeway),
+        "require_exp": oa.require_exp,
         "refresh": duration(oa.refresh),
     });
     if let Some(oo) = oauth.as_object_mut() {

@@ -88,6 +88,8 @@ pub struct RawOAuth {
     pub claim: Option<String>,
     /// Clock skew allowed for `exp` and `nbf` (default 60s).
     pub leeway: Option<String>,
+    /// Refuse tokens without `exp` (default true).
+    pub require_exp: Option<bool>,
     /// How often a `jwks_url` is fetched again (default 10m).
     pub refresh: Option<String>,
 }

@@ -170,6 +170,7 @@ fn oauth(
     settings.issuer = o.issuer.clone();
     settings.audience = o.audience.clone();
     settings.leeway = cx.duration("oauth.leeway", &o.leeway, DEFAULT_LEEWAY)?;
+    settings.require_exp = o.require_exp.unwrap_or(true);
     settings.refresh = cx.duration("oauth.refresh", &o.refresh, DEFAULT_REFRESH)?;
     if settings.refresh < Duration::from_secs(10) {
         return Err(cx.err("oauth.refresh", "at least 10s"));
