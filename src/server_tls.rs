@@ -85,11 +85,11 @@ fn tls_error(e: rustls::Error) -> io::Error {
 /// Where in a buffer (at `buf`) records begin whose plaintext is copied from or to `data`.
 ///
 /// Sealing copies the plaintext behind each record's five-byte header; opening copies it
-/// out from there into the reader's buffer. glibc's `memcpy` (`rep movsb` on CPUs that
-/// announce fast string moves) slows to a twentieth of its speed on some of them (AMD Zen 4,
-/// glibc before 2.39) when the destination lies a few bytes past the source modulo the page
-/// size: two buffers of the same size allocated one after the other are exactly that far
-/// apart, plus the header. Starting the records at the right offset puts the first record's
+/// out from there into the reader's buffer. glibc's `memcpy` (`rep movsb` above 2 KiB on
+/// CPUs that announce fast string moves) slows to a twentieth of its speed on some of them
+/// (measured: AMD EPYC under KVM, glibc 2.36) when the destination lies 1-31 bytes past the
+/// source modulo the page size: two buffers of the same size allocated one after the other
+/// are about that far apart, plus the header (BENCHMARKS.md, R5). Starting the records at the right offset puts the first record's
 /// plaintext half a page from the other side of the copy; the records behind it drift by
 /// their 22 bytes of overhead each, nowhere near the bad distances.
 fn lead_for(buf: *const u8, data: *const u8) -> usize {

@@ -56,7 +56,7 @@ Tests, one property each:
    cutover with ``Invalid or expired token`` and never reach Dovecot; a good token
    passes; A's token with GS2 identity B is refused; ``aud`` lists; PS256 and ES256;
    a key added to the JWKS file is used without a reload; ``jwks_url``; a token without
-   ``exp`` is left to Dovecot; without a GS2 identity the claim routes;
+   ``exp`` is refused; without a GS2 identity the claim routes;
 7. a backend that does not offer the mechanism: the route's fallback serves (a password
    login still goes to its pool); without a fallback IMAP ``NO [UNAVAILABLE]``, POP3
    ``-ERR [SYS/TEMP]``, SMTP ``454 4.7.0``; within a pool, the next server serves and the
@@ -746,16 +746,17 @@ def test_verification_on_audience_list(oauth):
     assert tagged.startswith(b"a1 NO [AUTHENTICATIONFAILED]") and INVALID.encode() in tagged, r.dump()
 
 
-def test_verification_on_token_without_exp_is_left_to_the_backend(oauth):
-    """cutover checks ``exp`` only when present (src/oauth.rs: RFC 7519 makes it
-    optional), so a token that never expires passes its verification; Dovecot requires
-    ``exp`` ("Missing 'exp' field") and refuses it with the error challenge."""
+def test_verification_on_token_without_exp_is_refused_by_cutover(oauth):
+    """A token without ``exp`` never expires: cutover refuses it (``oauth.require_exp``,
+    on by default; RFC 9068 requires ``exp`` of access tokens) before any backend sees it,
+    as Dovecot itself would ("Missing 'exp' field")."""
     p, north = oauth.on, oauth.north.dovecot
     lines0 = len(north.oauth2_lines())
     tok = oauth.issuer.mint("alice", omit=("exp",))
-    refused_by_dovecot(p, "imap", "XOAUTH2", tok)
-    lines = north.oauth2_lines()[lines0:]
-    assert len(lines) == 1 and "Missing 'exp' field" in lines[0], lines
+    tagged, _, r = raw_imap_oauth(p, "XOAUTH2", "alice", tok)
+    r.close()
+    assert tagged.startswith(b"a1 NO [AUTHENTICATIONFAILED]") and INVALID.encode() in tagged, r.dump()
+    assert north.oauth2_lines()[lines0:] == [], "the token reached Dovecot"
 
 
 class _JwksHandler(http.server.BaseHTTPRequestHandler):
