@@ -270,6 +270,17 @@ impl BackendMachine {
             return;
         }
         match self.step {
+            Step::Greeting | Step::Ehlo | Step::Helo | Step::StartTls | Step::Xclient => {
+                self.on_hello_reply(reply)
+            }
+            Step::AwaitTls | Step::Done => {}
+            _ => self.on_auth_reply(reply),
+        }
+    }
+
+    /// A reply before authentication: greeting, EHLO/HELO, STARTTLS, XCLIENT.
+    fn on_hello_reply(&mut self, reply: Reply) {
+        match self.step {
             Step::Greeting => {
                 if reply.code == 220 {
                     self.send_ehlo();
@@ -323,6 +334,13 @@ impl BackendMachine {
                     self.after_hello();
                 }
             }
+            _ => {}
+        }
+    }
+
+    /// A reply during the AUTH exchange.
+    fn on_auth_reply(&mut self, reply: Reply) {
+        match self.step {
             Step::TokenInitial | Step::TokenSent | Step::AuthPlain | Step::LoginFinal
                 if reply.code == 235 =>
             {
@@ -397,7 +415,7 @@ impl BackendMachine {
             | Step::TokenInitial
             | Step::TokenWait
             | Step::TokenSent => self.auth_refused(&reply),
-            Step::AwaitTls | Step::Done => {}
+            _ => {}
         }
     }
 
