@@ -668,117 +668,156 @@ fn take_bytes(args: &mut [Token], i: usize) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// What one state made of the input at hand.
+enum Fed {
+    /// Consumed this many bytes; the next state goes on with the rest.
+    More(usize),
+    /// Consumed this many bytes; wait for more input (or an action's outcome).
+    Wait(usize),
+    /// Closing: the rest is dropped. Consuming it also tells a driver that only drains
+    /// after progress to drain now.
+    Drop,
+}
+
+impl Fed {
+    /// A command line (or the piece after a literal) of `len` bytes was handled; `stop`:
+    /// the command is complete, or the machine waits.
+    fn after_piece(len: usize, stop: bool) -> Fed {
+        if stop {
+            Fed::Wait(len)
+        } else {
+            Fed::More(len)
+        }
+    }
+}
+
+impl ServerMachine {
+    /// Between commands: the next command line.
+    fn receive_idle(&mut self, rest: &[u8]) -> Fed {
+        if rest.is_empty() {
+            return Fed::Wait(0);
+        }
+        if self.commands >= self.policy.limits.max_commands {
+            self.bye("Too many commands");
+            return Fed::Drop;
+        }
+        match next_line(rest, self.idle_line_bound()) {
+            Line::Incomplete => Fed::Wait(0),
+            Line::TooLong => self.drop_long_line(),
+            Line::Complete { content, len }
+                if len > self.policy.limits.max_line && !is_authenticate(content) =>
+            {
+                self.drop_long_line()
+            }
+            Line::Complete { content, len } => {
+                self.commands += 1;
+                let mut p = Pending::default();
+                p.line_used = len;
+                Fed::after_piece(len, self.piece(p, content, true))
+            }
+        }
+    }
+
+    /// Inside a command: the rest of a literal.
+    fn receive_literal(&mut self, mut p: Pending, rest: &[u8]) -> Fed {
+        let take = p.literal_left.min(rest.len());
+        if take > 0 && p.doom.is_none() {
+            if let Some(Token::Literal(v)) = p.args.last_mut() {
+                v.extend_from_slice(&rest[..take]);
+            }
+        }
+        p.literal_left -= take;
+        self.state = State::Command(p);
+        if take == 0 {
+            Fed::Wait(0)
+        } else {
+            Fed::More(take)
+        }
+    }
+
+    /// Inside a command: the line after a literal.
+    fn receive_command_line(&mut self, mut p: Pending, rest: &[u8]) -> Fed {
+        let bound = self.policy.limits.max_line.saturating_sub(p.line_used);
+        match next_line(rest, bound) {
+            Line::Incomplete => {
+                self.state = State::Command(p);
+                Fed::Wait(0)
+            }
+            Line::TooLong => self.drop_long_line(),
+            Line::Complete { content, len } => {
+                p.line_used += len;
+                Fed::after_piece(len, self.piece(p, content, false))
+            }
+        }
+    }
+
+    /// After an error challenge: whatever the client answers, the backend has said no.
+    fn receive_challenge_answer(
+        &mut self,
+        tag: String,
+        response: Option<String>,
+        rest: &[u8],
+    ) -> Fed {
+        match next_line(rest, self.policy.limits.max_line) {
+            Line::Incomplete => {
+                self.state = State::Challenged { tag, response };
+                Fed::Wait(0)
+            }
+            Line::TooLong => self.drop_long_line(),
+            Line::Complete { len, .. } => {
+                self.backend_refused(&tag, response);
+                Fed::Wait(len)
+            }
+        }
+    }
+
+    /// An `AUTHENTICATE` exchange: the client's next response line.
+    fn receive_sasl_line(&mut self, tag: String, exchange: sasl::Exchange, rest: &[u8]) -> Fed {
+        match next_line(rest, exchange.max_line(self.policy.limits.max_line)) {
+            Line::Incomplete => {
+                self.state = State::Sasl { tag, exchange };
+                Fed::Wait(0)
+            }
+            Line::TooLong => self.drop_long_line(),
+            Line::Complete { content, len } => {
+                self.sasl_line(tag, exchange, content);
+                if matches!(self.state, State::Sasl { .. }) {
+                    Fed::More(len)
+                } else {
+                    Fed::Wait(len)
+                }
+            }
+        }
+    }
+
+    fn drop_long_line(&mut self) -> Fed {
+        self.line_too_long();
+        Fed::Drop
+    }
+}
+
 impl PreAuth for ServerMachine {
     fn receive(&mut self, input: &[u8]) -> usize {
-        let max_line = self.policy.limits.max_line;
         let mut pos = 0;
         loop {
             let rest = &input[pos..];
-            match std::mem::replace(&mut self.state, State::Idle) {
-                State::Idle => {
-                    if rest.is_empty() {
-                        return pos;
-                    }
-                    if self.commands >= self.policy.limits.max_commands {
-                        // Closing: the rest is dropped. Consuming it also tells a driver
-                        // that only drains after progress to drain now.
-                        self.bye("Too many commands");
-                        return input.len();
-                    }
-                    match next_line(rest, self.idle_line_bound()) {
-                        Line::Incomplete => return pos,
-                        Line::TooLong => {
-                            self.line_too_long();
-                            return input.len();
-                        }
-                        Line::Complete { content, len }
-                            if len > max_line && !is_authenticate(content) =>
-                        {
-                            self.line_too_long();
-                            return input.len();
-                        }
-                        Line::Complete { content, len } => {
-                            self.commands += 1;
-                            pos += len;
-                            let mut p = Pending::default();
-                            p.line_used = len;
-                            if self.piece(p, content, true) {
-                                return pos;
-                            }
-                        }
-                    }
+            let fed = match std::mem::replace(&mut self.state, State::Idle) {
+                State::Idle => self.receive_idle(rest),
+                State::Command(p) if p.literal_left > 0 => self.receive_literal(p, rest),
+                State::Command(p) => self.receive_command_line(p, rest),
+                State::Challenged { tag, response } => {
+                    self.receive_challenge_answer(tag, response, rest)
                 }
-                State::Command(mut p) if p.literal_left > 0 => {
-                    let take = p.literal_left.min(rest.len());
-                    if take > 0 && p.doom.is_none() {
-                        if let Some(Token::Literal(v)) = p.args.last_mut() {
-                            v.extend_from_slice(&rest[..take]);
-                        }
-                    }
-                    p.literal_left -= take;
-                    pos += take;
-                    self.state = State::Command(p);
-                    if take == 0 {
-                        return pos;
-                    }
-                }
-                State::Command(mut p) => {
-                    match next_line(rest, max_line.saturating_sub(p.line_used)) {
-                        Line::Incomplete => {
-                            self.state = State::Command(p);
-                            return pos;
-                        }
-                        Line::TooLong => {
-                            self.line_too_long();
-                            return input.len();
-                        }
-                        Line::Complete { content, len } => {
-                            pos += len;
-                            p.line_used += len;
-                            if self.piece(p, content, false) {
-                                return pos;
-                            }
-                        }
-                    }
-                }
-                State::Challenged { tag, response } => match next_line(rest, max_line) {
-                    Line::Incomplete => {
-                        self.state = State::Challenged { tag, response };
-                        return pos;
-                    }
-                    Line::TooLong => {
-                        self.line_too_long();
-                        return input.len();
-                    }
-                    // Whatever the client answered, the backend has said no.
-                    Line::Complete { len, .. } => {
-                        pos += len;
-                        self.backend_refused(&tag, response);
-                        return pos;
-                    }
-                },
-                State::Sasl { tag, exchange } => match next_line(rest, exchange.max_line(max_line))
-                {
-                    Line::Incomplete => {
-                        self.state = State::Sasl { tag, exchange };
-                        return pos;
-                    }
-                    Line::TooLong => {
-                        self.line_too_long();
-                        return input.len();
-                    }
-                    Line::Complete { content, len } => {
-                        pos += len;
-                        self.sasl_line(tag, exchange, content);
-                        if !matches!(self.state, State::Sasl { .. }) {
-                            return pos;
-                        }
-                    }
-                },
+                State::Sasl { tag, exchange } => self.receive_sasl_line(tag, exchange, rest),
                 other => {
                     self.state = other;
-                    return pos;
+                    Fed::Wait(0)
                 }
+            };
+            match fed {
+                Fed::More(n) => pos += n,
+                Fed::Wait(n) => return pos + n,
+                Fed::Drop => return input.len(),
             }
         }
     }
