@@ -618,42 +618,8 @@ fn run(path: PathBuf, format: LogFormat, takeover: bool) -> ExitCode {
         let Some(up) = &upgrade_path else {
             return fail("--takeover needs upgrade.socket in the configuration", 2);
         };
-        match cutover::upgrade::take_over(up) {
-            Ok((mut socks, unix, log_target, conn)) => {
-                tracing::info!(
-                    sockets = socks.values().map(Vec::len).sum::<usize>(),
-                    "took the listening sockets over"
-                );
-                // A listener or endpoint whose address changed in the file is bound anew:
-                // the old process's socket for it closes with the old process.
-                let cfg = &snap.config;
-                let wanted = (cfg
-                    .listeners
-                    .iter()
-                    .map(|l| (l.name.as_str(), Some(l.listen))))
-                .chain([
-                    (cutover::server::METRICS_SOCKET, cfg.metrics),
-                    (
-                        cutover::server::ADMIN_SOCKET,
-                        cfg.admin.as_ref().map(|a| a.listen),
-                    ),
-                ]);
-                for (name, addr) in wanted {
-                    let moved = socks.get(name).and_then(|v| v.first()).is_some_and(|s| {
-                        addr.is_none_or(|a| a.port() != 0 && s.local_addr().is_ok_and(|b| b != a))
-                    });
-                    if moved {
-                        tracing::info!(listener = %name, addr = ?addr, "address changed: binding it anew");
-                        socks.remove(name);
-                    }
-                }
-                // From now on this process logs where the old one did (its journal).
-                if let Some(fd) = log_target {
-                    let _ = LOG_TARGET.set(std::fs::File::from(fd));
-                }
-                inherited.extend(socks);
-                handover = Some((unix, conn));
-            }
+        match take_over(&snap.config, up, &mut inherited) {
+            Ok(h) => handover = Some(h),
             Err(e) => return fail(e, 1),
         }
     }
@@ -671,16 +637,7 @@ fn run(path: PathBuf, format: LogFormat, takeover: bool) -> ExitCode {
         let taken_over = tokio_util::sync::CancellationToken::new();
         let mut unix = None;
         if let Some((u, conn)) = handover {
-            // Serving on the inherited sockets now: the old process may stop accepting.
-            let up = upgrade_path.clone().unwrap_or_default();
-            match tokio::task::spawn_blocking(move || cutover::upgrade::finish_takeover(&up, conn)).await {
-                Ok(Ok(old)) => {
-                    tracing::info!(old_pid = old, "upgrade: the old process drains; this one serves");
-                    cutover::systemd::main_pid();
-                }
-                Ok(Err(e)) => tracing::error!(error = %e, "upgrade: the old process did not confirm"),
-                Err(e) => tracing::error!(error = %e, "upgrade: hand-over task failed"),
-            }
+            confirm_takeover(upgrade_path.clone().unwrap_or_default(), conn).await;
             unix = u;
         }
         if let Some(up) = upgrade_path {
@@ -706,6 +663,68 @@ fn run(path: PathBuf, format: LogFormat, takeover: bool) -> ExitCode {
             tracing::error!("{e}");
             fail(e, 1)
         }
+    }
+}
+
+/// `--takeover`: takes the listening sockets over from the process serving on `up` into
+/// `inherited`, except those whose address the configuration no longer names (bound anew;
+/// the old socket closes with the old process), and logs where the old process did from
+/// now on. Returns the upgrade socket to serve and the connection to confirm on.
+fn take_over(
+    cfg: &Config,
+    up: &Path,
+    inherited: &mut cutover::server::Inherited,
+) -> Result<
+    (
+        Option<std::os::unix::net::UnixListener>,
+        std::os::unix::net::UnixStream,
+    ),
+    cutover::upgrade::UpgradeError,
+> {
+    let (mut socks, unix, log_target, conn) = cutover::upgrade::take_over(up)?;
+    tracing::info!(
+        sockets = socks.values().map(Vec::len).sum::<usize>(),
+        "took the listening sockets over"
+    );
+    let wanted = (cfg
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), Some(l.listen))))
+    .chain([
+        (cutover::server::METRICS_SOCKET, cfg.metrics),
+        (
+            cutover::server::ADMIN_SOCKET,
+            cfg.admin.as_ref().map(|a| a.listen),
+        ),
+    ]);
+    for (name, addr) in wanted {
+        let moved = socks.get(name).and_then(|v| v.first()).is_some_and(|s| {
+            addr.is_none_or(|a| a.port() != 0 && s.local_addr().is_ok_and(|b| b != a))
+        });
+        if moved {
+            tracing::info!(listener = %name, addr = ?addr, "address changed: binding it anew");
+            socks.remove(name);
+        }
+    }
+    if let Some(fd) = log_target {
+        let _ = LOG_TARGET.set(std::fs::File::from(fd));
+    }
+    inherited.extend(socks);
+    Ok((unix, conn))
+}
+
+/// Serving on the inherited sockets now: tells the old process it may stop accepting.
+async fn confirm_takeover(up: PathBuf, conn: std::os::unix::net::UnixStream) {
+    match tokio::task::spawn_blocking(move || cutover::upgrade::finish_takeover(&up, conn)).await {
+        Ok(Ok(old)) => {
+            tracing::info!(
+                old_pid = old,
+                "upgrade: the old process drains; this one serves"
+            );
+            cutover::systemd::main_pid();
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "upgrade: the old process did not confirm"),
+        Err(e) => tracing::error!(error = %e, "upgrade: hand-over task failed"),
     }
 }
 

@@ -228,6 +228,18 @@ pub fn install() -> PrometheusHandle {
 /// Creates the series a configuration makes known, at zero, so dashboards and alerts see
 /// them before the first event (an absent series is not a zero).
 pub fn prime(cfg: &crate::config::Config) {
+    let protocols: std::collections::BTreeSet<&'static str> =
+        cfg.listeners.iter().map(|l| l.protocol.as_str()).collect();
+    prime_listeners(cfg);
+    prime_pools(cfg);
+    prime_routes(cfg, &protocols);
+    prime_lookups(cfg);
+    prime_process(&protocols);
+}
+
+/// Per listener: connections, refusals (and the PROXY header's, where one is read), TLS
+/// handshakes.
+fn prime_listeners(cfg: &crate::config::Config) {
     for l in &cfg.listeners {
         let p = l.protocol.as_str();
         metrics::counter!(CONNECTIONS, "listener" => l.name.clone(), "protocol" => p).absolute(0);
@@ -254,8 +266,24 @@ pub fn prime(cfg: &crate::config::Config) {
             metrics::counter!(REFUSED, "listener" => l.name.clone(), "protocol" => p, "reason" => reason).increment(0);
         }
     }
-    let protocols: std::collections::BTreeSet<&str> =
-        cfg.listeners.iter().map(|l| l.protocol.as_str()).collect();
+    for l in cfg
+        .listeners
+        .iter()
+        .filter(|l| l.tls != crate::proto::ListenerTls::None)
+    {
+        let mode = if l.tls == crate::proto::ListenerTls::Implicit {
+            "implicit"
+        } else {
+            "starttls"
+        };
+        for (result, version) in [("ok", "TLSv1.3"), ("error", "none"), ("timeout", "none")] {
+            metrics::counter!(TLS_HANDSHAKES, "listener" => l.name.clone(), "mode" => mode, "result" => result, "version" => version).increment(0);
+        }
+    }
+}
+
+/// Per pool and protocol: failovers, sessions, bytes, disconnects, per-server failures.
+fn prime_pools(cfg: &crate::config::Config) {
     for (name, pool) in &cfg.pools {
         for (proto, pp) in &pool.protocols {
             let p = proto.as_str();
@@ -276,12 +304,16 @@ pub fn prime(cfg: &crate::config::Config) {
             }
         }
     }
+}
+
+/// Per rule with a pool: its logins and fallbacks.
+fn prime_routes(cfg: &crate::config::Config, protocols: &std::collections::BTreeSet<&'static str>) {
     let stage_routes = cfg.stages.iter().flat_map(|s| s.routes.iter());
     for r in cfg.routes.iter().chain(stage_routes) {
         // A lookup rule without a pool names its pool per user: its series appear as
         // they are used.
         let Some(pool) = &r.pool else { continue };
-        for p in &protocols {
+        for p in protocols {
             for result in ["ok", "auth_failed", "backend_unavailable"] {
                 for tls in ["true", "false"] {
                     metrics::counter!(LOGINS, "protocol" => *p, "pool" => pool.clone(), "rule" => r.id.clone(), "result" => result, "tls" => tls).increment(0);
@@ -294,9 +326,10 @@ pub fn prime(cfg: &crate::config::Config) {
             }
         }
     }
-    for result in ["ok", "error"] {
-        metrics::counter!(RELOADS, "result" => result).increment(0);
-    }
+}
+
+/// Per lookup: queries, cache results, bad rows.
+fn prime_lookups(cfg: &crate::config::Config) {
     for name in cfg.lookups.keys() {
         for result in ["found", "not_found", "error", "timeout"] {
             metrics::counter!(LOOKUP_QUERIES, "lookup" => name.clone(), "result" => result)
@@ -311,7 +344,11 @@ pub fn prime(cfg: &crate::config::Config) {
                 .increment(0);
         }
     }
-    for p in &protocols {
+}
+
+/// Whole-process series: logins refused before routing, kicks, reloads, held logins.
+fn prime_process(protocols: &std::collections::BTreeSet<&'static str>) {
+    for p in protocols {
         for tls in ["true", "false"] {
             for (pool, result) in [
                 ("none", "refused"),
@@ -322,24 +359,13 @@ pub fn prime(cfg: &crate::config::Config) {
             }
         }
     }
-    for l in cfg
-        .listeners
-        .iter()
-        .filter(|l| l.tls != crate::proto::ListenerTls::None)
-    {
-        let mode = if l.tls == crate::proto::ListenerTls::Implicit {
-            "implicit"
-        } else {
-            "starttls"
-        };
-        for (result, version) in [("ok", "TLSv1.3"), ("error", "none"), ("timeout", "none")] {
-            metrics::counter!(TLS_HANDSHAKES, "listener" => l.name.clone(), "mode" => mode, "result" => result, "version" => version).increment(0);
-        }
-    }
-    for p in &protocols {
+    for p in protocols {
         for reason in ["moved", "admin", "shutdown"] {
             metrics::counter!(KICKED, "protocol" => *p, "reason" => reason).increment(0);
         }
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(RELOADS, "result" => result).increment(0);
     }
     for result in ["released", "timed_out"] {
         metrics::counter!(HELD_LOGINS, "result" => result).increment(0);

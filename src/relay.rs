@@ -183,63 +183,7 @@ impl Direction {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let step = SCRATCH.with(|scratch| -> Poll<io::Result<()>> {
-                let mut scratch = scratch.borrow_mut();
-                let mut rb = ReadBuf::new(&mut scratch[..]);
-                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        self.read_done = true;
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Ready(Err(e)) => {
-                        self.read_done = true;
-                        self.read_error = Some(e.kind());
-                        Poll::Ready(Err(e))
-                    }
-                    Poll::Ready(Ok(())) => {
-                        if rb.filled().is_empty() {
-                            self.read_done = true;
-                            return Poll::Ready(Ok(()));
-                        }
-                        if closing && rb.remaining() > 0 {
-                            // Is the EOF right behind? (Pending costs no system call
-                            // here: the read above left the readiness cleared.)
-                            let before = rb.filled().len();
-                            if let Poll::Ready(Ok(())) = Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                                if rb.filled().len() == before {
-                                    self.read_done = true;
-                                    w.hold_for_close();
-                                }
-                            }
-                        }
-                        let data = rb.filled();
-                        self.remember_tail(data);
-                        match (tracker.as_mut(), from) {
-                            (Some(t), Source::Client) => t.client_sent(data),
-                            (Some(t), Source::Backend) => t.backend_sent(data),
-                            (None, _) => {}
-                        }
-                        let mut off = 0;
-                        while off < data.len() {
-                            match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
-                                Poll::Ready(Ok(0)) => {
-                                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
-                                }
-                                Poll::Ready(Ok(n)) => off += n,
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                                Poll::Pending => break,
-                            }
-                        }
-                        self.bytes += off as u64;
-                        self.unflushed |= off > 0;
-                        if off < data.len() {
-                            self.pending = Some((data[off..].into(), 0));
-                        }
-                        Poll::Ready(Ok(()))
-                    }
-                }
-            });
+            let step = self.forward_one_read(cx, r, w, closing, tracker, from);
             match step {
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -252,6 +196,80 @@ impl Direction {
                 }
             }
         }
+    }
+
+    /// Reads once from `r` into the thread's buffer, shows the bytes to `tracker` and
+    /// writes what `w` takes; the rest stays pending in the session. `Ready(Ok)`: go on.
+    fn forward_one_read<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        closing: bool,
+        tracker: &mut Option<Tracker>,
+        from: Source,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: FinalWrite,
+    {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut rb = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.read_done = true;
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Ready(Err(e)) => {
+                    self.read_done = true;
+                    self.read_error = Some(e.kind());
+                    Poll::Ready(Err(e))
+                }
+                Poll::Ready(Ok(())) => {
+                    if rb.filled().is_empty() {
+                        self.read_done = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    if closing && rb.remaining() > 0 {
+                        // Is the EOF right behind? (Pending costs no system call
+                        // here: the read above left the readiness cleared.)
+                        let before = rb.filled().len();
+                        if let Poll::Ready(Ok(())) = Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                            if rb.filled().len() == before {
+                                self.read_done = true;
+                                w.hold_for_close();
+                            }
+                        }
+                    }
+                    let data = rb.filled();
+                    self.remember_tail(data);
+                    match (tracker.as_mut(), from) {
+                        (Some(t), Source::Client) => t.client_sent(data),
+                        (Some(t), Source::Backend) => t.backend_sent(data),
+                        (None, _) => {}
+                    }
+                    let mut off = 0;
+                    while off < data.len() {
+                        match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
+                            Poll::Ready(Ok(0)) => {
+                                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                            }
+                            Poll::Ready(Ok(n)) => off += n,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => break,
+                        }
+                    }
+                    self.bytes += off as u64;
+                    self.unflushed |= off > 0;
+                    if off < data.len() {
+                        self.pending = Some((data[off..].into(), 0));
+                    }
+                    Poll::Ready(Ok(()))
+                }
+            }
+        })
     }
 }
 

@@ -496,88 +496,17 @@ impl<'a> PoolLogin<'a> {
         let candidates = self.try_order(order);
         let total = candidates.len();
         for (n, (index, addr)) in candidates.into_iter().enumerate() {
-            let server = addr.as_str().to_owned();
-            let state = self.backends.registry.get(pool_name, protocol, &server);
+            let server = addr.as_str();
+            let state = self.backends.registry.get(pool_name, protocol, server);
             let result = match &creds.auth {
                 Auth::Password { .. } if self.checks_by_pop3() => {
                     self.pop_before_smtp(index, addr, &state, creds).await
                 }
                 _ => self.attempt(addr, &state, Job::Login(creds.clone())).await,
             };
-            // Everything that is not a login or a rejection is this server being
-            // unavailable.
-            let failure = match result {
-                Ok(Attempted {
-                    result: BackendResult::LoggedIn { capabilities },
-                    stream,
-                    leftover,
-                }) => {
-                    state.record_login_success();
-                    if order.first().is_some_and(|preferred| *preferred != server) {
-                        // Served, but not by the user's preferred server: its standby
-                        // carries the user (after a failover here, or because the
-                        // preferred one was already known down and skipped).
-                        metrics::counter!(m::LOGINS_STANDBY, "pool" => pool_name.to_string(), "protocol" => protocol.as_str())
-                            .increment(1);
-                    }
-                    return PoolResult::LoggedIn(Connected {
-                        stream,
-                        leftover,
-                        server,
-                        capabilities,
-                    });
-                }
-                Ok(Attempted {
-                    result: BackendResult::AuthFailed { response },
-                    ..
-                }) => {
-                    state.record_login_success(); // it answered: it is up
-                    return PoolResult::Rejected {
-                        response,
-                        server,
-                        challenge: None,
-                    };
-                }
-                Ok(Attempted {
-                    result:
-                        BackendResult::TokenRefused {
-                            challenge,
-                            response,
-                        },
-                    ..
-                }) => {
-                    state.record_login_success();
-                    return PoolResult::Rejected {
-                        response,
-                        server,
-                        challenge: Some(challenge),
-                    };
-                }
-                Ok(Attempted {
-                    result: BackendResult::Ready { .. },
-                    ..
-                }) => {
-                    tracing::error!(%server, "backend machine answered a login with a probe result");
-                    Failure::Protocol
-                }
-                Ok(Attempted {
-                    result: BackendResult::Unavailable(u),
-                    ..
-                }) => u.into(),
-                Err(f) => f,
-            };
-            // A paired POP3 check server's failure was counted against that server.
-            // A server without the token's mechanism cannot serve this login, but it is
-            // not down: password logins still go to it.
-            let this_login_only =
-                failure == Failure::NoMechanism && creds.token_payload().is_some();
-            if this_login_only {
-                tracing::info!(pool = pool_name, %protocol, %server, mechanism = creds.mechanism(), "server does not offer the login's mechanism; trying the next");
-                count_failure(pool_name, protocol, &server, failure);
-            } else if failure != Failure::PairedPop3 {
-                tracing::warn!(pool = pool_name, %protocol, %server, reason = failure.as_str(), "backend unavailable");
-                count_failure(pool_name, protocol, &server, failure);
-                state.record_failure(&self.pool.health);
+            match self.settle(result, &state, server, order) {
+                Ok(done) => return done,
+                Err(failure) => self.count_unavailable(server, &state, failure, creds),
             }
             if n + 1 < total {
                 metrics::counter!(m::FAILOVERS, "pool" => pool_name.to_string(), "protocol" => protocol.as_str())
@@ -585,6 +514,75 @@ impl<'a> PoolLogin<'a> {
             }
         }
         PoolResult::Unavailable
+    }
+
+    /// What `server`'s answer to a login means for the pool: the login's outcome (logged
+    /// in; or refused, and then it answered, so it is up), or why it could not serve the
+    /// login (everything that is not a login or a rejection).
+    fn settle(
+        &self,
+        result: Result<Attempted, Failure>,
+        state: &ServerState,
+        server: &str,
+        order: &[String],
+    ) -> Result<PoolResult, Failure> {
+        let attempted = result?;
+        let (response, challenge) = match attempted.result {
+            BackendResult::LoggedIn { capabilities } => {
+                state.record_login_success();
+                if order.first().is_some_and(|preferred| preferred != server) {
+                    // Served, but not by the user's preferred server: its standby carries
+                    // the user (after a failover here, or because the preferred one was
+                    // already known down and skipped).
+                    metrics::counter!(m::LOGINS_STANDBY, "pool" => self.pool.name.clone(), "protocol" => self.protocol.as_str())
+                        .increment(1);
+                }
+                return Ok(PoolResult::LoggedIn(Connected {
+                    stream: attempted.stream,
+                    leftover: attempted.leftover,
+                    server: server.to_owned(),
+                    capabilities,
+                }));
+            }
+            BackendResult::AuthFailed { response } => (response, None),
+            BackendResult::TokenRefused {
+                challenge,
+                response,
+            } => (response, Some(challenge)),
+            BackendResult::Ready { .. } => {
+                tracing::error!(%server, "backend machine answered a login with a probe result");
+                return Err(Failure::Protocol);
+            }
+            BackendResult::Unavailable(u) => return Err(u.into()),
+        };
+        state.record_login_success();
+        Ok(PoolResult::Rejected {
+            response,
+            server: server.to_owned(),
+            challenge,
+        })
+    }
+
+    /// Counts a server that could not serve a login. A paired POP3 check server's failure
+    /// was counted against that server. A server without the token's mechanism cannot
+    /// serve this login, but it is not down: password logins still go to it.
+    fn count_unavailable(
+        &self,
+        server: &str,
+        state: &ServerState,
+        failure: Failure,
+        creds: &Credentials,
+    ) {
+        let (pool_name, protocol) = (self.pool.name.as_str(), self.protocol);
+        let this_login_only = failure == Failure::NoMechanism && creds.token_payload().is_some();
+        if this_login_only {
+            tracing::info!(pool = pool_name, %protocol, %server, mechanism = creds.mechanism(), "server does not offer the login's mechanism; trying the next");
+            count_failure(pool_name, protocol, server, failure);
+        } else if failure != Failure::PairedPop3 {
+            tracing::warn!(pool = pool_name, %protocol, %server, reason = failure.as_str(), "backend unavailable");
+            count_failure(pool_name, protocol, server, failure);
+            state.record_failure(&self.pool.health);
+        }
     }
 
     /// The legacy hosts' SMTP trusts a recent POP3 login from the proxy's address: verify
