@@ -89,9 +89,10 @@ fn tls_error(e: rustls::Error) -> io::Error {
 /// CPUs that announce fast string moves) slows to a twentieth of its speed on some of them
 /// (measured: AMD EPYC under KVM, glibc 2.36) when the destination lies 1-31 bytes past the
 /// source modulo the page size: two buffers of the same size allocated one after the other
-/// are about that far apart, plus the header (BENCHMARKS.md, R5). Starting the records at the right offset puts the first record's
-/// plaintext half a page from the other side of the copy; the records behind it drift by
-/// their 22 bytes of overhead each, nowhere near the bad distances.
+/// are about that far apart, plus the header (BENCHMARKS.md, R5). Starting the records at
+/// the right offset puts the first record's plaintext half a page from the other side of
+/// the copy; the records behind it drift by their 22 bytes of overhead each, nowhere near
+/// the bad distances.
 fn lead_for(buf: *const u8, data: *const u8) -> usize {
     let plaintext = (buf as usize).wrapping_add(tls_records::HEADER);
     let distance = plaintext.wrapping_sub(data as usize) % PAGE;
