@@ -182,12 +182,14 @@ pub fn new_machine(
     }
 }
 
-/// Connects to every address of `addr` in turn until one accepts.
+/// Connects to every address of `addr` in turn until one accepts (keepalive: see
+/// [`connect_tcp`]).
 pub async fn connect(
     resolver: &Resolver,
     addr: &ServerAddr,
     timeout: Duration,
     dns_grace: Duration,
+    keepalive: Duration,
 ) -> Result<TcpStream, Failure> {
     let ips = resolver.resolve(&addr.host, dns_grace).await.map_err(|e| {
         tracing::debug!(server = %addr, error = %e, "resolve failed");
@@ -195,7 +197,12 @@ pub async fn connect(
     })?;
     let mut last = Failure::Refused;
     for ip in ips {
-        match tokio::time::timeout(timeout, connect_tcp(SocketAddr::new(ip, addr.port))).await {
+        match tokio::time::timeout(
+            timeout,
+            connect_tcp(SocketAddr::new(ip, addr.port), keepalive),
+        )
+        .await
+        {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(e)) => {
                 tracing::debug!(server = %addr, %ip, error = %e, "connect failed");
@@ -217,10 +224,25 @@ const EINPROGRESS: i32 = 115;
 #[cfg(not(target_os = "linux"))]
 const EINPROGRESS: i32 = 36;
 
-/// A TCP connection with TCP_NODELAY, like `TcpStream::connect` but without the
-/// `getsockopt(SO_ERROR)` it makes once connected: the outcome is taken from the readiness
-/// epoll reports (an error or hang-up is a failed connect).
-async fn connect_tcp(addr: SocketAddr) -> std::io::Result<TcpStream> {
+/// Keepalive probes after `idle` of silence on a backend connection: every 10 s, and after
+/// six unanswered the kernel gives up. A backend host that vanishes without a reset (power
+/// lost, network cut) so ends its relayed sessions about a minute after the pool's
+/// `keepalive`, where an idle session (IMAP IDLE) would otherwise wait for it for ever: the
+/// relay counts the timeout (`cutover_backend_disconnects_total{reason="timeout"}`) and says
+/// the protocol's goodbye to the client, which logs in again and lands on a healthy server.
+fn backend_keepalive(idle: Duration) -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6)
+}
+
+/// A TCP connection with TCP_NODELAY and, unless `keepalive` is zero, keepalive probes
+/// after that much silence ([`backend_keepalive`]); like
+/// `TcpStream::connect` but without the `getsockopt(SO_ERROR)` it makes once connected: the
+/// outcome is taken from the readiness epoll reports (an error or hang-up is a failed
+/// connect).
+async fn connect_tcp(addr: SocketAddr, keepalive: Duration) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Protocol as IpProto, Socket, Type};
     let sock = Socket::new(
         Domain::for_address(addr),
@@ -228,6 +250,9 @@ async fn connect_tcp(addr: SocketAddr) -> std::io::Result<TcpStream> {
         Some(IpProto::TCP),
     )?;
     sock.set_tcp_nodelay(true)?;
+    if !keepalive.is_zero() {
+        sock.set_tcp_keepalive(&backend_keepalive(keepalive))?;
+    }
     match sock.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}
@@ -326,6 +351,7 @@ impl<'a> PoolLogin<'a> {
                 addr,
                 pool.connect_timeout,
                 pool.dns_grace,
+                pool.keepalive,
             )
             .await?;
             m::handles::pool(&pool.name, self.protocol)
@@ -727,4 +753,28 @@ pub async fn run_health_checks(
     }
     stop.cancelled().await;
     tasks.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn backend_connections_probe_a_silent_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = connect_tcp(addr, Duration::from_secs(45)).await.unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(45));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 6);
+        assert!(sock.tcp_nodelay().unwrap());
+        // Off: no probes.
+        let tcp = connect_tcp(addr, Duration::ZERO).await.unwrap();
+        assert!(!socket2::SockRef::from(&tcp).keepalive().unwrap());
+    }
 }

@@ -86,6 +86,7 @@ fn pool(p: &Pool) -> Value {
         "proxy_protocol": if p.proxy_protocol { "v2" } else { "off" },
         "disconnect_spread": duration(p.disconnect_spread),
         "dns_grace": duration(p.dns_grace),
+        "keepalive": duration(p.keepalive),
         "login_original_name": p.login_original_name,
         "legacy": p.legacy,
     });

@@ -315,6 +315,8 @@ pub struct RawPool {
     pub disconnect_spread: Option<String>,
     /// Keep using the last addresses of a host name this long past their TTL if DNS fails.
     pub dns_grace: Option<String>,
+    /// Silence on a backend connection before TCP keepalive probes it (0s: off).
+    pub keepalive: Option<String>,
     /// Tell backends the client's address (IMAP ID, SMTP XCLIENT).
     #[serde(default)]
     pub forward_client_address: bool,

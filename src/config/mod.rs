@@ -489,6 +489,9 @@ pub struct Pool {
     pub disconnect_spread: Duration,
     /// How long past their TTL the last resolved addresses stay usable if DNS fails.
     pub dns_grace: Duration,
+    /// Silence on a backend connection before TCP keepalive probes it (zero: no
+    /// keepalive); see `backend::connect`.
+    pub keepalive: Duration,
     /// Send backends the client's name as typed instead of the normalized one.
     pub login_original_name: bool,
     /// Counts as legacy in the stragglers report.
@@ -805,6 +808,13 @@ metrics:
         let c = load(GOOD).unwrap();
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.pools["legacy"].connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.pools["legacy"].keepalive, Duration::from_secs(60));
+        let off = load(&GOOD.replace(
+            "connect_timeout: 1s",
+            "connect_timeout: 1s\n    keepalive: 0s",
+        ))
+        .unwrap();
+        assert_eq!(off.pools["legacy"].keepalive, Duration::ZERO);
         assert_eq!(
             c.pools["legacy"].protocols[&Protocol::Imap].servers[1].host,
             Host::Name("green.example".into())

@@ -542,6 +542,7 @@ fn pool(cx: &Ctx<'_>, name: &str, p: &RawPool) -> Result<Pool, ConfigError> {
             Duration::from_secs(10),
         )?,
         dns_grace: cx.duration(k("dns_grace"), &p.dns_grace, Duration::from_secs(3600))?,
+        keepalive: cx.duration(k("keepalive"), &p.keepalive, Duration::from_secs(60))?,
         login_original_name,
         legacy: p.legacy.unwrap_or(name == "legacy"),
         protocols,
